@@ -1,0 +1,3 @@
+from arx.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,49 @@
+"""`arx` command line: maps flags onto each stage's options dataclass and calls the stage.
+
+Each subcommand lives in arx/commands/<name>.py with `register(subparsers)`; those modules
+import nothing heavy at import time, so `arx --help` is instant and works without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from arx import __version__
+from arx.errors import ArxError
+
+# Order is the order shown in `arx --help`.
+COMMANDS = ("export", "inspect", "generate")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="arx",
+        description="Export autoregressive models to ONNX bundles, quantize, build and run them.",
+    )
+    parser.add_argument("--version", action="version", version=f"arx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"arx.commands.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except ArxError as e:
+        print(f"arx: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("arx: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
