@@ -1,0 +1,281 @@
+"""Triton face of `arx::kv_attention` (spec: reference.py; layouts repeated at each kernel).
+
+One tile loop serves prefill and decode. Query rows are packed as (token, head-in-group) so the
+Hq // Hkv query heads that share a kv head are one tile: each program reads its kv head's cache
+once for the whole group (GQA/MQA decode reads the KV exactly once per M tile).
+
+Kernels:
+  _kv_attention_fwd    single pass; also the AOT/TensorRT kernel (its argument order is
+                       TensorRT's: inputs, int32 scalars, outputs)
+  _kv_attention_split  flash-decoding: the past is split over a third grid axis, partial
+                       (acc, max, sum) go to fp32 scratch, _kv_attention_combine reduces them
+
+New keys are read from k_new/v_new, never from the cache, and the cache is read only over
+[0, past_len): the in-place cache write ([past_len, past_len + new_len)) cannot race the reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .._triton import next_pow2, require_triton
+
+triton = require_triton()
+import triton.language as tl  # noqa: E402  (after the friendly import check)
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One row of the tuning table (data, not logic)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (phase, BLOCK_D) -> tiles. decode: packed rows (S_new * group) <= 16.
+TILE_TABLE = {
+    ("decode", 64): TileConfig(16, 64, 4, 2),
+    ("decode", 128): TileConfig(16, 64, 4, 2),
+    ("prefill", 64): TileConfig(64, 64, 4, 2),
+    ("prefill", 128): TileConfig(64, 32, 4, 2),
+}
+
+
+def tile_config(rows: int, block_d: int) -> TileConfig:
+    phase = "decode" if rows <= 16 else "prefill"
+    return TILE_TABLE.get((phase, block_d), TileConfig(16 if phase == "decode" else 32, 32, 4, 1))
+
+
+@triton.jit
+def _attend(q, acc, m_i, l_i, k_ptrs, v_ptrs, key_ok, key_mask, qk_scale,
+            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One online-softmax step over a (BLOCK_N, BLOCK_D) key/value tile (log2 domain).
+
+    key_ok (BLOCK_N,): keys that exist; key_mask (BLOCK_M, BLOCK_N): which query sees which key.
+    """
+    d_ok = tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM
+    k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+    s = tl.where(key_mask, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: m_i starts at -1e30, never -inf
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past, n_new, lo, hi,
+                  do_new, S_NEW, S_MAX, HQ, HKV, qk_scale, CAUSAL: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """Attend one M tile to cache keys [lo, hi) and (if do_new) to the new keys."""
+    group = HQ // HKV
+    r = m_start + tl.arange(0, BLOCK_M)
+    tok = r // group
+    head = kvh * group + r % group
+    row_ok = tok < n_new
+    d = tl.arange(0, BLOCK_D)
+    # q (B, S_new, Hq, D)
+    q_off = ((b * S_NEW + tok).to(tl.int64) * HQ + head) * HEAD_DIM
+    q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None] & (d[None, :] < HEAD_DIM),
+                other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    # cache (B, Hkv, S_max, D): every valid query sees the whole past under both masks
+    cache_base = (b * HKV + kvh).to(tl.int64) * S_MAX * HEAD_DIM
+    for start in range(lo, hi, BLOCK_N):
+        j = start + tl.arange(0, BLOCK_N)
+        ptr = cache_base + j.to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
+        key_mask = row_ok[:, None] & (j < hi)[None, :]
+        acc, m_i, l_i = _attend(q, acc, m_i, l_i, K_CACHE + ptr, V_CACHE + ptr, j < hi, key_mask,
+                                qk_scale, HEAD_DIM, BLOCK_D)
+    if do_new:
+        # k_new/v_new (B, S_new, Hkv, D); causal: new key t2 visible to query tok iff t2 <= tok
+        new_hi = n_new
+        if CAUSAL:
+            new_hi = tl.minimum(n_new, (m_start + BLOCK_M - 1) // group + 1)
+        for start in range(0, new_hi, BLOCK_N):
+            t2 = start + tl.arange(0, BLOCK_N)
+            ptr = ((b * S_NEW + t2).to(tl.int64) * HKV + kvh)[:, None] * HEAD_DIM + d[None, :]
+            key_mask = row_ok[:, None] & (t2 < n_new)[None, :]
+            if CAUSAL:
+                key_mask = key_mask & (t2[None, :] <= tok[:, None])
+            acc, m_i, l_i = _attend(q, acc, m_i, l_i, K_NEW + ptr, V_NEW + ptr, t2 < n_new, key_mask,
+                                    qk_scale, HEAD_DIM, BLOCK_D)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, b, kvh, m_start, past, n_new, S_NEW, S_MAX, HQ,
+                  HKV, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """cache[b, kvh, past + t] = new[b, t, kvh] for the tokens of this M tile (t < n_new)."""
+    group = HQ // HKV
+    tok_hi = (m_start + BLOCK_M - 1) // group
+    t = m_start // group + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    ok = (t <= tok_hi) & (t < n_new) & (past + t < S_MAX)
+    ok2 = ok[:, None] & (d[None, :] < HEAD_DIM)
+    src = ((b * S_NEW + t).to(tl.int64) * HKV + kvh)[:, None] * HEAD_DIM + d[None, :]
+    dst = ((b * HKV + kvh).to(tl.int64) * S_MAX + past + t)[:, None] * HEAD_DIM + d[None, :]
+    tl.store(K_OUT + dst, tl.load(K_NEW + src, mask=ok2), mask=ok2)
+    tl.store(V_OUT + dst, tl.load(V_NEW + src, mask=ok2), mask=ok2)
+
+
+@triton.jit
+def _kv_attention_fwd(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
+                      S_NEW, S_MAX, HQ, HKV,
+                      OUT, K_OUT, V_OUT,
+                      SCALE: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """grid (cdiv(S_new * Hq/Hkv, BLOCK_M), B * Hkv). OUT (B, S_new, Hq, D)."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    m_start = pid_m * BLOCK_M
+    past = tl.load(PAST_LEN + b)
+    n_new = tl.load(NEW_LEN + b)
+    _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, b, kvh, m_start, past, n_new, S_NEW, S_MAX, HQ,
+                  HKV, HEAD_DIM, BLOCK_M, BLOCK_D)
+    acc, m_i, l_i = _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past,
+                                  n_new, 0, past, True, S_NEW, S_MAX, HQ, HKV, SCALE * LOG2E,
+                                  CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
+    group = HQ // HKV
+    r = m_start + tl.arange(0, BLOCK_M)
+    tok = r // group
+    head = kvh * group + r % group
+    d = tl.arange(0, BLOCK_D)
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]  # padded rows: acc = 0 -> zeros
+    o_off = ((b * S_NEW + tok).to(tl.int64) * HQ + head) * HEAD_DIM
+    tl.store(OUT + o_off[:, None] + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=(tok < S_NEW)[:, None] & (d[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _kv_attention_split(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
+                        S_NEW, S_MAX, HQ, HKV, ROWS,
+                        K_OUT, V_OUT, ACC_PART, M_PART, L_PART,
+                        SCALE: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        NUM_SPLITS: tl.constexpr):
+    """grid (m tiles, B * Hkv, NUM_SPLITS). ACC_PART (NUM_SPLITS, B*S_new*Hq, D) fp32,
+    M_PART/L_PART (NUM_SPLITS, B*S_new*Hq) fp32. The last split also takes the new keys."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1) // HKV
+    kvh = tl.program_id(1) % HKV
+    split = tl.program_id(2)
+    m_start = pid_m * BLOCK_M
+    past = tl.load(PAST_LEN + b)
+    n_new = tl.load(NEW_LEN + b)
+    if split == 0:
+        _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, b, kvh, m_start, past, n_new, S_NEW, S_MAX,
+                      HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_D)
+    chunk = tl.cdiv(tl.cdiv(past, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    lo = tl.minimum(split * chunk, past)
+    hi = tl.minimum(lo + chunk, past)
+    acc, m_i, l_i = _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past,
+                                  n_new, lo, hi, split == NUM_SPLITS - 1, S_NEW, S_MAX, HQ, HKV,
+                                  SCALE * LOG2E, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N,
+                                  BLOCK_D)
+    group = HQ // HKV
+    r = m_start + tl.arange(0, BLOCK_M)
+    tok = r // group
+    row = (b * S_NEW + tok).to(tl.int64) * HQ + kvh * group + r % group
+    part = split.to(tl.int64) * ROWS + row  # ROWS = B * S_new * Hq
+    ok = tok < S_NEW
+    d = tl.arange(0, BLOCK_D)
+    tl.store(ACC_PART + part[:, None] * BLOCK_D + d[None, :], acc, mask=ok[:, None])
+    tl.store(M_PART + part, m_i, mask=ok)
+    tl.store(L_PART + part, l_i, mask=ok)
+
+
+@triton.jit
+def _kv_attention_combine(ACC_PART, M_PART, L_PART, OUT, ROWS, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """grid (ROWS,): merge the split partials of one (b, token, head) row into OUT."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, NUM_SPLITS)
+    m = tl.load(M_PART + s * ROWS + row)  # (NUM_SPLITS,)
+    l = tl.load(L_PART + s * ROWS + row)
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - m_max)
+    total = tl.sum(l * w, 0)
+    d = tl.arange(0, BLOCK_D)
+    acc = tl.load(ACC_PART + (s * ROWS + row)[:, None] * BLOCK_D + d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(OUT + row * HEAD_DIM + d, out.to(OUT.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _check(q, k_new, v_new, k_cache, v_cache, past_len, new_len):
+    from .reference import check_shapes
+
+    dims = check_shapes(q.shape, k_new.shape, k_cache.shape, past_len.shape, new_len.shape)
+    for name, t in dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache).items():
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (the kernel derives strides from shapes)")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype}, q has {q.dtype}: all must match")
+    if v_cache.shape != k_cache.shape or v_new.shape != k_new.shape:
+        raise ValueError("v_new/v_cache must have the shapes of k_new/k_cache")
+    return dims
+
+
+def default_num_splits(batch: int, kv_heads: int, rows: int, s_max: int) -> int:
+    """Flash-decoding split count: enough programs to fill a GPU without reading the cache
+    length from the device (no host sync). Prefill tiles already give enough parallelism."""
+    if rows > 16:
+        return 1
+    want = max(1, 128 // max(1, batch * kv_heads))  # ~one wave on a 100+ SM GPU
+    by_len = max(1, s_max // 256)  # no split smaller than 256 keys
+    return next_pow2(min(want, by_len, 16)) if min(want, by_len) > 1 else 1
+
+
+def kv_attention(q, k_new, v_new, k_cache, v_cache, past_len, new_len=None, options=None,
+                 num_splits: int | None = None):
+    """Launch the kernel on torch tensors (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    Layouts as in reference.py; k_cache/v_cache are updated in place; returns out
+    (B, S_new, Hq, D). num_splits > 1 uses the flash-decoding kernels (JIT only).
+    """
+    import torch
+
+    from .reference import AttentionOptions
+
+    options = options or AttentionOptions()
+    if new_len is None:
+        new_len = torch.full_like(past_len, q.shape[1])
+    b, s_new, hq, hkv, s_max, d = _check(q, k_new, v_new, k_cache, v_cache, past_len, new_len)
+    group = hq // hkv
+    block_d = max(16, next_pow2(d))
+    cfg = tile_config(s_new * group, block_d)
+    splits = default_num_splits(b, hkv, s_new * group, s_max) if num_splits is None else num_splits
+    if splits & (splits - 1):
+        raise ValueError(f"num_splits must be a power of two, got {splits}")
+    out = torch.empty_like(q)  # (B, S_new, Hq, D)
+    grid_m = triton.cdiv(s_new * group, cfg.block_m)
+    meta = dict(SCALE=options.resolved_scale(d), CAUSAL=options.mask == "causal", HEAD_DIM=d,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    lens = (past_len.to(torch.int32).contiguous(), new_len.to(torch.int32).contiguous())
+    if splits == 1:
+        _kv_attention_fwd[(grid_m, b * hkv)](q, k_new, v_new, k_cache, v_cache, *lens,
+                                             s_new, s_max, hq, hkv, out, k_cache, v_cache, **meta)
+        return out
+    rows = b * s_new * hq
+    acc = torch.empty((splits, rows, block_d), dtype=torch.float32, device=q.device)
+    m_part = torch.empty((splits, rows), dtype=torch.float32, device=q.device)
+    l_part = torch.empty((splits, rows), dtype=torch.float32, device=q.device)
+    _kv_attention_split[(grid_m, b * hkv, splits)](q, k_new, v_new, k_cache, v_cache, *lens,
+                                                   s_new, s_max, hq, hkv, rows, k_cache, v_cache,
+                                                   acc, m_part, l_part, NUM_SPLITS=splits, **meta)
+    _kv_attention_combine[(rows,)](acc, m_part, l_part, out, rows, HEAD_DIM=d, BLOCK_D=block_d,
+                                   NUM_SPLITS=splits)
+    return out
