@@ -40,6 +40,7 @@ def atomic_bundle(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]
         raise ArxError(f"cannot write into {parent} ({e.strerror}); choose another -o") from e
     try:
         yield tmp
+        _normalize_modes(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=parent))
             os.rename(out, old / out.name)
@@ -50,3 +51,15 @@ def atomic_bundle(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _normalize_modes(folder: Path) -> None:
+    """mkdtemp makes 0700 folders and some writers 0600 files: give the bundle umask modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)

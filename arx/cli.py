@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except ArxError as e:
         print(f"arx: error: {e}", file=sys.stderr)
+        if e.details:
+            print(e.details, file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("arx: interrupted", file=sys.stderr)

@@ -13,8 +13,9 @@ class ArxError(Exception):
 
     exit_code = EXIT_USAGE
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, details: str | None = None):
         super().__init__(" ".join(message.split()))
+        self.details = details  # optional multi-line block (a table) printed after the line
 
 
 class MissingDependency(ArxError):

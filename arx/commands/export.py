@@ -1,0 +1,36 @@
+"""arx export SOURCE -o BUNDLE"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help="export a Hugging Face folder or model.pt to a bundle",
+                       description="Export a checkpoint to an arx bundle: decoder.onnx with the KV "
+                                   "cache as state, the tokenizer, and a parity check vs PyTorch.")
+    p.add_argument("source", help="Hugging Face checkpoint folder or a torch.save'd model.pt")
+    p.add_argument("-o", "--output", help="bundle folder to write (default: SOURCE name + .arx)")
+    p.add_argument("--max-seq-len", type=int, help="context length the cache is built for "
+                   "(default: the model's, at most 4096)")
+    p.add_argument("--atol", type=float, help="parity tolerance on logits (default: per family)")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity check (not advised)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output bundle")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from arx.export.exporter import ExportOptions, export_model
+
+    out = Path(args.output) if args.output else Path(Path(args.source).stem + ".arx")
+    options = ExportOptions(max_seq_len=args.max_seq_len, atol=args.atol,
+                            check_parity=not args.no_parity, overwrite=args.overwrite,
+                            progress=not args.quiet)
+    manifest = export_model(source=args.source, output=out, options=options)
+    parity = manifest.parity.get("outputs", {})
+    worst = max((v["max_abs"] for v in parity.values()), default=None)
+    note = f", parity max abs err {worst:.2e}" if worst is not None else ""
+    print(f"wrote {out} ({manifest.family}, {manifest.model.get('parameters', 0) / 1e6:.1f}M "
+          f"parameters, context {manifest.kv.max_seq_len}{note})")
+    return 0

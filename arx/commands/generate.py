@@ -1,0 +1,121 @@
+"""arx generate BUNDLE --prompt TEXT | --prompt-ids 1,2,3"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from arx.errors import ArxError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="run the autoregressive loop on a bundle (streams text)")
+    p.add_argument("bundle")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    src.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, help="default: the bundle's generation default")
+    p.add_argument("--greedy", action="store_true", help="always pick the most likely token")
+    p.add_argument("--sample", action="store_true", help="sample (default: the model's generation config)")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--no-eos-stop", action="store_true", help="generate max-new-tokens even after EOS")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.set_defaults(run=run)
+
+
+def _options(args, defaults):
+    from arx.runtime.generate import GenerateOptions
+    from arx.runtime.sampler import SamplingOptions
+
+    if args.greedy and args.sample:
+        raise ArxError("--greedy and --sample contradict each other; pick one")
+    knobs = (args.temperature, args.top_k, args.top_p)
+    do_sample = False if args.greedy else (True if args.sample or any(k is not None for k in knobs)
+                                           else defaults.do_sample)
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    sampling = SamplingOptions(
+        do_sample=do_sample,
+        temperature=pick(args.temperature, defaults.temperature),
+        top_k=pick(args.top_k, defaults.top_k),
+        top_p=pick(args.top_p, defaults.top_p),
+        repetition_penalty=pick(args.repetition_penalty, defaults.repetition_penalty),
+        seed=args.seed)
+    return GenerateOptions(max_new_tokens=pick(args.max_new_tokens, defaults.max_new_tokens),
+                           sampling=sampling, stop_on_eos=not args.no_eos_stop)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ArxError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+def run(args) -> int:
+    from arx.manifest import read_manifest
+    from arx.runtime.backend import BackendOptions
+    from arx.runtime.decoder import DecoderSession
+    from arx.runtime.generate import generate
+
+    manifest = read_manifest(args.bundle)
+    options = _options(args, manifest.generation)
+    tokenizer = None
+    if args.prompt is not None or manifest.tokenizer.file:
+        from arx.runtime.tokenizer import Tokenizer
+
+        if not manifest.tokenizer.file:
+            raise ArxError(f"bundle {args.bundle} has no tokenizer; pass token ids with --prompt-ids")
+        tokenizer = Tokenizer.from_bundle(args.bundle, manifest.tokenizer)
+    prompts = ([tokenizer.encode(t) for t in args.prompt] if args.prompt is not None
+               else [_parse_ids(t) for t in args.prompt_ids])
+    stream = None
+    if not args.json and len(prompts) == 1 and tokenizer is not None:
+        stream = _streamer(tokenizer)
+    with DecoderSession(args.bundle, BackendOptions(device=args.device), manifest) as session:
+        result = generate(session, prompts, options, on_token=stream)
+    if args.json:
+        print(json.dumps(_as_json(result, prompts, tokenizer)))
+    elif stream is not None:
+        sys.stdout.write(stream.flush() + "\n")
+    else:
+        for i, toks in enumerate(result.tokens):
+            body = tokenizer.decode(toks) if tokenizer else ",".join(map(str, toks))
+            print(f"[{i}] {body}")
+    _summary(result)
+    return 0
+
+
+def _streamer(tokenizer):
+    decoder = tokenizer.stream_decoder()
+
+    class Stream:
+        def __call__(self, _seq: int, token: int) -> None:
+            sys.stdout.write(decoder.step(token))
+            sys.stdout.flush()
+
+        def flush(self) -> str:
+            return decoder.flush()
+
+    return Stream()
+
+
+def _as_json(result, prompts, tokenizer) -> dict:
+    seqs = []
+    for p, toks, reason in zip(prompts, result.tokens, result.finish_reasons):
+        item = {"prompt_ids": p, "tokens": toks, "finish_reason": reason}
+        if tokenizer is not None:
+            item["text"] = tokenizer.decode(toks)
+        seqs.append(item)
+    return {"sequences": seqs, "time_to_first_token_s": result.prefill_s,
+            "decode_tokens_per_s": result.decode_tokens_per_s}
+
+
+def _summary(result) -> None:
+    n = sum(len(t) for t in result.tokens)
+    print(f"[{n} tokens, first after {result.prefill_s * 1e3:.0f} ms, "
+          f"decode {result.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)

@@ -1,0 +1,68 @@
+"""arx inspect BUNDLE"""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="show what a bundle holds: stages, IO, KV layout, parity")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from arx.manifest import read_manifest
+
+    m = read_manifest(args.bundle)
+    if args.json:
+        print(json.dumps(m.to_json(), indent=2))
+        return 0
+    info = m.model
+    print(f"bundle     {args.bundle}")
+    print(f"family     {m.family} ({info.get('architecture', '?')}, "
+          f"{info.get('parameters', 0) / 1e6:.2f}M parameters, {info.get('dtype', '?')})")
+    kv = m.kv
+    print(f"kv cache   {kv.layers} layers x (key, value) (B, {kv.kv_heads}, S<={kv.max_seq_len}, "
+          f"{kv.head_dim}) {kv.dtype}, update {kv.update}")
+    t = m.tokenizer
+    print(f"tokenizer  {t.file or 'none (use --prompt-ids)'}"
+          f"{', ' + t.onnx_file if t.onnx_file else ''}; bos {t.bos_token_id}, "
+          f"eos {list(t.eos_token_ids)}, vocab {m.vocab_size}")
+    for name, stage in m.stages.items():
+        print(f"stage      {name}: {stage.file}")
+        for kind, specs in (("in ", stage.inputs), ("out", stage.outputs)):
+            for s in _collapse(specs):
+                print(f"  {kind} {s}")
+    _print_parity(m.parity)
+    for key, value in m.extensions.items():
+        print(f"{key:<10} {json.dumps(value)[:200]}")
+    return 0
+
+
+def _collapse(specs) -> list[str]:
+    """Print per-layer KV tensors once, as a pattern."""
+    lines, seen = [], set()
+    for s in specs:
+        pattern = ".".join("{i}" if part.isdigit() else part for part in s.name.split("."))
+        if pattern in seen:
+            continue
+        seen.add(pattern)
+        shape = ", ".join(str(d) for d in s.shape)
+        lines.append(f"{pattern:<28} {s.dtype:<8} ({shape})")
+    return lines
+
+
+def _print_parity(parity: dict) -> None:
+    if not parity:
+        print("parity     not recorded")
+        return
+    if parity.get("passed") is None:
+        print(f"parity     skipped ({parity.get('skipped', '')})")
+        return
+    status = "passed" if parity["passed"] else "FAILED"
+    print(f"parity     {status} vs PyTorch, atol {parity['atol']:g}, batch {parity['batch']} "
+          f"(prompts {parity['prompt_lengths']}), {parity['decode_steps']} decode steps")
+    for k, v in parity.get("outputs", {}).items():
+        print(f"  {k:<16} max abs {v['max_abs']:.2e}  max rel {v['max_rel']:.2e}")

@@ -1,0 +1,163 @@
+"""`arx export`: a checkpoint in, a checked bundle out.
+
+    load source ─► read weights ─► emit decoder.onnx ─► tokenizer ─► parity vs PyTorch ─► arx.json
+
+Everything is written into a temp folder that is renamed into place only when every step,
+the parity check included, has passed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import arx
+from arx.bundle import atomic_bundle, check_writable_output
+from arx.errors import ArxError
+from arx.manifest import GenerationDefaults, KVLayout, Manifest, TokenizerInfo
+from arx.progress import Steps
+from arx.export.sources import LoadedSource, load_source
+
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    max_seq_len: int | None = None  # None: the model's max positions, capped at 4096
+    atol: float | None = None  # None: the family's default tolerance on logits
+    check_parity: bool = True
+    parity_decode_steps: int = 4
+    overwrite: bool = False
+    progress: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_seq_len is not None and self.max_seq_len < 2:
+            raise ArxError(f"--max-seq-len must be >= 2 (got {self.max_seq_len})")
+        if self.atol is not None and not self.atol > 0:
+            raise ArxError(f"--atol must be > 0 (got {self.atol})")
+        if self.parity_decode_steps < 1:
+            raise ArxError("parity needs at least one decode step")
+
+
+def export_model(*, source: str | Path, output: str | Path,
+                 options: ExportOptions = ExportOptions()) -> Manifest:
+    output = Path(output)
+    check_writable_output(output, overwrite=options.overwrite)  # before minutes of work
+    steps = Steps(5, enabled=options.progress)
+    with steps.step(f"loading {source}"):
+        src = load_source(source)
+    with atomic_bundle(output, overwrite=options.overwrite) as tmp:
+        if src.kind == "hf":
+            from arx.export.hf_decoder import export_hf_decoder
+
+            with steps.step("emitting decoder.onnx"):
+                decoder = export_hf_decoder(src, tmp, options)
+        else:
+            from arx.export.protocol import export_protocol_decoder
+
+            with steps.step("tracing the decoder-protocol module to decoder.onnx"):
+                decoder = export_protocol_decoder(src, tmp, options)
+        with steps.step("exporting the tokenizer"):
+            tokenizer = _export_tokenizer(src, tmp)
+        manifest = Manifest(
+            family=decoder.family, vocab_size=decoder.vocab_size, kv=decoder.kv,
+            stages={"decoder": decoder.stage}, tokenizer=tokenizer,
+            generation=_generation_defaults(src), model=decoder.model_info,
+            provenance=_provenance(src))
+        manifest.write(tmp)
+        with steps.step("checking parity against PyTorch (prefill + decode)"):
+            if options.check_parity:
+                manifest.parity = _parity(src, tmp, manifest, decoder.atol, options)
+            else:
+                manifest.parity = {"passed": None, "skipped": "--no-parity"}
+        with steps.step(f"writing {output}"):
+            manifest.write(tmp)
+    return manifest
+
+
+@dataclass
+class DecoderExport:
+    """What a decoder emitter hands back to the pipeline."""
+
+    family: str
+    vocab_size: int
+    kv: KVLayout
+    stage: object  # arx.manifest.Stage
+    model_info: dict
+    atol: float
+
+
+def resolve_max_seq_len(options: ExportOptions, model_max: int | None) -> int:
+    if options.max_seq_len is not None:
+        if model_max and options.max_seq_len > model_max:
+            raise ArxError(f"--max-seq-len {options.max_seq_len} exceeds the model's "
+                           f"{model_max} positions; use at most {model_max}")
+        return options.max_seq_len
+    return min(model_max or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+
+
+def _parity(src: LoadedSource, bundle: Path, manifest: Manifest, atol: float,
+            options: ExportOptions) -> dict:
+    from arx.export.parity import check_parity, hf_reference, raise_if_failed
+    from arx.export.protocol import protocol_reference
+    from arx.runtime.decoder import DecoderSession
+
+    reference = hf_reference(src.module) if src.kind == "hf" else protocol_reference(src.module)
+    n = min(7, max(2, manifest.kv.max_seq_len - options.parity_decode_steps))
+    lengths = (n, max(1, n - 3))
+    with DecoderSession(bundle, manifest=manifest) as session:
+        report = check_parity(reference, session, atol=options.atol or atol,
+                              vocab_size=manifest.vocab_size, prompt_lengths=lengths,
+                              decode_steps=options.parity_decode_steps, seed=options.seed)
+    raise_if_failed(report, "nothing was written")
+    return report.to_json()
+
+
+def _export_tokenizer(src: LoadedSource, bundle: Path) -> TokenizerInfo:
+    gen = src.generation_config
+    eos = gen.get("eos_token_id")
+    eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if src.tokenizer_dir is None:
+        return TokenizerInfo(file=None, bos_token_id=gen.get("bos_token_id"),
+                             eos_token_ids=eos_ids, pad_token_id=gen.get("pad_token_id"))
+    from arx.export.tokenizer import export_tokenizer
+
+    t = export_tokenizer(src.tokenizer_dir, bundle)
+    return TokenizerInfo(file=t.json_file, onnx_file=t.onnx_file, bos_token_id=t.bos_token_id,
+                         eos_token_ids=tuple(t.eos_token_ids) or eos_ids,
+                         pad_token_id=t.pad_token_id, add_bos=t.add_bos)
+
+
+def _generation_defaults(src: LoadedSource) -> GenerationDefaults:
+    g = src.generation_config
+    return GenerationDefaults(
+        max_new_tokens=int(g.get("max_new_tokens") or 64),
+        temperature=float(g.get("temperature") or 1.0),
+        top_k=int(g.get("top_k") or 0),
+        top_p=float(g.get("top_p") or 1.0),
+        repetition_penalty=float(g.get("repetition_penalty") or 1.0),
+        do_sample=bool(g.get("do_sample", False)),
+    )
+
+
+def _provenance(src: LoadedSource) -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    info = {"arx": arx.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "source": str(src.path),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info

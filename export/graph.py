@@ -1,0 +1,89 @@
+"""A small helper for emitting ONNX graphs node by node (names, initializers, IO)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+# onnxruntime 1.31 loads IR version <= 13 models; onnx 1.23 would write 14 by default.
+IR_VERSION = 10
+OPSET = 23  # RMSNormalization, Gelu(approximate)
+MS_DOMAIN = "com.microsoft"
+
+DTYPES = {
+    "float32": TensorProto.FLOAT,
+    "float16": TensorProto.FLOAT16,
+    "bfloat16": TensorProto.BFLOAT16,
+    "int64": TensorProto.INT64,
+    "int32": TensorProto.INT32,
+    "int8": TensorProto.INT8,
+    "bool": TensorProto.BOOL,
+}
+
+
+class GraphBuilder:
+    """Collects nodes, initializers and IO; names every value uniquely."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._counts: dict[str, int] = {}
+        self._consts: dict[tuple, str] = {}
+
+    def fresh(self, hint: str) -> str:
+        n = self._counts.get(hint, 0)
+        self._counts[hint] = n + 1
+        return hint if n == 0 else f"{hint}_{n}"
+
+    def input(self, name: str, dtype: str, shape: Sequence[int | str]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, DTYPES[dtype], list(shape)))
+        return name
+
+    def output(self, name: str, dtype: str, shape: Sequence[int | str]) -> None:
+        """Declare the value `name` (produced by some node) as a graph output."""
+        self.outputs.append(helper.make_tensor_value_info(name, DTYPES[dtype], list(shape)))
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        """A small constant initializer, shared between uses of the same value."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.weight(self.fresh("const"), arr)
+        return self._consts[key]
+
+    def node(self, op: str, inputs: Sequence[str], outputs: Sequence[str] | int = 1,
+             domain: str = "", name: str | None = None, **attrs) -> list[str]:
+        if isinstance(outputs, int):
+            outputs = [self.fresh(f"{name or op}/out{j}" if outputs > 1 else f"{name or op}/out")
+                       for j in range(outputs)]
+        self.nodes.append(helper.make_node(op, list(inputs), list(outputs),
+                                           name=self.fresh(name or op), domain=domain, **attrs))
+        return list(outputs)
+
+    def op(self, op: str, *inputs: str, domain: str = "", name: str | None = None, **attrs) -> str:
+        """Single-output node; returns its output name."""
+        return self.node(op, inputs, 1, domain=domain, name=name, **attrs)[0]
+
+    def model(self, opset: int = OPSET) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
+                                  initializer=self.initializers)
+        opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="arx")
+        model.ir_version = IR_VERSION
+        return model
+
+
+def save_with_external_data(model: onnx.ModelProto, path, data_name: str) -> None:
+    """Save weights to one external data file beside the graph (needed past 2 GB anyway)."""
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)

@@ -1,0 +1,55 @@
+"""Hugging Face causal LMs -> decoder.onnx through the family registry and graph builder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from arx.errors import ArxError
+from arx.export.decoder_graph import build_decoder
+from arx.export.exporter import DecoderExport, ExportOptions, resolve_max_seq_len
+from arx.export.families import DecoderConfig
+from arx.export.graph import save_with_external_data
+from arx.export.sources import LoadedSource
+from arx.export.weights import read_weights
+from arx.manifest import KVLayout
+
+DECODER_FILE = "decoder.onnx"
+
+
+def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions) -> DecoderExport:
+    family = src.family
+    cfg = family.read_config(src.module.config)
+    if cfg.head_dim % 16:
+        raise ArxError(f"head_dim {cfg.head_dim} is not a multiple of 16, which onnxruntime's fused "
+                       f"attention (GroupQueryAttention) requires; arx cannot export this model yet")
+    max_seq_len = resolve_max_seq_len(options, cfg.max_position_embeddings)
+    state = {k: v.detach().float().numpy() for k, v in src.module.state_dict().items()}
+    weights = read_weights(cfg, family.weights, state)
+    kv = KVLayout(layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                  max_seq_len=max_seq_len)
+    rope = rope_cache(src.module, cfg, max_seq_len) if cfg.positions == "rope" else None
+    model, stage = build_decoder(cfg, weights, kv, rope, DECODER_FILE)
+    save_with_external_data(model, bundle / DECODER_FILE, DECODER_FILE + ".data")
+    n_params = int(sum(v.size for v in state.values()))
+    info = {"source_format": "huggingface", "architecture": type(src.module).__name__,
+            "parameters": n_params, "dtype": "float32", "config": cfg.__dict__}
+    return DecoderExport(cfg.family, cfg.vocab_size, kv, stage, info, family.atol)
+
+
+def rope_cache(model, cfg: DecoderConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables (max_seq_len, rotary_dim/2) from the model's own rotary embedding, so
+    every scaling variant (linear, dynamic, llama3, yarn, longrope) matches Hugging Face."""
+    import torch
+
+    rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
+    if rotary is None:
+        raise ValueError(f"{type(model).__name__} has no rotary_emb module")
+    pos = torch.arange(max_seq_len)[None, :]
+    with torch.no_grad():
+        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
+    half = cfg.rotary_dim // 2
+    # HF tables repeat the frequencies for both halves (rotate_half): keep the first half
+    return (np.ascontiguousarray(cos[0, :, :half].float().numpy()),
+            np.ascontiguousarray(sin[0, :, :half].float().numpy()))

@@ -1,0 +1,111 @@
+"""Backends run one stage graph: a context manager with `run(feeds) -> outputs`.
+
+In-place KV: the backend is told which outputs alias which inputs (`present.i.key` ->
+`past_key_values.i.key`, from the manifest). It binds such an output to the very buffer fed
+as the input, so the attention op writes new keys/values into the preallocated cache and
+nothing is copied or returned for them. Other outputs come back as numpy arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from arx.errors import ArxError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    device: str = "cpu"  # "cpu" | "cuda" | "auto" (cuda when onnxruntime-gpu sees a GPU)
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    enable_profiling: bool = False
+    profile_prefix: str = "arx_ort_profile"
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda", "auto"):
+            raise ArxError(f"unknown device {self.device!r}; use cpu, cuda or auto")
+        if self.intra_op_threads < 0:
+            raise ArxError("intra_op_threads must be >= 0")
+
+
+def resolve_device(device: str) -> str:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "auto":
+        return "cuda" if PROVIDERS["cuda"] in available else "cpu"
+    if device == "cuda" and PROVIDERS["cuda"] not in available:
+        raise ArxError("--device cuda needs onnxruntime-gpu and a CUDA GPU; install "
+                       "'arx[gpu]' or use --device cpu")
+    return device
+
+
+class OrtBackend:
+    """onnxruntime session with IO binding; `aliases` maps output name -> input name."""
+
+    def __init__(self, onnx_path: str | Path, *, aliases: Mapping[str, str] | None = None,
+                 options: BackendOptions = BackendOptions()):
+        import onnxruntime as ort
+
+        self.device = resolve_device(options.device)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if options.intra_op_threads:
+            so.intra_op_num_threads = options.intra_op_threads
+        if options.enable_profiling:
+            so.enable_profiling = True
+            so.profile_file_prefix = options.profile_prefix
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), so, providers=[PROVIDERS[self.device]])
+        except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ArxError(f"onnxruntime could not load {onnx_path} ({str(e).splitlines()[0]}); "
+                           f"re-export the bundle") from e
+        self.aliases = dict(aliases or {})
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._ort = ort
+
+    def __enter__(self) -> "OrtBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> str | None:
+        """Release the session; returns the profile file path when profiling was on."""
+        path = None
+        if getattr(self, "session", None) is not None and self.session.get_session_options().enable_profiling:
+            path = self.session.end_profiling()
+        self.session = None
+        return path
+
+    def allocate(self, shape: tuple[int, ...], dtype: str) -> Any:
+        """A zeroed device buffer the backend can bind as input and output."""
+        if self.device == "cpu":
+            return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype))
+        return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), "cuda", 0)
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        io = self.session.io_binding()
+        for name, value in feeds.items():
+            if isinstance(value, np.ndarray):
+                io.bind_cpu_input(name, value)
+            else:
+                io.bind_ortvalue_input(name, value)
+        returned = []
+        for name in self.output_names:
+            src = self.aliases.get(name)
+            if src is not None:
+                io.bind_ortvalue_output(name, feeds[src])
+            else:
+                io.bind_output(name, "cpu")
+                returned.append(name)
+        self.session.run_with_iobinding(io)
+        values = io.get_outputs()
+        by_name = dict(zip([n for n in self.output_names], values))
+        return {n: by_name[n].numpy() for n in returned}

@@ -1,0 +1,127 @@
+"""The autoregressive loop: prefill the prompts, then one decode step per new token.
+
+Batches of prompts of different lengths are right-padded for the prefill; every sequence then
+keeps its own length in the cache (no left padding, no wasted attention), as the fused
+attention op tracks per-sequence lengths. Finished sequences ride along until all are done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from arx.errors import ArxError
+from arx.runtime.decoder import DecoderSession
+from arx.runtime.sampler import Sampler, SamplingOptions
+
+# on_token(sequence index, token id) is called as soon as a token is chosen (streaming).
+TokenCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_new_tokens: int = 64
+    sampling: SamplingOptions = SamplingOptions()
+    stop_on_eos: bool = True
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ArxError(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # generated ids per prompt, without the prompt
+    finish_reasons: list[str]  # "eos" | "length"
+    prompt_lengths: list[int]
+    prefill_s: float = 0.0  # time to first token (prefill + first sampling)
+    step_s: list[float] = field(default_factory=list)  # each decode step, whole batch
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = len(self.step_s)
+        return len(self.tokens) * n / sum(self.step_s) if n else 0.0
+
+
+def generate(session: DecoderSession, prompts: list[list[int]], options: GenerateOptions,
+             on_token: TokenCallback | None = None) -> GenerationResult:
+    _check_prompts(session, prompts, options)
+    lengths = [len(p) for p in prompts]
+    if not session.in_place and len(set(lengths)) > 1:
+        # concat-mode graphs have no per-sequence lengths: run such batches one by one
+        parts = [generate(session, [p], options,
+                          (lambda i: (lambda _, t: on_token(i, t)))(i) if on_token else None)
+                 for i, p in enumerate(prompts)]
+        return _merge(parts)
+    return _generate_batch(session, prompts, options, on_token)
+
+
+def _generate_batch(session, prompts, options, on_token) -> GenerationResult:
+    m = session.manifest
+    batch, lengths = len(prompts), np.array([len(p) for p in prompts], dtype=np.int64)
+    sampler = Sampler(options.sampling, m.vocab_size)
+    eos = np.array(m.tokenizer.eos_token_ids or [-1], dtype=np.int64)
+    seen = None
+    if options.sampling.repetition_penalty != 1.0:
+        seen = np.zeros((batch, m.vocab_size), dtype=bool)
+        for b, p in enumerate(prompts):
+            seen[b, p] = True
+    # only as long as this request needs: (B, kv_heads, prompt + new, D) per layer
+    cache = session.new_cache(batch, int(lengths.max()) + options.max_new_tokens)
+    result = GenerationResult([[] for _ in prompts], ["length"] * batch, lengths.tolist())
+    done = np.zeros(batch, dtype=bool)
+
+    t0 = time.perf_counter()
+    ids = np.zeros((batch, int(lengths.max())), dtype=np.int64)  # (B, P) right-padded
+    for b, p in enumerate(prompts):
+        ids[b, : len(p)] = p
+    logits = session.step(cache, ids, lengths)
+    last = logits[np.arange(batch), lengths - 1]  # (B, V) at each prompt's last token
+    for step in range(options.max_new_tokens):
+        nxt = sampler(last, seen)
+        if step == 0:
+            result.prefill_s = time.perf_counter() - t0
+        for b in np.flatnonzero(~done):
+            tok = int(nxt[b])
+            result.tokens[b].append(tok)
+            if seen is not None:
+                seen[b, tok] = True
+            if on_token:
+                on_token(int(b), tok)
+            if options.stop_on_eos and tok in eos:
+                done[b], result.finish_reasons[b] = True, "eos"
+        if done.all() or step == options.max_new_tokens - 1:
+            break
+        t = time.perf_counter()
+        logits = session.step(cache, nxt[:, None], np.ones(batch, dtype=np.int64))
+        last = logits[:, 0]
+        result.step_s.append(time.perf_counter() - t)
+    return result
+
+
+def _check_prompts(session: DecoderSession, prompts: list[list[int]], options: GenerateOptions):
+    m = session.manifest
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ArxError("empty prompt: give at least one token (--prompt TEXT or --prompt-ids 1,2,3)")
+    for p in prompts:
+        bad = [t for t in p if not 0 <= t < m.vocab_size]
+        if bad:
+            raise ArxError(f"prompt token id {bad[0]} is outside the vocabulary (0..{m.vocab_size - 1})")
+    longest = max(len(p) for p in prompts)
+    if longest + options.max_new_tokens > m.kv.max_seq_len:
+        raise ArxError(f"prompt of {longest} tokens + {options.max_new_tokens} new tokens exceeds "
+                       f"the bundle's context of {m.kv.max_seq_len} tokens; shorten the prompt, "
+                       f"lower --max-new-tokens, or re-export with a larger --max-seq-len")
+
+
+def _merge(parts: list[GenerationResult]) -> GenerationResult:
+    return GenerationResult(
+        tokens=[p.tokens[0] for p in parts],
+        finish_reasons=[p.finish_reasons[0] for p in parts],
+        prompt_lengths=[p.prompt_lengths[0] for p in parts],
+        prefill_s=sum(p.prefill_s for p in parts),
+        step_s=[s for p in parts for s in p.step_s],
+    )

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models of each family, exported once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from tiny_models import FAMILIES, make_hf_model
+
+
+@pytest.fixture(scope="session")
+def hf_model_dir(tmp_path_factory):
+    """family -> (folder with the saved HF model, the model)."""
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            folder = tmp_path_factory.mktemp(f"hf-{family}")
+            cache[family] = (folder, make_hf_model(family, folder))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def exported_bundle(hf_model_dir, tmp_path_factory):
+    """family -> exported bundle path (parity checked at export)."""
+    from arx.export.exporter import ExportOptions, export_model
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            folder, _ = hf_model_dir(family)
+            out = tmp_path_factory.mktemp(f"bundle-{family}") / f"{family}.arx"
+            export_model(source=folder, output=out, options=ExportOptions(progress=False))
+            cache[family] = out
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
