@@ -1,0 +1,1 @@
+"""arx.builder: bundle -> TensorRT form, engines and device build kits."""
