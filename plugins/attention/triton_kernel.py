@@ -263,7 +263,7 @@ def kv_attention(q, k_new, v_new, k_cache, v_cache, past_len, new_len=None, opti
     grid_m = triton.cdiv(s_new * group, cfg.block_m)
     meta = dict(SCALE=options.resolved_scale(d), CAUSAL=options.mask == "causal", HEAD_DIM=d,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
     lens = (past_len.to(torch.int32).contiguous(), new_len.to(torch.int32).contiguous())
     if splits == 1:
         _kv_attention_fwd[(grid_m, b * hkv)](q, k_new, v_new, k_cache, v_cache, *lens,
@@ -279,3 +279,49 @@ def kv_attention(q, k_new, v_new, k_cache, v_cache, past_len, new_len=None, opti
     _kv_attention_combine[(rows,)](acc, m_part, l_part, out, rows, HEAD_DIM=d, BLOCK_D=block_d,
                                    NUM_SPLITS=splits)
     return out
+
+
+# ------------------------------------------------------------------ ahead-of-time variants
+# tensorrt.plugin's AOT launch passes: input pointers, int32 scalars, output pointers.
+AOT_SCALARS = ("S_NEW", "S_MAX", "HQ", "HKV")
+AOT_GRID = ("cdiv(S_new * (Hq // Hkv), BLOCK_M)", "B * Hkv", "1")
+AOT_TACTICS = {1: "decode", 2: "prefill"}  # TensorRT tactic id -> tile phase of TILE_TABLE
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """What one compiled PTX is specialized on (everything else is a runtime argument)."""
+
+    dtype: str = "fp16"  # Triton type name: fp32 | fp16 | bf16
+    head_dim: int = 128
+    mask: str = "causal"
+    scale: float = 0.0  # 0 = 1/sqrt(head_dim)
+    phase: str = "decode"  # tile choice, see TILE_TABLE
+
+    def __post_init__(self):
+        if self.dtype not in ("fp32", "fp16", "bf16") or self.phase not in ("decode", "prefill"):
+            raise ValueError(f"unsupported attention variant {self}")
+
+    @property
+    def tag(self) -> str:
+        return f"kv_attention_{self.dtype}_d{self.head_dim}_{self.mask}_{self.phase}"
+
+
+def aot_source(variant: AttentionVariant) -> dict:
+    """Everything `triton.compile` and the launcher need for one variant (no GPU needed)."""
+    from .reference import AttentionOptions
+
+    block_d = max(16, next_pow2(variant.head_dim))
+    cfg = tile_config(1 if variant.phase == "decode" else 64, block_d)
+    ptr = f"*{variant.dtype}"
+    signature = {"Q": ptr, "K_NEW": ptr, "V_NEW": ptr, "K_CACHE": ptr, "V_CACHE": ptr,
+                 "PAST_LEN": "*i32", "NEW_LEN": "*i32", "S_NEW": "i32", "S_MAX": "i32",
+                 "HQ": "i32", "HKV": "i32", "OUT": ptr, "K_OUT": ptr, "V_OUT": ptr}
+    opts = AttentionOptions(mask=variant.mask, scale=variant.scale)
+    constexprs = {"SCALE": opts.resolved_scale(variant.head_dim),
+                  "CAUSAL": variant.mask == "causal", "HEAD_DIM": variant.head_dim,
+                  "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
+    return dict(fn=_kv_attention_fwd, signature=signature, constexprs=constexprs,
+                options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                             enable_fp_fusion=True),
+                grid=AOT_GRID, scalars=AOT_SCALARS, block_m=cfg.block_m)

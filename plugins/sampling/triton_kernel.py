@@ -164,3 +164,20 @@ def sample(logits, params, presence, seed, offset, block_v: int = BLOCK_V):
                          GUIDANCE=logits.shape[0] == 2 * b, BLOCK_V=block_v,
                          num_warps=NUM_WARPS, enable_fp_fusion=False)
     return ids
+
+
+# ------------------------------------------------------------------ ahead-of-time variants
+AOT_SCALARS = ("B", "V")
+AOT_GRID = ("B", "1", "1")
+
+
+def aot_source(dtype: str = "fp16", guidance: bool = False) -> dict:
+    """Everything `triton.compile` and the launcher need for one sampler variant."""
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"unsupported logits dtype {dtype!r}")
+    signature = {"LOGITS": f"*{dtype}", "PARAMS": "*fp32", "PRESENCE": "*i1", "SEED": "*i64",
+                 "OFFSET": "*i64", "B": "i32", "V": "i32", "IDS": "*i32"}
+    return dict(fn=_sample_kernel, signature=signature,
+                constexprs={"GUIDANCE": bool(guidance), "BLOCK_V": BLOCK_V},
+                options=dict(num_warps=NUM_WARPS, num_stages=1, enable_fp_fusion=False),
+                grid=AOT_GRID, scalars=AOT_SCALARS)
