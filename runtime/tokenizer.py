@@ -29,6 +29,7 @@ class Tokenizer:
         self.bos_token_id = bos_token_id
         self.eos_token_ids = tuple(eos_token_ids)
         self.add_bos = add_bos
+        self._special_ids: frozenset[int] | None = None
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs) -> "Tokenizer":
@@ -51,6 +52,14 @@ class Tokenizer:
                            f"pass token ids with --prompt-ids")
         return cls.from_file(Path(bundle_dir) / info.file, bos_token_id=info.bos_token_id,
                              eos_token_ids=info.eos_token_ids, add_bos=info.add_bos)
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that decode(skip_special_tokens=True) drops."""
+        if self._special_ids is None:
+            added = self.backend.get_added_tokens_decoder()
+            self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
+        return self._special_ids
 
     @property
     def vocab_size(self) -> int:
@@ -127,5 +136,18 @@ class StreamDecoder:
             before = decode(self._ids[:self._read], skip_special_tokens=self._skip)
             after = decode(self._ids, skip_special_tokens=self._skip)
         piece = after[len(before):]
-        self._prefix, self._read = self._read, len(self._ids)
+        self._prefix, self._read = self._anchor(), len(self._ids)
         return piece
+
+    def _anchor(self) -> int:
+        """Where the next window starts: the last emitted token that decodes to visible text.
+
+        Decoders treat the first token of a decode call specially (Metaspace and Strip drop its
+        leading space); a skipped special token there would hand that role to the next token
+        and lose its space, so the window starts at an ordinary token before it.
+        """
+        hidden = self._tok.special_ids if self._skip else frozenset()
+        for i in range(self._read - 1, self._prefix - 1, -1):
+            if self._ids[i] not in hidden:
+                return i
+        return self._prefix
