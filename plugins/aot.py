@@ -74,6 +74,9 @@ def compile_source(src: dict, target: str, tag: str) -> CompiledVariant:
 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; known: {', '.join(TARGETS)}")
+    if not hasattr(src["fn"], "cache_key"):  # an InterpretedFunction: TRITON_INTERPRET=1
+        raise ValueError("AOT compilation needs real Triton kernels: unset TRITON_INTERPRET "
+                         "(or run scripts/compile_ptx.py in its own process)")
     t = TARGETS[target]
     ast = triton.compiler.ASTSource(fn=src["fn"], signature=src["signature"],
                                     constexprs=src["constexprs"])
