@@ -29,3 +29,13 @@ def test_missing_triton_names_the_extra():
 def test_missing_tensorrt_is_a_clear_error():
     with pytest.raises(ArxError, match="TensorRT|arx\\[gpu\\]"):
         require_trtp()
+
+
+def test_benchmark_fails_clearly_without_cuda():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels" / "bench_plugins.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    if out.returncode == 0:
+        pytest.skip("a CUDA GPU is present: the benchmark ran")
+    assert out.returncode == 2 and "CUDA" in out.stderr
