@@ -99,6 +99,8 @@ class TokenizerInfo:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     add_bos: bool = False
+    onnx_skipped_reason: str | None = None  # why tokenizer.onnx is absent, when it is
+    onnx_caveats: tuple[str, ...] = ()  # known differences of tokenizer.onnx (e.g. no NFC)
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class Manifest:
                  "generation", "model", "provenance", "parity"}
         tok = dict(d["tokenizer"])
         tok["eos_token_ids"] = tuple(tok.get("eos_token_ids") or ())
+        tok["onnx_caveats"] = tuple(tok.get("onnx_caveats") or ())
         return cls(
             family=d["family"],
             vocab_size=int(d["vocab_size"]),

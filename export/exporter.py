@@ -8,6 +8,7 @@ the parity check included, has passed.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import platform
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from arx.bundle import atomic_bundle, check_writable_output
 from arx.errors import ArxError
 from arx.manifest import GenerationDefaults, KVLayout, Manifest, TokenizerInfo
 from arx.progress import Steps
-from arx.export.sources import LoadedSource, load_source
+from arx.export.sources import LoadedSource, check_source_path, load_source
 
 DEFAULT_MAX_SEQ_LEN = 4096
 
@@ -47,7 +48,8 @@ class ExportOptions:
 def export_model(*, source: str | Path, output: str | Path,
                  options: ExportOptions = ExportOptions()) -> Manifest:
     output = Path(output)
-    check_writable_output(output, overwrite=options.overwrite)  # before minutes of work
+    check_source_path(source)  # both checks before minutes of work
+    check_writable_output(output, overwrite=options.overwrite)
     steps = Steps(5, enabled=options.progress)
     with steps.step(f"loading {source}"):
         src = load_source(source)
@@ -109,7 +111,8 @@ def _parity(src: LoadedSource, bundle: Path, manifest: Manifest, atol: float,
 
     reference = hf_reference(src.module) if src.kind == "hf" else protocol_reference(src.module)
     n = min(7, max(2, manifest.kv.max_seq_len - options.parity_decode_steps))
-    lengths = (n, max(1, n - 3))
+    # concat-mode graphs have no per-sequence lengths: their batches share one length
+    lengths = (n, max(1, n - 3)) if manifest.kv.update == "in_place" else (n, n)
     with DecoderSession(bundle, manifest=manifest) as session:
         report = check_parity(reference, session, atol=options.atol or atol,
                               vocab_size=manifest.vocab_size, prompt_lengths=lengths,
@@ -127,10 +130,8 @@ def _export_tokenizer(src: LoadedSource, bundle: Path) -> TokenizerInfo:
                              eos_token_ids=eos_ids, pad_token_id=gen.get("pad_token_id"))
     from arx.export.tokenizer import export_tokenizer
 
-    t = export_tokenizer(src.tokenizer_dir, bundle)
-    return TokenizerInfo(file=t.json_file, onnx_file=t.onnx_file, bos_token_id=t.bos_token_id,
-                         eos_token_ids=tuple(t.eos_token_ids) or eos_ids,
-                         pad_token_id=t.pad_token_id, add_bos=t.add_bos)
+    info = export_tokenizer(src.tokenizer_dir, bundle).info()
+    return dataclasses.replace(info, eos_token_ids=info.eos_token_ids or eos_ids)
 
 
 def _generation_defaults(src: LoadedSource) -> GenerationDefaults:

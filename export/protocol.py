@@ -19,6 +19,8 @@ get the fused in-place graph instead.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -67,38 +69,18 @@ class _Flat:
 
 
 def export_protocol_decoder(src, bundle: Path, options):
-    import torch
-
     from arx.export.exporter import DecoderExport, resolve_max_seq_len
+    from arx.export.graph import save_with_external_data
     from arx.manifest import KVLayout, Stage, TensorSpec
 
     spec = protocol_spec(src.module)
     L, H, D, V = (int(spec[k]) for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"))
     kv = KVLayout(layers=L, kv_heads=H, head_dim=D, update="concat",
                   max_seq_len=resolve_max_seq_len(options, int(spec["max_seq_len"])))
-    batch, seq, past = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length"), \
-        torch.export.Dim("past_sequence_length")
-    ids = torch.zeros(2, 3, dtype=torch.long)
-    pos = torch.arange(3, 6).repeat(2, 1)
-    flat_past = [torch.zeros(2, H, 3, D) for _ in range(2 * L)]
-    names_in = ["input_ids", "position_ids"] + [p for p, _ in kv.pairs()]
-    names_out = ["logits"] + [q for _, q in kv.pairs()]
-    dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, *[{0: batch, 2: past}] * (2 * L))
-    try:
-        program = torch.onnx.export(_Flat(src.module, L), (ids, pos, *flat_past), dynamo=True,
-                                    input_names=names_in, output_names=names_out,
-                                    dynamic_shapes=dyn, opset_version=21, verbose=False)
-    except Exception as e:  # torch.export raises many kinds of errors for untraceable code
-        raise ArxError(f"could not trace {type(src.module).__name__} to ONNX ({type(e).__name__}: "
-                       f"{str(e).strip().splitlines()[0][:200]}); keep forward() free of "
-                       f"data-dependent Python control flow") from e
-    model = program.model_proto
-    model.ir_version = min(model.ir_version, 10)
-    from arx.export.graph import save_with_external_data
-
+    model = _trace(src.module, kv)
     save_with_external_data(model, bundle / "decoder.onnx", "decoder.onnx.data")
-    cache = ("batch_size", H, "past_sequence_length", D)
-    present = ("batch_size", H, "total_sequence_length", D)
+    cache = ("batch_size", H, "past_sequence_length", D)  # (B, kv_heads, P, D)
+    present = ("batch_size", H, "total_sequence_length", D)  # (B, kv_heads, P + S, D)
     inputs = [TensorSpec("input_ids", "int64", ("batch_size", "sequence_length")),
               TensorSpec("position_ids", "int64", ("batch_size", "sequence_length"))]
     inputs += [TensorSpec(p, "float32", cache) for p, _ in kv.pairs()]
@@ -109,6 +91,36 @@ def export_protocol_decoder(src, bundle: Path, options):
             "parameters": n_params, "dtype": "float32", "spec": spec}
     stage = Stage("decoder.onnx", tuple(inputs), tuple(outputs))
     return DecoderExport("custom", V, kv, stage, info, 1e-3)
+
+
+def _trace(module, kv):
+    """torch.onnx (dynamo) export with symbolic batch, sequence and past length."""
+    import torch
+
+    dim = torch.export.Dim
+    batch, seq, past = dim("batch_size"), dim("sequence_length"), dim("past_sequence_length")
+    n = 2 * kv.layers
+    example = (torch.zeros(2, 3, dtype=torch.long), torch.arange(3, 6).repeat(2, 1),
+               *[torch.zeros(2, kv.kv_heads, 3, kv.head_dim) for _ in range(n)])
+    # forward(input_ids, position_ids, *flat_past): the varargs take one nested entry
+    dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in range(n)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes are not the user's problem
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                _Flat(module, kv.layers).eval(), example, dynamo=True, dynamic_shapes=dyn,
+                input_names=["input_ids", "position_ids"] + [p for p, _ in kv.pairs()],
+                output_names=["logits"] + [q for _, q in kv.pairs()], opset_version=21,
+                verbose=False)
+        except Exception as e:  # torch.export raises many kinds of errors for untraceable code
+            raise ArxError(f"could not trace {type(module).__name__} to ONNX ({type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0][:200]}); keep forward() free of "
+                           f"data-dependent Python control flow and follow the decoder protocol "
+                           f"(README)") from e
+    model = program.model_proto
+    model.ir_version = min(model.ir_version, 10)  # onnxruntime 1.31 reads IR <= 13
+    return model
 
 
 def protocol_reference(module):

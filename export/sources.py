@@ -28,10 +28,15 @@ class LoadedSource:
     generation_config: dict
 
 
-def load_source(path: str | Path) -> LoadedSource:
+def check_source_path(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise ArxError(f"{path} does not exist; give a Hugging Face checkpoint folder or a model.pt file")
+    return path
+
+
+def load_source(path: str | Path) -> LoadedSource:
+    path = check_source_path(path)
     if path.is_dir():
         return _load_hf_folder(path)
     return _load_pickle(path)
@@ -63,14 +68,11 @@ def _load_hf_folder(path: Path) -> LoadedSource:
 
 
 def _load_pickle(path: Path) -> LoadedSource:
-    import pickle
-
     import torch
 
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, AttributeError,
-            ModuleNotFoundError, UnicodeDecodeError) as e:
+    except Exception as e:  # unpickling arbitrary bytes can raise anything, MemoryError included
         raise ArxError(f"{path} is not a readable torch.save file ({type(e).__name__}: "
                        f"{_first_line(e)}); give a model.pt written by torch.save(model) or a "
                        f"Hugging Face checkpoint folder") from e

@@ -64,7 +64,8 @@ class TokenizerExport:
         """The manifest's view of this export."""
         return TokenizerInfo(file=self.json_file, onnx_file=self.onnx_file, bos_token_id=self.bos_token_id,
                              eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
-                             add_bos=self.add_bos)
+                             add_bos=self.add_bos, onnx_skipped_reason=self.onnx_skipped_reason,
+                             onnx_caveats=tuple(self.onnx_caveats))
 
 
 def export_tokenizer(source_dir: Path, bundle_dir: Path, *,

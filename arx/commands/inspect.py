@@ -30,6 +30,10 @@ def run(args) -> int:
     print(f"tokenizer  {t.file or 'none (use --prompt-ids)'}"
           f"{', ' + t.onnx_file if t.onnx_file else ''}; bos {t.bos_token_id}, "
           f"eos {list(t.eos_token_ids)}, vocab {m.vocab_size}")
+    if t.file and not t.onnx_file and t.onnx_skipped_reason:
+        print(f"           no tokenizer.onnx: {t.onnx_skipped_reason}")
+    for caveat in t.onnx_caveats:
+        print(f"           tokenizer.onnx caveat: {caveat}")
     for name, stage in m.stages.items():
         print(f"stage      {name}: {stage.file}")
         for kind, specs in (("in ", stage.inputs), ("out", stage.outputs)):
