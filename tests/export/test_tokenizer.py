@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +14,7 @@ pytest.importorskip("onnxruntime_extensions")
 
 
 
-def _load_fixtures():
-    # By path: the suite runs with --import-mode=importlib, so test folders are not on sys.path.
-    name = "arx_tests_tokenizer_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("tokenizer_fixtures.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-fx = _load_fixtures()
+import tokenizer_fixtures as fx  # tests/ is on sys.path (pyproject pythonpath)
 
 from arx.errors import ArxError  # noqa: E402
 from arx.export import tokenizer as tk  # noqa: E402

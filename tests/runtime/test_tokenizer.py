@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,15 +27,9 @@ TEXTS = [
 
 
 def _fixtures():
-    # By path: the suite runs with --import-mode=importlib, so test folders are not on sys.path.
-    name = "arx_tests_tokenizer_fixtures"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "export" / "tokenizer_fixtures.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+    import tokenizer_fixtures  # tests/ is on sys.path (pyproject pythonpath)
 
+    return tokenizer_fixtures
 
 @pytest.fixture(scope="module")
 def tokenizers_by_kind(tmp_path_factory):
