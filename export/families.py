@@ -7,7 +7,7 @@ Adding a family is adding an entry here; unknown architectures fail listing the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from arx.errors import ArxError

@@ -8,7 +8,6 @@ lengths, in-place cache), so padding and cache bookkeeping are checked too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
