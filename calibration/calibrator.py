@@ -1,0 +1,195 @@
+"""`arx calibrate`: an fp32 bundle in, a quantized bundle out, behind an accuracy gate.
+
+    read data ─► quantize (w8a8: SmoothQuant fold ─► calibrate ranges ─► Q/DQ;
+                           w8/w4: MatMulNBits) ─► write bundle ─► evaluate vs fp32 ─► gate
+
+The bundle is assembled in a temp folder (`atomic_bundle`) and evaluated there through the
+runtime; it is renamed into place only if the gate passes (or --force). A failed gate, bad
+data or any error leaves nothing at the output path.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from arx.bundle import atomic_bundle, check_writable_output
+from arx.calibration import cache as cache_mod
+from arx.calibration import graph as G
+from arx.calibration.data import Samples, load_samples
+from arx.calibration.options import CalibrateOptions
+from arx.calibration.report import AccuracyReport, table, write
+from arx.errors import ArxError
+from arx.manifest import MANIFEST_NAME, Manifest, read_manifest
+from arx.progress import Steps
+
+EXTENSION = "quantization"  # manifest.extensions key a quantized bundle carries
+PROBE_SAMPLES = 8  # held-out sequences for the per-layer error (it runs both graphs with probes)
+
+
+@dataclass
+class CalibrationResult:
+    output: Path
+    manifest: Manifest
+    report: AccuracyReport
+    table: str  # the printed accuracy table
+
+
+@dataclass
+class _Quantized:
+    model: onnx.ModelProto  # the quantized decoder
+    reference: onnx.ModelProto  # fp32 graph it is compared with per layer (SmoothQuant-folded)
+    calibration: dict  # the calibration.json content
+    quantized: list[str]
+    kept: list[str]
+    linears: list[G.Linear]
+
+
+def calibrate_bundle(*, bundle: str | Path, output: str | Path,
+                     options: CalibrateOptions) -> CalibrationResult:
+    """Quantize `bundle` into `output` with `options`; raise ArxError (nothing written) on failure."""
+    bundle, output = Path(bundle), Path(output)
+    manifest = read_manifest(bundle)
+    check_source(bundle, manifest)
+    check_writable_output(output, overwrite=options.overwrite)  # before minutes of work
+    q_opts = options.quant
+    cached = cache_mod.read(options.calibration_cache) if options.calibration_cache else None
+    steps = Steps(5, enabled=options.progress)
+    with steps.step("reading data"):
+        need = 0 if cached else q_opts.min_samples
+        samples = load_samples(bundle, manifest, options.data, need_calib=need)
+    with tempfile.TemporaryDirectory(prefix="arx-calibrate-") as work:
+        with steps.step(f"quantizing ({q_opts.scheme})"):
+            q = _quantize(bundle, manifest, samples, options, cached, Path(work))
+        with atomic_bundle(output, overwrite=options.overwrite) as tmp:
+            with steps.step(f"writing {output.name}"):
+                out_manifest = _write_bundle(bundle, manifest, tmp, q, options)
+            with steps.step("evaluating against fp32"):
+                report = _evaluate(bundle, tmp, manifest, samples, q, options, Path(work))
+            with steps.step("writing the report"):
+                text = table(report, options.layer_report)
+                files = write(report, tmp, options.layer_report, plot=options.plot)
+                _record_accuracy(out_manifest, report, files)
+                out_manifest.write(tmp)
+                _gate(report, options, text)
+    return CalibrationResult(output, out_manifest, report, text)
+
+
+def check_source(bundle: Path, manifest: Manifest) -> None:
+    if EXTENSION in manifest.extensions:
+        scheme = manifest.extensions[EXTENSION].get("scheme", "?")
+        raise ArxError(f"bundle {bundle} is already quantized ({scheme}); calibrate its fp32 "
+                       f"source bundle instead (the one `arx export` wrote)")
+    if manifest.kv.dtype != "float32":
+        raise ArxError(f"bundle {bundle} has a {manifest.kv.dtype} cache; arx calibrate starts "
+                       f"from an fp32 export (arx export without precision flags)")
+
+
+def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cached, work: Path) -> _Quantized:
+    q_opts = options.quant
+    model = G.load_decoder(bundle, manifest)
+    if q_opts.lm_head:
+        G.untie_lm_head(model)
+    linears = G.linears(model)
+    quantize, kept = G.split_linears(linears, q_opts.keep_fp, q_opts.lm_head)
+    info = {"version": cache_mod.VERSION, "scheme": q_opts.scheme,
+            "model_fingerprint": cache_mod.fingerprint(bundle, manifest),
+            "data": {**samples.source, "samples": len(samples.calib), "tokens_sha256": samples.fingerprint()}}
+    if q_opts.spec.activations:
+        from arx.calibration.static import quantize_static_bundle
+
+        qm, ref, calib = quantize_static_bundle(model, manifest, samples, linears, quantize, kept,
+                                                options, cached, info, work)
+    else:
+        from arx.calibration.weight_only import quantize_weight_only
+
+        qm = quantize_weight_only(model, bits=q_opts.spec.weight_bits, group_size=q_opts.group_size,
+                                  accuracy_level=q_opts.accuracy_level, exclude=kept)
+        ref, calib = model, {**info, "weights": {"bits": q_opts.spec.weight_bits, "group_size": q_opts.group_size,
+                                                 "symmetric": True}}
+    by_name = {lin.node: lin for lin in linears}
+    return _Quantized(qm, ref, calib, quantize, kept, [by_name[n] for n in quantize])
+
+
+def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, options: CalibrateOptions) -> Manifest:
+    """Copy the source's files (tokenizer, ...) except the decoder; save the quantized decoder."""
+    decoder = manifest.decoder.file
+    skip = {decoder, decoder + ".data", MANIFEST_NAME, cache_mod.FILE_NAME}
+    for f in sorted(src.iterdir()):
+        if f.is_file() and f.name not in skip:  # folders (reports, engines) belong to the fp32 graph
+            shutil.copy2(f, tmp / f.name)
+    G.save_model(q.model, tmp / decoder)
+    (tmp / cache_mod.FILE_NAME).write_text(json.dumps(q.calibration, indent=1) + "\n", encoding="utf-8")
+    out = copy.deepcopy(manifest)
+    out.extensions[EXTENSION] = _extension(src, q, options)
+    out.provenance = {**manifest.provenance, "calibrated_from": str(src)}
+    out.write(tmp)
+    return out
+
+
+def _extension(src: Path, q: _Quantized, options: CalibrateOptions) -> dict:
+    o = options.quant
+    ext = {"scheme": o.scheme, "summary": o.spec.summary, "weight_bits": o.spec.weight_bits,
+           "activation_bits": 8 if o.spec.activations else None, "symmetric": True,
+           "quantized": q.quantized, "float": q.kept, "calibration_file": cache_mod.FILE_NAME,
+           "source": {"bundle": str(src), "fingerprint": q.calibration["model_fingerprint"]}}
+    if o.spec.activations:
+        ext.update(format="qdq", per_channel_weights=True, weight_axis=1, method=o.method,
+                   smoothquant_alpha=o.smoothquant,
+                   tensorrt={"form": "explicit int8 Q/DQ", "ready": True})
+    else:
+        ext.update(format="MatMulNBits", group_size=o.group_size, accuracy_level=o.accuracy_level,
+                   tensorrt={"form": "DequantizeLinear block_size (opset 21) + MatMul",
+                             "convert": "arx.calibration.weight_only.matmulnbits_to_qdq"})
+    return ext
+
+
+def _evaluate(src, tmp, manifest, samples: Samples, q: _Quantized, options, work: Path) -> AccuracyReport:
+    from arx.calibration.evaluate import layer_errors, model_metrics
+
+    metrics = model_metrics(src, tmp, samples.eval, progress=options.progress)
+    names = [t for lin in q.linears for t in (lin.input, lin.output)]
+    ref_probe = G.Probe(q.reference, names, manifest, work)
+    q_probe = G.Probe(q.model, names, manifest, work)
+    layers = layer_errors(ref_probe, q_probe, q.linears, samples.eval[:PROBE_SAMPLES], progress=options.progress)
+    settings = {"scheme": options.quant.scheme, "method": options.quant.method,
+                "smoothquant": options.quant.smoothquant, "group_size": options.quant.group_size,
+                "keep_fp": list(options.quant.keep_fp), "float": q.kept,
+                "linear_order": [lin.node for lin in q.linears]}
+    return AccuracyReport(options.quant.scheme, metrics, layers, options.gate, samples.source, settings)
+
+
+def _record_accuracy(manifest: Manifest, report: AccuracyReport, files: dict) -> None:
+    # Recorded before the gate decides: a failing report only survives when --force wrote it.
+    m = report.metrics
+    manifest.extensions[EXTENSION]["accuracy"] = {
+        "ppl_fp32": m.ppl_fp32, "ppl_quantized": m.ppl_quant, "ppl_increase": m.ppl_increase,
+        "top1_agreement": m.top1_agreement, "kl_mean": m.kl_mean, "tokens": m.tokens,
+        "gate": report.gate, "passed": report.passed, "forced": not report.passed,
+        "data": report.data.get("kind")}
+    manifest.extensions[EXTENSION]["reports"] = files
+
+
+def _gate(report: AccuracyReport, options: CalibrateOptions, text: str) -> None:
+    if report.passed or options.force:
+        return
+    worst = ", ".join(e.name for e in report.worst(3))
+    o = options.quant
+    tips = [f"--keep-fp {','.join(e.name for e in report.worst(2))}"]
+    if o.spec.activations:
+        tips.insert(0, "--smoothquant 0.5" if o.smoothquant is None else "another --smoothquant alpha (0.3-0.8)")
+        tips.append("--method percentile" if o.method == "minmax" else "--method minmax")
+    else:
+        tips.insert(0, f"--group-size {max(16, o.group_size // 2)}")
+        if o.scheme == "w4":
+            tips.append("--scheme w8")
+    raise ArxError(
+        f"{o.scheme} raises perplexity by {report.metrics.ppl_increase:.2%}, over the "
+        f"{report.gate:.0%} gate; worst layers: {worst}; try {' or '.join(tips)}, or pass "
+        f"--force to write it anyway (nothing was written)", details=text)

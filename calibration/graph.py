@@ -1,0 +1,168 @@
+"""ONNX helpers shared by the schemes: find the linears, pick which to quantize, run probes.
+
+A "linear" is a MatMul whose second input is a 2-D float initializer (K, N) in (in, out)
+layout, named like its node (`layers.3.mlp.down_proj`); the lm_head is the MatMul named
+`lm_head`. Calibration and probing run prefill only, with an empty cache:
+
+    input_ids (1, S), attention_mask (1, S) of ones, past_key_values.{i}.* zeros (1, kv_heads, S, D)
+
+so plain `InferenceSession.run` works (no IO binding): the attention op writes the S new
+keys/values into a buffer exactly as long as the sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from arx.errors import ArxError
+from arx.manifest import Manifest
+
+LM_HEAD = "lm_head"
+# Serialized models above this go through a temp file: protobuf cannot hold 2 GB in one message.
+_IN_MEMORY_LIMIT = 1_800_000_000
+
+
+@dataclass(frozen=True)
+class Linear:
+    node: str  # MatMul node name
+    weight: str  # initializer (K, N)
+    input: str  # activation (.., K)
+    output: str  # (.., N)
+
+
+def load_decoder(bundle: Path, manifest: Manifest) -> onnx.ModelProto:
+    path = Path(bundle) / manifest.decoder.file
+    try:
+        return onnx.load(str(path), load_external_data=True)
+    except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
+        raise ArxError(f"cannot load {path} ({e}); re-export the bundle") from e
+
+
+def save_model(model: onnx.ModelProto, path: Path) -> None:
+    """Save with all weights in one external data file beside the graph (as the exporter does).
+
+    Saves a copy: onnx.save_model would turn `model`'s own tensors into external references.
+    """
+    path = Path(path)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    return {t.name: t for t in model.graph.initializer}
+
+
+def set_initializer(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    for i, t in enumerate(model.graph.initializer):
+        if t.name == name:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), name))
+            return
+    raise KeyError(name)
+
+
+def linears(model: onnx.ModelProto) -> list[Linear]:
+    inits = initializers(model)
+    out = []
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2:
+            out.append(Linear(n.name, n.input[1], n.input[0], n.output[0]))
+    return out
+
+
+def untie_lm_head(model: onnx.ModelProto) -> bool:
+    """Give a tied lm_head (Transpose(embed) -> MatMul) its own (H, V) initializer.
+
+    Quantizers only touch MatMuls with a constant weight. The embedding stays float for the
+    Gather; the head gets a quantized copy (V*H/2 bytes at 4 bits), a good trade for speed.
+    """
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = initializers(model)
+    head = next((n for n in model.graph.node if n.op_type == "MatMul" and n.name == LM_HEAD), None)
+    if head is None or head.input[1] in inits:
+        return False
+    tr = producers.get(head.input[1])
+    if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits:
+        return False
+    weight = numpy_helper.to_array(inits[tr.input[0]]).T  # (V, H) -> (H, V)
+    model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), "lm_head.weight"))
+    head.input[1] = "lm_head.weight"
+    if not any(tr.output[0] in n.input for n in model.graph.node):
+        model.graph.node.remove(tr)
+    return True
+
+
+def split_linears(all_linears: list[Linear], keep_fp: Iterable[str], lm_head: bool) -> tuple[list[str], list[str]]:
+    """(names to quantize, names kept float). keep_fp entries are node names or prefixes."""
+    names = [lin.node for lin in all_linears]
+    keep = set() if lm_head else {LM_HEAD}
+    for item in keep_fp:
+        hits = [n for n in names if n == item or n.startswith(item + ".")]
+        if not hits:
+            examples = ", ".join(names[:3] + [LM_HEAD])
+            raise ArxError(f"--keep-fp {item!r} matches no MatMul of the decoder; use names like "
+                           f"{examples} or a layer prefix like layers.0")
+        keep.update(hits)
+    return [n for n in names if n not in keep], [n for n in names if n in keep]
+
+
+def add_contrib_output_types(model: onnx.ModelProto) -> None:
+    """Declare float outputs of com.microsoft ops (GroupQueryAttention): ONNX shape inference
+    does not know them, and ORT's quantizer skips tensors of unknown type (the o_proj input)."""
+    known = {v.name for v in [*model.graph.value_info, *model.graph.output, *model.graph.input]}
+    for n in model.graph.node:
+        if n.domain == "com.microsoft" and n.op_type == "GroupQueryAttention":
+            for o in n.output:
+                if o and o not in known:
+                    model.graph.value_info.append(helper.make_tensor_value_info(o, TensorProto.FLOAT, None))
+
+
+def prefill_feeds(manifest: Manifest, ids: np.ndarray, input_names: set[str]) -> dict[str, np.ndarray]:
+    """Feeds of one sequence (S,) run as a prefill over an empty cache sized to S."""
+    s = len(ids)
+    feeds = {"input_ids": ids.reshape(1, s).astype(np.int64)}
+    if "attention_mask" in input_names:
+        feeds["attention_mask"] = np.ones((1, s), dtype=np.int64)
+    if "position_ids" in input_names:
+        feeds["position_ids"] = np.arange(s, dtype=np.int64).reshape(1, s)
+    kv = manifest.kv
+    for past, _ in kv.pairs():
+        feeds[past] = np.zeros((1, kv.kv_heads, s, kv.head_dim), dtype=kv.dtype)  # (B, kv_heads, S, D)
+    return feeds
+
+
+class Probe:
+    """A CPU session of `model` that also returns the intermediate tensors `names`."""
+
+    def __init__(self, model: onnx.ModelProto, names: Iterable[str], manifest: Manifest, workdir: Path):
+        import onnxruntime as ort
+
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        outputs = {o.name for o in probe.graph.output}
+        self.names = [n for n in dict.fromkeys(names) if n not in outputs]
+        for n in self.names:
+            probe.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if probe.ByteSize() < _IN_MEMORY_LIMIT:
+            source = probe.SerializeToString()
+        else:
+            source = str(Path(workdir) / "probe.onnx")
+            save_model(probe, Path(source))
+        self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+        self.manifest = manifest
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def run(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """logits and the probed tensors for one sequence (S,)."""
+        wanted = ["logits", *self.names]
+        values = self.session.run(wanted, prefill_feeds(self.manifest, ids, self.inputs))
+        return dict(zip(wanted, values))

@@ -1,0 +1,153 @@
+"""Options of `arx calibrate`: the scheme table (data) and frozen, validated option dataclasses.
+
+Imports nothing heavy: the CLI builds these before deciding whether to load onnx/onnxruntime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arx.errors import ArxError
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One quantization scheme: what gets quantized and how it is checked."""
+
+    name: str
+    weight_bits: int
+    activations: bool  # True: activations are calibrated and quantized too (static Q/DQ)
+    max_ppl_increase: float  # default gate, as a fraction of fp32 perplexity
+    quantize_lm_head: bool  # default for the output projection (see docs/calibration.md)
+    summary: str
+
+
+# The scheme table. The lm_head stays float in w8a8 because its int8 *activation* (the final
+# hidden state) and per-tensor logit error cost the most accuracy for the least speed on a
+# GPU; weight-only schemes quantize it because on a CPU decode step it is the largest single
+# weight read (V x H) and block-wise weight error there is small.
+SCHEMES: dict[str, Scheme] = {
+    "w8a8": Scheme("w8a8", 8, True, 0.02, False,
+                   "int8 weights (per-channel) and int8 activations (calibrated), explicit "
+                   "symmetric Q/DQ for TensorRT and ORT"),
+    "w8": Scheme("w8", 8, False, 0.02, True,
+                 "int8 block-quantized weights (MatMulNBits on CPU), float activations"),
+    "w4": Scheme("w4", 4, False, 0.10, True,
+                 "int4 block-quantized weights (MatMulNBits on CPU), float activations"),
+}
+
+# Activation-range methods and the fewest calibration samples each gives stable ranges with:
+# minmax is an extremum over all tokens; entropy and percentile estimate a histogram's tail,
+# which a handful of sequences do not populate.
+METHODS: dict[str, int] = {"minmax": 4, "entropy": 16, "percentile": 16}
+
+# MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute (fastest on CPU).
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+
+
+def scheme(name: str) -> Scheme:
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise ArxError(f"unknown scheme {name!r}; known: {', '.join(SCHEMES)}") from None
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How the decoder graph is quantized (independent of where the data comes from)."""
+
+    scheme: str = "w8a8"
+    method: str = "minmax"  # activation ranges (w8a8 only)
+    percentile: float = 99.999  # for method="percentile"
+    smoothquant: float | None = None  # SmoothQuant alpha in [0, 1]; None: off (w8a8 only)
+    group_size: int = 128  # weight block size along K (w8, w4)
+    accuracy_level: int = 4  # MatMulNBits compute type (w8, w4)
+    keep_fp: tuple[str, ...] = ()  # MatMul names or prefixes ("layers.3") kept in float
+    quantize_lm_head: bool | None = None  # None: the scheme's default
+
+    def __post_init__(self):
+        s = scheme(self.scheme)
+        if self.method not in METHODS:
+            raise ArxError(f"unknown calibration method {self.method!r}; known: {', '.join(METHODS)}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ArxError(f"--percentile must be in (0, 100] (got {self.percentile})")
+        if self.smoothquant is not None:
+            if not 0.0 <= self.smoothquant <= 1.0:
+                raise ArxError(f"--smoothquant alpha must be in [0, 1] (got {self.smoothquant}); 0.5 is typical")
+            if not s.activations:
+                raise ArxError(f"--smoothquant moves activation outliers into weights, which only "
+                               f"helps w8a8; drop it for the weight-only scheme {s.name}")
+        g = self.group_size
+        if g < 16 or g & (g - 1):
+            raise ArxError(f"--group-size must be a power of two >= 16 (got {g}); 32, 64 or 128 are usual")
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise ArxError(f"--accuracy-level must be one of {ACCURACY_LEVELS} (got {self.accuracy_level})")
+
+    @property
+    def spec(self) -> Scheme:
+        return SCHEMES[self.scheme]
+
+    @property
+    def lm_head(self) -> bool:
+        return self.spec.quantize_lm_head if self.quantize_lm_head is None else self.quantize_lm_head
+
+    @property
+    def min_samples(self) -> int:
+        """Calibration samples this configuration needs (weight-only needs none)."""
+        if self.spec.activations:
+            return METHODS[self.method]
+        return 0
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where calibration and evaluation token sequences come from."""
+
+    path: str | None = None  # .txt (one sample per line) or .jsonl
+    random: bool = False  # random token ids instead of text (accuracy numbers then mean little)
+    text_field: str = "text"  # JSONL field
+    chunk: bool = False  # tokenize the whole file and cut it into seq_len chunks
+    samples: int = 128  # calibration samples
+    seq_len: int = 128  # tokens per sample (at most)
+    eval_path: str | None = None  # held-out text; None: a split of `path`
+    eval_samples: int = 32
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.random and self.path:
+            raise ArxError("--random and --data contradict each other; pick one")
+        if not self.random and not self.path:
+            raise ArxError("calibration needs data: pass --data FILE (.txt or .jsonl), "
+                           "or --random for random token ids")
+        if self.samples < 1 or self.eval_samples < 1:
+            raise ArxError("--samples and --eval-samples must be >= 1")
+        if self.seq_len < 2:
+            raise ArxError(f"--seq-len must be >= 2 (got {self.seq_len})")
+        if not self.text_field:
+            raise ArxError("--text-field must not be empty")
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    """Everything `calibrate_bundle` needs besides the paths."""
+
+    quant: QuantOptions = QuantOptions()
+    data: DataOptions = DataOptions(random=True)
+    max_ppl_increase: float | None = None  # fraction (0.02 = 2 %); None: the scheme's default
+    force: bool = False  # write the bundle even when the gate fails
+    calibration_cache: str | None = None  # reuse this calibration.json instead of calibrating
+    layer_report: int = 5  # worst layers listed in the report
+    overwrite: bool = False
+    progress: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
+            raise ArxError(f"--max-ppl-increase must be >= 0 (got {self.max_ppl_increase})")
+        if self.calibration_cache and not self.quant.spec.activations:
+            raise ArxError(f"--calibration-cache holds activation ranges, which the weight-only "
+                           f"scheme {self.quant.scheme} does not use; drop it")
+
+    @property
+    def gate(self) -> float:
+        return self.quant.spec.max_ppl_increase if self.max_ppl_increase is None else self.max_ppl_increase

@@ -1,0 +1,113 @@
+"""The accuracy report: a printed table, `reports/accuracy.json` and `reports/accuracy.png`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from arx.calibration.evaluate import LayerError, ModelMetrics
+from arx.errors import require
+
+REPORT_DIR = "reports"
+JSON_NAME = "accuracy.json"
+PLOT_NAME = "accuracy.png"
+
+
+@dataclass
+class AccuracyReport:
+    scheme: str
+    metrics: ModelMetrics
+    layers: list[LayerError]  # worst first
+    gate: float  # allowed perplexity increase (fraction)
+    data: dict
+    settings: dict
+
+    @property
+    def passed(self) -> bool:
+        return self.metrics.ppl_increase <= self.gate
+
+    def worst(self, n: int) -> list[LayerError]:
+        return self.layers[:n]
+
+    def to_json(self, n_layers: int) -> dict:
+        m = self.metrics
+        return {
+            "scheme": self.scheme,
+            "perplexity": {"fp32": m.ppl_fp32, "quantized": m.ppl_quant, "increase": m.ppl_increase},
+            "top1_agreement": m.top1_agreement,
+            "kl_mean": m.kl_mean,
+            "tokens": m.tokens,
+            "gate": {"max_ppl_increase": self.gate, "passed": self.passed},
+            "worst_layers": [{"name": e.name, "rel_err_in": e.err_in, "rel_err_out": e.err_out,
+                              "added": e.added} for e in self.worst(n_layers)],
+            "all_layers": [{"name": e.name, "rel_err_in": e.err_in, "rel_err_out": e.err_out}
+                           for e in self.layers],
+            "layer_error_method": "relative L2 error of each quantized MatMul's input and output vs the "
+                                  "fp32 (SmoothQuant-folded) graph on held-out prefills; added = out - in",
+            "data": self.data,
+            "settings": self.settings,
+        }
+
+
+def table(report: AccuracyReport, n_layers: int) -> str:
+    m = report.metrics
+    verdict = "pass" if report.passed else "FAIL"
+    lines = [
+        f"accuracy of {report.scheme} vs fp32 on {m.tokens} held-out tokens"
+        + (" (RANDOM TOKENS)" if report.data.get("kind") != "text" else ""),
+        f"  {'':<22}{'fp32':>10}{report.scheme:>10}",
+        f"  {'perplexity':<22}{m.ppl_fp32:>10.3f}{m.ppl_quant:>10.3f}   "
+        f"{m.ppl_increase:+.2%} (gate {report.gate:.0%}: {verdict})",
+        f"  {'top-1 agreement':<22}{'':>10}{m.top1_agreement:>10.2%}",
+        f"  {'mean KL(fp32||quant)':<22}{'':>10}{m.kl_mean:>10.4f}",
+    ]
+    if report.layers:
+        lines.append(f"  worst layers (relative error of the output; added by the layer):")
+        for e in report.worst(n_layers):
+            lines.append(f"    {e.name:<32} {e.err_out:>8.2%}  (+{max(e.added, 0):.2%})")
+    return "\n".join(lines)
+
+
+def write(report: AccuracyReport, bundle: Path, n_layers: int, *, plot: bool) -> dict[str, str]:
+    """Write the JSON (and the PNG when asked); return {kind: path relative to the bundle}."""
+    out = Path(bundle) / REPORT_DIR
+    out.mkdir(exist_ok=True)
+    (out / JSON_NAME).write_text(json.dumps(report.to_json(n_layers), indent=2) + "\n", encoding="utf-8")
+    files = {"json": f"{REPORT_DIR}/{JSON_NAME}"}
+    if plot:
+        _plot(report, out / PLOT_NAME)
+        files["plot"] = f"{REPORT_DIR}/{PLOT_NAME}"
+    return files
+
+
+def _plot(report: AccuracyReport, path: Path) -> None:
+    """Left: perplexity fp32 vs quantized with the gate line. Right: error per linear, in graph order."""
+    require("matplotlib", "plot", "the accuracy plot")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    m = report.metrics
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 3]})
+    bars = ax1.bar(["fp32", report.scheme], [m.ppl_fp32, m.ppl_quant],
+                   color=["#4c72b0", "#55a868" if report.passed else "#c44e52"])
+    ax1.axhline(m.ppl_fp32 * (1 + report.gate), color="gray", ls="--", lw=1, label=f"gate +{report.gate:.0%}")
+    ax1.bar_label(bars, fmt="%.2f")
+    ax1.set_ylabel("perplexity (lower is better)")
+    ax1.set_title(f"{m.ppl_increase:+.2%}, top-1 {m.top1_agreement:.1%}, KL {m.kl_mean:.3f}", fontsize=10)
+    ax1.legend(loc="lower right", fontsize=8)
+    order = report.settings.get("linear_order") or [e.name for e in report.layers]
+    by_name = {e.name: e for e in report.layers}
+    names = [n for n in order if n in by_name]
+    worst = {e.name for e in report.worst(5)}
+    ax2.bar(range(len(names)), [by_name[n].err_out * 100 for n in names],
+            color=["#c44e52" if n in worst else "#8c8c8c" for n in names])
+    ax2.set_xticks(range(len(names)), names, rotation=90, fontsize=6 if len(names) > 30 else 8)
+    ax2.set_ylabel("relative error of output (%)")
+    ax2.set_title("per quantized MatMul (red: largest added error)", fontsize=10)
+    fig.suptitle(f"arx calibrate: {report.scheme} accuracy vs fp32")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
