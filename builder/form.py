@@ -1,0 +1,73 @@
+"""Bundle -> TensorRT-form ONNX (the stage every engine build and kit starts from)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from arx.errors import ArxError
+from arx.manifest import Manifest, Stage
+
+from .options import BuildOptions
+from .precision import CACHE_DTYPES, apply_precision, check_int8_bundle, check_symmetric_qdq
+from .schemas import register_schemas
+from .tensorrt_form import FormSpec, tensorrt_io, to_tensorrt_form
+
+FORM_FILE = "decoder.trt.onnx"
+FORM_DATA = "decoder.trt.onnx.data"
+
+
+@dataclass(frozen=True)
+class TensorRTForm:
+    model: onnx.ModelProto
+    stage: Stage  # IO of the TensorRT form (derived from the manifest)
+    spec: FormSpec
+    qdq_nodes: int = 0
+
+
+def form_spec(manifest: Manifest, options: BuildOptions) -> FormSpec:
+    s_max = options.max_seq_len or manifest.kv.max_seq_len
+    return FormSpec(s_max=s_max, cache_dtype=CACHE_DTYPES[options.precision],
+                    sampler=options.sampler, logits=options.logits,
+                    aot=options.plugin_impl == "aot")
+
+
+def make_tensorrt_form(bundle: Path, manifest: Manifest, options: BuildOptions) -> TensorRTForm:
+    """Load the bundle's decoder, rewrite it to the TensorRT form and check it."""
+    qdq = 0
+    decoder_file = manifest.decoder.file
+    if options.precision == "int8":
+        decoder_file = check_int8_bundle(manifest).get("file") or decoder_file
+    path = Path(bundle) / decoder_file
+    if not path.is_file():
+        raise ArxError(f"bundle {bundle} lacks {decoder_file}; re-export it with arx export")
+    model = onnx.load(str(path))  # with external data: the form is written as a new file
+    if options.precision == "int8":
+        qdq = check_symmetric_qdq(model)
+    spec = form_spec(manifest, options)
+    model = to_tensorrt_form(model, manifest, spec)
+    apply_precision(model, options.precision, {x for pair in manifest.kv.pairs() for x in pair})
+    check_form(model)
+    return TensorRTForm(model, tensorrt_io(manifest, spec), spec, qdq)
+
+
+def check_form(model: onnx.ModelProto) -> None:
+    """onnx.checker (full) and strict shape inference; a failure here is an arx bug."""
+    register_schemas()
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        onnx.shape_inference.infer_shapes(model, strict_mode=True, check_type=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise ArxError(f"the TensorRT form failed the ONNX checks ({str(e).splitlines()[0]}); "
+                       f"this is an arx bug, please report it") from e
+
+
+def save_form(form: TensorRTForm, folder: Path) -> list[str]:
+    """Write decoder.trt.onnx + its weights (external data) into `folder`; return file names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = onnx.ModelProto.FromString(form.model.SerializeToString())
+    onnx.save_model(model, str(folder / FORM_FILE), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=FORM_DATA, size_threshold=1024)
+    return [FORM_FILE, FORM_DATA] if (folder / FORM_DATA).exists() else [FORM_FILE]

@@ -1,0 +1,145 @@
+"""Precision lives in the graph (TensorRT 11 is strongly typed): casts and Q/DQ nodes.
+
+    fp16 / bf16   float weights and activations in the low type; norms computed in fp32
+                  (Cast up before, Cast down after: the reductions over the hidden size are the
+                  numerically fragile part); attention accumulates in fp32 inside the plugin;
+                  every float graph output except the cache is returned in fp32 (the logits).
+    int8          the calibrated Q/DQ graph of a quantized bundle (symmetric, zero points 0),
+                  with the float parts around the Q/DQ pairs in fp16 as above.
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from arx.errors import ArxError
+from arx.manifest import Manifest
+
+from .graph_edit import GraphEditor, producers, topological_sort
+
+LOW_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16, "int8": TensorProto.FLOAT16}
+CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float16"}
+_NUMPY = {TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
+KEEP_FP32_OPS = ("RMSNormalization", "LayerNormalization")
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+QUANT_SCHEMES = ("w8a8",)  # schemes this build path turns into a TensorRT INT8 engine
+
+
+def check_int8_bundle(manifest: Manifest) -> dict:
+    """The quantization section of a calibrated bundle, or a clear error saying what to run."""
+    q = manifest.extensions.get("quantization")
+    if not q:
+        raise ArxError("--precision int8 needs a calibrated bundle (Q/DQ graph); run "
+                       "`arx calibrate BUNDLE --scheme w8a8` first and build its output")
+    scheme = q.get("scheme") if isinstance(q, dict) else None
+    if scheme not in QUANT_SCHEMES:
+        raise ArxError(f"the bundle is quantized with scheme {scheme!r}; the TensorRT INT8 build "
+                       f"supports {', '.join(QUANT_SCHEMES)}; re-run arx calibrate --scheme w8a8")
+    return q
+
+
+def check_symmetric_qdq(model: onnx.ModelProto) -> int:
+    """TensorRT INT8 is explicit and symmetric: every Q/DQ zero point must be 0. Returns count."""
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    count = 0
+    for n in graph.node:
+        if n.op_type not in QDQ_OPS:
+            continue
+        count += 1
+        if n.domain not in ("", "ai.onnx"):
+            n.domain = ""  # com.microsoft Q/DQ -> the standard op (same math since opset 21)
+        if len(n.input) > 2 and n.input[2]:
+            zp = inits.get(n.input[2])
+            if zp is None or np.any(numpy_helper.to_array(zp) != 0):
+                raise ArxError(f"{n.op_type} {n.name} has a nonzero or non-constant zero point; "
+                               f"TensorRT INT8 needs symmetric quantization: re-run arx "
+                               f"calibrate --scheme w8a8 (symmetric)")
+    if count == 0:
+        raise ArxError("the bundle says it is quantized but its decoder has no Q/DQ nodes; "
+                       "re-run arx calibrate")
+    return count
+
+
+def apply_precision(model: onnx.ModelProto, precision: str, cache_names: set[str]) -> None:
+    """Rewrite a fp32 TensorRT-form graph to `precision` (in place). See the module docstring.
+
+    cache_names: the past_key_values.* inputs and present.* outputs; they take the low type.
+    Other float inputs (sampling_params) keep their declared fp32.
+    """
+    if precision == "fp32":
+        return
+    low = LOW_TYPES[precision]
+    graph = model.graph
+    ed = GraphEditor(graph, prefix="precision")
+    keep = _norm_params(graph)
+    _convert_initializers(graph, low, keep)
+    for n in list(graph.node):
+        if n.op_type == "Cast" and _attr(n, "to") == TensorProto.FLOAT:
+            _set_attr(n, "to", low)
+    _wrap_norms(ed, low)
+    for vi in graph.input:
+        if vi.name in cache_names and vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = low
+    for vi in graph.output:
+        if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        if vi.name in cache_names:
+            vi.type.tensor_type.elem_type = low
+        else:
+            _cast_output_up(ed, vi.name)
+    topological_sort(graph)
+
+
+def _norm_params(graph: onnx.GraphProto) -> set[str]:
+    """Scale/bias initializers of the norms: they stay fp32 with the fp32 norm."""
+    return {i for n in graph.node if n.op_type in KEEP_FP32_OPS for i in n.input[1:] if i}
+
+
+def _convert_initializers(graph: onnx.GraphProto, low: int, keep: set[str]) -> None:
+    for i, t in enumerate(graph.initializer):
+        if t.data_type != TensorProto.FLOAT or t.name in keep:
+            continue
+        arr = numpy_helper.to_array(t).astype(_NUMPY[low])
+        graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
+
+
+def _wrap_norms(ed: GraphEditor, low: int) -> None:
+    """x (low) ─Cast fp32─► Norm (fp32 params) ─Cast low─► y (low)."""
+    graph = ed.graph
+    for n in [n for n in graph.node if n.op_type in KEEP_FP32_OPS]:
+        up = ed.op("Cast", n.input[0], to=TensorProto.FLOAT, name=f"{n.name}/to_fp32")
+        n.input[0] = up
+        y = n.output[0]
+        y32 = ed.fresh(f"{n.name}/fp32")
+        n.output[0] = y32
+        ed.node("Cast", [y32], [y], to=low, name=f"{n.name}/to_low")
+
+
+def _cast_output_up(ed: GraphEditor, name: str) -> None:
+    """Graph output `name` in fp32: its producer writes a low-precision value, Cast brings it up.
+
+    Consumers inside the graph (the sampler reads last_logits) read the fp32 value too.
+    """
+    graph = ed.graph
+    producer = producers(graph)[name]
+    low_name = ed.fresh(f"{name}/low")
+    producer.output[list(producer.output).index(name)] = low_name
+    ed.node("Cast", [low_name], [name], to=TensorProto.FLOAT, name=f"{name}/to_fp32")
+
+
+def _attr(node: onnx.NodeProto, name: str):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return None
+
+
+def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for a in node.attribute:
+        if a.name == name:
+            a.CopyFrom(helper.make_attribute(name, value))
+

@@ -1,0 +1,181 @@
+"""The decoder's TensorRT form: the bundle graph rewritten for a TensorRT engine.
+
+    bundle decoder.onnx (ORT form)                 TensorRT form
+    ─────────────────────────────                  ─────────────────────────────────────────
+    com.microsoft GroupQueryAttention        ──►   RoPE (standard ops) + arx::kv_attention
+    cache (B, kv_heads, past, D), dynamic    ──►   static cache (B, kv_heads, S_max, D),
+                                                   present.i.* aliased to past_key_values.i.*
+    logits (B, S, V)                         ──►   last_logits (B, V) fp32 [or all / none]
+                                                   + arx::sample ──► token_ids (B,) int32
+    fp32 everywhere                          ──►   fp16/bf16 weights + activations, norms and
+                                                   returned logits in fp32 (precision.py)
+
+Sequence bookkeeping is derived from `attention_mask` as the ORT graph does, in a form that
+does not depend on the mask's width: total[b] = sum(mask[b]) tokens after this step,
+new_len = min(total, S), past_len = total - new_len. For the first prompt (right padded, past 0)
+and for steps where every row adds S tokens this is exactly ORT's GroupQueryAttention rule; and
+because only row sums matter, the TensorRT runtime can bind a fixed (B, S_max) mask so decode
+steps have static shapes (CUDA-graph capture).
+
+In-place cache: the plugin declares outputs 1 and 2 aliased to inputs 3 and 4 (tensorrt.plugin
+`aliased()`, builder preview feature ALIASED_PLUGIN_IO_10_03). The engine's present.i.* outputs
+are those aliased tensors: the runtime binds each one to the very device address of its
+past_key_values.i.* input, and the plugin writes new keys/values there; nothing is copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+from arx.errors import ArxError
+from arx.manifest import Manifest, Stage, TensorSpec
+
+from .attention import GQA, Bookkeeping, check_window, parse_gqa, rewrite_attention
+from .graph_edit import GraphEditor, prune, topological_sort
+from .schemas import DOMAIN, OPSET, SAMPLE, plugin_attrs, register_schemas
+
+ONNX_OPSET = 23  # RMSNormalization; TensorRT 11's parser reads up to opset 25
+TOKEN_IDS, LAST_LOGITS, LOGITS = "token_ids", "last_logits", "logits"
+# Sampler inputs (arx::sample contract, plugins/sampling/reference.py), per batch row.
+#   name -> (dtype, trailing dims; "V" is the vocabulary size)
+SAMPLER_INPUTS = {
+    "sampling_params": ("float32", (5,)),  # temperature, top_k, top_p, repetition_penalty, cfg
+    "presence": ("bool", ("V",)),  # tokens seen so far (repetition penalty)
+    "seed": ("int64", ()),  # Philox key per row
+    "offset": ("int64", ()),  # Philox counter per row, bumped by the runtime every step
+}
+_TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
+          "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64,
+          "int32": onnx.TensorProto.INT32, "bool": onnx.TensorProto.BOOL}
+
+
+@dataclass(frozen=True)
+class FormSpec:
+    """What the TensorRT form contains (derived from BuildOptions)."""
+
+    s_max: int  # static cache length
+    cache_dtype: str = "float32"
+    sampler: bool = True
+    logits: str = "last"  # "last" | "all" | "none"
+    aot: bool = True
+
+
+def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
+    """IO of the TensorRT form, derived from the manifest's decoder stage (never re-typed)."""
+    kv, dec = manifest.kv, manifest.decoder
+    pasts = {p for p, _ in kv.pairs()}
+    presents = {q for _, q in kv.pairs()}
+    batch = dec.inputs[0].shape[0]
+
+    def cache(t: TensorSpec) -> TensorSpec:  # (B, kv_heads, S_max, D)
+        return TensorSpec(t.name, spec.cache_dtype, (t.shape[0], kv.kv_heads, spec.s_max, kv.head_dim))
+
+    inputs = [cache(t) if t.name in pasts else t for t in dec.inputs]
+    outputs: list[TensorSpec] = []
+    if spec.sampler:
+        v = manifest.vocab_size
+        for name, (dtype, dims) in SAMPLER_INPUTS.items():
+            inputs.append(TensorSpec(name, dtype, (batch, *[v if d == "V" else d for d in dims])))
+        outputs.append(TensorSpec(TOKEN_IDS, "int32", (batch,)))
+    logits = next(t for t in dec.outputs if t.name == LOGITS)  # (B, S, V)
+    if spec.logits == "last":
+        outputs.append(TensorSpec(LAST_LOGITS, "float32", (batch, logits.shape[2])))
+    elif spec.logits == "all":
+        outputs.append(logits)
+    outputs += [cache(t) for t in dec.outputs if t.name in presents]
+    return Stage("decoder.trt.onnx", tuple(inputs), tuple(outputs))
+
+
+def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec) -> onnx.ModelProto:
+    """Rewrite `model` (the bundle's decoder, modified in place and returned) to the TRT form."""
+    register_schemas()
+    if manifest.kv.update != "in_place":
+        raise ArxError("the TensorRT form needs a bundle with an in-place KV cache "
+                       "(kv.update = in_place); re-export it with arx export")
+    if spec.s_max > manifest.kv.max_seq_len:
+        raise ArxError(f"--max-seq-len {spec.s_max} exceeds the bundle's context of "
+                       f"{manifest.kv.max_seq_len}; re-export with a larger --max-seq-len")
+    _check_ops(model)
+    graph = model.graph
+    ed = GraphEditor(graph)
+    bk = _bookkeeping(ed, spec.s_max)
+    gqa_nodes = [n for n in graph.node if (n.domain, n.op_type) == GQA]
+    if not gqa_nodes:
+        raise ArxError("the decoder has no GroupQueryAttention node to replace; is this an arx "
+                       "export? re-export it with arx export")
+    rope_cache: dict = {}
+    for n in gqa_nodes:
+        g = parse_gqa(n)
+        check_window(g, spec.s_max)
+        rewrite_attention(ed, g, manifest.kv.head_dim, bk, rope_cache, spec.aot)
+        graph.node.remove(n)
+    stage = tensorrt_io(manifest, spec)
+    if spec.sampler or spec.logits == "last":
+        _head(ed, bk, spec)
+    _set_io(graph, stage)
+    topological_sort(graph)  # appended nodes first, so that pruning sees every consumer
+    prune(graph)
+    _set_opsets(model)
+    return model
+
+
+def _check_ops(model: onnx.ModelProto) -> None:
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+                      if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) != GQA})
+    if foreign:
+        raise ArxError(f"the decoder uses ops TensorRT cannot read: {', '.join(foreign)}; "
+                       f"re-export with arx export or report the op")
+
+
+def _bookkeeping(ed: GraphEditor, s_max: int) -> Bookkeeping:
+    """Per-sequence lengths and positions from attention_mask (see the module docstring).
+
+        attention_mask (B,T) ─ReduceSum─► total (B,)      input_ids (B,S) ─Shape[1]─► S
+        new = Min(total, S)   past = total - new          ─Cast int32─► new_len, past_len
+        positions (B,S) = Min(past[:,None] + Range(0,S), S_max-1)   (padded rows stay in range)
+    """
+    total = ed.op("ReduceSum", "attention_mask", ed.const([1]), keepdims=0, name="seq/total")
+    s = ed.op("Gather", ed.op("Shape", "input_ids", name="seq/ids_shape"), ed.const(1), axis=0,
+              name="seq/S")
+    new = ed.op("Min", total, s, name="seq/new")
+    past = ed.op("Sub", total, new, name="seq/past")
+    steps = ed.op("Range", ed.const(0), s, ed.const(1), name="seq/steps")  # (S,)
+    pos = ed.op("Add", ed.op("Unsqueeze", past, ed.const([1])), steps, name="seq/pos")
+    pos = ed.op("Min", pos, ed.const(s_max - 1), name="seq/positions")
+    past32 = ed.op("Cast", past, to=onnx.TensorProto.INT32, name="seq/past_len")
+    new32 = ed.op("Cast", new, to=onnx.TensorProto.INT32, name="seq/new_len")
+    return Bookkeeping(past32, new32, pos, s_max, new)
+
+
+def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec) -> None:
+    """Each row's last valid logits, then the sampler.
+
+        logits (B,S,V) ─GatherND(batch_dims=1, index new_len-1)─► last_logits (B,V)
+        last_logits, sampling_params, presence, seed, offset ─arx::sample─► token_ids (B,) int32
+    """
+    index = ed.op("Unsqueeze", ed.op("Sub", bk.new_len64, ed.const(1)), ed.const([1]))
+    ed.node("GatherND", [LOGITS, index], [LAST_LOGITS], batch_dims=1, name="head/last_logits")
+    if spec.sampler:
+        ed.node(SAMPLE, [LAST_LOGITS, *SAMPLER_INPUTS], [TOKEN_IDS], domain=DOMAIN,
+                name="head/sample", guidance=0, **plugin_attrs(aot=spec.aot))
+
+
+def _value_info(t: TensorSpec) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(t.name, _TYPES[t.dtype], list(t.shape))
+
+
+def _set_io(graph: onnx.GraphProto, stage: Stage) -> None:
+    del graph.input[:]
+    graph.input.extend(_value_info(t) for t in stage.inputs)
+    del graph.output[:]
+    graph.output.extend(_value_info(t) for t in stage.outputs)
+
+
+def _set_opsets(model: onnx.ModelProto) -> None:
+    kept = [o for o in model.opset_import if o.domain not in ("", "ai.onnx", "com.microsoft", DOMAIN)]
+    del model.opset_import[:]
+    model.opset_import.extend([helper.make_opsetid("", ONNX_OPSET),
+                               helper.make_opsetid(DOMAIN, OPSET), *kept])

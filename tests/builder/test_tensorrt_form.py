@@ -1,0 +1,150 @@
+"""The TensorRT form of every family: ONNX checks, IO from the manifest, and numerics.
+
+Numerics run the rewritten graph on ONNX Runtime with the arx plugin ops as Python custom ops
+calling the plugins' NumPy references (ort_plugins.py), against the bundle's own ORT graph on
+the same ragged prefill + decode steps. Tolerances: fp32 1e-4 abs on logits (same math, other
+op order); fp16 5e-2 abs (half-precision weights and activations, fp32 norms).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from arx.builder.form import make_tensorrt_form
+from arx.builder.options import BuildOptions
+from arx.errors import ArxError
+from arx.manifest import read_manifest
+
+PROMPTS = [[1, 17, 33, 99, 5, 12, 80], [1, 64, 3, 8]]
+S_MAX = 24  # <= Mistral's sliding window of the tiny model: the window never applies
+DECODE_STEPS = 4
+
+
+def form_for(bundle, **kw):
+    opts = BuildOptions(target=kw.pop("target", "h100"), max_seq_len=kw.pop("max_seq_len", S_MAX),
+                        precision=kw.pop("precision", "fp32"), **kw)
+    return make_tensorrt_form(bundle, read_manifest(bundle), opts)
+
+
+def test_form_passes_checker_and_strict_inference(family, exported_bundle):
+    """make_tensorrt_form runs onnx.checker (full) and strict shape inference itself; check the
+    result again from scratch and that no com.microsoft op survives."""
+    from arx.builder.schemas import register_schemas
+
+    form = form_for(exported_bundle(family), precision="fp16")
+    register_schemas()
+    onnx.checker.check_model(form.model, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(form.model, strict_mode=True, check_type=True)
+    domains = {n.domain for n in inferred.graph.node}
+    assert domains <= {"", "arx"}
+    ops = [n.op_type for n in form.model.graph.node if n.domain == "arx"]
+    assert ops.count("kv_attention") == read_manifest(exported_bundle(family)).kv.layers
+    assert ops.count("sample") == 1
+
+
+def test_io_derived_from_manifest(family, exported_bundle):
+    bundle = exported_bundle(family)
+    m = read_manifest(bundle)
+    form = form_for(bundle, precision="bf16")
+    graph_inputs = {i.name: i for i in form.model.graph.input}
+    assert [t.name for t in form.stage.inputs] == list(graph_inputs)
+    for past, present in m.kv.pairs():
+        spec = next(t for t in form.stage.inputs if t.name == past)
+        assert spec.shape[1:] == (m.kv.kv_heads, S_MAX, m.kv.head_dim)  # static cache
+        assert spec.dtype == "bfloat16"
+        assert present in [t.name for t in form.stage.outputs]
+    for name in ("input_ids", "attention_mask", "sampling_params", "presence", "seed", "offset"):
+        assert name in graph_inputs
+    out = {t.name: t for t in form.stage.outputs}
+    assert out["token_ids"].dtype == "int32" and out["last_logits"].dtype == "float32"
+
+
+def _run_reference(bundle, steps):
+    """The bundle's own graph on ORT: the per-step last-token logits (B, V)."""
+    from arx.runtime.decoder import DecoderSession
+
+    with DecoderSession(bundle) as session:
+        cache = session.new_cache(len(PROMPTS), S_MAX)
+        out = []
+        for ids, lens in steps:
+            logits = session.step(cache, ids, lens)
+            out.append(logits[np.arange(len(lens)), lens - 1])
+    return out
+
+
+def _run_form(ort_session, model, manifest, steps, fixed_mask: bool):
+    """The TensorRT form on ORT + PyOps; returns [(last_logits, token_ids)] per step."""
+    session = ort_session(model)
+    types = {i.name: i.type for i in session.get_inputs()}
+    b, kv = len(PROMPTS), manifest.kv
+    dtype = np.float16 if "float16" in types[kv.pairs()[0][0]] else np.float32
+    caches = {p: np.zeros((b, kv.kv_heads, S_MAX, kv.head_dim), dtype) for p, _ in kv.pairs()}
+    lengths, results = np.zeros(b, np.int64), []
+    for ids, lens in steps:
+        totals = lengths + lens
+        width = S_MAX if fixed_mask else int(totals.max())
+        feeds = {"input_ids": ids, **caches,
+                 "attention_mask": (np.arange(width)[None] < totals[:, None]).astype(np.int64),
+                 "sampling_params": np.tile(np.float32([0, 0, 1, 1, 1]), (b, 1)),  # greedy
+                 "presence": np.zeros((b, manifest.vocab_size), bool),
+                 "seed": np.zeros(b, np.int64), "offset": np.zeros(b, np.int64)}
+        if "position_ids" in types:
+            feeds["position_ids"] = (lengths[:, None] + np.arange(ids.shape[1])[None]).astype(np.int64)
+        names = [o.name for o in session.get_outputs()]
+        out = dict(zip(names, session.run(None, feeds)))
+        for past, present in kv.pairs():
+            caches[past] = out[present]  # ORT has no aliasing: feed the updated cache back
+        lengths = totals
+        results.append((out["last_logits"], out["token_ids"]))
+    return results
+
+
+def _steps(reference_tokens=None):
+    """Ragged prefill, then DECODE_STEPS single-token steps (fixed pseudo-random tokens)."""
+    width = max(map(len, PROMPTS))
+    ids = np.zeros((len(PROMPTS), width), np.int64)
+    for b, p in enumerate(PROMPTS):
+        ids[b, :len(p)] = p
+    steps = [(ids, np.array([len(p) for p in PROMPTS]))]
+    rng = np.random.default_rng(0)
+    for _ in range(DECODE_STEPS):
+        steps.append((rng.integers(3, 150, (len(PROMPTS), 1)), np.ones(len(PROMPTS), np.int64)))
+    return steps
+
+
+@pytest.mark.parametrize("precision,atol", [("fp32", 1e-4), ("fp16", 5e-2)])
+def test_form_numerics_match_bundle(family, exported_bundle, ort_session, precision, atol):
+    bundle = exported_bundle(family)
+    manifest = read_manifest(bundle)
+    steps = _steps()
+    expected = _run_reference(bundle, steps)
+    form = form_for(bundle, precision=precision)
+    got = _run_form(ort_session, form.model, manifest, steps, fixed_mask=precision == "fp16")
+    for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
+        np.testing.assert_allclose(last, ref, atol=atol, rtol=0, err_msg=f"{family} step {i}")
+        if precision == "fp32":  # the sampler (temperature 0) picks the argmax in the engine
+            np.testing.assert_array_equal(ids, ref.argmax(-1))
+
+
+def test_sliding_window_longer_cache_is_refused(exported_bundle):
+    with pytest.raises(ArxError, match="sliding attention window"):
+        form_for(exported_bundle("mistral"), max_seq_len=64)
+
+
+def test_int8_needs_calibrated_bundle(exported_bundle):
+    with pytest.raises(ArxError, match="arx calibrate"):
+        form_for(exported_bundle("llama"), precision="int8")
+
+
+def test_cache_longer_than_bundle_is_refused(exported_bundle):
+    with pytest.raises(ArxError, match="exceeds the bundle's context"):
+        form_for(exported_bundle("llama"), max_seq_len=10_000)
+
+
+def test_no_sampler_all_logits(exported_bundle):
+    form = form_for(exported_bundle("qwen2"), sampler=False, logits="all")
+    names = [o.name for o in form.model.graph.output]
+    assert "token_ids" not in names and "logits" in names
+    assert not any(n.op_type == "sample" for n in form.model.graph.node)
