@@ -91,13 +91,17 @@ def _plot(report: AccuracyReport, path: Path) -> None:
 
     m = report.metrics
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [1, 3]})
-    bars = ax1.bar(["fp32", report.scheme], [m.ppl_fp32, m.ppl_quant],
-                   color=["#4c72b0", "#55a868" if report.passed else "#c44e52"])
-    ax1.axhline(m.ppl_fp32 * (1 + report.gate), color="gray", ls="--", lw=1, label=f"gate +{report.gate:.0%}")
-    ax1.bar_label(bars, fmt="%.2f")
-    ax1.set_ylabel("perplexity (lower is better)")
-    ax1.set_title(f"{m.ppl_increase:+.2%}, top-1 {m.top1_agreement:.1%}, KL {m.kl_mean:.3f}", fontsize=10)
-    ax1.legend(loc="lower right", fontsize=8)
+    # The increase, not the raw perplexities: two bars of ~equal height say nothing at a glance.
+    inc = m.ppl_increase * 100
+    bars = ax1.bar([f"{report.scheme} vs fp32"], [inc], color="#55a868" if report.passed else "#c44e52")
+    ax1.axhline(report.gate * 100, color="gray", ls="--", lw=1, label=f"gate {report.gate:.0%}")
+    ax1.axhline(0, color="black", lw=0.8)
+    ax1.bar_label(bars, fmt="%+.2f%%")
+    ax1.set_ylim(min(0.0, inc) * 1.3 - 0.1, max(report.gate * 100, inc) * 1.3)
+    ax1.set_ylabel("perplexity increase (%)")
+    ax1.set_title(f"ppl {m.ppl_fp32:.2f} -> {m.ppl_quant:.2f}\ntop-1 {m.top1_agreement:.1%}, "
+                  f"KL {m.kl_mean:.4f}", fontsize=10)
+    ax1.legend(loc="upper left", fontsize=8)
     order = report.settings.get("linear_order") or [e.name for e in report.layers]
     by_name = {e.name: e for e in report.layers}
     names = [n for n in order if n in by_name]

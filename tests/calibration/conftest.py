@@ -1,32 +1,18 @@
 """Fixtures for the calibration tests: one tiny Llama bundle with a real tokenizer, and text.
 
-The tokenizer comes from tests/export/tokenizer_fixtures.py (loaded by path, as the runtime
-tests do) so calibration text goes through the bundle tokenizer exactly as a user's would.
+The tokenizer comes from tests/tokenizer_fixtures.py, so calibration text goes through the
+bundle tokenizer exactly as a user's would.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
-TESTS = Path(__file__).resolve().parents[1]
-
 # Sentences with a little variety; one calibration sample per line.
 _WORDS = ("the quick brown fox jumps over the lazy dog while a small cat sleeps near the warm "
           "fire and the old man reads a long book about rivers mountains and the sea").split()
-
-
-def _tokenizer_fixtures():
-    name = "arx_tests_tokenizer_fixtures"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, TESTS / "export" / "tokenizer_fixtures.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def make_text(n_lines: int, seed: int = 0) -> str:
@@ -42,7 +28,9 @@ def make_llama_with_tokenizer(folder: Path, seed: int = 0) -> Path:
     import torch
     import transformers as tf
 
-    _tokenizer_fixtures().make_llama(folder)
+    from tokenizer_fixtures import make_llama  # tests/ is on sys.path (pyproject pythonpath)
+
+    make_llama(folder)
     vocab = tf.AutoTokenizer.from_pretrained(folder).backend_tokenizer.get_vocab_size(with_added_tokens=True)
     cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

@@ -1,0 +1,133 @@
+"""`arx calibrate` end to end on a tiny Llama: each scheme, graph structure, cache, gate, CLI.
+
+Tolerances are on a random 2-layer model (hidden 64), so they bound gross errors (a wrong
+scale, a transposed weight), not accuracy; accuracy is measured on the trained default model
+(docs/calibration.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from arx.calibration.calibrator import calibrate_bundle
+from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
+
+# max |logits_q - logits_fp32| / max |logits_fp32| on a held-out sequence, and top-1 agreement
+TOLERANCE = {"w8a8": (0.10, 0.85), "w8": (0.05, 0.90), "w4": (0.40, 0.50)}
+
+
+def options(data: Path, scheme: str = "w8a8", **quant) -> CalibrateOptions:
+    return CalibrateOptions(quant=QuantOptions(scheme=scheme, group_size=quant.pop("group_size", 32), **quant),
+                            data=DataOptions(path=str(data), samples=24, seq_len=32, eval_samples=8),
+                            progress=False, plot=False, force=True)
+
+
+def decoder_logits(bundle: Path, ids: np.ndarray) -> np.ndarray:
+    from arx.runtime.decoder import DecoderSession
+
+    with DecoderSession(bundle) as s:
+        return s.step(s.new_cache(1, len(ids)), ids[None, :], np.array([len(ids)]))[0]
+
+
+@pytest.fixture(scope="module")
+def quantized(llama_bundle, calib_text, tmp_path_factory):
+    """scheme -> quantized bundle (made once per module)."""
+    made = {}
+
+    def get(scheme: str) -> Path:
+        if scheme not in made:
+            out = tmp_path_factory.mktemp(f"q-{scheme}") / f"{scheme}.arx"
+            calibrate_bundle(bundle=llama_bundle, output=out, options=options(calib_text, scheme))
+            made[scheme] = out
+        return made[scheme]
+
+    return get
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8", "w4"])
+def test_scheme_runs_in_runtime_close_to_fp32(scheme, quantized, llama_bundle):
+    from arx.manifest import read_manifest
+    from arx.runtime.decoder import DecoderSession
+    from arx.runtime.generate import GenerateOptions, generate
+
+    out = quantized(scheme)
+    ids = np.arange(5, 37, dtype=np.int64)
+    ref, q = decoder_logits(llama_bundle, ids), decoder_logits(out, ids)
+    rel_tol, top1_min = TOLERANCE[scheme]
+    assert np.abs(q - ref).max() / np.abs(ref).max() < rel_tol
+    m = read_manifest(out)
+    ext = m.extensions["quantization"]
+    assert ext["scheme"] == scheme and ext["accuracy"]["top1_agreement"] >= top1_min
+    assert (out / "tokenizer.json").is_file() and (out / "calibration.json").is_file()
+    assert (out / "reports" / "accuracy.json").is_file()
+    with DecoderSession(out) as session:  # decode steps too, as arx generate runs them
+        result = generate(session, [[1, 5, 9, 13]], GenerateOptions(max_new_tokens=6, stop_on_eos=False))
+    assert len(result.tokens[0]) == 6
+
+
+def test_w8a8_graph_is_explicit_symmetric_int8(quantized):
+    out = quantized("w8a8")
+    model = onnx.load(str(out / "decoder.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    consumers = {i: n for n in model.graph.node for i in n.input}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for n in qdq:
+        zp = numpy_helper.to_array(inits[n.input[2]])
+        assert zp.dtype == np.int8 and not zp.any(), n.name  # symmetric int8
+    weight_dq = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert {consumers[n.output[0]].op_type for n in weight_dq} == {"MatMul"}
+    for n in weight_dq:
+        w, scale = inits[n.input[0]], numpy_helper.to_array(inits[n.input[1]])
+        axis = {a.name: a.i for a in n.attribute}.get("axis")
+        assert w.data_type == onnx.TensorProto.INT8 and axis == 1 and scale.shape == (w.dims[1],)
+    quantized_mm = {consumers[n.output[0]].name for n in weight_dq}
+    matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    assert "lm_head" in matmuls and "lm_head" not in quantized_mm  # w8a8 keeps the head float
+    assert len(quantized_mm) == len(matmuls) - 1  # every other linear, o_proj included
+    for n in model.graph.node:  # attention and norms read float tensors, not DQ outputs
+        if n.op_type in ("GroupQueryAttention", "RMSNormalization"):
+            assert not any(i.endswith("_DequantizeLinear_Output") for i in n.input)
+
+
+def test_weight_only_ships_matmulnbits(quantized):
+    for scheme, bits in (("w8", 8), ("w4", 4)):
+        model = onnx.load(str(quantized(scheme) / "decoder.onnx"), load_external_data=False)
+        nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
+        assert len(nbits) == 11 and all(a["bits"] == bits and a["block_size"] == 32 for a in attrs)
+        assert all(a["accuracy_level"] == 4 for a in attrs)
+        assert not any(n.op_type == "MatMul" for n in model.graph.node)  # lm_head included
+
+
+def test_calibration_cache_reproduces_the_model(llama_bundle, calib_text, tmp_path):
+    opts = options(calib_text, smoothquant=0.5)
+    a, b, c = tmp_path / "a.arx", tmp_path / "b.arx", tmp_path / "c.arx"
+    calibrate_bundle(bundle=llama_bundle, output=a, options=opts)
+    calibrate_bundle(bundle=llama_bundle, output=b, options=opts)
+    cached = CalibrateOptions(quant=opts.quant, data=opts.data, progress=False, plot=False, force=True,
+                              calibration_cache=str(a / "calibration.json"))
+    calibrate_bundle(bundle=llama_bundle, output=c, options=cached)
+
+    def weights(bundle):
+        m = onnx.load(str(bundle / "decoder.onnx"))
+        return {t.name: t.SerializeToString() for t in m.graph.initializer}
+
+    wa = weights(a)
+    assert wa == weights(b) == weights(c)  # bitwise
+
+
+def test_keep_fp_and_lm_head_choice(llama_bundle, calib_text, tmp_path):
+    out = tmp_path / "k.arx"
+    opts = options(calib_text, "w4", keep_fp=("layers.1", "layers.0.mlp.down_proj"), quantize_lm_head=False)
+    result = calibrate_bundle(bundle=llama_bundle, output=out, options=opts)
+    model = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    float_mm = {n.name for n in model.graph.node if n.op_type == "MatMul"}
+    assert float_mm == {"lm_head", "layers.0.mlp.down_proj", *{f"layers.1.{p}" for p in
+                        ("attn.qkv_proj", "attn.o_proj", "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj")}}
+    assert sorted(result.manifest.extensions["quantization"]["float"]) == sorted(float_mm)

@@ -1,0 +1,125 @@
+"""Bad input and the accuracy gate: one clear line, exit 2, nothing written (unless --force)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+
+import pytest
+
+from arx.commands import calibrate as calibrate_cmd
+from arx.errors import ArxError
+
+
+def cli(argv: list[str]) -> tuple[int, str]:
+    """What `arx calibrate ...` does (arx.cli registers the same module): exit code, stderr line."""
+    parser = argparse.ArgumentParser(prog="arx")
+    calibrate_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["calibrate", *argv])
+    try:
+        return int(args.run(args) or 0), ""
+    except ArxError as e:
+        return e.exit_code, str(e)
+
+
+def assert_refused(tmp_path, argv, *words):
+    out = tmp_path / "out.arx"
+    code, message = cli([*argv, "-o", str(out), "-q", "--no-plot"])
+    assert code == 2 and "\n" not in message, message
+    for w in words:
+        assert w in message, message
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.arx")]  # no temp left
+
+
+def test_empty_data_file(llama_bundle, tmp_path):
+    data = tmp_path / "empty.txt"
+    data.write_text("\n  \n\n")
+    assert_refused(tmp_path, [str(llama_bundle), "--data", str(data)], "has no text")
+
+
+def test_missing_and_unreadable_data(llama_bundle, tmp_path):
+    assert_refused(tmp_path, [str(llama_bundle), "--data", str(tmp_path / "nope.txt")], "does not exist")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81" * 10)
+    assert_refused(tmp_path, [str(llama_bundle), "--data", str(binary)], "cannot read")
+    assert_refused(tmp_path, [str(llama_bundle)], "--data")  # no data at all
+
+
+def test_jsonl_without_the_text_field(llama_bundle, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"content": "hello there"}) + "\n")
+    assert_refused(tmp_path, [str(llama_bundle), "--data", str(data)], "--text-field")
+
+
+def test_too_few_samples_for_the_method(llama_bundle, calib_text, tmp_path):
+    few = tmp_path / "few.txt"
+    few.write_text("".join(calib_text.read_text().splitlines(keepends=True)[:10]))
+    assert_refused(tmp_path, [str(llama_bundle), "--data", str(few), "--method", "entropy"],
+                   "needs at least 16")
+
+
+def test_unknown_scheme_and_bad_options(llama_bundle, calib_text, tmp_path):
+    base = [str(llama_bundle), "--data", str(calib_text)]
+    assert_refused(tmp_path, [*base, "--scheme", "w3"], "unknown scheme", "w8a8")
+    assert_refused(tmp_path, [*base, "--scheme", "w4", "--group-size", "48"], "power of two")
+    assert_refused(tmp_path, [*base, "--method", "mse"], "unknown calibration method")
+    assert_refused(tmp_path, [*base, "--keep-fp", "layers.9"], "matches no MatMul")
+
+
+def test_already_quantized_bundle(llama_bundle, calib_text, tmp_path):
+    q = tmp_path / "q.arx"
+    shutil.copytree(llama_bundle, q)
+    manifest = json.loads((q / "arx.json").read_text())
+    manifest["quantization"] = {"scheme": "w8"}
+    (q / "arx.json").write_text(json.dumps(manifest))
+    assert_refused(tmp_path, [str(q), "--data", str(calib_text)], "already quantized")
+
+
+@pytest.fixture
+def bad_accuracy(monkeypatch):
+    """Make the evaluation report a 50 % perplexity increase, whatever the model does."""
+    from arx.calibration import evaluate
+
+    real = evaluate.model_metrics
+
+    def worse(*args, **kwargs):
+        m = real(*args, **kwargs)
+        m.ppl_quant = m.ppl_fp32 * 1.5
+        return m
+
+    monkeypatch.setattr(evaluate, "model_metrics", worse)
+
+
+def test_gate_refuses_and_names_worst_layers(llama_bundle, calib_text, tmp_path, bad_accuracy):
+    out = tmp_path / "g.arx"
+    code, message = cli([str(llama_bundle), "--data", str(calib_text), "--scheme", "w8", "-o", str(out),
+                         "-q", "--no-plot", "--group-size", "32"])
+    assert code == 2 and "by 50.00%" in message and "layers." in message and "--keep-fp" in message
+    assert "nothing was written" in message and not out.exists()
+
+
+def test_gate_force_writes_and_records_failure(llama_bundle, calib_text, tmp_path, bad_accuracy, capsys):
+    out = tmp_path / "g.arx"
+    code, _ = cli([str(llama_bundle), "--data", str(calib_text), "--scheme", "w8", "-o", str(out),
+                   "-q", "--no-plot", "--force", "--group-size", "32"])
+    assert code == 0 and out.is_dir()
+    acc = json.loads((out / "arx.json").read_text())["quantization"]["accuracy"]
+    assert acc["passed"] is False and acc["forced"] is True
+    assert "FAIL" in capsys.readouterr().out
+
+
+def test_gate_threshold_flag(llama_bundle, calib_text, tmp_path, bad_accuracy):
+    out = tmp_path / "g.arx"
+    code, _ = cli([str(llama_bundle), "--data", str(calib_text), "--scheme", "w8", "-o", str(out),
+                   "-q", "--no-plot", "--max-ppl-increase", "60%", "--group-size", "32"])
+    assert code == 0 and out.is_dir()
+
+
+def test_random_tokens_are_marked(llama_bundle, tmp_path):
+    out = tmp_path / "r.arx"
+    code, _ = cli([str(llama_bundle), "--random", "--samples", "4", "--seq-len", "16", "--eval-samples", "2",
+                   "--scheme", "w8", "--group-size", "32", "-o", str(out), "-q", "--no-plot", "--force"])
+    report = json.loads((out / "reports" / "accuracy.json").read_text())
+    assert code == 0 and report["data"]["kind"] == "random token ids"
