@@ -1,0 +1,73 @@
+"""Engine builds inside arx (thin): check TensorRT + GPU, register the plugins, run trt_build.
+
+Everything that needs TensorRT is in trt_build.py (shared with the kits) and is imported only
+here, after `engine_unavailable_reason()` said TensorRT and a GPU are present.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import tempfile
+from pathlib import Path
+
+from arx.errors import ArxError
+
+from .form import TensorRTForm, save_form
+from .kit import build_plan
+from .options import BuildOptions
+from .profiles import make_profiles
+from .targets import PORTABLE_SM
+
+ENGINE_FILE = "decoder.engine"
+REPORT_FILE = "build_report.json"
+
+
+def cuda_device_count() -> int:
+    """GPUs the CUDA driver sees (0 without a driver); needs no Python CUDA package."""
+    for lib in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            cuda = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def engine_unavailable_reason() -> str | None:
+    """None when an engine can be built here, else one line saying what is missing."""
+    from arx.errors import MissingDependency
+    from arx.plugins._tensorrt import require_tensorrt
+
+    try:
+        require_tensorrt()
+    except MissingDependency:
+        return "TensorRT is not installed here (pip install 'arx[gpu]' and the TensorRT libraries)"
+    except ArxError:
+        return "TensorRT's Python bindings are here but its libraries (libnvinfer) are not"
+    if cuda_device_count() == 0:
+        return "no CUDA GPU is visible on this machine"
+    return None
+
+
+def build_engine_files(folder: Path, form: TensorRTForm, options: BuildOptions,
+                       timing_cache: Path, log=print) -> dict:
+    """Build decoder.engine into `folder` (a temp folder the caller renames); return the report."""
+    from arx.plugins.tensorrt import register_plugins
+
+    from . import trt_build
+
+    t = options.target_info
+    register_plugins(aot_target=PORTABLE_SM if options.portable else t.sm)
+    profiles = make_profiles(form.stage, options, form.spec.s_max)
+    plan = build_plan(form, profiles, options)
+    with tempfile.TemporaryDirectory(prefix="arx-trt-form-") as tmp:
+        save_form(form, Path(tmp))
+        report = trt_build.build_engine(plan, str(Path(tmp) / plan["onnx"]),
+                                        str(folder / ENGINE_FILE), str(timing_cache), log=log)
+    report.update(target=t.to_json(), precision=options.precision, io=form.stage.to_json(),
+                  max_batch=options.batch(), max_seq_len=form.spec.s_max,
+                  plan=plan, plugin_impl=options.plugin_impl)
+    return report

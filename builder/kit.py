@@ -1,0 +1,175 @@
+"""Device build kits: everything a device needs to build its own engine, without arx.
+
+    kits/<target>/
+      decoder.trt.onnx(.data)   the TensorRT form (plugin nodes, static cache, sampler)
+      plugins/<tag>.<sm>.ptx    AOT plugin kernels for the target's SM (+ .json launch params)
+      kit_plugins.py            tensorrt.plugin AOT registrations reading that PTX
+      build_engine.py           TensorRT Python build (profiles, timing cache, progress)
+      build_trtexec.sh          the same build with trtexec (needs a plugin library, see README)
+      kit.json                  target, versions, IO, profiles, build plan, files
+      README.md                 minimum TensorRT/JetPack versions and how to run
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from arx import __version__
+from arx.errors import ArxError
+from arx.manifest import Manifest
+
+from .form import FORM_FILE, TensorRTForm, save_form
+from .options import BuildOptions
+from .profiles import Profile, make_profiles, merged_profile, trtexec_shapes
+from .targets import PORTABLE_SM, Target
+
+KIT_FORMAT = "arx-build-kit"
+_HERE = Path(__file__).parent
+_PLUGIN_DTYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16",
+                  onnx.TensorProto.BFLOAT16: "bf16"}
+
+
+def build_plan(form: TensorRTForm, profiles: list[Profile], options: BuildOptions) -> dict:
+    """What build_engine.py does (the same dict drives arx's own engine build)."""
+    t = options.target_info
+    return {"onnx": FORM_FILE, "engine": "decoder.engine",
+            "profiles": [p.to_json() for p in profiles],
+            "prefer_aot": options.plugin_impl == "aot", "aliased_io": True,
+            "portable": options.portable,
+            "hardware_compatibility": "AMPERE_PLUS" if options.portable and t.hardware_compat else None,
+            "workspace_gb": options.workspace_gb}
+
+
+def plugin_variants(form: TensorRTForm) -> list[tuple[str, str, dict]]:
+    """(kind, tag, variant args) of every plugin kernel the form's nodes need."""
+    inferred = onnx.shape_inference.infer_shapes(form.model).graph
+    types = {vi.name: vi.type.tensor_type for vi in (*inferred.value_info, *inferred.input, *inferred.output)}
+    out = {}
+    for n in (n for n in form.model.graph.node if n.domain == "arx"):
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        t = types[n.input[0]]
+        dtype = _PLUGIN_DTYPES[t.elem_type]
+        if n.op_type == "kv_attention":  # q (B, S, Hq, D)
+            d = t.shape.dim[3].dim_value
+            mask = attrs["mask"].decode() if isinstance(attrs["mask"], bytes) else attrs["mask"]
+            for phase in ("decode", "prefill"):
+                args = dict(dtype=dtype, head_dim=d, mask=mask,
+                            scale=float(attrs.get("scale", 0.0)), phase=phase)
+                out[f"kv_attention_{dtype}_d{d}_{mask}_{phase}"] = ("attention", args)
+        elif n.op_type == "sample":
+            guidance = bool(attrs.get("guidance", 0))
+            out[f"sample_{dtype}" + ("_cfg" if guidance else "")] = ("sample", dict(dtype=dtype, guidance=guidance))
+    return [(kind, tag, args) for tag, (kind, args) in out.items()]
+
+
+def compile_plugin_ptx(form: TensorRTForm, sm: str, folder: Path, log=print) -> list[str]:
+    """Compile the needed kernels for `sm` with the plugins' AOT API; returns written names."""
+    from arx.plugins import aot
+    from arx.plugins.attention.triton_kernel import AttentionVariant
+    from arx.plugins.attention.triton_kernel import aot_source as attention_source
+    from arx.plugins.sampling.triton_kernel import aot_source as sample_source
+
+    written = []
+    for kind, tag, args in plugin_variants(form):
+        src = (attention_source(AttentionVariant(**args)) if kind == "attention"
+               else sample_source(args["dtype"], args["guidance"]))
+        compiled = aot.compile_source(src, sm, tag)
+        written += [p.name for p in aot.write_variant(compiled, folder)]
+        log(f"  PTX {tag} for {sm}")
+    return written
+
+
+def kit_manifest(manifest: Manifest, form: TensorRTForm, options: BuildOptions, sm: str,
+                 profiles: list[Profile], files: list[str]) -> dict:
+    t: Target = options.target_info
+    return {"format": KIT_FORMAT, "format_version": 1, "arx": __version__,
+            "family": manifest.family, "target": t.to_json(), "plugin_sm": sm,
+            "precision": options.precision, "max_batch": options.batch(),
+            "max_seq_len": form.spec.s_max, "vocab_size": manifest.vocab_size,
+            "requires": {"tensorrt": f">={t.trt_min}", "jetpack": t.jetpack_min},
+            "io": form.stage.to_json(),
+            "kv": {"layers": manifest.kv.layers, "kv_heads": manifest.kv.kv_heads,
+                   "head_dim": manifest.kv.head_dim, "max_seq_len": form.spec.s_max,
+                   "dtype": form.spec.cache_dtype,
+                   "aliases": {q: p for p, q in manifest.kv.pairs()}},
+            "tokenizer": {"eos_token_ids": list(manifest.tokenizer.eos_token_ids)},
+            "build": build_plan(form, profiles, options), "files": sorted(files)}
+
+
+def write_kit(folder: Path, manifest: Manifest, form: TensorRTForm, options: BuildOptions,
+              log=print) -> dict:
+    """Fill `folder` (an empty, temporary folder: the caller renames it into place)."""
+    t = options.target_info
+    sm = PORTABLE_SM if options.portable else t.sm
+    profiles = make_profiles(form.stage, options, form.spec.s_max)
+    files = save_form(form, folder)
+    if options.ptx:
+        files += [f"plugins/{n}" for n in compile_plugin_ptx(form, sm, folder / "plugins", log)]
+    shutil.copyfile(_HERE / "trt_build.py", folder / "build_engine.py")
+    shutil.copyfile(_HERE / "kit_plugins.py", folder / "kit_plugins.py")
+    files += ["build_engine.py", "kit_plugins.py", "build_trtexec.sh", "README.md", "kit.json"]
+    kit = kit_manifest(manifest, form, options, sm, profiles, files)
+    (folder / "build_trtexec.sh").write_text(trtexec_script(kit, merged_profile(profiles)))
+    (folder / "build_trtexec.sh").chmod(0o755)
+    (folder / "README.md").write_text(readme(kit, options))
+    (folder / "kit.json").write_text(json.dumps(kit, indent=2) + "\n")
+    return kit
+
+
+def trtexec_script(kit: dict, profile: Profile) -> str:
+    plan = kit["build"]
+    flags = [f"--onnx={plan['onnx']}", f"--saveEngine={plan['engine']}",
+             "--timingCacheFile=timing.cache", "--preview=+aliasedPluginIO1003",
+             f"--minShapes={trtexec_shapes(profile, 0)}", f"--optShapes={trtexec_shapes(profile, 1)}",
+             f"--maxShapes={trtexec_shapes(profile, 2)}"]
+    if plan["portable"]:
+        flags.append("--versionCompatible --excludeLeanRuntime")
+        if plan["hardware_compatibility"]:
+            flags.append("--hardwareCompatibilityLevel=ampere+")
+    body = " \\\n    ".join(flags)
+    return f"""#!/usr/bin/env bash
+# Build the engine with trtexec (TensorRT >= {kit['requires']['tensorrt'][2:]}), one optimization
+# profile covering prefill and decode (opt = the decode shape). build_engine.py builds the two
+# separate profiles and is the recommended path.
+# trtexec cannot run Python plugins (kit_plugins.py): it needs the arx plugins as a shared
+# library, given as ARX_PLUGIN_LIB (see README.md).
+set -euo pipefail
+cd "$(dirname "$0")"
+if [[ -z "${{ARX_PLUGIN_LIB:-}}" ]]; then
+  echo "set ARX_PLUGIN_LIB to the arx plugin library (.so), or run: python3 build_engine.py" >&2
+  exit 2
+fi
+trtexec --dynamicPlugins="$ARX_PLUGIN_LIB" \\
+    {body} "$@"
+"""
+
+
+def readme(kit: dict, options: BuildOptions) -> str:
+    t, req = kit["target"], kit["requires"]
+    jetpack = f"- JetPack >= {req['jetpack']} (Jetson)\n" if req["jetpack"] else ""
+    return f"""# arx build kit: {kit['family']} for {t['name']} ({t['devices']}, {kit['plugin_sm']})
+
+Precision {kit['precision']}, max batch {kit['max_batch']}, static KV cache of
+{kit['max_seq_len']} tokens, plugin kernels compiled for {kit['plugin_sm']}.
+
+## Requirements
+- TensorRT {req['tensorrt']} with its Python package (`import tensorrt`)
+{jetpack}- a GPU of compute capability {t['compute_capability'][0]}.{t['compute_capability'][1]}
+
+## Build
+    python3 build_engine.py          # writes decoder.engine, timing.cache, build_report.json
+
+(`./build_trtexec.sh` is the trtexec equivalent; it needs the plugins as a shared library.)
+
+## Engine IO (see kit.json "io")
+- inputs: input_ids (B,S) int64, attention_mask (B,T) int64 (only row sums matter: bind a fixed
+  (B,{kit['max_seq_len']}) mask), the KV cache past_key_values.i.key/value (B,kv_heads,S_max,D),
+  sampling_params (B,5) f32, presence (B,V) bool, seed/offset (B,) int64
+- outputs: token_ids (B,) int32, last_logits (B,V) f32, present.i.* (aliased: bind each to the
+  same device address as its past_key_values.i.* input; the plugin writes the cache in place)
+"""

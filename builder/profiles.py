@@ -1,0 +1,100 @@
+"""TensorRT optimization profiles, derived from the TensorRT form's IO (itself from the manifest).
+
+Two profiles, one engine (the weights are shared):
+
+    profile   batch            new tokens S            attention_mask width T
+    prefill   1 .. opt .. max  1 .. prompt .. S_max    1 .. prompt .. S_max
+    decode    1 .. opt .. max  1 .. 1 .. decode_tokens 1 .. S_max .. S_max
+
+The symbolic dims are found by role in the stage (batch = input_ids dim 0, S = input_ids dim 1,
+T = attention_mask dim 1), never by spelling; every other dim of the form is static (the cache
+is (B, kv_heads, S_max, D)). Decode is tuned at T = S_max because the TensorRT runtime binds a
+fixed (B, S_max) mask to keep decode shapes static for CUDA-graph replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arx.errors import ArxError
+from arx.manifest import Stage
+
+from .options import BuildOptions
+
+Range = tuple[int, int, int]  # (min, opt, max)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input -> min/opt/max
+
+    def to_json(self) -> dict:
+        return {"name": self.name,
+                "shapes": {k: {"min": list(v[0]), "opt": list(v[1]), "max": list(v[2])}
+                           for k, v in self.shapes.items()}}
+
+
+def _roles(stage: Stage) -> dict[str, str]:
+    """symbol -> role ("batch", "new", "total") from where the symbols sit in the stage."""
+    ids, mask = stage.input("input_ids"), stage.input("attention_mask")
+    if ids is None or mask is None:
+        raise ArxError("the decoder has no input_ids/attention_mask inputs; re-export the bundle")
+    roles = {}
+    for dim, role in ((ids.shape[0], "batch"), (ids.shape[1], "new"), (mask.shape[1], "total")):
+        if isinstance(dim, str):
+            roles[dim] = role
+    return roles
+
+
+def dim_ranges(options: BuildOptions, s_max: int) -> dict[str, dict[str, Range]]:
+    """profile name -> role -> (min, opt, max)."""
+    max_b = options.batch()
+    opt_b = min(options.opt_batch or max(1, max_b // 2), max_b)
+    prompt = min(options.opt_prompt_len or max(1, s_max // 4), s_max)
+    decode = min(options.decode_tokens, s_max)
+    return {
+        "prefill": {"batch": (1, opt_b, max_b), "new": (1, prompt, s_max), "total": (1, prompt, s_max)},
+        "decode": {"batch": (1, opt_b, max_b), "new": (1, 1, decode), "total": (1, s_max, s_max)},
+    }
+
+
+def make_profiles(stage: Stage, options: BuildOptions, s_max: int) -> list[Profile]:
+    roles = _roles(stage)
+    profiles = []
+    for name, ranges in dim_ranges(options, s_max).items():
+        shapes = {}
+        for t in stage.inputs:
+            per_bound = []
+            for bound in range(3):
+                dims = []
+                for d in t.shape:
+                    if isinstance(d, int):
+                        dims.append(d)
+                    elif d in roles:
+                        dims.append(ranges[roles[d]][bound])
+                    else:
+                        raise ArxError(f"input {t.name} has a symbolic dim {d!r} arx build does "
+                                       f"not know how to bound; re-export the bundle")
+                per_bound.append(tuple(dims))
+            shapes[t.name] = tuple(per_bound)
+        profiles.append(Profile(name, shapes))
+    return profiles
+
+
+def trtexec_shapes(profile: Profile, bound: int) -> str:
+    """`name:1x2x3,name2:...` for trtexec's --minShapes (0) / --optShapes (1) / --maxShapes (2)."""
+    return ",".join(f"{name}:{'x'.join(map(str, shapes[bound]))}"
+                    for name, shapes in profile.shapes.items())
+
+
+def merged_profile(profiles: list[Profile]) -> Profile:
+    """One profile covering all of them (trtexec builds one): min of mins, max of maxes, and the
+    decode profile's opt (decode is the latency-critical step that runs most)."""
+    decode = next(p for p in profiles if p.name == "decode")
+    shapes = {}
+    for name, (_, opt, _) in decode.shapes.items():
+        lo = tuple(min(d) for d in zip(*(p.shapes[name][0] for p in profiles)))
+        hi = tuple(max(d) for d in zip(*(p.shapes[name][2] for p in profiles)))
+        shapes[name] = (lo, opt, hi)
+    return Profile("all", shapes)
