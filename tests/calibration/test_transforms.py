@@ -70,3 +70,32 @@ def test_qdq_block_form_matches_matmulnbits(llama_bundle):
         np.testing.assert_array_equal(_logits(qdq, manifest, optimize=False), _logits(nbits, manifest, optimize=False))
         # and with ORT's optimizations (it fuses DQ+MatMul back into MatMulNBits)
         np.testing.assert_allclose(_logits(qdq, manifest), _logits(nbits, manifest, optimize=False), atol=0.05)
+
+
+def test_tied_head_and_layernorm_family(exported_bundle, tmp_path):
+    """GPT-2: LayerNorm (weight and bias fold), learned positions, lm_head tied to the embedding."""
+    from arx.calibration.calibrator import calibrate_bundle
+    from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
+
+    bundle = exported_bundle("gpt2")
+    manifest = read_manifest(bundle)
+    model = G.load_decoder(bundle, manifest)
+    ref = _logits(model, manifest)
+    groups = sq.find_groups(model, {lin.node for lin in G.linears(model)})
+    assert any(len(g.divide) == 2 for g in groups)  # LayerNorm weight and bias
+    probe = G.Probe(model, [g.act for g in groups], manifest, tmp_path)
+    sq.fold(model, groups, sq.smoothing_scales(model, groups, sq.activation_maxima(probe, groups, [IDS]), 0.5))
+    np.testing.assert_allclose(_logits(model, manifest), ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
+
+    data = DataOptions(random=True, samples=4, seq_len=24, eval_samples=2)
+    for scheme in ("w4", "w8a8"):
+        out = tmp_path / f"{scheme}.arx"
+        quant = QuantOptions(scheme=scheme, group_size=16, smoothquant=0.5 if scheme == "w8a8" else None)
+        calibrate_bundle(bundle=bundle, output=out,
+                         options=CalibrateOptions(quant=quant, data=data, progress=False, plot=False, force=True))
+        q = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+        ops = [n.op_type for n in q.graph.node]
+        if scheme == "w4":  # the tied head got its own quantized copy; the Gather keeps fp32
+            assert ops.count("MatMulNBits") == 9 and "Transpose" not in ops
+        else:
+            assert "QuantizeLinear" in ops and "Transpose" in ops  # w8a8 keeps the tied head float
