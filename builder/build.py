@@ -65,6 +65,7 @@ def build_bundle(bundle: str | Path, options: BuildOptions) -> BuildResult:
         cache = options.timing_cache or bundle / "engines" / f"timing.{t.name}.cache"
         with steps.step(f"engine -> {out / ENGINE_FILE}"), atomic_bundle(out, overwrite=True) as tmp:
             report = build_engine_files(tmp, form, options, cache, log=log)
+            report["aliases"] = {present: past for past, present in manifest.kv.pairs()}
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         result = BuildResult("engine", out)
     _record(bundle, manifest, options, result)

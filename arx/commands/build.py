@@ -1,0 +1,67 @@
+"""arx build BUNDLE --target T [--precision P] [--kit]"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("build", help="build a TensorRT engine (or a device build kit) from a bundle",
+                       description="Rewrite the decoder to its TensorRT form (fused attention and "
+                                   "sampler plugins, static in-place KV cache) and build an engine "
+                                   "when TensorRT and a GPU are here, or a self-contained build "
+                                   "kit for the target device (--kit, or when they are absent).")
+    p.add_argument("bundle", nargs="?", help="bundle folder (from arx export or arx calibrate)")
+    p.add_argument("--target", help="device: a100, orin, l4, rtx4090, h100, h200, thor "
+                   "(--list-targets shows the table)")
+    p.add_argument("--list-targets", action="store_true", help="print the target table and exit")
+    p.add_argument("--precision", default="fp16", choices=("fp32", "fp16", "bf16", "int8"),
+                   help="fp16/bf16 cast the graph (norms and logits stay fp32); int8 needs a "
+                        "bundle from `arx calibrate --scheme w8a8` (default: fp16)")
+    p.add_argument("--kit", action="store_true", help="write a build kit instead of an engine")
+    p.add_argument("-o", "--output", type=Path, help="kit folder (default: BUNDLE/kits/TARGET)")
+    p.add_argument("--max-batch", type=int, help="largest batch (default: the target's)")
+    p.add_argument("--max-seq-len", type=int, help="static KV cache length (default: the bundle's)")
+    p.add_argument("--opt-batch", type=int, help="batch the profiles are tuned for")
+    p.add_argument("--opt-prompt-len", type=int, help="prompt length the prefill profile is tuned for")
+    p.add_argument("--decode-tokens", type=int, default=1,
+                   help="max new tokens per decode step (> 1 for speculative verification)")
+    p.add_argument("--portable", action="store_true", help="version- and hardware-compatible "
+                   "engine (sm_80 plugin PTX; Ampere or newer)")
+    p.add_argument("--no-sampler", action="store_true", help="return logits, not token ids")
+    p.add_argument("--logits", default="last", choices=("last", "all", "none"),
+                   help="logits returned beside the token ids (default: last token)")
+    p.add_argument("--plugin-impl", default="aot", choices=("aot", "jit"),
+                   help="plugin kernels: AOT PTX in the engine (default) or JIT Triton")
+    p.add_argument("--no-ptx", action="store_true", help="kit without plugin PTX (no Triton here)")
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file to reuse")
+    p.add_argument("--workspace-gb", type=float, help="builder workspace limit")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing -o folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from arx.builder.targets import targets_table
+    from arx.errors import ArxError
+
+    if args.list_targets:
+        print(targets_table())
+        return 0
+    if not args.bundle or not args.target:
+        raise ArxError("arx build needs a bundle and --target, e.g. "
+                       "arx build model.arx --target h100 (see --list-targets)")
+    from arx.builder.build import build_bundle
+    from arx.builder.options import BuildOptions
+
+    options = BuildOptions(
+        target=args.target, precision=args.precision, max_batch=args.max_batch,
+        max_seq_len=args.max_seq_len, opt_batch=args.opt_batch, opt_prompt_len=args.opt_prompt_len,
+        decode_tokens=args.decode_tokens, kit=args.kit, output=args.output,
+        portable=args.portable, sampler=not args.no_sampler, logits=args.logits,
+        plugin_impl=args.plugin_impl, ptx=not args.no_ptx, timing_cache=args.timing_cache,
+        workspace_gb=args.workspace_gb, overwrite=args.overwrite, progress=not args.quiet)
+    result = build_bundle(args.bundle, options)
+    what = "engine" if result.kind == "engine" else "build kit"
+    print(f"wrote {what} {result.path}")
+    return 0

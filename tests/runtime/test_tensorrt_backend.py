@@ -1,0 +1,268 @@
+"""TensorRT backend: binding logic with fake `tensorrt` and CUDA modules (runs everywhere), and
+the real engine round trip (marked tensorrt + gpu: skipped where they are absent)."""
+
+from __future__ import annotations
+
+import enum
+import types
+
+import numpy as np
+import pytest
+
+from arx.errors import ArxError
+from arx.runtime.tensorrt_backend import DeviceBuffer, TensorRTBackend, TensorRTOptions
+
+L, HKV, S_MAX, D, V = 2, 2, 16, 8, 32
+PASTS = [f"past_key_values.{i}.{kv}" for i in range(L) for kv in ("key", "value")]
+PRESENTS = [p.replace("past_key_values", "present") for p in PASTS]
+
+
+def _report() -> dict:
+    """What builder/engine.py records: IO (from the manifest via the TensorRT form), plan, aliases."""
+    cache = ["batch_size", HKV, S_MAX, D]
+    inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
+              {"name": "attention_mask", "dtype": "int64", "shape": ["batch_size", "total_sequence_length"]},
+              *({"name": p, "dtype": "float16", "shape": cache} for p in PASTS)]
+    outputs = [{"name": "token_ids", "dtype": "int32", "shape": ["batch_size"]},
+               *({"name": p, "dtype": "float16", "shape": cache} for p in PRESENTS)]
+
+    def shapes(s_lo, s_hi):
+        out = {"input_ids": ([1, s_lo], [2, s_lo], [4, s_hi]),
+               "attention_mask": ([1, 1], [2, S_MAX], [4, S_MAX])}
+        out.update({p: ([1, HKV, S_MAX, D], [2, HKV, S_MAX, D], [4, HKV, S_MAX, D]) for p in PASTS})
+        return {k: {"min": a, "opt": b, "max": c} for k, (a, b, c) in out.items()}
+
+    plan = {"profiles": [{"name": "prefill", "shapes": shapes(1, S_MAX)},
+                         {"name": "decode", "shapes": shapes(1, 1)}]}
+    return {"io": {"inputs": inputs, "outputs": outputs}, "plan": plan,
+            "aliases": dict(zip(PRESENTS, PASTS))}
+
+
+class FakeCuda:
+    """Device memory as host bytearrays keyed by fake pointers; counts graph work."""
+
+    def __init__(self):
+        self.mem, self.next, self.captures, self.launches = {}, 4096, 0, 0
+
+    def malloc(self, nbytes):
+        self.next += 4096 + nbytes
+        self.mem[self.next] = bytearray(nbytes)
+        return self.next
+
+    def free(self, ptr):
+        self.mem.pop(ptr)
+
+    def stream(self):
+        return 7
+
+    def h2d(self, ptr, array, stream):
+        self.mem[ptr][:array.nbytes] = array.tobytes()
+
+    def d2h(self, array, ptr, stream):
+        array.reshape(-1).view(np.uint8)[:] = np.frombuffer(self.mem[ptr], np.uint8)[:array.nbytes]
+
+    def synchronize(self, stream):
+        pass
+
+    def capture_begin(self, stream):
+        self.capturing = True
+
+    def capture_end(self, stream):
+        self.capturing, self.captures = False, self.captures + 1
+        return "graph"
+
+    def graph_launch(self, graph, stream):
+        self.launches += 1
+
+
+class Mode(enum.Enum):
+    INPUT = 0
+    OUTPUT = 1
+
+
+class DType(enum.Enum):
+    INT64 = 0
+    INT32 = 1
+    HALF = 2
+
+
+def fake_trt(cuda: FakeCuda, report: dict):
+    """A `tensorrt` stand-in whose context checks the binding contract as a real engine would."""
+    io = {t["name"]: t for t in (*report["io"]["inputs"], *report["io"]["outputs"])}
+    dtypes = {"int64": DType.INT64, "int32": DType.INT32, "float16": DType.HALF}
+    inputs = {t["name"] for t in report["io"]["inputs"]}
+
+    class Context:
+        def __init__(self):
+            self.shapes, self.addresses, self.profile, self.runs = {}, {}, None, 0
+
+        def set_optimization_profile_async(self, index, stream):
+            self.profile = index
+
+        def set_input_shape(self, name, shape):
+            self.shapes[name] = tuple(shape)
+            return True
+
+        def set_tensor_address(self, name, ptr):
+            self.addresses[name] = ptr
+            return True
+
+        def get_tensor_shape(self, name):
+            return (self.shapes["input_ids"][0],)  # token_ids (B,)
+
+        def execute_async_v3(self, stream):
+            self.runs += 1
+            ids = np.frombuffer(cuda.mem[self.addresses["input_ids"]], np.int64)
+            b, s = self.shapes["input_ids"]
+            last = ids[: b * s].reshape(b, s)[:, -1].astype(np.int32)
+            cuda.mem[self.addresses["token_ids"]][: last.nbytes] = last.tobytes()
+            # the plugin writes the new keys into the buffer bound to present.0.key
+            key = np.frombuffer(cuda.mem[self.addresses["present.0.key"]], np.float16)
+            cuda.mem[self.addresses["present.0.key"]][:] = (key + 1).tobytes()
+            return True
+
+    class Engine:
+        num_io_tensors = len(io)
+
+        def __init__(self):
+            self.names = list(io)
+
+        def get_tensor_name(self, i):
+            return self.names[i]
+
+        def get_tensor_mode(self, name):
+            return Mode.INPUT if name in inputs else Mode.OUTPUT
+
+        def get_tensor_dtype(self, name):
+            return dtypes[io[name]["dtype"]]
+
+        def create_execution_context(self):
+            self.context = Context()
+            return self.context
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return Engine()
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    return types.SimpleNamespace(Runtime=Runtime, Logger=Logger, TensorIOMode=Mode)
+
+
+@pytest.fixture
+def backend(tmp_path):
+    engine = tmp_path / "decoder.engine"
+    engine.write_bytes(b"plan")
+    cuda = FakeCuda()
+    report = _report()
+    with TensorRTBackend(engine, report, trt=fake_trt(cuda, report), cuda=cuda) as be:
+        yield be, cuda
+
+
+def _feeds(be, batch, s, caches):
+    ids = np.arange(batch * s, dtype=np.int64).reshape(batch, s) + 3
+    mask = np.ones((batch, S_MAX), np.int64)  # fixed width: only row sums matter
+    return {"input_ids": ids, "attention_mask": mask, **caches}
+
+
+def test_binding_aliases_cache_and_returns_token_ids(backend):
+    be, cuda = backend
+    caches = {p: be.allocate((2, HKV, S_MAX, D), "float16") for p in PASTS}
+    out = be.run(_feeds(be, 2, 5, caches))
+    ctx = be.context
+    assert set(out) == {"token_ids"}  # the cache is not copied back
+    np.testing.assert_array_equal(out["token_ids"], [7, 12])
+    for past, present in zip(PASTS, PRESENTS):  # in place: output bound to the input's memory
+        assert ctx.addresses[present] == ctx.addresses[past] == caches[past].ptr
+        assert ctx.shapes[past] == (2, HKV, S_MAX, D)
+    assert ctx.shapes["input_ids"] == (2, 5) and ctx.profile == 0  # prefill profile
+    key = np.frombuffer(cuda.mem[caches[PASTS[0]].ptr], np.float16)
+    assert np.all(key == 1)  # written through the aliased output
+
+
+def test_decode_steps_use_decode_profile_and_cuda_graph(backend):
+    be, cuda = backend
+    caches = {p: be.allocate((2, HKV, S_MAX, D), "float16") for p in PASTS}
+    be.run(_feeds(be, 2, 4, caches))  # prefill
+    staging = dict(be._staging)
+    for step in range(4):
+        out = be.run(_feeds(be, 2, 1, caches))
+        assert be.context.profile == 1
+    # step 1 runs plainly, step 2 captures (runs inside the capture) and launches, 3-4 replay
+    assert cuda.captures == 1 and cuda.launches == 3
+    assert be.context.runs == 1 + 2  # prefill + plain decode + the captured enqueue
+    assert {k: v.ptr for k, v in be._staging.items()} == {k: v.ptr for k, v in staging.items()}
+    assert out["token_ids"].dtype == np.int32
+
+
+def test_no_cuda_graph_option(tmp_path):
+    engine = tmp_path / "e.engine"
+    engine.write_bytes(b"plan")
+    cuda, report = FakeCuda(), _report()
+    be = TensorRTBackend(engine, report, trt=fake_trt(cuda, report), cuda=cuda,
+                         options=TensorRTOptions(cuda_graphs=False))
+    caches = {p: be.allocate((1, HKV, S_MAX, D), "float16") for p in PASTS}
+    for _ in range(3):
+        be.run(_feeds(be, 1, 1, caches))
+    assert cuda.captures == 0 and be.context.runs == 3
+
+
+def test_shapes_beyond_profiles_fail_clearly(backend):
+    be, _ = backend
+    caches = {p: be.allocate((8, HKV, S_MAX, D), "float16") for p in PASTS}
+    with pytest.raises(ArxError, match="optimization profile"):
+        be.run(_feeds(be, 8, 1, caches))
+
+
+def test_engine_io_must_match_report(tmp_path):
+    engine = tmp_path / "e.engine"
+    engine.write_bytes(b"plan")
+    cuda, report = FakeCuda(), _report()
+    trt = fake_trt(cuda, report)
+    report = {**report, "io": {"inputs": report["io"]["inputs"][:1], "outputs": []}}
+    with pytest.raises(ArxError, match="does not match its build report"):
+        TensorRTBackend(engine, report, trt=trt, cuda=cuda)
+
+
+def test_allocate_is_a_device_buffer(backend):
+    be, cuda = backend
+    buf = be.allocate((1, 2, 3), "float16")
+    assert isinstance(buf, DeviceBuffer) and buf.nbytes == 12 and buf.ptr in cuda.mem
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_real_engine_matches_ort(exported_bundle, tmp_path):
+    """Build an fp32 engine of the tiny llama and compare greedy ids with the ORT bundle."""
+    from arx.builder.build import build_bundle
+    from arx.builder.engine import engine_unavailable_reason
+    from arx.builder.options import BuildOptions
+    from arx.runtime.tensorrt_backend import load_build_report
+
+    reason = engine_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    import shutil
+
+    bundle = tmp_path / "llama.arx"
+    shutil.copytree(exported_bundle("llama"), bundle)
+    build_bundle(bundle, BuildOptions(target="h100", precision="fp32", max_seq_len=32,
+                                      max_batch=2, progress=False))
+    engine, report = load_build_report(bundle, "h100")
+    with TensorRTBackend(engine, report) as be:
+        caches = {p: be.allocate((1, 2, 32, 16), "float32") for p in report["aliases"].values()}
+        feeds = {"input_ids": np.array([[1, 17, 33]], np.int64),
+                 "attention_mask": np.ones((1, 3), np.int64), **caches,
+                 "sampling_params": np.float32([[0, 0, 1, 1, 1]]),
+                 "presence": np.zeros((1, 160), bool), "seed": np.zeros(1, np.int64),
+                 "offset": np.zeros(1, np.int64)}
+        out = be.run(feeds)
+    assert out["token_ids"].shape == (1,)
+    assert int(out["token_ids"][0]) == int(out["last_logits"][0].argmax())
