@@ -147,9 +147,10 @@ class Probe:
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
         outputs = {o.name for o in probe.graph.output}
-        self.names = [n for n in dict.fromkeys(names) if n not in outputs]
+        self.names = list(dict.fromkeys(names))  # may include graph outputs (lm_head -> logits)
         for n in self.names:
-            probe.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+            if n not in outputs:
+                probe.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if probe.ByteSize() < _IN_MEMORY_LIMIT:
@@ -162,7 +163,6 @@ class Probe:
         self.inputs = {i.name for i in self.session.get_inputs()}
 
     def run(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """logits and the probed tensors for one sequence (S,)."""
-        wanted = ["logits", *self.names]
-        values = self.session.run(wanted, prefill_feeds(self.manifest, ids, self.inputs))
-        return dict(zip(wanted, values))
+        """The probed tensors for one sequence (S,)."""
+        values = self.session.run(self.names, prefill_feeds(self.manifest, ids, self.inputs))
+        return dict(zip(self.names, values))
