@@ -148,3 +148,58 @@ def test_no_sampler_all_logits(exported_bundle):
     names = [o.name for o in form.model.graph.output]
     assert "token_ids" not in names and "logits" in names
     assert not any(n.op_type == "sample" for n in form.model.graph.node)
+
+
+def _fake_w8a8_bundle(src, dst, zero_point: int = 0):
+    """A bundle shaped like `arx calibrate --scheme w8a8` output: symmetric Q/DQ on the input and
+    weight of every weight MatMul (per-tensor scales), and the quantization section."""
+    import shutil
+
+    from onnx import helper, numpy_helper
+
+    shutil.copytree(src, dst)
+    m = read_manifest(dst)
+    model = onnx.load(str(dst / m.decoder.file))
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = []
+    for n in g.node:
+        if n.op_type == "MatMul" and n.input[1] in inits:
+            w = numpy_helper.to_array(inits[n.input[1]])
+            ws = np.float32(np.abs(w).max() / 127)
+            q = np.clip(np.round(w / ws), -127, 127).astype(np.int8)
+            p = n.name
+            g.initializer.extend([numpy_helper.from_array(q, f"{p}/wq"),
+                                  numpy_helper.from_array(np.float32(ws), f"{p}/ws"),
+                                  numpy_helper.from_array(np.float32(0.05), f"{p}/xs"),
+                                  numpy_helper.from_array(np.int8(zero_point), f"{p}/zp")])
+            nodes += [helper.make_node("DequantizeLinear", [f"{p}/wq", f"{p}/ws"], [f"{p}/w"]),
+                      helper.make_node("QuantizeLinear", [n.input[0], f"{p}/xs", f"{p}/zp"], [f"{p}/xq"]),
+                      helper.make_node("DequantizeLinear", [f"{p}/xq", f"{p}/xs", f"{p}/zp"], [f"{p}/x"])]
+            n.input[0], n.input[1] = f"{p}/x", f"{p}/w"
+        nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save_model(model, str(dst / m.decoder.file), save_as_external_data=True,
+                    location=m.decoder.file + ".data", all_tensors_to_one_file=True)
+    m.extensions["quantization"] = {"scheme": "w8a8", "format": "qdq", "symmetric": True}
+    m.write(dst)
+    return dst
+
+
+def test_int8_from_qdq_bundle(exported_bundle, tmp_path, ort_session):
+    bundle = _fake_w8a8_bundle(exported_bundle("llama"), tmp_path / "w8a8.arx")
+    form = form_for(bundle, precision="int8")
+    ops = [n.op_type for n in form.model.graph.node]
+    assert form.qdq_nodes == ops.count("QuantizeLinear") + ops.count("DequantizeLinear") > 0
+    steps = _steps()[:2]
+    expected = _run_reference(bundle, steps)  # the same Q/DQ graph in its ORT form
+    got = _run_form(ort_session, form.model, read_manifest(bundle), steps, fixed_mask=True)
+    for ref, (last, _) in zip(expected, got):  # fp16 around the Q/DQ pairs: a rounding step
+        assert np.corrcoef(ref.ravel(), last.ravel())[0, 1] > 0.99  # can flip an int8 code
+
+
+def test_int8_refuses_asymmetric_qdq(exported_bundle, tmp_path):
+    bundle = _fake_w8a8_bundle(exported_bundle("llama"), tmp_path / "asym.arx", zero_point=3)
+    with pytest.raises(ArxError, match="symmetric"):
+        form_for(bundle, precision="int8")
