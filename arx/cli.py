@@ -14,7 +14,7 @@ from arx import __version__
 from arx.errors import ArxError
 
 # Order is the order shown in `arx --help`.
-COMMANDS = ("export", "inspect", "generate", "calibrate", "profile")
+COMMANDS = ("export", "inspect", "generate", "calibrate", "profile", "build")
 
 
 def build_parser() -> argparse.ArgumentParser:
