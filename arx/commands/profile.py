@@ -1,0 +1,231 @@
+"""arx profile BUNDLE [--compare OTHER] --prompt-len 128,512 --gen-len 128 --batch 1,4 --runs 5"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from arx.errors import ArxError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("profile", help="measure latency, throughput, memory and where the time goes")
+    p.add_argument("bundle")
+    p.add_argument("--prompt-len", default="128", help="comma-separated prompt lengths (default 128)")
+    p.add_argument("--gen-len", type=int, default=128, help="tokens generated per run (default 128)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per shape; medians are reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per shape first (default 1)")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: onnxruntime's)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--compare", metavar="OTHER", help="a second bundle, profiled the same way, side by side")
+    p.add_argument("--no-ops", action="store_true", help="skip the per-op breakdown (a traced run)")
+    p.add_argument("--no-roofline", action="store_true", help="skip the bandwidth measurement")
+    p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
+    p.add_argument("--plot", metavar="FILE", help="write latency vs prompt length and batch as PNG")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def _ints(flag: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+    except ValueError:
+        raise ArxError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise ArxError(f"{flag} takes positive integers, got {text!r}")
+    return values
+
+
+def _options(args):
+    from arx.runtime.profiler import ProfileOptions
+
+    return ProfileOptions(prompt_lens=_ints("--prompt-len", args.prompt_len), gen_len=args.gen_len,
+                          batches=_ints("--batch", args.batch), runs=args.runs, warmup=args.warmup,
+                          device=args.device, threads=args.threads, op_breakdown=not args.no_ops,
+                          roofline=not args.no_roofline)
+
+
+def run(args) -> int:
+    from arx.manifest import read_manifest
+
+    opts = _options(args)  # validates before anything is loaded
+    bundles = [args.bundle] + ([args.compare] if args.compare else [])
+    for b in bundles:  # fail on a bad second bundle before minutes of timing the first
+        from pathlib import Path
+
+        opts.check_context(read_manifest(b), Path(b))
+    report = profile(bundles, opts, progress=not args.quiet)
+    print(format_report(report))
+    if args.json:
+        _write(args.json, lambda f: f.write(json.dumps(report, indent=2) + "\n"))
+    if args.plot:
+        plot(report, args.plot)
+    return 0
+
+
+def _write(path: str, fn) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            fn(f)
+    except OSError as e:
+        raise ArxError(f"cannot write {path} ({e.strerror}); choose a writable path") from e
+
+
+def profile(bundles: list[str], opts, progress: bool = True) -> dict:
+    """Profile each bundle with the same options; the report (JSON-able) for all of them."""
+    import os
+    import platform
+
+    import onnxruntime
+
+    from arx.progress import bar
+    from arx.runtime.profiler import profile_bundle, progress_total
+    from arx.runtime.roofline import memory_bandwidth
+
+    bw = memory_bandwidth(opts.threads) if opts.roofline else None
+    it = iter(bar(range(progress_total(opts) * len(bundles)), "profiling", enabled=progress))
+    tick = lambda: next(it, None)  # noqa: E731
+    profiles = [profile_bundle(b, opts, bandwidth=bw and bw["bytes_per_s"], tick=tick).to_json()
+                for b in bundles]
+    next(it, None)  # let a tqdm bar close
+    return {
+        "options": {"prompt_lens": list(opts.prompt_lens), "gen_len": opts.gen_len,
+                    "batches": list(opts.batches), "runs": opts.runs, "warmup": opts.warmup,
+                    "device": opts.device, "threads": opts.threads},
+        "machine": {"cpu": _cpu_name(platform), "cpus_usable": len(os.sched_getaffinity(0)),
+                    "load_average": list(os.getloadavg()), "onnxruntime": onnxruntime.__version__,
+                    "memory_bandwidth": bw},
+        "peak_rss_note": "peak resident set size of the whole arx process (weights, ORT arena, "
+                         "KV cache, Python) while timing that shape: VmHWM, reset per shape",
+        "bundles": profiles,
+        "compare": _ratios(profiles) if len(profiles) == 2 else None,
+    }
+
+
+def _cpu_name(platform) -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ratios(profiles: list[dict]) -> list[dict]:
+    """other / base for each shape: < 1 is faster for latencies, > 1 for tokens/s."""
+    a, b = ({(r["prompt_len"], r["batch"]): r for r in p["results"]} for p in profiles)
+    return [{"prompt_len": k[0], "batch": k[1],
+             "ttft": b[k]["ttft_ms"] / a[k]["ttft_ms"],
+             "decode_p50": b[k]["decode_ms"]["p50"] / a[k]["decode_ms"]["p50"],
+             "tokens_per_s": b[k]["tokens_per_s"] / a[k]["tokens_per_s"]} for k in a if k in b]
+
+
+# --- text report ------------------------------------------------------------------------------
+
+def format_report(report: dict) -> str:
+    o, m = report["options"], report["machine"]
+    bw = m["memory_bandwidth"]
+    lines = [f"arx profile: {o['gen_len']} generated tokens, median of {o['runs']} runs after "
+             f"{o['warmup']} warm-up, device {report['bundles'][0]['device']}, {m['cpu']} "
+             f"({m['cpus_usable']} CPUs, load {m['load_average'][0]:.2f})"]
+    if bw:
+        lines.append(f"memory bandwidth: {bw['bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']}, "
+                     f"{bw['threads']} threads)")
+    for p in report["bundles"]:
+        lines += ["", _bundle_header(p), _TABLE_HEAD]
+        lines += [_row(r) for r in p["results"]]
+        lines += _details(p)
+    if report.get("compare"):
+        names = [p["bundle"] for p in report["bundles"]]
+        lines += ["", f"compare: {names[1]} / {names[0]} (latency < 1 and tokens/s > 1 mean "
+                      f"{names[1]} is faster)",
+                  f"{'prompt':>7}{'batch':>6}{'TTFT':>9}{'decode p50':>12}{'tokens/s':>10}"]
+        for c in report["compare"]:
+            lines.append(f"{c['prompt_len']:>7}{c['batch']:>6}{c['ttft']:>8.2f}x"
+                         f"{c['decode_p50']:>11.2f}x{c['tokens_per_s']:>9.2f}x")
+    lines += ["", "peak RSS: " + report["peak_rss_note"]]
+    return "\n".join(lines)
+
+
+_TABLE_HEAD = (f"{'prompt':>7}{'batch':>6}{'TTFT ms':>10}{'decode ms/step p50':>20}{'p90':>8}"
+               f"{'p99':>8}{'tokens/s':>10}{'peak RSS MB':>13}{'roofline':>10}")
+
+
+def _bundle_header(p: dict) -> str:
+    m = p["model"]
+    params = f", {m['parameters'] / 1e6:.1f}M params" if m.get("parameters") else ""
+    return f"{p['bundle']}: {m['family']}{params}, {m['scheme']}, {m['layers']} layers"
+
+
+def _row(r: dict) -> str:
+    d = r["decode_ms"]
+    roof = f"{r['roofline']['percent_of_roofline']:.0f}%" if r.get("roofline") else "-"
+    return (f"{r['prompt_len']:>7}{r['batch']:>6}{r['ttft_ms']:>10.1f}{d['p50']:>20.2f}{d['p90']:>8.2f}"
+            f"{d['p99']:>8.2f}{r['tokens_per_s']:>10.1f}{r['peak_rss_mb']:>13.0f}{roof:>10}")
+
+
+def _details(p: dict) -> list[str]:
+    out = []
+    for r in p["results"]:
+        at = f"prompt {r['prompt_len']}, batch {r['batch']}"
+        for phase in ("prefill", "decode"):
+            ops = r.get("op_breakdown", {}).get(phase) or []
+            if ops:
+                top = ", ".join(f"{o['op_type']} {100 * o['share']:.0f}%" for o in ops[:6])
+                out.append(f"  where time goes ({phase}, {at}): {top}")
+        roof = r.get("roofline")
+        if roof:
+            out.append(f"  roofline ({at}): a decode step reads {roof['weight_mb']:.1f} MB weights + "
+                       f"{roof['kv_mb']:.1f} MB KV (mean length {roof['mean_kv_length']:.0f}); at "
+                       f"{roof['bandwidth_gb_s']:.1f} GB/s that is >= {roof['bound_ms']:.2f} ms; "
+                       f"measured p50 {roof['measured_ms']:.2f} ms = "
+                       f"{roof['percent_of_roofline']:.0f}% of roofline")
+    return out
+
+
+# --- plot -------------------------------------------------------------------------------------
+
+def plot(report: dict, path: str) -> None:
+    from arx.errors import require
+
+    matplotlib = require("matplotlib", "plot", "arx profile --plot")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_d) = plt.subplots(1, 2, figsize=(12, 4.8))
+    styles = ("-", "--")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    multi = len(report["bundles"]) > 1
+    for s, p in enumerate(report["bundles"]):
+        name = p["bundle"].rstrip("/").split("/")[-1]
+        for c, batch in enumerate(report["options"]["batches"]):
+            rows = sorted((r for r in p["results"] if r["batch"] == batch), key=lambda r: r["prompt_len"])
+            x = [r["prompt_len"] for r in rows]
+            label = f"{name}, batch {batch}" if multi else f"batch {batch}"
+            kw = dict(color=colors[c % len(colors)], linestyle=styles[s % 2], marker="o")
+            ax_t.plot(x, [r["ttft_ms"] for r in rows], label=label, **kw)
+            ax_d.plot(x, [r["decode_ms"]["p50"] for r in rows], label=label + " (p50)", **kw)
+            ax_d.fill_between(x, [r["decode_ms"]["p50"] for r in rows],
+                              [r["decode_ms"]["p90"] for r in rows], color=kw["color"], alpha=0.15)
+    o = report["options"]
+    ax_t.set(title="Time to first token (prefill)", xlabel="prompt length (tokens)",
+             ylabel="time to first token (ms)")
+    ax_d.set(title=f"Decode latency per step (shaded: p50 to p90)", xlabel="prompt length (tokens)",
+             ylabel="ms per decode step (one token per sequence)")
+    for ax in (ax_t, ax_d):
+        ax.set_xticks(sorted(set(o["prompt_lens"])))
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"arx profile: {o['gen_len']} generated tokens, median of {o['runs']} runs, "
+                 f"{report['bundles'][0]['device']}")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=110)
+    except OSError as e:
+        raise ArxError(f"cannot write {path} ({e.strerror}); choose a writable path") from e
+    finally:
+        plt.close(fig)
