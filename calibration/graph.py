@@ -166,3 +166,41 @@ class Probe:
         """The probed tensors for one sequence (S,)."""
         values = self.session.run(self.names, prefill_feeds(self.manifest, ids, self.inputs))
         return dict(zip(self.names, values))
+
+
+def pack_parallel_linears(model: onnx.ModelProto, names: list[str]) -> list[str]:
+    """Merge MatMuls of `names` that read the same input (gate and up) into one; return the new
+    list of names. In place, exact in fp32:
+
+        x ─┬─ MatMul(W_gate) ─► g          x ─ MatMul([W_gate | W_up]) ─ Split(-1) ─┬─► g
+           └─ MatMul(W_up)   ─► u                                                   └─► u
+
+    Why: ORT CPU fuses DequantizeLinear->MatMul into MatMulIntegerToFloat only when the
+    activation's DQ feeds a single MatMul; with two readers it dequantizes both weights every
+    step. One GEMM is also what TensorRT prefers. Output names are kept, so probes still work.
+    """
+    inits = initializers(model)
+    by_input: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        if n.op_type == "MatMul" and n.name in names:
+            by_input.setdefault(n.input[0], []).append(n)
+    renamed = {}
+    for group in by_input.values():
+        if len(group) < 2:
+            continue
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in group]
+        packed = "+".join([group[0].name] + [n.name.rsplit(".", 1)[-1] for n in group[1:]])
+        model.graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), packed + ".weight"))
+        sizes = numpy_helper.from_array(np.array([w.shape[1] for w in weights], dtype=np.int64), packed + ".split")
+        model.graph.initializer.append(sizes)
+        mm = helper.make_node("MatMul", [group[0].input[0], packed + ".weight"], [packed + "/out"], name=packed)
+        split = helper.make_node("Split", [packed + "/out", sizes.name], [n.output[0] for n in group],
+                                 name=packed + ".split", axis=-1)
+        at = list(model.graph.node).index(group[0])
+        for n in group:
+            model.graph.node.remove(n)
+            model.graph.initializer.remove(inits[n.input[1]])
+            renamed[n.name] = packed
+        model.graph.node.insert(at, split)
+        model.graph.node.insert(at, mm)
+    return list(dict.fromkeys(renamed.get(n, n) for n in names))

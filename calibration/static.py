@@ -10,7 +10,9 @@ MatMulIntegerToFloat):
 Activations: one symmetric scale per tensor from the calibrated range; weights: one scale per
 output channel (axis 1 of the (K, N) weight). Only MatMul inputs get Q/DQ: the outputs stay
 float (OpTypesToExcludeOutputQuantization), GroupQueryAttention, norms and the residual stream
-are untouched, and the lm_head stays float unless asked.
+are untouched, and the lm_head stays float unless asked. Linears that read the same input
+(gate and up) are packed into one MatMul first (`pack_parallel_linears`) so every activation
+DQ feeds one MatMul, which ORT CPU needs to fuse it into MatMulIntegerToFloat.
 
 Ranges come from ORT's calibrators and pass through the JSON calibration cache before they
 are used, so a run from fresh data and a run from the cache quantize with the same numbers.
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from arx.calibration.graph import Linear, add_contrib_output_types, prefill_feeds, save_model
+from arx.calibration.graph import Linear, add_contrib_output_types, pack_parallel_linears, prefill_feeds, save_model
 from arx.calibration.options import QuantOptions
 from arx.manifest import Manifest
 from arx.progress import bar
@@ -165,7 +167,9 @@ def quantize_static_bundle(model: onnx.ModelProto, manifest: Manifest, samples, 
         ranges = cache_mod.ranges_for(cached, [by_name[n].input for n in quantize])
     else:
         ranges = calibrate_ranges(ref_path, manifest, samples.calib, linears, q_opts, progress=options.progress)
-    qmodel = quantize_w8a8(model, ranges, quantize, kept, q_opts, workdir)
+    packed = onnx.ModelProto()
+    packed.CopyFrom(model)
+    qmodel = quantize_w8a8(packed, ranges, pack_parallel_linears(packed, quantize), kept, q_opts, workdir)
     calib = {**info, "method": q_opts.method,
              "percentile": q_opts.percentile if q_opts.method == "percentile" else None,
              "smoothquant": None if scales is None else

@@ -7,6 +7,7 @@ scale, a transposed weight), not accuracy; accuracy is measured on the trained d
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,11 @@ def test_w8a8_graph_is_explicit_symmetric_int8(quantized):
     matmuls = {n.name for n in model.graph.node if n.op_type == "MatMul"}
     assert "lm_head" in matmuls and "lm_head" not in quantized_mm  # w8a8 keeps the head float
     assert len(quantized_mm) == len(matmuls) - 1  # every other linear, o_proj included
+    # gate and up are packed, so each activation DQ feeds one MatMul (ORT CPU fuses only those)
+    readers = Counter(i for n in model.graph.node for i in n.input)
+    act_dq = [n for n in qdq if n.op_type == "DequantizeLinear" and n.input[0] not in inits]
+    assert act_dq and all(readers[n.output[0]] == 1 for n in act_dq)
+    assert "layers.0.mlp.up_proj+gate_proj" in matmuls or "layers.0.mlp.gate_proj+up_proj" in matmuls
     for n in model.graph.node:  # attention and norms read float tensors, not DQ outputs
         if n.op_type in ("GroupQueryAttention", "RMSNormalization"):
             assert not any(i.endswith("_DequantizeLinear_Output") for i in n.input)
