@@ -195,34 +195,42 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_d) = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = ("-", "--")
+    fig, (ax_t, ax_d) = plt.subplots(1, 2, figsize=(12, 5.2))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     multi = len(report["bundles"]) > 1
+    o = report["options"]
+    # colour: batch; line style and marker: bundle; dotted: the memory-bandwidth bound
     for s, p in enumerate(report["bundles"]):
         name = p["bundle"].rstrip("/").split("/")[-1]
-        for c, batch in enumerate(report["options"]["batches"]):
+        for c, batch in enumerate(o["batches"]):
             rows = sorted((r for r in p["results"] if r["batch"] == batch), key=lambda r: r["prompt_len"])
             x = [r["prompt_len"] for r in rows]
             label = f"{name}, batch {batch}" if multi else f"batch {batch}"
-            kw = dict(color=colors[c % len(colors)], linestyle=styles[s % 2], marker="o")
-            ax_t.plot(x, [r["ttft_ms"] for r in rows], label=label, **kw)
-            ax_d.plot(x, [r["decode_ms"]["p50"] for r in rows], label=label + " (p50)", **kw)
-            ax_d.fill_between(x, [r["decode_ms"]["p50"] for r in rows],
-                              [r["decode_ms"]["p90"] for r in rows], color=kw["color"], alpha=0.15)
-    o = report["options"]
-    ax_t.set(title="Time to first token (prefill)", xlabel="prompt length (tokens)",
+            kw = dict(color=colors[c % len(colors)], linestyle=("-", "--")[s % 2], marker="os"[s % 2])
+            ax_t.plot(x, [r["ttft_ms"] for r in rows], **kw)
+            p50 = [r["decode_ms"]["p50"] for r in rows]
+            ax_d.plot(x, p50, label=label, **kw)
+            ax_d.fill_between(x, p50, [r["decode_ms"]["p90"] for r in rows], color=kw["color"], alpha=0.15)
+            if all(r.get("roofline") for r in rows):
+                ax_d.plot(x, [r["roofline"]["bound_ms"] for r in rows], color=kw["color"],
+                          linestyle=(":", "-.")[s % 2], linewidth=1.2,
+                          label=f"{label}: memory-bandwidth bound")
+    ax_t.set(title="Time to first token (prefill + first token)", xlabel="prompt length (tokens)",
              ylabel="time to first token (ms)")
-    ax_d.set(title=f"Decode latency per step (shaded: p50 to p90)", xlabel="prompt length (tokens)",
+    ax_d.set(title="Decode step latency (line: p50, band: p50 to p90)", xlabel="prompt length (tokens)",
              ylabel="ms per decode step (one token per sequence)")
     for ax in (ax_t, ax_d):
         ax.set_xticks(sorted(set(o["prompt_lens"])))
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"arx profile: {o['gen_len']} generated tokens, median of {o['runs']} runs, "
-                 f"{report['bundles'][0]['device']}")
-    fig.tight_layout()
+    handles, labels = ax_d.get_legend_handles_labels()
+    ncol = min(len(labels), 2 if multi else 4)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    names = " vs ".join(p["bundle"].rstrip("/").split("/")[-1] for p in report["bundles"])
+    fig.suptitle(f"arx profile of {names}: {o['gen_len']} generated tokens, median of {o['runs']} "
+                 f"runs, {report['bundles'][0]['device']}")
+    rows_of_legend = -(-len(labels) // ncol)
+    fig.tight_layout(rect=(0, 0.03 + 0.035 * rows_of_legend, 1, 1))
     try:
         fig.savefig(path, dpi=110)
     except OSError as e:
