@@ -112,6 +112,7 @@ def default_variants() -> list[tuple[str, dict]]:
     from .attention.triton_kernel import AttentionVariant
     from .attention.triton_kernel import aot_source as attention_source
     from .sampling.triton_kernel import aot_source as sample_source
+    from .trt_contract import sample_tag
 
     out = []
     for dtype in ("fp16", "bf16"):
@@ -122,8 +123,7 @@ def default_variants() -> list[tuple[str, dict]]:
                     out.append((v.tag, attention_source(v)))
     for dtype in ("fp32", "fp16", "bf16"):
         for guidance in (False, True):
-            tag = f"sample_{dtype}" + ("_cfg" if guidance else "")
-            out.append((tag, sample_source(dtype, guidance)))
+            out.append((sample_tag(dtype, guidance), sample_source(dtype, guidance)))
     return out
 
 

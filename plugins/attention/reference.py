@@ -17,6 +17,9 @@ Per sequence b, with P = past_len[b], N = new_len[b]:
      absolute key positions j in [0, P + N) where
        causal: j <= P + t              (prefill, decode, speculative verification)
        block:  all j < P + N           (bidirectional in the block, full over the past)
+     and, when window W > 0, only keys less than W positions back: j > P + t - W (the query's
+     own position counts, so a causal query sees at most W keys: Hugging Face's
+     `sliding_window = W` and onnxruntime GroupQueryAttention's `local_window_size = W`).
   3. softmax(scale * q.k) @ v accumulated in fp32, cast to q's dtype; scale = 1/sqrt(D) unless
      given. Contract: P + N <= S_max (the kernel never writes outside the cache).
 """
@@ -37,10 +40,13 @@ class AttentionOptions:
 
     mask: str = "causal"
     scale: float = 0.0  # 0.0 means the default 1/sqrt(D); a float field has no "None"
+    window: int = 0  # sliding window in keys (0 = none); an int attribute has no "None" either
 
     def __post_init__(self):
         if self.mask not in MASK_MODES:
             raise ValueError(f"mask must be one of {MASK_MODES}, got {self.mask!r}")
+        if not (isinstance(self.window, (int, np.integer)) and 0 <= self.window < 2**31):
+            raise ValueError(f"window must be an int32 >= 0 (0 = no window), got {self.window!r}")
         if not (self.scale >= 0.0 and math.isfinite(self.scale)):
             raise ValueError(f"scale must be a finite number >= 0 (0 = 1/sqrt(D)), got {self.scale}")
 
@@ -100,7 +106,7 @@ def kv_attention_reference(q, k_new, v_new, k_cache, v_cache, past_len, new_len=
         vals = np.repeat(vals, group, axis=0)
         qi = np.transpose(q[i, :n].astype(np.float32), (1, 0, 2))  # (Hq, n, D)
         scores = scale * np.einsum("hqd,hkd->hqk", qi, keys)  # (Hq, n, P+N)
-        visible = _visible(options.mask, p, n)  # (n, P+N)
+        visible = _visible(options.mask, p, n, options.window)  # (n, P+N)
         scores = np.where(visible[None], scores, -np.inf)
         scores -= scores.max(axis=-1, keepdims=True)
         probs = np.exp(scores)
@@ -109,20 +115,23 @@ def kv_attention_reference(q, k_new, v_new, k_cache, v_cache, past_len, new_len=
     return out.astype(q.dtype)
 
 
-def _visible(mask: str, past: int, n: int) -> np.ndarray:
-    """(n, past + n) bool: may query t see absolute key position j."""
+def _visible(mask: str, past: int, n: int, window: int = 0) -> np.ndarray:
+    """(n, past + n) bool: may query t (absolute position past + t) see key position j."""
     j = np.arange(past + n)[None, :]
     t = np.arange(n)[:, None]
-    if mask == "causal":
-        return j <= past + t
-    return np.broadcast_to(j < past + n, (n, past + n))
+    seen = j <= past + t if mask == "causal" else np.broadcast_to(j < past + n, (n, past + n))
+    if window > 0:  # a lower bound only: in block mode later keys of the block stay visible
+        seen = seen & (j > past + t - window)
+    return seen
 
 
-def naive_attention(q, keys, values, scale: float, causal_offset: int | None):
+def naive_attention(q, keys, values, scale: float, causal_offset: int | None,
+                    window: int = 0, past: int = 0):
     """Textbook softmax attention for one sequence, as an independent check of the spec.
 
     q (S_q, Hq, D), keys/values (S_k, Hkv, D), plain float64 loops over heads; causal_offset is
-    the number of past keys (query t sees keys j <= offset + t), None for no mask.
+    the number of past keys (query t sees keys j <= offset + t), None for no mask; window > 0
+    drops keys j <= past + t - window (query t sits at absolute position past + t).
     """
     s_q, hq, _ = q.shape
     s_k, hkv, _ = keys.shape
@@ -133,6 +142,8 @@ def naive_attention(q, keys, values, scale: float, causal_offset: int | None):
             logits = [scale * float(np.dot(q[t, h], keys[j, kh])) for j in range(s_k)]
             if causal_offset is not None:
                 logits = [x if j <= causal_offset + t else -math.inf for j, x in enumerate(logits)]
+            if window > 0:
+                logits = [x if j > past + t - window else -math.inf for j, x in enumerate(logits)]
             top = max(logits)
             w = [math.exp(x - top) for x in logits]
             total = sum(w)

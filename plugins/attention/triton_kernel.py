@@ -19,11 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._triton import next_pow2, require_triton
+from ..trt_contract import ATTENTION_SCALARS, TACTICS, attention_tag, qk_scale_bits
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402  (after the friendly import check)
-
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e))
 
 
 @dataclass(frozen=True)
@@ -71,16 +70,34 @@ def _attend(q, acc, m_i, l_i, k_ptrs, v_ptrs, key_ok, key_mask, qk_scale,
 
 
 @triton.jit
+def _window_span(WINDOW):
+    """The sliding window in keys; no window (0) becomes a span longer than any cache."""
+    return tl.where(WINDOW > 0, WINDOW, 2147483647)
+
+
+@triton.jit
+def _window_lo(past, tok0, WINDOW):
+    """First cache position any query from block token tok0 on can see, in [0, past]."""
+    return tl.minimum(tl.maximum(past + tok0 - _window_span(WINDOW) + 1, 0), past)
+
+
+@triton.jit
 def _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past, n_new, lo, hi,
-                  do_new, S_NEW, S_MAX, HQ, HKV, qk_scale, CAUSAL: tl.constexpr,
+                  do_new, S_NEW, S_MAX, HQ, HKV, WINDOW, qk_scale, CAUSAL: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr):
-    """Attend one M tile to cache keys [lo, hi) and (if do_new) to the new keys."""
+    """Attend one M tile to cache keys [lo, hi) and (if do_new) to the new keys.
+
+    Window: query token tok (absolute position past + tok) sees key j only if
+    j > past + tok - WINDOW; `first` is that bound per row. The caller starts lo at the tile's
+    smallest bound, so keys no row can see are never read."""
     group = HQ // HKV
     r = m_start + tl.arange(0, BLOCK_M)
     tok = r // group
     head = kvh * group + r % group
     row_ok = tok < n_new
+    span = _window_span(WINDOW)
+    first = past + tok - span + 1  # (BLOCK_M,) first visible absolute key position
     d = tl.arange(0, BLOCK_D)
     # q (B, S_new, Hq, D)
     q_off = ((b * S_NEW + tok).to(tl.int64) * HQ + head) * HEAD_DIM
@@ -94,7 +111,7 @@ def _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past, n_ne
     for start in range(lo, hi, BLOCK_N):
         j = start + tl.arange(0, BLOCK_N)
         ptr = cache_base + j.to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
-        key_mask = row_ok[:, None] & (j < hi)[None, :]
+        key_mask = row_ok[:, None] & (j < hi)[None, :] & (j[None, :] >= first[:, None])
         acc, m_i, l_i = _attend(q, acc, m_i, l_i, K_CACHE + ptr, V_CACHE + ptr, j < hi, key_mask,
                                 qk_scale, HEAD_DIM, BLOCK_D)
     if do_new:
@@ -102,10 +119,12 @@ def _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past, n_ne
         new_hi = n_new
         if CAUSAL:
             new_hi = tl.minimum(n_new, (m_start + BLOCK_M - 1) // group + 1)
-        for start in range(0, new_hi, BLOCK_N):
+        new_lo = tl.maximum(m_start // group - span + 1, 0)  # the window, in block positions
+        for start in range(new_lo, new_hi, BLOCK_N):
             t2 = start + tl.arange(0, BLOCK_N)
             ptr = ((b * S_NEW + t2).to(tl.int64) * HKV + kvh)[:, None] * HEAD_DIM + d[None, :]
-            key_mask = row_ok[:, None] & (t2 < n_new)[None, :]
+            key_mask = (row_ok[:, None] & (t2 < n_new)[None, :]
+                        & ((past + t2)[None, :] >= first[:, None]))
             if CAUSAL:
                 key_mask = key_mask & (t2[None, :] <= tok[:, None])
             acc, m_i, l_i = _attend(q, acc, m_i, l_i, K_NEW + ptr, V_NEW + ptr, t2 < n_new, key_mask,
@@ -131,11 +150,14 @@ def _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, b, kvh, m_start, past, n_new, S_NE
 
 @triton.jit
 def _kv_attention_fwd(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
-                      S_NEW, S_MAX, HQ, HKV,
+                      S_NEW, S_MAX, HQ, HKV, WINDOW, QK_SCALE,
                       OUT, K_OUT, V_OUT,
-                      SCALE: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """grid (cdiv(S_new * Hq/Hkv, BLOCK_M), B * Hkv). OUT (B, S_new, Hq, D)."""
+    """grid (cdiv(S_new * Hq/Hkv, BLOCK_M), B * Hkv). OUT (B, S_new, Hq, D).
+
+    WINDOW: sliding window in keys (0 = none). QK_SCALE: int32 bits of the fp32 value
+    scale * log2(e) (TensorRT's AOT launch passes only int32 scalars; see trt_contract.py)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -144,9 +166,11 @@ def _kv_attention_fwd(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
     n_new = tl.load(NEW_LEN + b)
     _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, b, kvh, m_start, past, n_new, S_NEW, S_MAX, HQ,
                   HKV, HEAD_DIM, BLOCK_M, BLOCK_D)
+    lo = _window_lo(past, m_start // (HQ // HKV), WINDOW)
     acc, m_i, l_i = _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past,
-                                  n_new, 0, past, True, S_NEW, S_MAX, HQ, HKV, SCALE * LOG2E,
-                                  CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
+                                  n_new, lo, past, True, S_NEW, S_MAX, HQ, HKV, WINDOW,
+                                  QK_SCALE.to(tl.float32, bitcast=True), CAUSAL, HEAD_DIM,
+                                  BLOCK_M, BLOCK_N, BLOCK_D)
     group = HQ // HKV
     r = m_start + tl.arange(0, BLOCK_M)
     tok = r // group
@@ -160,13 +184,14 @@ def _kv_attention_fwd(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
 
 @triton.jit
 def _kv_attention_split(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
-                        S_NEW, S_MAX, HQ, HKV, ROWS,
+                        S_NEW, S_MAX, HQ, HKV, WINDOW, QK_SCALE, ROWS,
                         K_OUT, V_OUT, ACC_PART, M_PART, L_PART,
-                        SCALE: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                         NUM_SPLITS: tl.constexpr):
     """grid (m tiles, B * Hkv, NUM_SPLITS). ACC_PART (NUM_SPLITS, B*S_new*Hq, D) fp32,
-    M_PART/L_PART (NUM_SPLITS, B*S_new*Hq) fp32. The last split also takes the new keys."""
+    M_PART/L_PART (NUM_SPLITS, B*S_new*Hq) fp32. The last split also takes the new keys.
+    The splits divide only the part of the past inside the tile's window."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // HKV
     kvh = tl.program_id(1) % HKV
@@ -177,13 +202,14 @@ def _kv_attention_split(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
     if split == 0:
         _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, b, kvh, m_start, past, n_new, S_NEW, S_MAX,
                       HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_D)
-    chunk = tl.cdiv(tl.cdiv(past, BLOCK_N), NUM_SPLITS) * BLOCK_N
-    lo = tl.minimum(split * chunk, past)
+    win_lo = _window_lo(past, m_start // (HQ // HKV), WINDOW)
+    chunk = tl.cdiv(tl.cdiv(past - win_lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
+    lo = tl.minimum(win_lo + split * chunk, past)
     hi = tl.minimum(lo + chunk, past)
     acc, m_i, l_i = _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past,
                                   n_new, lo, hi, split == NUM_SPLITS - 1, S_NEW, S_MAX, HQ, HKV,
-                                  SCALE * LOG2E, CAUSAL, HEAD_DIM, BLOCK_M, BLOCK_N,
-                                  BLOCK_D)
+                                  WINDOW, QK_SCALE.to(tl.float32, bitcast=True), CAUSAL,
+                                  HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
     group = HQ // HKV
     r = m_start + tl.arange(0, BLOCK_M)
     tok = r // group
@@ -228,13 +254,15 @@ def _check(q, k_new, v_new, k_cache, v_cache, past_len, new_len):
     return dims
 
 
-def default_num_splits(batch: int, kv_heads: int, rows: int, s_max: int) -> int:
+def default_num_splits(batch: int, kv_heads: int, rows: int, s_max: int, window: int = 0) -> int:
     """Flash-decoding split count: enough programs to fill a GPU without reading the cache
-    length from the device (no host sync). Prefill tiles already give enough parallelism."""
+    length from the device (no host sync). Prefill tiles already give enough parallelism.
+    A window bounds the keys read, so it bounds the splits too."""
     if rows > 16:
         return 1
     want = max(1, 128 // max(1, batch * kv_heads))  # ~one wave on a 100+ SM GPU
-    by_len = max(1, s_max // 256)  # no split smaller than 256 keys
+    keys = min(s_max, window) if window > 0 else s_max
+    by_len = max(1, keys // 256)  # no split smaller than 256 keys
     return next_pow2(min(want, by_len, 16)) if min(want, by_len) > 1 else 1
 
 
@@ -256,25 +284,28 @@ def kv_attention(q, k_new, v_new, k_cache, v_cache, past_len, new_len=None, opti
     group = hq // hkv
     block_d = max(16, next_pow2(d))
     cfg = tile_config(s_new * group, block_d)
-    splits = default_num_splits(b, hkv, s_new * group, s_max) if num_splits is None else num_splits
+    splits = (default_num_splits(b, hkv, s_new * group, s_max, options.window)
+              if num_splits is None else num_splits)
     if splits & (splits - 1):
         raise ValueError(f"num_splits must be a power of two, got {splits}")
     out = torch.empty_like(q)  # (B, S_new, Hq, D)
     grid_m = triton.cdiv(s_new * group, cfg.block_m)
-    meta = dict(SCALE=options.resolved_scale(d), CAUSAL=options.mask == "causal", HEAD_DIM=d,
+    meta = dict(CAUSAL=options.mask == "causal", HEAD_DIM=d,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
     lens = (past_len.to(torch.int32).contiguous(), new_len.to(torch.int32).contiguous())
+    # the same runtime scalars as the TensorRT AOT launch (trt_contract.ATTENTION_SCALARS)
+    scalars = (s_new, s_max, hq, hkv, options.window, qk_scale_bits(options.scale, d))
     if splits == 1:
         _kv_attention_fwd[(grid_m, b * hkv)](q, k_new, v_new, k_cache, v_cache, *lens,
-                                             s_new, s_max, hq, hkv, out, k_cache, v_cache, **meta)
+                                             *scalars, out, k_cache, v_cache, **meta)
         return out
     rows = b * s_new * hq
     acc = torch.empty((splits, rows, block_d), dtype=torch.float32, device=q.device)
     m_part = torch.empty((splits, rows), dtype=torch.float32, device=q.device)
     l_part = torch.empty((splits, rows), dtype=torch.float32, device=q.device)
     _kv_attention_split[(grid_m, b * hkv, splits)](q, k_new, v_new, k_cache, v_cache, *lens,
-                                                   s_new, s_max, hq, hkv, rows, k_cache, v_cache,
+                                                   *scalars, rows, k_cache, v_cache,
                                                    acc, m_part, l_part, NUM_SPLITS=splits, **meta)
     _kv_attention_combine[(rows,)](acc, m_part, l_part, out, rows, HEAD_DIM=d, BLOCK_D=block_d,
                                    NUM_SPLITS=splits)
@@ -282,44 +313,45 @@ def kv_attention(q, k_new, v_new, k_cache, v_cache, past_len, new_len=None, opti
 
 
 # ------------------------------------------------------------------ ahead-of-time variants
-# tensorrt.plugin's AOT launch passes: input pointers, int32 scalars, output pointers.
-AOT_SCALARS = ("S_NEW", "S_MAX", "HQ", "HKV")
+# tensorrt.plugin's AOT launch passes: input pointers, int32 scalars, output pointers. The
+# scalars, tactics and tags are trt_contract's (shared with the build kits).
+AOT_SCALARS = ATTENTION_SCALARS
 AOT_GRID = ("cdiv(S_new * (Hq // Hkv), BLOCK_M)", "B * Hkv", "1")
-AOT_TACTICS = {1: "decode", 2: "prefill"}  # TensorRT tactic id -> tile phase of TILE_TABLE
+AOT_TACTICS = TACTICS  # TensorRT tactic id -> tile phase of TILE_TABLE
 
 
 @dataclass(frozen=True)
 class AttentionVariant:
-    """What one compiled PTX is specialized on (everything else is a runtime argument)."""
+    """What one compiled PTX is specialized on. Scale and window are runtime scalars, so one
+    PTX serves every scale and window."""
 
     dtype: str = "fp16"  # Triton type name: fp32 | fp16 | bf16
     head_dim: int = 128
     mask: str = "causal"
-    scale: float = 0.0  # 0 = 1/sqrt(head_dim)
     phase: str = "decode"  # tile choice, see TILE_TABLE
 
     def __post_init__(self):
-        if self.dtype not in ("fp32", "fp16", "bf16") or self.phase not in ("decode", "prefill"):
+        from .reference import MASK_MODES
+
+        if (self.dtype not in ("fp32", "fp16", "bf16") or self.phase not in ("decode", "prefill")
+                or self.mask not in MASK_MODES):
             raise ValueError(f"unsupported attention variant {self}")
 
     @property
     def tag(self) -> str:
-        return f"kv_attention_{self.dtype}_d{self.head_dim}_{self.mask}_{self.phase}"
+        return attention_tag(self.dtype, self.head_dim, self.mask, self.phase)
 
 
 def aot_source(variant: AttentionVariant) -> dict:
     """Everything `triton.compile` and the launcher need for one variant (no GPU needed)."""
-    from .reference import AttentionOptions
-
     block_d = max(16, next_pow2(variant.head_dim))
     cfg = tile_config(1 if variant.phase == "decode" else 64, block_d)
     ptr = f"*{variant.dtype}"
     signature = {"Q": ptr, "K_NEW": ptr, "V_NEW": ptr, "K_CACHE": ptr, "V_CACHE": ptr,
-                 "PAST_LEN": "*i32", "NEW_LEN": "*i32", "S_NEW": "i32", "S_MAX": "i32",
-                 "HQ": "i32", "HKV": "i32", "OUT": ptr, "K_OUT": ptr, "V_OUT": ptr}
-    opts = AttentionOptions(mask=variant.mask, scale=variant.scale)
-    constexprs = {"SCALE": opts.resolved_scale(variant.head_dim),
-                  "CAUSAL": variant.mask == "causal", "HEAD_DIM": variant.head_dim,
+                 "PAST_LEN": "*i32", "NEW_LEN": "*i32",
+                 **{name: "i32" for name in AOT_SCALARS},
+                 "OUT": ptr, "K_OUT": ptr, "V_OUT": ptr}
+    constexprs = {"CAUSAL": variant.mask == "causal", "HEAD_DIM": variant.head_dim,
                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
     return dict(fn=_kv_attention_fwd, signature=signature, constexprs=constexprs,
                 options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -14,6 +14,7 @@ ids (B,) i32; R = 2B when GUIDANCE (rows [0,B) cond, [B,2B) uncond).
 from __future__ import annotations
 
 from .._triton import require_triton
+from ..trt_contract import SAMPLE_SCALARS
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402  (after the friendly import check)
@@ -167,7 +168,7 @@ def sample(logits, params, presence, seed, offset, block_v: int = BLOCK_V):
 
 
 # ------------------------------------------------------------------ ahead-of-time variants
-AOT_SCALARS = ("B", "V")
+AOT_SCALARS = SAMPLE_SCALARS  # trt_contract's: the kit's AOT launch passes the same
 AOT_GRID = ("B", "1", "1")
 
 

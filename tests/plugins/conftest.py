@@ -19,3 +19,16 @@ def torch():
 @pytest.fixture(scope="session")
 def triton():
     return pytest.importorskip("triton")
+
+
+@pytest.fixture
+def fake_trtp():
+    """A fresh fake `tensorrt.plugin` (fake_trtp.py) and its fake `tensorrt`: (trt, trtp)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).with_name("fake_trtp.py")
+    spec = importlib.util.spec_from_file_location("arx_test_fake_trtp", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FAKE_TRT, module.FakeTrtp()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from arx.plugins.aot import TARGETS, ptx_target_line, strip_scratch_params
+from arx.plugins.trt_contract import ATTENTION_SCALARS, SAMPLE_SCALARS
 
 EXPECTED_SM = {"sm_80": "sm_80", "sm_87": "sm_87", "sm_89": "sm_89", "sm_90a": "sm_90a",
                "sm_110a": "sm_110a"}
@@ -51,6 +52,20 @@ def test_ptx_for_every_target(compiled, target):
         assert entry.group(2).count(".param") == len(sources[tag]["signature"])
         assert meta["target"] == target and meta["block"][0] == 32 * meta["num_warps"]
         assert meta["signature"] == sources[tag]["signature"] and meta["shared_mem"] >= 0
+        # the scalars are trt_contract's, all int32 (TensorRT's AOT launch passes no other)
+        scalars = ATTENTION_SCALARS if tag.startswith("kv_attention") else SAMPLE_SCALARS
+        assert meta["scalars"] == list(scalars)
+        assert [meta["signature"][n] for n in scalars] == ["i32"] * len(scalars)
+        assert "SCALE" not in meta["constexprs"]  # scale is a runtime scalar: one PTX for all
+
+
+def test_one_attention_ptx_serves_every_scale_and_window():
+    """The variant tag names only what the PTX is compiled for (no scale, no window)."""
+    from arx.plugins.attention.triton_kernel import AttentionVariant
+
+    v = AttentionVariant(dtype="fp16", head_dim=128, mask="causal", phase="decode")
+    assert v.tag == "kv_attention_fp16_d128_causal_decode"
+    assert not {"scale", "window"} & set(AttentionVariant.__dataclass_fields__)
 
 
 def test_stripped_ptx_assembles(compiled, triton):

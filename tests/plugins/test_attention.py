@@ -56,9 +56,39 @@ def test_reference_padding_contract():
     np.testing.assert_array_equal(c["k_cache"][2], before[2])  # nothing written for new_len 0
 
 
+@pytest.mark.parametrize("mask", ["causal", "block"])
+@pytest.mark.parametrize("window", [1, 3, 8, 30])
+def test_reference_window_matches_textbook_attention(mask, window):
+    """Window W: query at absolute position p sees keys j > p - W (W keys when causal)."""
+    c = make_case(4, 2, 6, 4, 2, 24, 16, full_new=True)
+    c["past_len"][:] = [9, 0]  # window shorter than the past, and a first prompt
+    k_cache, v_cache = c["k_cache"].copy(), c["v_cache"].copy()
+    out = kv_attention_reference(c["q"], c["k_new"], c["v_new"], k_cache, v_cache,
+                                 c["past_len"], c["new_len"],
+                                 AttentionOptions(mask=mask, window=window))
+    for b in range(2):
+        p = int(c["past_len"][b])
+        keys = np.concatenate([c["k_cache"][b, :, :p].transpose(1, 0, 2), c["k_new"][b]])
+        vals = np.concatenate([c["v_cache"][b, :, :p].transpose(1, 0, 2), c["v_new"][b]])
+        want = naive_attention(c["q"][b], keys, vals, 0.25, p if mask == "causal" else None,
+                               window=window, past=p)
+        np.testing.assert_allclose(out[b], want, atol=1e-5)
+
+
+def test_window_one_is_the_own_value():
+    """Causal window 1: every query sees only its own key, so out = its own value."""
+    c = make_case(5, 1, 4, 2, 2, 12, 8, full_new=True)
+    out = kv_attention_reference(c["q"], c["k_new"], c["v_new"], c["k_cache"], c["v_cache"],
+                                 c["past_len"], c["new_len"], AttentionOptions(window=1))
+    np.testing.assert_allclose(out[0], c["v_new"][0], atol=1e-6)
+
+
 def test_options_validate():
     with pytest.raises(ValueError, match="mask"):
         AttentionOptions(mask="sliding")
+    for bad in (-1, 2.5, 2**31):
+        with pytest.raises(ValueError, match="window"):
+            AttentionOptions(window=bad)
     with pytest.raises(ValueError, match="multiple"):
         kv_attention_reference(*[np.zeros(s, np.float32) for s in
                                  [(1, 1, 3, 8), (1, 1, 2, 8), (1, 1, 2, 8), (1, 2, 4, 8),
@@ -93,6 +123,55 @@ def test_triton_matches_reference(torch, triton, shape, mask):
     np.testing.assert_allclose(got.numpy(), want, atol=TOL["float32"], rtol=0)
     np.testing.assert_array_equal(t["k_cache"].numpy(), ref_cache[0])
     np.testing.assert_array_equal(t["v_cache"].numpy(), ref_cache[1])
+
+
+# (B, S_new, Hq, Hkv, S_max, D, num_splits, past_len, window, mask): the window cut lands before
+# the past (decode), inside a key tile, across the new block, and over M tiles.
+WINDOW_CASES = [
+    (2, 1, 4, 2, 90, 64, 1, 70, 20, "causal"),   # decode, window < past
+    (2, 1, 8, 2, 300, 64, 4, 260, 100, "causal"),  # decode, split kernel over the window only
+    (2, 1, 4, 4, 40, 64, 2, 39, 1, "causal"),    # window 1: only the new token itself
+    (2, 7, 4, 2, 60, 64, 1, 30, 5, "causal"),    # window shorter than the new block
+    (1, 33, 2, 1, 80, 64, 1, 20, 10, "causal"),  # prefill over 2 M tiles, straddling window
+    (1, 40, 2, 2, 40, 32, 1, 0, 16, "causal"),   # first prompt longer than the window
+    (2, 7, 4, 2, 60, 64, 1, 30, 5, "block"),     # block mask + window (later block keys stay)
+    (2, 7, 4, 2, 60, 64, 2, 40, 12, "block"),    # block mask + window, split kernels
+    (2, 5, 4, 2, 40, 64, 1, 10, 100, "causal"),  # window longer than everything: no effect
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_triton_window_matches_reference(torch, triton, case):
+    from arx.plugins.attention.triton_kernel import kv_attention
+
+    *dims, splits, past, window, mask = case
+    c = make_case(window, *dims)
+    c["new_len"][1:] = np.minimum(c["new_len"][1:], dims[4] - past)  # ragged rows, in range
+    c["past_len"][:] = past
+    c["past_len"][1:] = np.minimum(past, dims[4] - c["new_len"][1:]) // 2  # another length
+    ref_cache = c["k_cache"].copy(), c["v_cache"].copy()
+    opts = AttentionOptions(mask=mask, window=window, scale=0.2)
+    want = kv_attention_reference(c["q"], c["k_new"], c["v_new"], *ref_cache, c["past_len"],
+                                  c["new_len"], opts)
+    t = {k: torch.from_numpy(v.copy()) for k, v in c.items()}
+    got = kv_attention(t["q"], t["k_new"], t["v_new"], t["k_cache"], t["v_cache"],
+                       t["past_len"], t["new_len"], opts, num_splits=splits)
+    np.testing.assert_allclose(got.numpy(), want, atol=TOL["float32"], rtol=0)
+    np.testing.assert_array_equal(t["k_cache"].numpy(), ref_cache[0])
+
+
+def test_triton_window_actually_masks(torch, triton):
+    """The window changes the decode output (guards against a window that is ignored)."""
+    from arx.plugins.attention.triton_kernel import kv_attention
+
+    c = make_case(9, 1, 1, 2, 1, 64, 32, full_new=True)
+    c["past_len"][:] = 50
+    outs = []
+    for window in (0, 8):
+        t = {k: torch.from_numpy(v.copy()) for k, v in c.items()}
+        outs.append(kv_attention(t["q"], t["k_new"], t["v_new"], t["k_cache"], t["v_cache"],
+                                 t["past_len"], t["new_len"], AttentionOptions(window=window)))
+    assert (outs[0] - outs[1]).abs().max() > 1e-2
 
 
 BF16_INTERPRETER_BUG = pytest.mark.xfail(
