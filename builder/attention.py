@@ -42,7 +42,7 @@ class GqaNode:
     kv_heads: int
     scale: float
     rotary: bool
-    window: int
+    window: int  # local_window_size: a query sees the `window` latest keys; -1 = no window
 
 
 def parse_gqa(node: onnx.NodeProto) -> GqaNode:
@@ -59,14 +59,6 @@ def parse_gqa(node: onnx.NodeProto) -> GqaNode:
                    int(attrs.get("local_window_size", -1)))
 
 
-def check_window(g: GqaNode, s_max: int) -> None:
-    """A sliding window shorter than the cache changes the math: the plugin has no window."""
-    if 0 < g.window < s_max:
-        raise ArxError(f"the model uses a sliding attention window of {g.window} tokens, which "
-                       f"arx::kv_attention does not implement yet; build with --max-seq-len "
-                       f"{g.window} (or less) so the window never applies")
-
-
 def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
                       rope_cache: dict, aot: bool) -> None:
     """Replace one GroupQueryAttention node (removed by the caller) with the plugin form.
@@ -77,7 +69,7 @@ def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeepin
                   v (B,S,Hkv*D) ─Reshape─► (B,S,Hkv,D) ──────┤
             past_key_values.i.* (B,Hkv,S_max,D) ─────────────┤   past_len, new_len (B,) int32
                                                               ▼
-                                             arx::kv_attention ──► present.i.* (aliased)
+                         arx::kv_attention(window = local_window_size) ──► present.i.* (aliased)
                                                     │ (B,S,Hq,D)
                                                  Reshape ──► (B,S,Hq*D) = the GQA output
     """
@@ -95,9 +87,12 @@ def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeepin
         q4 = _rotate(ed, q4, tables, d, f"{n.name}/rope_q")
         k4 = _rotate(ed, k4, tables, d, f"{n.name}/rope_k")
     out4 = ed.fresh(f"{n.name}/attn")
+    # GroupQueryAttention's local_window_size = W and the plugin's window = W mean the same
+    # keys: j > p - W for the query at position p (checked against onnxruntime's own op in
+    # tests/builder/test_attention_window.py); its "no window" is -1, the plugin's is 0.
     ed.node(KV_ATTENTION, [q4, k4, v4, n.input[3], n.input[4], bk.past_len, bk.new_len],
             [out4, n.output[1], n.output[2]], domain=DOMAIN, name=f"{n.name}/kv_attention",
-            mask="causal", scale=g.scale, **plugin_attrs(aot=aot))
+            mask="causal", scale=g.scale, window=max(g.window, 0), **plugin_attrs(aot=aot))
     ed.node("Reshape", [out4, ed.const([0, 0, hq * d])], [n.output[0]], name=f"{n.name}/merge")
 
 

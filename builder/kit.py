@@ -3,7 +3,8 @@
     kits/<target>/
       decoder.trt.onnx(.data)   the TensorRT form (plugin nodes, static cache, sampler)
       plugins/<tag>.<sm>.ptx    AOT plugin kernels for the target's SM (+ .json launch params)
-      kit_plugins.py            tensorrt.plugin AOT registrations reading that PTX
+      kit_plugins.py            copy of arx/plugins/trt_contract.py: tensorrt.plugin
+                                descriptors + AOT launch, reading that PTX
       build_engine.py           TensorRT Python build (profiles, timing cache, progress)
       build_trtexec.sh          the same build with trtexec (needs a plugin library, see README)
       kit.json                  target, versions, IO, profiles, build plan, files
@@ -20,8 +21,8 @@ import onnx
 from onnx import helper
 
 from arx import __version__
-from arx.errors import ArxError
 from arx.manifest import Manifest
+from arx.plugins import trt_contract
 
 from .form import FORM_FILE, TensorRTForm, save_form
 from .options import BuildOptions
@@ -30,6 +31,9 @@ from .targets import PORTABLE_SM, Target
 
 KIT_FORMAT = "arx-build-kit"
 _HERE = Path(__file__).parent
+# kit_plugins.py is a verbatim copy of the plugins' TensorRT contract (descriptors + AOT launch),
+# as build_engine.py is of trt_build.py: arx and the kits register the very same code.
+KIT_PLUGINS_SOURCE = Path(trt_contract.__file__)
 _PLUGIN_DTYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16",
                   onnx.TensorProto.BFLOAT16: "bf16"}
 
@@ -45,8 +49,11 @@ def build_plan(form: TensorRTForm, profiles: list[Profile], options: BuildOption
             "workspace_gb": options.workspace_gb}
 
 
-def plugin_variants(form: TensorRTForm) -> list[tuple[str, str, dict]]:
-    """(kind, tag, variant args) of every plugin kernel the form's nodes need."""
+def plugin_variants(form: TensorRTForm) -> list[tuple[str, dict]]:
+    """(tag, spec) of every plugin kernel the form's nodes need; spec as trt_contract asks a
+    KernelSource. Scale and window are runtime scalars: they never select a variant."""
+    from arx.plugins.trt_contract import TACTICS, attention_tag, sample_tag
+
     inferred = onnx.shape_inference.infer_shapes(form.model).graph
     types = {vi.name: vi.type.tensor_type for vi in (*inferred.value_info, *inferred.input, *inferred.output)}
     out = {}
@@ -55,30 +62,26 @@ def plugin_variants(form: TensorRTForm) -> list[tuple[str, str, dict]]:
         t = types[n.input[0]]
         dtype = _PLUGIN_DTYPES[t.elem_type]
         if n.op_type == "kv_attention":  # q (B, S, Hq, D)
-            d = t.shape.dim[3].dim_value
             mask = attrs["mask"].decode() if isinstance(attrs["mask"], bytes) else attrs["mask"]
-            for phase in ("decode", "prefill"):
-                args = dict(dtype=dtype, head_dim=d, mask=mask,
-                            scale=float(attrs.get("scale", 0.0)), phase=phase)
-                out[f"kv_attention_{dtype}_d{d}_{mask}_{phase}"] = ("attention", args)
+            for phase in TACTICS.values():
+                spec = dict(dtype=dtype, head_dim=t.shape.dim[3].dim_value, mask=mask, phase=phase)
+                out[attention_tag(**spec)] = dict(spec, op="kv_attention")
         elif n.op_type == "sample":
-            guidance = bool(attrs.get("guidance", 0))
-            out[f"sample_{dtype}" + ("_cfg" if guidance else "")] = ("sample", dict(dtype=dtype, guidance=guidance))
-    return [(kind, tag, args) for tag, (kind, args) in out.items()]
+            spec = dict(dtype=dtype, guidance=bool(attrs.get("guidance", 0)))
+            out[sample_tag(**spec)] = dict(spec, op="sample")
+    return list(out.items())
 
 
 def compile_plugin_ptx(form: TensorRTForm, sm: str, folder: Path, log=print) -> list[str]:
     """Compile the needed kernels for `sm` with the plugins' AOT API; returns written names."""
     from arx.plugins import aot
-    from arx.plugins.attention.triton_kernel import AttentionVariant
-    from arx.plugins.attention.triton_kernel import aot_source as attention_source
-    from arx.plugins.sampling.triton_kernel import aot_source as sample_source
+    from arx.plugins.attention.tensorrt_plugin import compile_attention
+    from arx.plugins.sampling.tensorrt_plugin import compile_sample
 
     written = []
-    for kind, tag, args in plugin_variants(form):
-        src = (attention_source(AttentionVariant(**args)) if kind == "attention"
-               else sample_source(args["dtype"], args["guidance"]))
-        compiled = aot.compile_source(src, sm, tag)
+    for tag, spec in plugin_variants(form):
+        compile_op = compile_attention if spec["op"] == "kv_attention" else compile_sample
+        compiled = compile_op(spec, sm)
         written += [p.name for p in aot.write_variant(compiled, folder)]
         log(f"  PTX {tag} for {sm}")
     return written
@@ -111,7 +114,7 @@ def write_kit(folder: Path, manifest: Manifest, form: TensorRTForm, options: Bui
     if options.ptx:
         files += [f"plugins/{n}" for n in compile_plugin_ptx(form, sm, folder / "plugins", log)]
     shutil.copyfile(_HERE / "trt_build.py", folder / "build_engine.py")
-    shutil.copyfile(_HERE / "kit_plugins.py", folder / "kit_plugins.py")
+    shutil.copyfile(KIT_PLUGINS_SOURCE, folder / "kit_plugins.py")
     files += ["build_engine.py", "kit_plugins.py", "build_trtexec.sh", "README.md", "kit.json"]
     kit = kit_manifest(manifest, form, options, sm, profiles, files)
     (folder / "build_trtexec.sh").write_text(trtexec_script(kit, merged_profile(profiles)))

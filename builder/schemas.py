@@ -1,7 +1,7 @@
 """ONNX schemas of the arx plugin ops, so `onnx.checker` and strict shape inference know them.
 
-The node contracts are the plugins' (plugins/attention/tensorrt_plugin.py and
-plugins/sampling/tensorrt_plugin.py): same input order, same attribute names. TensorRT's ONNX
+The node contracts are the plugins' (plugins/trt_contract.py, the module TensorRT registers
+in arx and in the kits): same input order, same attribute names. TensorRT's ONNX
 parser maps a node it does not know to the plugin whose name is the node's op_type, in the
 namespace of its `plugin_namespace` attribute (`arx::kv_attention` -> op_type `kv_attention`,
 plugin_namespace "arx"); the `aot` attribute asks for the ahead-of-time implementation.
@@ -43,7 +43,9 @@ def _kv_attention_schema() -> defs.OpSchema:
               _param("past_len", "tensor(int32)"), _param("new_len", "tensor(int32)")]
     outputs = [_param("out", "T"), _param("k_cache_out", "T"), _param("v_cache_out", "T")]
     attrs = [_attr("mask", "causal", "causal | block"),
-             _attr("scale", 0.0, "0.0 = 1/sqrt(D)"), *_common_attrs()]
+             _attr("scale", 0.0, "0.0 = 1/sqrt(D)"),
+             _attr("window", 0, "sliding window: query at p sees keys j > p - window; 0 = none"),
+             *_common_attrs()]
     schema = defs.OpSchema(KV_ATTENTION, DOMAIN, OPSET, "arx fused attention over a KV cache",
                            inputs=inputs, outputs=outputs, attributes=attrs,
                            type_constraints=[("T", FLOATS, "activations and cache")])

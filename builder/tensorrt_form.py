@@ -3,6 +3,7 @@
     bundle decoder.onnx (ORT form)                 TensorRT form
     ─────────────────────────────                  ─────────────────────────────────────────
     com.microsoft GroupQueryAttention        ──►   RoPE (standard ops) + arx::kv_attention
+                                                   (local_window_size -> window)
     cache (B, kv_heads, past, D), dynamic    ──►   static cache (B, kv_heads, S_max, D),
                                                    present.i.* aliased to past_key_values.i.*
     logits (B, S, V)                         ──►   last_logits (B, V) fp32 [or all / none]
@@ -33,7 +34,7 @@ from onnx import helper
 from arx.errors import ArxError
 from arx.manifest import Manifest, Stage, TensorSpec
 
-from .attention import GQA, Bookkeeping, check_window, parse_gqa, rewrite_attention
+from .attention import GQA, Bookkeeping, parse_gqa, rewrite_attention
 from .graph_edit import GraphEditor, prune, topological_sort
 from .schemas import DOMAIN, OPSET, SAMPLE, plugin_attrs, register_schemas
 
@@ -108,9 +109,7 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
                        "export? re-export it with arx export")
     rope_cache: dict = {}
     for n in gqa_nodes:
-        g = parse_gqa(n)
-        check_window(g, spec.s_max)
-        rewrite_attention(ed, g, manifest.kv.head_dim, bk, rope_cache, spec.aot)
+        rewrite_attention(ed, parse_gqa(n), manifest.kv.head_dim, bk, rope_cache, spec.aot)
         graph.node.remove(n)
     stage = tensorrt_io(manifest, spec)
     if spec.sampler or spec.logits == "last":

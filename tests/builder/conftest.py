@@ -17,3 +17,13 @@ def ort_session():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.ort_session
+
+
+@pytest.fixture
+def fake_trtp():
+    """A fresh fake `tensorrt.plugin` (tests/plugins/fake_trtp.py) and fake `tensorrt`."""
+    path = Path(__file__).parents[1] / "plugins" / "fake_trtp.py"
+    spec = importlib.util.spec_from_file_location("arx_test_fake_trtp", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.FAKE_TRT, module.FakeTrtp()

@@ -27,11 +27,13 @@ def _register(suffix: str, ft) -> None:
 
     @ort_ext.onnx_op(op_type=f"kv_attention_{suffix}", inputs=[ft] * 5 + [_DT.dt_int32] * 2,
                      outputs=[ft] * 3,
-                     attrs={"mask": _DT.dt_string, "scale": _DT.dt_float, **_COMMON})
+                     attrs={"mask": _DT.dt_string, "scale": _DT.dt_float,
+                            "window": _DT.dt_int64, **_COMMON})
     def kv_attention(q, k_new, v_new, k_cache, v_cache, past_len, new_len, **attrs):
         k_cache, v_cache = k_cache.copy(), v_cache.copy()  # ORT gives no aliasing: return copies
         out = kv_attention_reference(q, k_new, v_new, k_cache, v_cache, past_len, new_len,
-                                     AttentionOptions(mask=attrs["mask"], scale=attrs["scale"]))
+                                     AttentionOptions(mask=attrs["mask"], scale=attrs["scale"],
+                                                      window=int(attrs["window"])))
         return out, k_cache, v_cache
 
     @ort_ext.onnx_op(op_type=f"sample_{suffix}",

@@ -3,10 +3,15 @@ the manifest; the Python build script compiles; targets table, options and the C
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import py_compile
 import re
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,21 +76,80 @@ def test_kit_for_every_family(family, target, exported_bundle, tmp_path):
     assert read_manifest(bundle).extensions["builds"][t.name]["kind"] == "kit"
 
 
-def test_kit_with_ptx_for_orin(exported_bundle, tmp_path):
-    """The plugin PTX comes from the plugins' AOT API for the target SM (about 6 s)."""
+_PTX_KIT = """
+import sys
+from pathlib import Path
+from arx.builder.build import build_bundle
+from arx.builder.options import BuildOptions
+build_bundle(Path(sys.argv[1]), BuildOptions(target="orin", precision="bf16", kit=True,
+             max_seq_len=32, output=Path(sys.argv[2]), progress=False))
+"""
+
+
+def test_kit_with_ptx_for_orin(exported_bundle, tmp_path, fake_trtp):
+    """The plugin PTX comes from the plugins' AOT API for the target SM (about 6 s; in its own
+    process: the plugin tests run Triton's interpreter, whose kernels cannot be compiled).
+    The kit's kit_plugins.py then launches exactly the kernels that PTX declares."""
     pytest.importorskip("triton")
     bundle = _copy(exported_bundle, "qwen3", tmp_path)
     out = tmp_path / "orin-kit"
-    build_bundle(bundle, BuildOptions(target="orin", precision="bf16", kit=True, max_seq_len=32,
-                                      output=out, progress=False))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", _PTX_KIT, str(bundle), str(out)], check=True,
+                   env=env, capture_output=True, timeout=600)
     ptx = sorted(p.name for p in (out / "plugins").glob("*.ptx"))
     assert ptx == ["kv_attention_bf16_d32_causal_decode.sm_87.ptx",
                    "kv_attention_bf16_d32_causal_prefill.sm_87.ptx", "sample_fp32.sm_87.ptx"]
     for p in (out / "plugins").glob("*.ptx"):
         assert re.search(r"^\.target\s+sm_87", p.read_text(), re.M)
+    _check_kit_launches(out, *fake_trtp)
     with pytest.raises(ArxError, match="already exists"):  # -o folders need --overwrite
         build_bundle(bundle, BuildOptions(target="orin", kit=True, max_seq_len=32, output=out,
                                           ptx=False, progress=False))
+
+
+def _check_kit_launches(kit, trt, trtp):
+    """Register the kit's own kit_plugins.py (fake tensorrt.plugin) and check each AOT launch
+    against its PTX entry: 10 pointer parameters, then one .u32 per scalar passed."""
+    module = _load_kit_plugins(kit)
+    module.register_descriptors(trt, trtp)
+    module.register_aot(trtp, module.folder_kernels(str(kit / "plugins")))
+    td = trtp.TensorDesc
+    descs = [td((2, 3, 4, 32), "BF16"), td((2, 3, 2, 32), "BF16"), td((2, 3, 2, 32), "BF16"),
+             td((2, 2, 32, 32), "BF16"), td((2, 2, 32, 32), "BF16"), td((2,), "INT32"),
+             td((2,), "INT32")]
+    for tactic, phase in module.TACTICS.items():
+        entry, ptx, _, extra = trtp.plugins["arx::kv_attention"]["aot_impl"](
+            *descs, "causal", 0.0, 24, (), tactic)
+        head = re.search(r"\.entry " + entry + r"\((.*?)\)", ptx, re.S).group(1)
+        assert head.count(".param .u64") == 10  # 7 inputs + 3 outputs
+        assert head.count(".param .u32") == len(extra) == 6
+        assert extra[4].value == 24  # the window reaches the kernel as a runtime scalar
+
+
+def _load_kit_plugins(kit):
+    spec = importlib.util.spec_from_file_location("kit_plugins_under_test", kit / "kit_plugins.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kit_plugins_is_the_contract_verbatim(exported_bundle, tmp_path):
+    """One source of truth: kit_plugins.py is plugins/trt_contract.py byte for byte, and
+    imports and registers without arx, Triton or torch on the device."""
+    from arx.plugins import trt_contract
+
+    bundle = _copy(exported_bundle, "llama", tmp_path)
+    kit = build_bundle(bundle, BuildOptions(target="thor", kit=True, max_seq_len=32, ptx=False,
+                                            progress=False)).path
+    assert (kit / "kit_plugins.py").read_bytes() == Path(trt_contract.__file__).read_bytes()
+    code = ("import sys\n"
+            "for m in ('arx', 'triton', 'torch', 'numpy'): sys.modules[m] = None\n"
+            f"sys.path.insert(0, {str(kit)!r})\n"
+            "import kit_plugins\n"
+            "print(callable(kit_plugins.register), kit_plugins.sample_tag('fp16', True))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=tmp_path)
+    assert out.stdout.split() == ["True", "sample_fp16_cfg"]
 
 
 def test_portable_kit_uses_sm80_and_compat_flags(exported_bundle, tmp_path):

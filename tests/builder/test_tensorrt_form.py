@@ -18,8 +18,9 @@ from arx.errors import ArxError
 from arx.manifest import read_manifest
 
 PROMPTS = [[1, 17, 33, 99, 5, 12, 80], [1, 64, 3, 8]]
-S_MAX = 24  # <= Mistral's sliding window of the tiny model: the window never applies
+S_MAX = 24  # the static cache of most tests (the sequences here stay shorter)
 DECODE_STEPS = 4
+MISTRAL_WINDOW = 24  # sliding_window of the tiny Mistral (tests/tiny_models.py)
 
 
 def form_for(bundle, **kw):
@@ -61,12 +62,12 @@ def test_io_derived_from_manifest(family, exported_bundle):
     assert out["token_ids"].dtype == "int32" and out["last_logits"].dtype == "float32"
 
 
-def _run_reference(bundle, steps):
+def _run_reference(bundle, steps, s_max=S_MAX):
     """The bundle's own graph on ORT: the per-step last-token logits (B, V)."""
     from arx.runtime.decoder import DecoderSession
 
     with DecoderSession(bundle) as session:
-        cache = session.new_cache(len(PROMPTS), S_MAX)
+        cache = session.new_cache(len(steps[0][1]), s_max)
         out = []
         for ids, lens in steps:
             logits = session.step(cache, ids, lens)
@@ -74,17 +75,19 @@ def _run_reference(bundle, steps):
     return out
 
 
-def _run_form(ort_session, model, manifest, steps, fixed_mask: bool):
-    """The TensorRT form on ORT + PyOps; returns [(last_logits, token_ids)] per step."""
+def _run_form(ort_session, model, manifest, steps, fixed_mask: bool, s_max=S_MAX,
+              outputs=("last_logits", "token_ids")):
+    """The TensorRT form on ORT + PyOps; returns [(last_logits, token_ids)] (or the named
+    outputs) per step."""
     session = ort_session(model)
     types = {i.name: i.type for i in session.get_inputs()}
-    b, kv = len(PROMPTS), manifest.kv
+    b, kv = len(steps[0][1]), manifest.kv
     dtype = np.float16 if "float16" in types[kv.pairs()[0][0]] else np.float32
-    caches = {p: np.zeros((b, kv.kv_heads, S_MAX, kv.head_dim), dtype) for p, _ in kv.pairs()}
+    caches = {p: np.zeros((b, kv.kv_heads, s_max, kv.head_dim), dtype) for p, _ in kv.pairs()}
     lengths, results = np.zeros(b, np.int64), []
     for ids, lens in steps:
         totals = lengths + lens
-        width = S_MAX if fixed_mask else int(totals.max())
+        width = s_max if fixed_mask else int(totals.max())
         feeds = {"input_ids": ids, **caches,
                  "attention_mask": (np.arange(width)[None] < totals[:, None]).astype(np.int64),
                  "sampling_params": np.tile(np.float32([0, 0, 1, 1, 1]), (b, 1)),  # greedy
@@ -93,24 +96,24 @@ def _run_form(ort_session, model, manifest, steps, fixed_mask: bool):
         if "position_ids" in types:
             feeds["position_ids"] = (lengths[:, None] + np.arange(ids.shape[1])[None]).astype(np.int64)
         names = [o.name for o in session.get_outputs()]
-        out = dict(zip(names, session.run(None, feeds)))
+        out = dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in types})))
         for past, present in kv.pairs():
             caches[past] = out[present]  # ORT has no aliasing: feed the updated cache back
         lengths = totals
-        results.append((out["last_logits"], out["token_ids"]))
+        results.append(tuple(out[name] for name in outputs))
     return results
 
 
-def _steps(reference_tokens=None):
-    """Ragged prefill, then DECODE_STEPS single-token steps (fixed pseudo-random tokens)."""
-    width = max(map(len, PROMPTS))
-    ids = np.zeros((len(PROMPTS), width), np.int64)
-    for b, p in enumerate(PROMPTS):
+def _steps(prompts=PROMPTS, decode_steps=DECODE_STEPS):
+    """Ragged prefill, then single-token decode steps (fixed pseudo-random tokens)."""
+    width = max(map(len, prompts))
+    ids = np.zeros((len(prompts), width), np.int64)
+    for b, p in enumerate(prompts):
         ids[b, :len(p)] = p
-    steps = [(ids, np.array([len(p) for p in PROMPTS]))]
+    steps = [(ids, np.array([len(p) for p in prompts]))]
     rng = np.random.default_rng(0)
-    for _ in range(DECODE_STEPS):
-        steps.append((rng.integers(3, 150, (len(PROMPTS), 1)), np.ones(len(PROMPTS), np.int64)))
+    for _ in range(decode_steps):
+        steps.append((rng.integers(3, 150, (len(prompts), 1)), np.ones(len(prompts), np.int64)))
     return steps
 
 
@@ -128,9 +131,55 @@ def test_form_numerics_match_bundle(family, exported_bundle, ort_session, precis
             np.testing.assert_array_equal(ids, ref.argmax(-1))
 
 
-def test_sliding_window_longer_cache_is_refused(exported_bundle):
-    with pytest.raises(ArxError, match="sliding attention window"):
-        form_for(exported_bundle("mistral"), max_seq_len=64)
+def _window_steps():
+    """Prompts of 30 and 19 tokens (prefill over and under the window of 24), then 8 decode
+    steps: both rows end past the window (38 and 27 tokens)."""
+    rng = np.random.default_rng(3)
+    return _steps([list(rng.integers(3, 150, 30)), list(rng.integers(3, 150, 19))], 8)
+
+
+def test_sliding_window_mistral_beyond_the_window(exported_bundle, ort_session):
+    """Mistral with a cache longer than its sliding window: GroupQueryAttention's
+    local_window_size becomes kv_attention(window=24); the form matches the bundle's own graph
+    (fp32 logits 1e-4, greedy ids) at every step, and without the window it would not."""
+    s_max = 48
+    bundle = exported_bundle("mistral")
+    manifest = read_manifest(bundle)
+    form = form_for(bundle, max_seq_len=s_max)
+    attention = [n for n in form.model.graph.node if n.op_type == "kv_attention"]
+    assert {helper_attr(n, "window") for n in attention} == {MISTRAL_WINDOW}
+    steps = _window_steps()
+    expected = _run_reference(bundle, steps, s_max)
+    got = _run_form(ort_session, form.model, manifest, steps, fixed_mask=True, s_max=s_max)
+    for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
+        np.testing.assert_allclose(last, ref, atol=1e-4, rtol=0, err_msg=f"step {i}")
+        np.testing.assert_array_equal(ids, ref.argmax(-1))
+    for n in form.model.graph.node:  # the same form without the window: the check has teeth
+        for a in n.attribute:
+            if a.name == "window":
+                a.i = 0
+    unwindowed = _run_form(ort_session, form.model, manifest, steps, fixed_mask=True, s_max=s_max)
+    assert max(np.abs(last - ref).max() for ref, (last, _) in zip(expected, unwindowed)) > 1e-2
+
+
+def test_sliding_window_matches_hugging_face(exported_bundle, hf_model_dir, ort_session):
+    """The windowed form against Hugging Face Mistral itself (sliding_window = 24) on a
+    40-token prompt: every position's logits within 1e-4 (fp32, torch vs ORT + NumPy)."""
+    torch = pytest.importorskip("torch")
+    s_max, n = 48, 40
+    bundle = exported_bundle("mistral")
+    _, hf = hf_model_dir("mistral")
+    prompt = np.random.default_rng(4).integers(3, 150, (1, n))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(prompt)).logits[0].numpy()  # (n, V)
+    form = form_for(bundle, max_seq_len=s_max, sampler=False, logits="all")
+    got = _run_form(ort_session, form.model, read_manifest(bundle), [(prompt, np.array([n]))],
+                    fixed_mask=True, s_max=s_max, outputs=("logits",))[0][0][0]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def helper_attr(node, name):
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
 
 
 def test_int8_needs_calibrated_bundle(exported_bundle):
