@@ -32,7 +32,7 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions) -
     rope = rope_cache(src.module, cfg, max_seq_len) if cfg.positions == "rope" else None
     model, stage = build_decoder(cfg, weights, kv, rope, DECODER_FILE)
     save_with_external_data(model, bundle / DECODER_FILE, DECODER_FILE + ".data")
-    n_params = int(sum(v.size for v in state.values()))
+    n_params = int(sum(p.numel() for p in src.module.parameters()))  # tied weights once
     info = {"source_format": "huggingface", "architecture": type(src.module).__name__,
             "parameters": n_params, "dtype": "float32", "config": cfg.__dict__}
     return DecoderExport(cfg.family, cfg.vocab_size, kv, stage, info, family.atol)

@@ -76,12 +76,15 @@ def run(args) -> int:
     stream = None
     if not args.json and len(prompts) == 1 and tokenizer is not None:
         stream = _streamer(tokenizer)
+        if args.prompt is not None:
+            sys.stdout.write(args.prompt[0])  # the continuation reads on from the prompt
     with DecoderSession(args.bundle, BackendOptions(device=args.device), manifest) as session:
         result = generate(session, prompts, options, on_token=stream)
     if args.json:
         print(json.dumps(_as_json(result, prompts, tokenizer)))
     elif stream is not None:
         sys.stdout.write(stream.flush() + "\n")
+        sys.stdout.flush()  # before the summary on stderr
     else:
         for i, toks in enumerate(result.tokens):
             body = tokenizer.decode(toks) if tokenizer else ",".join(map(str, toks))

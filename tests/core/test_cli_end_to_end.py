@@ -52,7 +52,7 @@ def test_streamed_text_equals_decoded_tokens(text_bundle, capsys):
     seq = result["sequences"][0]
     tok = AutoTokenizer.from_pretrained(src)
     assert seq["prompt_ids"] == tok("def fib(n):")["input_ids"]  # BOS as HF adds it
-    assert streamed.rstrip("\n") == tok.decode(seq["tokens"], skip_special_tokens=True)
+    assert streamed.rstrip("\n") == "def fib(n):" + tok.decode(seq["tokens"], skip_special_tokens=True)
     assert seq["text"] == tok.decode(seq["tokens"], skip_special_tokens=True)
 
 
