@@ -361,7 +361,7 @@ def write_fixtures(out_dir: Path, calib_lines: int = 400, eval_lines: int = 200)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, seed, lines in (("calib.txt", CALIB_SEED, calib_lines),
                               ("eval.txt", EVAL_SEED, eval_lines)):
-        docs = documents(seed, 400 * lines, one_line=True)[:lines]
+        docs = documents(seed, 1000 * lines, one_line=True)[:lines]
         (out_dir / name).write_text("\n".join(docs) + "\n", encoding="utf-8")
 
 
