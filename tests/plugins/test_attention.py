@@ -219,13 +219,19 @@ def test_interpreter_bf16_dot_bug(torch, triton):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_triton_on_gpu(torch, triton, dtype):
-    """On a CUDA GPU (run without TRITON_INTERPRET): decode and prefill against the reference."""
+    """On a CUDA GPU (run without TRITON_INTERPRET): decode and prefill against the reference,
+    with and without a sliding window."""
     if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("needs a CUDA GPU and TRITON_INTERPRET unset")
     from arx.plugins.attention.triton_kernel import kv_attention
 
     tdt = getattr(torch, dtype)
-    for shape in [(4, 1, 32, 8, 1000, 128), (2, 65, 16, 4, 300, 64)]:
+    cases = [((4, 1, 32, 8, 1000, 128), AttentionOptions()),
+             ((2, 65, 16, 4, 300, 64), AttentionOptions()),
+             ((4, 1, 32, 8, 1000, 128), AttentionOptions(window=100, scale=0.05)),  # split-K
+             ((2, 65, 16, 4, 300, 64), AttentionOptions(window=40)),
+             ((2, 9, 16, 4, 300, 64), AttentionOptions(mask="block", window=30))]
+    for shape, opts in cases:
         c = make_case(3, *shape)
         t = {k: torch.from_numpy(v.copy()).cuda() for k, v in c.items()}
         for k in ("q", "k_new", "v_new", "k_cache", "v_cache"):
@@ -233,7 +239,7 @@ def test_triton_on_gpu(torch, triton, dtype):
         r = {k: v.float().cpu().numpy().copy() if v.dtype == tdt else v.cpu().numpy()
              for k, v in t.items()}
         want = kv_attention_reference(r["q"], r["k_new"], r["v_new"], r["k_cache"],
-                                      r["v_cache"], r["past_len"], r["new_len"])
+                                      r["v_cache"], r["past_len"], r["new_len"], opts)
         got = kv_attention(t["q"], t["k_new"], t["v_new"], t["k_cache"], t["v_cache"],
-                           t["past_len"], t["new_len"])
+                           t["past_len"], t["new_len"], opts)
         np.testing.assert_allclose(got.float().cpu().numpy(), want, atol=TOL[dtype], rtol=0)
