@@ -39,10 +39,25 @@ def run(args) -> int:
         for kind, specs in (("in ", stage.inputs), ("out", stage.outputs)):
             for s in _collapse(specs):
                 print(f"  {kind} {s}")
-    _print_parity(m.parity)
+    quant = m.extensions.get("quantization")
+    _print_parity(m.parity, "of the fp32 source" if quant else "")
+    if quant:
+        _print_quantization(quant)
     for key, value in m.extensions.items():
-        print(f"{key:<10} {json.dumps(value)[:200]}")
+        if key != "quantization":
+            print(f"{key:<10} {json.dumps(value)[:200]}")
     return 0
+
+
+def _print_quantization(q: dict) -> None:
+    print(f"quantized  {q.get('scheme')}: {q.get('summary', '')}")
+    acc = q.get("accuracy") or {}
+    if acc:
+        gate = "passed" if acc.get("passed") else ("FORCED past" if acc.get("forced") else "failed")
+        print(f"  perplexity {acc['ppl_fp32']:.3f} -> {acc['ppl_quantized']:.3f} "
+              f"({acc['ppl_increase'] * 100:+.2f}%, gate {acc['gate'] * 100:g}% {gate}), "
+              f"top-1 agreement {acc['top1_agreement'] * 100:.1f}%, KL {acc['kl_mean']:.4f} "
+              f"on {acc['tokens']} held-out tokens")
 
 
 def _collapse(specs) -> list[str]:
@@ -58,7 +73,7 @@ def _collapse(specs) -> list[str]:
     return lines
 
 
-def _print_parity(parity: dict) -> None:
+def _print_parity(parity: dict, note: str = "") -> None:
     if not parity:
         print("parity     not recorded")
         return
@@ -66,7 +81,8 @@ def _print_parity(parity: dict) -> None:
         print(f"parity     skipped ({parity.get('skipped', '')})")
         return
     status = "passed" if parity["passed"] else "FAILED"
-    print(f"parity     {status} vs PyTorch, atol {parity['atol']:g}, batch {parity['batch']} "
+    note = f" ({note})" if note else ""
+    print(f"parity     {status}{note} vs PyTorch, atol {parity['atol']:g}, batch {parity['batch']} "
           f"(prompts {parity['prompt_lengths']}), {parity['decode_steps']} decode steps")
     for k, v in parity.get("outputs", {}).items():
         print(f"  {k:<16} max abs {v['max_abs']:.2e}  max rel {v['max_rel']:.2e}")
