@@ -231,10 +231,13 @@ def format_table(report: dict) -> str:
              f"({report['machine']['cpu']}), batch 1, prompt {c['prompt_len']}, "
              f"{c['new_tokens']} new tokens, {report['machine']['threads']} threads, "
              f"median of {c['runs']} runs after {c['warmup']} warm-up",
-             f"{'engine':<12}{'variant':<9}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/token':>10}"]
+             f"{'engine':<12}{'variant':<9}{'TTFT ms':>10}{'decode tok/s':>14}{'ms/token':>10}"
+             f"{'runs min-max tok/s':>21}"]
     for r in report["results"].values():
+        runs = r["runs_decode_tokens_per_s"]
         lines.append(f"{r['engine']:<12}{r['variant']:<9}{r['ttft_ms']:>10.1f}"
-                     f"{r['decode_tokens_per_s']:>14.2f}{r['ms_per_token']:>10.2f}")
+                     f"{r['decode_tokens_per_s']:>14.2f}{r['ms_per_token']:>10.2f}"
+                     f"{min(runs):>13.1f}-{max(runs):<7.1f}")
     if report["ratios"]:
         lines.append(f"{'decode tok/s ratio':<36}{'measured':>9}{'goal':>9}")
         for q in report["ratios"]:

@@ -247,7 +247,7 @@ def profile_bundle(bundle: str | Path, opts: ProfileOptions, *, bandwidth: float
     if opts.op_breakdown:
         trace_ops(PROFILERS["onnxruntime"](bundle, manifest, backend_opts), opts, results, tick)
     weights = None
-    if opts.roofline and bandwidth:
+    if opts.roofline and bandwidth and device == "cpu":  # the bandwidth measured is host DRAM
         weights = weight_bytes(bundle, manifest)
         for r in results:
             roof = Roofline.for_decode(weights, manifest.kv, r.prompt_len, opts.gen_len, r.batch,
