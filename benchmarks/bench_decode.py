@@ -134,7 +134,7 @@ def prepare(cfg: BenchConfig, log: Path) -> tuple[list[Target], dict]:
 
 
 def measure(cfg: BenchConfig, targets: list[Target]) -> None:
-    """Warm-up runs, then `runs` rounds in which every target runs once (interleaved)."""
+    """Warm-up rounds, then `runs` rounds in which every target runs once (interleaved)."""
     import numpy as np
 
     from arx.progress import bar
@@ -147,7 +147,9 @@ def measure(cfg: BenchConfig, targets: list[Target]) -> None:
         engines[t.label] = decode_engines.ENGINES[t.engine](t.path, cfg.n_threads)
     try:
         total = len(targets) * (cfg.warmup + cfg.runs)
-        plan = [(r, t) for r in range(cfg.warmup + cfg.runs) for t in targets]
+        # each round starts one target later, so no engine always follows the same neighbour
+        n = len(targets)
+        plan = [(r, targets[(r + i) % n]) for r in range(cfg.warmup + cfg.runs) for i in range(n)]
         it = bar(plan, "timing", total=total, enabled=cfg.progress)
         for r, t in it:
             if hasattr(it, "set_postfix_str"):

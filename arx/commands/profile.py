@@ -132,9 +132,9 @@ def format_report(report: dict) -> str:
              f"{o['warmup']} warm-up, device {report['bundles'][0]['device']}, {m['cpu']} "
              f"({m['cpus_usable']} CPUs, load {m['load_average'][0]:.2f})"]
     if bw:
-        lines.append(f"memory bandwidth: read {bw['bytes_per_s'] / 1e9:.1f} GB/s, copy "
-                     f"{bw['copy_bytes_per_s'] / 1e9:.1f} GB/s ({bw['method']}, {bw['threads']} "
-                     f"threads); the roofline uses the read bandwidth")
+        lines.append(f"memory bandwidth: read {bw['bytes_per_s'] / 1e9:.1f} GB/s (median "
+                     f"{bw['read_median_bytes_per_s'] / 1e9:.1f}), copy {bw['copy_bytes_per_s'] / 1e9:.1f}"
+                     f" GB/s ({bw['method']}, {bw['threads']} threads); the roofline uses the best read")
     for p in report["bundles"]:
         lines += ["", _bundle_header(p), _TABLE_HEAD]
         lines += [_row(r) for r in p["results"]]
