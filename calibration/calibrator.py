@@ -57,6 +57,10 @@ def calibrate_bundle(*, bundle: str | Path, output: str | Path,
     bundle, output = Path(bundle), Path(output)
     manifest = read_manifest(bundle)
     check_source(bundle, manifest)
+    if options.data.seq_len > manifest.kv.max_seq_len:
+        raise ArxError(f"--seq-len {options.data.seq_len} exceeds the bundle's context of "
+                       f"{manifest.kv.max_seq_len} tokens; use --seq-len {manifest.kv.max_seq_len} "
+                       f"or less")
     check_writable_output(output, overwrite=options.overwrite)  # before minutes of work
     q_opts = options.quant
     cached = cache_mod.read(options.calibration_cache) if options.calibration_cache else None

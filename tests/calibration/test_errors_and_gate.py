@@ -123,3 +123,11 @@ def test_random_tokens_are_marked(llama_bundle, tmp_path):
                    "--scheme", "w8", "--group-size", "32", "-o", str(out), "-q", "--no-plot", "--force"])
     report = json.loads((out / "reports" / "accuracy.json").read_text())
     assert code == 0 and report["data"]["kind"] == "random token ids"
+
+
+def test_seq_len_longer_than_the_context(llama_bundle, calib_text, tmp_path):
+    from arx.manifest import read_manifest
+
+    context = read_manifest(llama_bundle).kv.max_seq_len
+    assert_refused(tmp_path, [str(llama_bundle), "--data", str(calib_text), "--seq-len",
+                              str(context + 1)], "exceeds the bundle's context")
