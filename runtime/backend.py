@@ -23,6 +23,9 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 class BackendOptions:
     device: str = "cpu"  # "cpu" | "cuda" | "auto" (cuda when onnxruntime-gpu sees a GPU)
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    # Spinning idle threads cut latency on dedicated cores, but when other processes share
+    # them it costs: 56-59 vs 33.6 ms per decode step measured here (docs/benchmarks.md).
+    spin_wait: bool = True
     enable_profiling: bool = False
     profile_prefix: str = "arx_ort_profile"
 
@@ -30,7 +33,7 @@ class BackendOptions:
         if self.device not in ("cpu", "cuda", "auto"):
             raise ArxError(f"unknown device {self.device!r}; use cpu, cuda or auto")
         if self.intra_op_threads < 0:
-            raise ArxError("intra_op_threads must be >= 0")
+            raise ArxError(f"--threads must be >= 0 (got {self.intra_op_threads}); 0 means one per core")
 
 
 def resolve_device(device: str) -> str:
@@ -57,6 +60,8 @@ class OrtBackend:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if options.intra_op_threads:
             so.intra_op_num_threads = options.intra_op_threads
+        if not options.spin_wait:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if options.enable_profiling:
             so.enable_profiling = True
             so.profile_file_prefix = options.profile_prefix

@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--no-eos-stop", action="store_true", help="generate max-new-tokens even after EOS")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
+    p.add_argument("--no-spin", action="store_true",
+                   help="idle threads sleep instead of spinning (better when cores are shared)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(run=run)
 
@@ -78,7 +81,9 @@ def run(args) -> int:
         stream = _streamer(tokenizer)
         if args.prompt is not None:
             sys.stdout.write(args.prompt[0])  # the continuation reads on from the prompt
-    with DecoderSession(args.bundle, BackendOptions(device=args.device), manifest) as session:
+    backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
+                             spin_wait=not args.no_spin)
+    with DecoderSession(args.bundle, backend, manifest) as session:
         result = generate(session, prompts, options, on_token=stream)
     if args.json:
         print(json.dumps(_as_json(result, prompts, tokenizer)))

@@ -139,6 +139,7 @@ def test_prompt_longer_than_context(short_bundle, capsys):
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--seed", "-3"], "--seed"),
     (["--greedy", "--sample"], "contradict"),
+    (["--threads", "-1"], "--threads"),
 ])
 def test_invalid_sampling_values(short_bundle, capsys, flags, fragment):
     code, _, err = run_cli(capsys, "generate", str(short_bundle), "--prompt-ids", "1,2", *flags)
