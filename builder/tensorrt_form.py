@@ -40,6 +40,7 @@ from .schemas import DOMAIN, OPSET, SAMPLE, plugin_attrs, register_schemas
 
 ONNX_OPSET = 23  # RMSNormalization; TensorRT 11's parser reads up to opset 25
 TOKEN_IDS, LAST_LOGITS, LOGITS = "token_ids", "last_logits", "logits"
+LOGITS_INDICES = "logits_indices"  # a bundle input; computed inside the TensorRT form
 # Sampler inputs (arx::sample contract, plugins/sampling/reference.py), per batch row.
 #   name -> (dtype, trailing dims; "V" is the vocabulary size)
 SAMPLER_INPUTS = {
@@ -74,18 +75,18 @@ def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
     def cache(t: TensorSpec) -> TensorSpec:  # (B, kv_heads, S_max, D)
         return TensorSpec(t.name, spec.cache_dtype, (t.shape[0], kv.kv_heads, spec.s_max, kv.head_dim))
 
-    inputs = [cache(t) if t.name in pasts else t for t in dec.inputs]
+    inputs = [cache(t) if t.name in pasts else t for t in dec.inputs if t.name != LOGITS_INDICES]
     outputs: list[TensorSpec] = []
     if spec.sampler:
         v = manifest.vocab_size
         for name, (dtype, dims) in SAMPLER_INPUTS.items():
             inputs.append(TensorSpec(name, dtype, (batch, *[v if d == "V" else d for d in dims])))
         outputs.append(TensorSpec(TOKEN_IDS, "int32", (batch,)))
-    logits = next(t for t in dec.outputs if t.name == LOGITS)  # (B, S, V)
+    vocab = next(t for t in dec.outputs if t.name == LOGITS).shape[2]
     if spec.logits == "last":
-        outputs.append(TensorSpec(LAST_LOGITS, "float32", (batch, logits.shape[2])))
-    elif spec.logits == "all":
-        outputs.append(logits)
+        outputs.append(TensorSpec(LAST_LOGITS, "float32", (batch, vocab)))
+    elif spec.logits == "all":  # (B, S, V): every position of the new block
+        outputs.append(TensorSpec(LOGITS, "float32", (batch, dec.input("input_ids").shape[1], vocab)))
     outputs += [cache(t) for t in dec.outputs if t.name in presents]
     return Stage("decoder.trt.onnx", tuple(inputs), tuple(outputs))
 
@@ -112,8 +113,7 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
         rewrite_attention(ed, parse_gqa(n), manifest.kv.head_dim, bk, rope_cache, spec.aot)
         graph.node.remove(n)
     stage = tensorrt_io(manifest, spec)
-    if spec.sampler or spec.logits == "last":
-        _head(ed, bk, spec)
+    _head(ed, bk, spec)
     _set_io(graph, stage)
     topological_sort(graph)  # appended nodes first, so that pruning sees every consumer
     prune(graph)
@@ -150,13 +150,23 @@ def _bookkeeping(ed: GraphEditor, s_max: int) -> Bookkeeping:
 
 
 def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec) -> None:
-    """Each row's last valid logits, then the sampler.
+    """Which rows reach the LM head, each row's last valid logits, then the sampler.
 
-        logits (B,S,V) ─GatherND(batch_dims=1, index new_len-1)─► last_logits (B,V)
+        last:  logits_indices = new_len-1 (B,1) ─► logits (B,1,V) ─Squeeze─► last_logits (B,V)
+        all:   logits_indices = Range(S) (B,S)  ─► logits (B,S,V) ─GatherND(new_len-1)─► last_logits
         last_logits, sampling_params, presence, seed, offset ─arx::sample─► token_ids (B,) int32
     """
-    index = ed.op("Unsqueeze", ed.op("Sub", bk.new_len64, ed.const(1)), ed.const([1]))
-    ed.node("GatherND", [LOGITS, index], [LAST_LOGITS], batch_dims=1, name="head/last_logits")
+    last = ed.op("Unsqueeze", ed.op("Sub", bk.new_len64, ed.const(1)), ed.const([1]))  # (B, 1)
+    if spec.logits == "all":
+        steps = ed.op("Range", ed.const(0), ed.op("Gather", ed.op("Shape", "input_ids"),
+                                                  ed.const(1), axis=0), ed.const(1))
+        ed.node("Expand", [ed.op("Unsqueeze", steps, ed.const([0])),
+                           ed.op("Shape", "input_ids")], [LOGITS_INDICES], name="head/all_rows")
+        if spec.sampler:
+            ed.node("GatherND", [LOGITS, last], [LAST_LOGITS], batch_dims=1, name="head/last_logits")
+    else:
+        ed.node("Identity", [last], [LOGITS_INDICES], name="head/last_row")
+        ed.node("Squeeze", [LOGITS, ed.const([1])], [LAST_LOGITS], name="head/last_logits")
     if spec.sampler:
         ed.node(SAMPLE, [LAST_LOGITS, *SAMPLER_INPUTS], [TOKEN_IDS], domain=DOMAIN,
                 name="head/sample", guidance=0, **plugin_attrs(aot=spec.aot))

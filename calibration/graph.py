@@ -132,6 +132,8 @@ def prefill_feeds(manifest: Manifest, ids: np.ndarray, input_names: set[str]) ->
         feeds["attention_mask"] = np.ones((1, s), dtype=np.int64)
     if "position_ids" in input_names:
         feeds["position_ids"] = np.arange(s, dtype=np.int64).reshape(1, s)
+    if "logits_indices" in input_names:  # logits at every position (perplexity needs them all)
+        feeds["logits_indices"] = np.arange(s, dtype=np.int64).reshape(1, s)
     kv = manifest.kv
     for past, _ in kv.pairs():
         feeds[past] = np.zeros((1, kv.kv_heads, s, kv.head_dim), dtype=kv.dtype)  # (B, kv_heads, S, D)

@@ -28,6 +28,9 @@ from onnx import numpy_helper
 from arx.calibration.graph import initializers, set_initializer
 
 NORM_OPS = ("RMSNormalization", "LayerNormalization", "SimplifiedLayerNormalization")
+# Ops that only select rows (positions) of an activation: the final norm reaches the LM head
+# through GatherND(logits_indices), and a per-channel scale passes through it unchanged.
+ROW_SELECT_OPS = ("GatherND",)
 _S_MIN, _S_MAX = 1e-5, 1e5  # keep a dead channel (max|x| = 0) from zeroing weights
 
 
@@ -52,6 +55,9 @@ def find_groups(model: onnx.ModelProto, quantized: set[str]) -> list[SmoothGroup
 
     def linear_readers(tensor: str):
         readers = consumers.get(tensor, [])
+        if len(readers) == 1 and readers[0].op_type in ROW_SELECT_OPS and readers[0].input[0] == tensor:
+            tensor = readers[0].output[0]  # picking rows commutes with per-channel scaling
+            readers = consumers.get(tensor, [])
         ok = readers and all(r.op_type == "MatMul" and r.input[0] == tensor and r.input[1] in inits
                              for r in readers)
         return readers if ok and any(r.name in quantized for r in readers) else None

@@ -10,12 +10,16 @@
                      └─norm─ MLP (gated SiLU or GELU) ─ Add ─► x                      │
                         └────────────────────────────────────────────────────────────┘
                                    ▼
-                        final norm ─ MatMul(lm_head) ─► logits (B,S,V)
+            final norm ─ GatherND(logits_indices) ─ MatMul(lm_head) ─► logits (B,K,V)
 
 Attention is one op per layer (com.microsoft GroupQueryAttention): ORT implements it on CPU
 and CUDA with a shared past/present buffer, and `arx build` swaps it for the arx TensorRT
 plugin. Sequence bookkeeping comes from `attention_mask` (B, total_len), as in
 onnxruntime-genai: seqlens_k = sum(mask) - 1, total_sequence_length = mask.shape[1].
+
+`logits_indices` (B, K) picks, per sequence, the positions of the new block whose logits are
+computed: the runtime asks for each prompt's last token only (the LM head over a whole prompt
+is most of a prefill's work at large vocabularies), parity and perplexity ask for all of them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from arx.export.weights import DecoderWeights, LayerWeights
 from arx.manifest import KVLayout, Stage, TensorSpec
 
 B, S, TOTAL, PAST = "batch_size", "sequence_length", "total_sequence_length", "past_sequence_length"
+K = "logits_length"  # positions per sequence that get logits
 
 
 def decoder_io(cfg: DecoderConfig, kv: KVLayout) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -36,8 +41,9 @@ def decoder_io(cfg: DecoderConfig, kv: KVLayout) -> tuple[list[TensorSpec], list
               TensorSpec("attention_mask", "int64", (B, TOTAL))]
     if cfg.positions == "learned":
         inputs.append(TensorSpec("position_ids", "int64", (B, S)))
+    inputs.append(TensorSpec("logits_indices", "int64", (B, K)))
     cache_shape = (B, kv.kv_heads, PAST, kv.head_dim)  # (B, kv_heads, S_max, D) when in place
-    outputs = [TensorSpec("logits", "float32", (B, S, cfg.vocab_size))]
+    outputs = [TensorSpec("logits", "float32", (B, K, cfg.vocab_size))]
     for past, present in kv.pairs():
         inputs.append(TensorSpec(past, kv.dtype, cache_shape))
         outputs.append(TensorSpec(present, kv.dtype, cache_shape))
@@ -65,6 +71,9 @@ def build_decoder(cfg: DecoderConfig, w: DecoderWeights, kv: KVLayout,
         x = _layer(g, cfg, kv, i, lw, x, seqlens_k, total_len, cos_sin)
 
     x = _norm(g, cfg, x, w.final_norm, "final_norm")
+    # (B, S, H) -> (B, K, H): only the rows that need logits reach the LM head
+    picks = g.op("Unsqueeze", "logits_indices", g.const([-1]))  # (B, K, 1)
+    x = g.op("GatherND", x, picks, batch_dims=1, name="logits_rows")
     if w.lm_head is None:  # tied: (V, H) -> (H, V); ORT folds the Transpose at load time
         head = g.op("Transpose", "embed_tokens.weight", perm=[1, 0], name="lm_head_tied")
     else:

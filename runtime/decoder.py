@@ -40,12 +40,16 @@ class DecoderSession:
     def new_cache(self, batch: int, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.backend, self.kv, batch, max_seq_len)
 
-    def step(self, cache: KVCache, input_ids: np.ndarray, new_lens: np.ndarray) -> np.ndarray:
+    def step(self, cache: KVCache, input_ids: np.ndarray, new_lens: np.ndarray,
+             logits: str = "all") -> np.ndarray:
         """Run new tokens through the decoder and store their keys/values.
 
         input_ids (B, S) int64, right-padded; new_lens (B,) valid tokens per row.
-        Returns logits (B, S, V); rows past new_lens[b] are padding and meaningless.
+        logits "all": returns (B, S, V), rows past new_lens[b] are padding and meaningless;
+        "last": returns (B, 1, V), each sequence's last new token only (what generation needs).
         """
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits must be 'all' or 'last', not {logits!r}")
         b, s = input_ids.shape
         totals = cache.lengths + new_lens
         if totals.max() > cache.max_seq_len:
@@ -60,7 +64,13 @@ class DecoderSession:
         if "position_ids" in self.input_names:
             pos = cache.lengths[:, None] + np.arange(s)[None, :]
             feeds["position_ids"] = np.minimum(pos, cache.max_seq_len - 1).astype(np.int64)
+        last = (new_lens.astype(np.int64) - 1)[:, None]  # (B, 1)
+        if "logits_indices" in self.input_names:
+            feeds["logits_indices"] = last if logits == "last" else np.tile(np.arange(s), (b, 1))
         feeds.update(cache.feeds())
         outputs = self.backend.run(feeds)
         cache.advance(new_lens.astype(np.int64), outputs)
-        return outputs["logits"]
+        out = outputs["logits"]
+        if logits == "last" and "logits_indices" not in self.input_names:  # e.g. protocol graphs
+            out = np.take_along_axis(out, last[:, :, None], axis=1)
+        return out

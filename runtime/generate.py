@@ -78,8 +78,7 @@ def _generate_batch(session, prompts, options, on_token) -> GenerationResult:
     ids = np.zeros((batch, int(lengths.max())), dtype=np.int64)  # (B, P) right-padded
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = p
-    logits = session.step(cache, ids, lengths)
-    last = logits[np.arange(batch), lengths - 1]  # (B, V) at each prompt's last token
+    last = session.step(cache, ids, lengths, logits="last")[:, 0]  # (B, V) at each prompt's end
     for step in range(options.max_new_tokens):
         nxt = sampler(last, seen)
         if step == 0:
@@ -96,8 +95,7 @@ def _generate_batch(session, prompts, options, on_token) -> GenerationResult:
         if done.all() or step == options.max_new_tokens - 1:
             break
         t = time.perf_counter()
-        logits = session.step(cache, nxt[:, None], np.ones(batch, dtype=np.int64))
-        last = logits[:, 0]
+        last = session.step(cache, nxt[:, None], np.ones(batch, dtype=np.int64), logits="last")[:, 0]
         result.step_s.append(time.perf_counter() - t)
     return result
 
