@@ -63,7 +63,7 @@ def table(report: AccuracyReport, n_layers: int) -> str:
         f"  {'mean KL(fp32||quant)':<22}{'':>10}{m.kl_mean:>10.4f}",
     ]
     if report.layers:
-        lines.append(f"  worst layers (relative error of the output; added by the layer):")
+        lines.append("  worst layers (relative error of the output; added by the layer):")
         for e in report.worst(n_layers):
             lines.append(f"    {e.name:<32} {e.err_out:>8.2%}  (+{max(e.added, 0):.2%})")
     return "\n".join(lines)
