@@ -49,23 +49,21 @@ def check_protocol(module, path: Path) -> None:
                        f"({what}); see 'Decoder protocol' in the README")
 
 
-class _Flat:
-    """Adapts the protocol's list-of-pairs cache to flat tensors for tracing."""
+def _flat_module(module, layers: int):
+    """Wrap `module` so the cache is flat tensors (k0, v0, k1, ...) for tracing."""
+    import torch
 
-    def __new__(cls, module, layers: int):
-        import torch
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
 
-        class Flat(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.inner = module
+        def forward(self, input_ids, position_ids, *flat_past):
+            past = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(layers)]
+            logits, present = self.inner(input_ids, position_ids, past)
+            return (logits, *[t for pair in present for t in pair])
 
-            def forward(self, input_ids, position_ids, *flat_past):
-                past = [(flat_past[2 * i], flat_past[2 * i + 1]) for i in range(layers)]
-                logits, present = self.inner(input_ids, position_ids, past)
-                return (logits, *[t for pair in present for t in pair])
-
-        return Flat()
+    return Flat()
 
 
 def export_protocol_decoder(src, bundle: Path, options):
@@ -109,7 +107,7 @@ def _trace(module, kv):
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         try:
             program = torch.onnx.export(
-                _Flat(module, kv.layers).eval(), example, dynamo=True, dynamic_shapes=dyn,
+                _flat_module(module, kv.layers).eval(), example, dynamo=True, dynamic_shapes=dyn,
                 input_names=["input_ids", "position_ids"] + [p for p, _ in kv.pairs()],
                 output_names=["logits"] + [q for _, q in kv.pairs()], opset_version=21,
                 verbose=False)

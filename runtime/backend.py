@@ -24,7 +24,7 @@ class BackendOptions:
     device: str = "cpu"  # "cpu" | "cuda" | "auto" (cuda when onnxruntime-gpu sees a GPU)
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     # Spinning idle threads cut latency on dedicated cores, but when other processes share
-    # them it costs: 56-59 vs 33.6 ms per decode step measured here (docs/benchmarks.md).
+    # them it costs (a one-off measurement under load: docs/benchmarks.md, proposal 2).
     spin_wait: bool = True
     enable_profiling: bool = False
     profile_prefix: str = "arx_ort_profile"

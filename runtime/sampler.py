@@ -45,7 +45,7 @@ class Sampler:
     def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
         """logits (B, V) float; seen (B, V) bool: tokens already in each sequence. -> (B,) int64."""
         o = self.options
-        scores = logits.astype(np.float32, copy=True)
+        scores = np.asarray(logits, dtype=np.float32)  # no copy: every change below makes a new array
         if o.repetition_penalty != 1.0 and seen is not None:
             penalized = np.where(scores < 0, scores * o.repetition_penalty, scores / o.repetition_penalty)
             scores = np.where(seen, penalized, scores)

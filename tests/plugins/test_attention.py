@@ -106,6 +106,17 @@ TRITON_CASES = [
 ]
 
 
+def _triton_and_reference(torch, kv_attention, c, opts, splits):
+    """Run the reference on numpy copies and the Triton kernel on torch copies of case `c`;
+    returns (kernel out, reference out, the kernel's tensors, the reference's caches)."""
+    ref_cache = c["k_cache"].copy(), c["v_cache"].copy()
+    want = kv_attention_reference(c["q"], c["k_new"], c["v_new"], *ref_cache, c["past_len"],
+                                  c["new_len"], opts)
+    t = {k: torch.from_numpy(v.copy()) for k, v in c.items()}
+    got = kv_attention(t["q"], t["k_new"], t["v_new"], t["k_cache"], t["v_cache"],
+                       t["past_len"], t["new_len"], opts, num_splits=splits)
+    return got, want, t, ref_cache
+
 @pytest.mark.parametrize("mask", ["causal", "block"])
 @pytest.mark.parametrize("shape", TRITON_CASES, ids=lambda s: "x".join(map(str, s)))
 def test_triton_matches_reference(torch, triton, shape, mask):
@@ -113,13 +124,8 @@ def test_triton_matches_reference(torch, triton, shape, mask):
 
     *dims, splits = shape
     c = make_case(hash((shape, mask)) % 1000, *dims)
-    ref_cache = c["k_cache"].copy(), c["v_cache"].copy()
-    opts = AttentionOptions(mask=mask)
-    want = kv_attention_reference(c["q"], c["k_new"], c["v_new"], *ref_cache, c["past_len"],
-                                  c["new_len"], opts)
-    t = {k: torch.from_numpy(v.copy()) for k, v in c.items()}
-    got = kv_attention(t["q"], t["k_new"], t["v_new"], t["k_cache"], t["v_cache"],
-                       t["past_len"], t["new_len"], opts, num_splits=splits)
+    got, want, t, ref_cache = _triton_and_reference(torch, kv_attention, c,
+                                                    AttentionOptions(mask=mask), splits)
     np.testing.assert_allclose(got.numpy(), want, atol=TOL["float32"], rtol=0)
     np.testing.assert_array_equal(t["k_cache"].numpy(), ref_cache[0])
     np.testing.assert_array_equal(t["v_cache"].numpy(), ref_cache[1])
@@ -149,13 +155,8 @@ def test_triton_window_matches_reference(torch, triton, case):
     c["new_len"][1:] = np.minimum(c["new_len"][1:], dims[4] - past)  # ragged rows, in range
     c["past_len"][:] = past
     c["past_len"][1:] = np.minimum(past, dims[4] - c["new_len"][1:]) // 2  # another length
-    ref_cache = c["k_cache"].copy(), c["v_cache"].copy()
     opts = AttentionOptions(mask=mask, window=window, scale=0.2)
-    want = kv_attention_reference(c["q"], c["k_new"], c["v_new"], *ref_cache, c["past_len"],
-                                  c["new_len"], opts)
-    t = {k: torch.from_numpy(v.copy()) for k, v in c.items()}
-    got = kv_attention(t["q"], t["k_new"], t["v_new"], t["k_cache"], t["v_cache"],
-                       t["past_len"], t["new_len"], opts, num_splits=splits)
+    got, want, t, ref_cache = _triton_and_reference(torch, kv_attention, c, opts, splits)
     np.testing.assert_allclose(got.numpy(), want, atol=TOL["float32"], rtol=0)
     np.testing.assert_array_equal(t["k_cache"].numpy(), ref_cache[0])
 
