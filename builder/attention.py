@@ -2,6 +2,7 @@
 
 The plugin takes RoPE already applied (plugins/attention/reference.py), so the graph applies it
 with standard ops, gathering cos/sin at each token's absolute position as ORT's fused op does.
+native_attention.py reuses parse_gqa/project_qkv/merge_heads for the plugin-free form.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class Bookkeeping:
     positions: str  # (B, S) int64: absolute position of each new token, clamped to the cache
     s_max: int  # static cache length
     new_len64: str = ""  # (B,) int64 copy of new_len (index arithmetic)
+    past_len64: str = ""  # (B,) int64: the cache write position of each row (TensorScatter)
+    total64: str = ""  # (B,) int64: valid cache entries after this step (past + new)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ def parse_gqa(node: onnx.NodeProto) -> GqaNode:
     for name, value in attrs.items():
         if name not in _KNOWN_ATTRS and _NEUTRAL.get(name) != value:
             raise ArxError(f"attention node {node.name} sets {name}={value!r}, which the "
-                           f"arx::kv_attention plugin does not implement; re-export without it")
+                           f"TensorRT form does not implement; re-export without it")
     if attrs.get("rotary_interleaved", 0):
         raise ArxError(f"attention node {node.name} uses interleaved RoPE; the TensorRT form "
                        f"implements rotate-half RoPE only")
@@ -59,19 +62,14 @@ def parse_gqa(node: onnx.NodeProto) -> GqaNode:
                    int(attrs.get("local_window_size", -1)))
 
 
-def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
-                      rope_cache: dict, aot: bool) -> None:
-    """Replace one GroupQueryAttention node (removed by the caller) with the plugin form.
+def project_qkv(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
+                rope_cache: dict) -> tuple[str, str, str]:
+    """The GQA node's q, k, v as (B,S,H,D) with RoPE applied (both attention forms start here).
 
         packed qkv (B,S,(Hq+2Hkv)*D) ─Split─┐          (or q, k, v given separately)
-                  q (B,S,Hq*D) ─Reshape─► (B,S,Hq,D) ─RoPE─┐
-                  k (B,S,Hkv*D) ─Reshape─► (B,S,Hkv,D) ─RoPE─┤
-                  v (B,S,Hkv*D) ─Reshape─► (B,S,Hkv,D) ──────┤
-            past_key_values.i.* (B,Hkv,S_max,D) ─────────────┤   past_len, new_len (B,) int32
-                                                              ▼
-                         arx::kv_attention(window = local_window_size) ──► present.i.* (aliased)
-                                                    │ (B,S,Hq,D)
-                                                 Reshape ──► (B,S,Hq*D) = the GQA output
+                  q (B,S,Hq*D) ─Reshape─► (B,S,Hq,D) ─RoPE─► q4
+                  k (B,S,Hkv*D) ─Reshape─► (B,S,Hkv,D) ─RoPE─► k4
+                  v (B,S,Hkv*D) ─Reshape─► (B,S,Hkv,D) ──────► v4
     """
     n = g.node
     hq, hkv, d = g.num_heads, g.kv_heads, head_dim
@@ -86,6 +84,22 @@ def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeepin
         tables = _rope_tables(ed, n, bk, rope_cache)
         q4 = _rotate(ed, q4, tables, d, f"{n.name}/rope_q")
         k4 = _rotate(ed, k4, tables, d, f"{n.name}/rope_k")
+    return q4, k4, v4
+
+
+def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
+                      rope_cache: dict, aot: bool) -> None:
+    """Replace one GroupQueryAttention node (removed by the caller) with the plugin form.
+
+        q4, k4, v4 (project_qkv) ──────────────────────────────┐
+            past_key_values.i.* (B,Hkv,S_max,D) ─────────────┤   past_len, new_len (B,) int32
+                                                              ▼
+                         arx::kv_attention(window = local_window_size) ──► present.i.* (aliased)
+                                                    │ (B,S,Hq,D)
+                                                 Reshape ──► (B,S,Hq*D) = the GQA output
+    """
+    n = g.node
+    q4, k4, v4 = project_qkv(ed, g, head_dim, bk, rope_cache)
     out4 = ed.fresh(f"{n.name}/attn")
     # GroupQueryAttention's local_window_size = W and the plugin's window = W mean the same
     # keys: j > p - W for the query at position p (checked against onnxruntime's own op in
@@ -93,7 +107,12 @@ def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeepin
     ed.node(KV_ATTENTION, [q4, k4, v4, n.input[3], n.input[4], bk.past_len, bk.new_len],
             [out4, n.output[1], n.output[2]], domain=DOMAIN, name=f"{n.name}/kv_attention",
             mask="causal", scale=g.scale, window=max(g.window, 0), **plugin_attrs(aot=aot))
-    ed.node("Reshape", [out4, ed.const([0, 0, hq * d])], [n.output[0]], name=f"{n.name}/merge")
+    merge_heads(ed, n, out4, g.num_heads * head_dim)
+
+
+def merge_heads(ed: GraphEditor, n: onnx.NodeProto, out4: str, width: int) -> None:
+    """(B,S,Hq,D) -> (B,S,Hq*D): the replaced node's output."""
+    ed.node("Reshape", [out4, ed.const([0, 0, width])], [n.output[0]], name=f"{n.name}/merge")
 
 
 def _rope_tables(ed: GraphEditor, n: onnx.NodeProto, bk: Bookkeeping, cache: dict):

@@ -60,7 +60,8 @@ def build_engine_files(folder: Path, form: TensorRTForm, options: BuildOptions,
     from . import trt_build
 
     t = options.target_info
-    register_plugins(aot_target=PORTABLE_SM if options.portable else t.sm)
+    if form.uses_plugins:
+        register_plugins(aot_target=PORTABLE_SM if options.portable else t.sm)
     profiles = make_profiles(form.stage, options, form.spec.s_max)
     plan = build_plan(form, profiles, options)
     with tempfile.TemporaryDirectory(prefix="arx-trt-form-") as tmp:
@@ -69,5 +70,6 @@ def build_engine_files(folder: Path, form: TensorRTForm, options: BuildOptions,
                                         str(folder / ENGINE_FILE), str(timing_cache), log=log)
     report.update(target=t.to_json(), precision=options.precision, io=form.stage.to_json(),
                   max_batch=options.batch(), max_seq_len=form.spec.s_max,
-                  plan=plan, plugin_impl=options.plugin_impl)
+                  plan=plan, attention=options.attention, sampler=options.sampler,
+                  plugin_impl=options.plugin_impl if form.uses_plugins else None)
     return report

@@ -12,7 +12,7 @@ from arx.manifest import Manifest, Stage
 
 from .options import BuildOptions
 from .precision import CACHE_DTYPES, apply_precision, check_int8_bundle, check_symmetric_qdq
-from .schemas import register_schemas
+from .schemas import DOMAIN, register_schemas
 from .tensorrt_form import FormSpec, tensorrt_io, to_tensorrt_form
 
 FORM_FILE = "decoder.trt.onnx"
@@ -26,12 +26,17 @@ class TensorRTForm:
     spec: FormSpec
     qdq_nodes: int = 0
 
+    @property
+    def uses_plugins(self) -> bool:
+        """Whether any arx plugin node is left (their PTX and registration are then needed)."""
+        return any(n.domain == DOMAIN for n in self.model.graph.node)
+
 
 def form_spec(manifest: Manifest, options: BuildOptions) -> FormSpec:
     s_max = options.max_seq_len or manifest.kv.max_seq_len
     return FormSpec(s_max=s_max, cache_dtype=CACHE_DTYPES[options.precision],
                     sampler=options.sampler, logits=options.logits,
-                    aot=options.plugin_impl == "aot")
+                    aot=options.plugin_impl == "aot", attention=options.attention)
 
 
 def make_tensorrt_form(bundle: Path, manifest: Manifest, options: BuildOptions) -> TensorRTForm:

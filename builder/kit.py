@@ -6,7 +6,9 @@
       kit_plugins.py            copy of arx/plugins/trt_contract.py: tensorrt.plugin
                                 descriptors + AOT launch, reading that PTX
       build_engine.py           TensorRT Python build (profiles, timing cache, progress)
-      build_trtexec.sh          the same build with trtexec (needs a plugin library, see README)
+      build_trtexec.sh          the same build with trtexec: plugin-free forms only (trtexec
+                                cannot load Python plugins; see README)
+      (a plugin-free form, --no-plugins, has no plugins/ and no kit_plugins.py)
       kit.json                  target, versions, IO, profiles, build plan, files
       README.md                 minimum TensorRT/JetPack versions and how to run
 """
@@ -43,6 +45,7 @@ def build_plan(form: TensorRTForm, profiles: list[Profile], options: BuildOption
     t = options.target_info
     return {"onnx": FORM_FILE, "engine": "decoder.engine",
             "profiles": [p.to_json() for p in profiles],
+            "plugins": form.uses_plugins,
             "prefer_aot": options.plugin_impl == "aot", "aliased_io": True,
             "portable": options.portable,
             "hardware_compatibility": "AMPERE_PLUS" if options.portable and t.hardware_compat else None,
@@ -111,11 +114,13 @@ def write_kit(folder: Path, manifest: Manifest, form: TensorRTForm, options: Bui
     sm = PORTABLE_SM if options.portable else t.sm
     profiles = make_profiles(form.stage, options, form.spec.s_max)
     files = save_form(form, folder)
-    if options.ptx:
-        files += [f"plugins/{n}" for n in compile_plugin_ptx(form, sm, folder / "plugins", log)]
+    if form.uses_plugins:
+        if options.ptx:
+            files += [f"plugins/{n}" for n in compile_plugin_ptx(form, sm, folder / "plugins", log)]
+        shutil.copyfile(KIT_PLUGINS_SOURCE, folder / "kit_plugins.py")
+        files.append("kit_plugins.py")
     shutil.copyfile(_HERE / "trt_build.py", folder / "build_engine.py")
-    shutil.copyfile(KIT_PLUGINS_SOURCE, folder / "kit_plugins.py")
-    files += ["build_engine.py", "kit_plugins.py", "build_trtexec.sh", "README.md", "kit.json"]
+    files += ["build_engine.py", "build_trtexec.sh", "README.md", "kit.json"]
     kit = kit_manifest(manifest, form, options, sm, profiles, files)
     (folder / "build_trtexec.sh").write_text(trtexec_script(kit, merged_profile(profiles)))
     (folder / "build_trtexec.sh").chmod(0o755)
@@ -127,7 +132,7 @@ def write_kit(folder: Path, manifest: Manifest, form: TensorRTForm, options: Bui
 def trtexec_script(kit: dict, profile: Profile) -> str:
     plan = kit["build"]
     flags = [f"--onnx={plan['onnx']}", f"--saveEngine={plan['engine']}",
-             "--timingCacheFile=timing.cache", "--preview=+aliasedPluginIO1003",
+             "--timingCacheFile=timing.cache",
              f"--minShapes={trtexec_shapes(profile, 0)}", f"--optShapes={trtexec_shapes(profile, 1)}",
              f"--maxShapes={trtexec_shapes(profile, 2)}"]
     if plan["portable"]:
@@ -135,30 +140,31 @@ def trtexec_script(kit: dict, profile: Profile) -> str:
         if plan["hardware_compatibility"]:
             flags.append("--hardwareCompatibilityLevel=ampere+")
     body = " \\\n    ".join(flags)
-    return f"""#!/usr/bin/env bash
+    head = f"""#!/usr/bin/env bash
 # Build the engine with trtexec (TensorRT >= {kit['requires']['tensorrt'][2:]}), one optimization
 # profile covering prefill and decode (opt = the decode shape). build_engine.py builds the two
 # separate profiles and is the recommended path.
-# trtexec cannot run Python plugins (kit_plugins.py): it needs the arx plugins as a shared
-# library, given as ARX_PLUGIN_LIB (see README.md).
 set -euo pipefail
 cd "$(dirname "$0")"
-if [[ -z "${{ARX_PLUGIN_LIB:-}}" ]]; then
-  echo "set ARX_PLUGIN_LIB to the arx plugin library (.so), or run: python3 build_engine.py" >&2
-  exit 2
-fi
-trtexec --dynamicPlugins="$ARX_PLUGIN_LIB" \\
-    {body} "$@"
 """
+    if plan["plugins"]:  # refuse up front rather than fail inside the ONNX parser
+        return head + """echo "this kit's TensorRT form uses the arx plugins, which are Python (tensorrt.plugin) and" \\
+     "cannot be loaded by trtexec: run python3 build_engine.py, or make a plugin-free kit" \\
+     "with: arx build BUNDLE --target TARGET --kit --no-plugins" >&2
+exit 2
+"""
+    return head + f"trtexec {body} \"$@\"\n"
 
 
 def readme(kit: dict, options: BuildOptions) -> str:
     t, req = kit["target"], kit["requires"]
     jetpack = f"- JetPack >= {req['jetpack']} (Jetson)\n" if req["jetpack"] else ""
+    plugins = (f"arx plugin kernels compiled for {kit['plugin_sm']}" if kit["build"]["plugins"]
+               else "no arx plugins (standard ONNX ops only)")
     return f"""# arx build kit: {kit['family']} for {t['name']} ({t['devices']}, {kit['plugin_sm']})
 
 Precision {kit['precision']}, max batch {kit['max_batch']}, static KV cache of
-{kit['max_seq_len']} tokens, plugin kernels compiled for {kit['plugin_sm']}.
+{kit['max_seq_len']} tokens, {plugins}.
 
 ## Requirements
 - TensorRT {req['tensorrt']} with its Python package (`import tensorrt`)
@@ -166,13 +172,23 @@ Precision {kit['precision']}, max batch {kit['max_batch']}, static KV cache of
 
 ## Build
     python3 build_engine.py          # writes decoder.engine, timing.cache, build_report.json
-
-(`./build_trtexec.sh` is the trtexec equivalent; it needs the plugins as a shared library.)
-
+{_trtexec_note(kit)}
 ## Engine IO (see kit.json "io")
-- inputs: input_ids (B,S) int64, attention_mask (B,T) int64 (only row sums matter: bind a fixed
-  (B,{kit['max_seq_len']}) mask), the KV cache past_key_values.i.key/value (B,kv_heads,S_max,D),
-  sampling_params (B,5) f32, presence (B,V) bool, seed/offset (B,) int64
-- outputs: token_ids (B,) int32, last_logits (B,V) f32, present.i.* (aliased: bind each to the
-  same device address as its past_key_values.i.* input; the plugin writes the cache in place)
+- inputs: {", ".join(t["name"] for t in kit["io"]["inputs"] if not t["name"].startswith("past_"))},
+  and the KV cache past_key_values.i.key/value (B,kv_heads,S_max,D). attention_mask: only its
+  row sums matter, so bind a fixed (B,{kit['max_seq_len']}) mask.
+- outputs: {", ".join(t["name"] for t in kit["io"]["outputs"] if not t["name"].startswith("present"))},
+  and present.i.* (aliased: bind each to the same device address as its past_key_values.i.*
+  input; the cache is written in place)
 """
+
+
+def _trtexec_note(kit: dict) -> str:
+    if kit["build"]["plugins"]:
+        return ("\nThe arx plugins are Python (`tensorrt.plugin`), so trtexec cannot build this form;\n"
+                "`./build_trtexec.sh` says so. With the AOT plugins (the default) their kernels are\n"
+                "inside the engine, so the built engine needs no Python to run. For a form trtexec\n"
+                "builds directly: `arx build BUNDLE --target TARGET --kit --no-plugins`.\n")
+    return ("    ./build_trtexec.sh               # the same with trtexec (one merged profile)\n\n"
+            "This form has no arx plugin: attention is ONNX Attention + TensorScatter (TensorRT's\n"
+            "IAttention + IKVCacheUpdateLayer), the token ids come from an ArgMax (greedy).\n")

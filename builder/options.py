@@ -12,6 +12,12 @@ from .targets import Target, get_target
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 LOGITS_MODES = ("last", "all", "none")  # which logits the engine returns beside the token ids
 PLUGIN_IMPLS = ("aot", "jit")  # AOT: PTX inside the engine; JIT: Triton at engine run time
+# Attention in the TensorRT form: the arx::kv_attention plugin, or standard ONNX ops TensorRT
+# builds natively (Attention + TensorScatter: IAttention + IKVCacheUpdateLayer).
+ATTENTION_IMPLS = ("plugin", "native")
+# What turns the last logits into token ids inside the engine: the arx::sample plugin (greedy,
+# temperature, top-k/p, repetition penalty, seeds), a native ArgMax (greedy), or nothing.
+SAMPLERS = ("plugin", "argmax", "none")
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,8 @@ class BuildOptions:
     kit: bool = False  # write a build kit instead of (or when TensorRT is absent) an engine
     output: Path | None = None  # kit folder; None: <bundle>/kits/<target>/
     portable: bool = False  # version-compatible + hardware-compatible engine
-    sampler: bool = True  # append arx::sample so the engine returns token ids
+    attention: str = "plugin"  # ATTENTION_IMPLS
+    sampler: str = "plugin"  # SAMPLERS
     logits: str = "last"
     plugin_impl: str = "aot"
     ptx: bool = True  # compile the plugin PTX into the kit (needs triton)
@@ -49,7 +56,11 @@ class BuildOptions:
                 raise ArxError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
         if self.decode_tokens < 1:
             raise ArxError(f"--decode-tokens must be >= 1 (got {self.decode_tokens})")
-        if not self.sampler and self.logits == "none":
+        if self.attention not in ATTENTION_IMPLS:
+            raise ArxError(f"--attention must be one of {', '.join(ATTENTION_IMPLS)}")
+        if self.sampler not in SAMPLERS:
+            raise ArxError(f"--sampler must be one of {', '.join(SAMPLERS)}")
+        if self.sampler == "none" and self.logits == "none":
             raise ArxError("an engine without the sampler must return logits; drop --logits none "
                            "or keep the sampler")
         if self.workspace_gb is not None and self.workspace_gb <= 0:
@@ -61,3 +72,8 @@ class BuildOptions:
 
     def batch(self) -> int:
         return self.max_batch or self.target_info.max_batch
+
+    @property
+    def uses_plugins(self) -> bool:
+        """Whether the TensorRT form has arx plugin nodes (needs their PTX / registration)."""
+        return self.attention == "plugin" or self.sampler == "plugin"

@@ -3,11 +3,13 @@
     bundle decoder.onnx (ORT form)                 TensorRT form
     ─────────────────────────────                  ─────────────────────────────────────────
     com.microsoft GroupQueryAttention        ──►   RoPE (standard ops) + arx::kv_attention
-                                                   (local_window_size -> window)
+                                                   (local_window_size -> window), or with
+                                                   attention "native": ONNX TensorScatter +
+                                                   Attention (native_attention.py)
     cache (B, kv_heads, past, D), dynamic    ──►   static cache (B, kv_heads, S_max, D),
                                                    present.i.* aliased to past_key_values.i.*
     logits (B, S, V)                         ──►   last_logits (B, V) fp32 [or all / none]
-                                                   + arx::sample ──► token_ids (B,) int32
+                                                   + arx::sample (or ArgMax) ──► token_ids
     fp32 everywhere                          ──►   fp16/bf16 weights + activations, norms and
                                                    returned logits in fp32 (precision.py)
 
@@ -19,9 +21,11 @@ because only row sums matter, the TensorRT runtime can bind a fixed (B, S_max) m
 steps have static shapes (CUDA-graph capture).
 
 In-place cache: the plugin declares outputs 1 and 2 aliased to inputs 3 and 4 (tensorrt.plugin
-`aliased()`, builder preview feature ALIASED_PLUGIN_IO_10_03). The engine's present.i.* outputs
-are those aliased tensors: the runtime binds each one to the very device address of its
-past_key_values.i.* input, and the plugin writes new keys/values there; nothing is copied.
+`aliased()`, builder preview feature ALIASED_PLUGIN_IO_10_03); in the native form TensorScatter
+becomes TensorRT's IKVCacheUpdateLayer, whose output shares its cache input's memory. Either way
+the engine's present.i.* outputs alias the inputs: the runtime binds each one to the very device
+address of its past_key_values.i.* input, and new keys/values are written there; nothing is
+copied.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from arx.errors import ArxError
 from arx.manifest import Manifest, Stage, TensorSpec
 
 from .attention import GQA, Bookkeeping, parse_gqa, rewrite_attention
+from .native_attention import NATIVE_OPSET, rewrite_attention_native
 from .graph_edit import GraphEditor, prune, topological_sort
 from .schemas import DOMAIN, OPSET, SAMPLE, plugin_attrs, register_schemas
 
@@ -60,9 +65,14 @@ class FormSpec:
 
     s_max: int  # static cache length
     cache_dtype: str = "float32"
-    sampler: bool = True
+    sampler: str = "plugin"  # "plugin" (arx::sample) | "argmax" | "none"
     logits: str = "last"  # "last" | "all" | "none"
     aot: bool = True
+    attention: str = "plugin"  # "plugin" (arx::kv_attention) | "native" (ONNX Attention)
+
+    @property
+    def opset(self) -> int:
+        return NATIVE_OPSET if self.attention == "native" else ONNX_OPSET
 
 
 def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
@@ -77,10 +87,11 @@ def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
 
     inputs = [cache(t) if t.name in pasts else t for t in dec.inputs if t.name != LOGITS_INDICES]
     outputs: list[TensorSpec] = []
-    if spec.sampler:
+    if spec.sampler == "plugin":
         v = manifest.vocab_size
         for name, (dtype, dims) in SAMPLER_INPUTS.items():
             inputs.append(TensorSpec(name, dtype, (batch, *[v if d == "V" else d for d in dims])))
+    if spec.sampler != "none":
         outputs.append(TensorSpec(TOKEN_IDS, "int32", (batch,)))
     vocab = next(t for t in dec.outputs if t.name == LOGITS).shape[2]
     if spec.logits == "last":
@@ -109,15 +120,19 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
         raise ArxError("the decoder has no GroupQueryAttention node to replace; is this an arx "
                        "export? re-export it with arx export")
     rope_cache: dict = {}
+    masks: dict = {}  # native form: one attention mask per window size
     for n in gqa_nodes:
-        rewrite_attention(ed, parse_gqa(n), manifest.kv.head_dim, bk, rope_cache, spec.aot)
+        if spec.attention == "native":
+            rewrite_attention_native(ed, parse_gqa(n), manifest.kv.head_dim, bk, rope_cache, masks)
+        else:
+            rewrite_attention(ed, parse_gqa(n), manifest.kv.head_dim, bk, rope_cache, spec.aot)
         graph.node.remove(n)
     stage = tensorrt_io(manifest, spec)
     _head(ed, bk, spec)
     _set_io(graph, stage)
     topological_sort(graph)  # appended nodes first, so that pruning sees every consumer
     prune(graph)
-    _set_opsets(model)
+    _set_opsets(model, spec)
     return model
 
 
@@ -146,7 +161,7 @@ def _bookkeeping(ed: GraphEditor, s_max: int) -> Bookkeeping:
     pos = ed.op("Min", pos, ed.const(s_max - 1), name="seq/positions")
     past32 = ed.op("Cast", past, to=onnx.TensorProto.INT32, name="seq/past_len")
     new32 = ed.op("Cast", new, to=onnx.TensorProto.INT32, name="seq/new_len")
-    return Bookkeeping(past32, new32, pos, s_max, new)
+    return Bookkeeping(past32, new32, pos, s_max, new, past, total)
 
 
 def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec) -> None:
@@ -155,6 +170,7 @@ def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec) -> None:
         last:  logits_indices = new_len-1 (B,1) ─► logits (B,1,V) ─Squeeze─► last_logits (B,V)
         all:   logits_indices = Range(S) (B,S)  ─► logits (B,S,V) ─GatherND(new_len-1)─► last_logits
         last_logits, sampling_params, presence, seed, offset ─arx::sample─► token_ids (B,) int32
+        (sampler "argmax": last_logits ─ArgMax─Cast─► token_ids, greedy, no plugin)
     """
     last = ed.op("Unsqueeze", ed.op("Sub", bk.new_len64, ed.const(1)), ed.const([1]))  # (B, 1)
     if spec.logits == "all":
@@ -162,14 +178,17 @@ def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec) -> None:
                                                   ed.const(1), axis=0), ed.const(1))
         ed.node("Expand", [ed.op("Unsqueeze", steps, ed.const([0])),
                            ed.op("Shape", "input_ids")], [LOGITS_INDICES], name="head/all_rows")
-        if spec.sampler:
+        if spec.sampler != "none":
             ed.node("GatherND", [LOGITS, last], [LAST_LOGITS], batch_dims=1, name="head/last_logits")
     else:
         ed.node("Identity", [last], [LOGITS_INDICES], name="head/last_row")
         ed.node("Squeeze", [LOGITS, ed.const([1])], [LAST_LOGITS], name="head/last_logits")
-    if spec.sampler:
+    if spec.sampler == "plugin":
         ed.node(SAMPLE, [LAST_LOGITS, *SAMPLER_INPUTS], [TOKEN_IDS], domain=DOMAIN,
                 name="head/sample", guidance=0, **plugin_attrs(aot=spec.aot))
+    elif spec.sampler == "argmax":  # ties: the first index, as the plugin's greedy mode
+        ids = ed.op("ArgMax", LAST_LOGITS, axis=-1, keepdims=0, name="head/argmax")
+        ed.node("Cast", [ids], [TOKEN_IDS], to=onnx.TensorProto.INT32, name="head/token_ids")
 
 
 def _value_info(t: TensorSpec) -> onnx.ValueInfoProto:
@@ -183,8 +202,10 @@ def _set_io(graph: onnx.GraphProto, stage: Stage) -> None:
     graph.output.extend(_value_info(t) for t in stage.outputs)
 
 
-def _set_opsets(model: onnx.ModelProto) -> None:
+def _set_opsets(model: onnx.ModelProto, spec: FormSpec) -> None:
     kept = [o for o in model.opset_import if o.domain not in ("", "ai.onnx", "com.microsoft", DOMAIN)]
     del model.opset_import[:]
-    model.opset_import.extend([helper.make_opsetid("", ONNX_OPSET),
-                               helper.make_opsetid(DOMAIN, OPSET), *kept])
+    model.opset_import.append(helper.make_opsetid("", spec.opset))
+    if any(n.domain == DOMAIN for n in model.graph.node):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, OPSET))
+    model.opset_import.extend(kept)

@@ -72,7 +72,8 @@ def _parse(trt, network, logger, onnx_path):
 
 
 def _configure(trt, builder, config, plan, cache_bytes):
-    config.set_preview_feature(getattr(trt.PreviewFeature, ALIASED_IO_FEATURE), True)
+    if plan.get("plugins", True):
+        config.set_preview_feature(getattr(trt.PreviewFeature, ALIASED_IO_FEATURE), True)
     for profile in plan["profiles"]:
         p = builder.create_optimization_profile()
         for name, s in profile["shapes"].items():
@@ -92,8 +93,9 @@ def _configure(trt, builder, config, plan, cache_bytes):
 
 
 def build_engine(plan, onnx_path, engine_path, timing_cache_path=None, log=print):
-    """Build and write the engine; returns the build report (a dict). Plugins must already be
-    registered with tensorrt.plugin (kit_plugins.register, or arx.plugins.tensorrt)."""
+    """Build and write the engine; returns the build report (a dict). A form with arx plugin
+    nodes needs them registered first (kit_plugins.register, or arx.plugins.tensorrt); a
+    plugin-free form (plan["plugins"] false) needs nothing but TensorRT."""
     trt = _import_tensorrt()
     t0 = time.time()
     logger = trt.Logger(trt.Logger.WARNING)
@@ -135,10 +137,11 @@ def main(argv=None):
     with open(os.path.join(args.kit, "kit.json"), encoding="utf-8") as f:
         kit = json.load(f)
     plan = kit["build"]
-    sys.path.insert(0, args.kit)
-    import kit_plugins  # the kit's AOT plugin registrations (PTX for this device's SM)
+    if plan.get("plugins", True):
+        sys.path.insert(0, args.kit)
+        import kit_plugins  # the kit's AOT plugin registrations (PTX for this device's SM)
 
-    kit_plugins.register(os.path.join(args.kit, "plugins"))
+        kit_plugins.register(os.path.join(args.kit, "plugins"))
     report = build_engine(plan, os.path.join(args.kit, plan["onnx"]),
                           args.engine or os.path.join(args.kit, plan["engine"]),
                           args.timing_cache or os.path.join(args.kit, "timing.cache"))

@@ -28,7 +28,15 @@ def register(sub) -> None:
                    help="max new tokens per decode step (> 1 for speculative verification)")
     p.add_argument("--portable", action="store_true", help="version- and hardware-compatible "
                    "engine (sm_80 plugin PTX; Ampere or newer)")
-    p.add_argument("--no-sampler", action="store_true", help="return logits, not token ids")
+    p.add_argument("--attention", default="plugin", choices=("plugin", "native"),
+                   help="attention as the arx::kv_attention plugin (default) or as standard ONNX "
+                        "Attention + TensorScatter that TensorRT builds natively")
+    p.add_argument("--sampler", default="plugin", choices=("plugin", "argmax", "none"),
+                   help="token ids from the arx::sample plugin (default: all sampling modes), a "
+                        "native ArgMax (greedy), or none (return logits only)")
+    p.add_argument("--no-plugins", action="store_true",
+                   help="shorthand for --attention native --sampler argmax: an engine with no "
+                        "arx plugin, which trtexec builds directly")
     p.add_argument("--logits", default="last", choices=("last", "all", "none"),
                    help="logits returned beside the token ids (default: last token)")
     p.add_argument("--plugin-impl", default="aot", choices=("aot", "jit"),
@@ -58,7 +66,9 @@ def run(args) -> int:
         target=args.target, precision=args.precision, max_batch=args.max_batch,
         max_seq_len=args.max_seq_len, opt_batch=args.opt_batch, opt_prompt_len=args.opt_prompt_len,
         decode_tokens=args.decode_tokens, kit=args.kit, output=args.output,
-        portable=args.portable, sampler=not args.no_sampler, logits=args.logits,
+        portable=args.portable, attention="native" if args.no_plugins else args.attention,
+        sampler="argmax" if args.no_plugins and args.sampler == "plugin" else args.sampler,
+        logits=args.logits,
         plugin_impl=args.plugin_impl, ptx=not args.no_ptx, timing_cache=args.timing_cache,
         workspace_gb=args.workspace_gb, overwrite=args.overwrite, progress=not args.quiet)
     result = build_bundle(args.bundle, options)

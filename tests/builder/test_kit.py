@@ -41,40 +41,48 @@ def _trtexec_flags(script: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("target", KIT_TARGETS)
 def test_kit_for_every_family(family, target, exported_bundle, tmp_path):
+    """The plugin kit and the plugin-free kit (--no-plugins) of every family for each target:
+    files, versions, the profiles in kit.json and the shapes of the trtexec script (parsed back
+    from the plugin-free kit's script; the plugin kit's script refuses, exit 2)."""
     bundle = _copy(exported_bundle, family, tmp_path)
     m = read_manifest(bundle)
-    s_max = 24
-    result = build_bundle(bundle, BuildOptions(target=target, precision="fp16", kit=True,
-                                               max_seq_len=s_max, ptx=False, progress=False))
-    kit = result.path
-    assert kit == bundle / "kits" / get_target(target).name
-    meta = json.loads((kit / "kit.json").read_text())
-    for f in meta["files"]:
-        assert (kit / f).is_file(), f
-    t = get_target(target)
-    assert meta["requires"]["tensorrt"] == f">={t.trt_min}"
-    assert meta["requires"]["jetpack"] == t.jetpack_min
-    assert meta["plugin_sm"] == t.sm
-    py_compile.compile(str(kit / "build_engine.py"), doraise=True)
-    py_compile.compile(str(kit / "kit_plugins.py"), doraise=True)
-
-    flags = _trtexec_flags((kit / "build_trtexec.sh").read_text())
-    lo, opt, hi = (_parse_shapes(flags[k]) for k in ("minShapes", "optShapes", "maxShapes"))
+    s_max, t = 24, get_target(target)
     b = t.max_batch
-    for past, present in m.kv.pairs():  # the static cache (B, kv_heads, S_max, D)
+    kits = {}
+    for kind, extra in (("plugins", {}), ("native", {"attention": "native", "sampler": "argmax"})):
+        options = BuildOptions(target=target, precision="fp16", kit=True, max_seq_len=s_max,
+                               ptx=False, progress=False, output=tmp_path / kind, **extra)
+        kit = kits[kind] = build_bundle(bundle, options).path
+        meta = json.loads((kit / "kit.json").read_text())
+        for f in meta["files"]:
+            assert (kit / f).is_file(), f
+        assert meta["requires"]["tensorrt"] == f">={t.trt_min}"
+        assert meta["requires"]["jetpack"] == t.jetpack_min
+        assert meta["plugin_sm"] == t.sm and meta["build"]["plugins"] == (kind == "plugins")
+        assert (kit / "kit_plugins.py").exists() == (kind == "plugins")
+        py_compile.compile(str(kit / "build_engine.py"), doraise=True)
+        prof = {p["name"]: p for p in meta["build"]["profiles"]}
+        assert prof["decode"]["shapes"]["input_ids"]["max"] == [b, 1]
+        assert prof["prefill"]["shapes"]["input_ids"]["max"] == [b, s_max]
+        for past, present in m.kv.pairs():
+            assert meta["kv"]["aliases"][present] == past
+    py_compile.compile(str(kits["plugins"] / "kit_plugins.py"), doraise=True)
+    sampler = json.loads((kits["plugins"] / "kit.json").read_text())["build"]["profiles"][0]["shapes"]
+    assert sampler["presence"]["max"] == [b, m.vocab_size] and sampler["sampling_params"]["max"] == [b, 5]
+    refused = subprocess.run(["bash", str(kits["plugins"] / "build_trtexec.sh")],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "--no-plugins" in refused.stderr
+
+    flags = _trtexec_flags((kits["native"] / "build_trtexec.sh").read_text())
+    lo, opt, hi = (_parse_shapes(flags[k]) for k in ("minShapes", "optShapes", "maxShapes"))
+    for past in (p for p, _ in m.kv.pairs()):  # the static cache (B, kv_heads, S_max, D)
         assert lo[past] == (1, m.kv.kv_heads, s_max, m.kv.head_dim)
         assert hi[past] == (b, m.kv.kv_heads, s_max, m.kv.head_dim)
-        assert present in meta["kv"]["aliases"] and meta["kv"]["aliases"][present] == past
     assert lo["input_ids"] == (1, 1) and hi["input_ids"] == (b, s_max) and opt["input_ids"][1] == 1
-    assert hi["attention_mask"] == (b, s_max)
-    assert hi["presence"] == (b, m.vocab_size) and hi["sampling_params"] == (b, 5)
+    assert hi["attention_mask"] == (b, s_max) and "presence" not in hi
     # every manifest input has shapes, but logits_indices, which the TensorRT form computes
     names = {spec.name for spec in m.decoder.inputs} - {"logits_indices"}
     assert names <= set(lo)
-    prof = {p["name"]: p for p in meta["build"]["profiles"]}
-    assert prof["decode"]["shapes"]["input_ids"]["max"] == [b, 1]
-    assert prof["prefill"]["shapes"]["input_ids"]["max"] == [b, s_max]
-    assert read_manifest(bundle).extensions["builds"][t.name]["kind"] == "kit"
 
 
 _PTX_KIT = """
@@ -156,7 +164,8 @@ def test_kit_plugins_is_the_contract_verbatim(exported_bundle, tmp_path):
 def test_portable_kit_uses_sm80_and_compat_flags(exported_bundle, tmp_path):
     bundle = _copy(exported_bundle, "llama", tmp_path)
     kit = build_bundle(bundle, BuildOptions(target="h100", kit=True, portable=True, max_seq_len=32,
-                                            ptx=False, progress=False)).path
+                                            ptx=False, progress=False, attention="native",
+                                            sampler="argmax")).path
     meta = json.loads((kit / "kit.json").read_text())
     assert meta["plugin_sm"] == "sm_80" and meta["build"]["portable"]
     assert meta["build"]["hardware_compatibility"] == "AMPERE_PLUS"
@@ -187,7 +196,9 @@ def test_targets_table_and_unknown_target():
 
 @pytest.mark.parametrize("kw,match", [({"precision": "fp8"}, "unknown precision"),
                                       ({"max_batch": 0}, "max-batch"),
-                                      ({"sampler": False, "logits": "none"}, "must return logits")])
+                                      ({"sampler": "none", "logits": "none"}, "must return logits"),
+                                      ({"sampler": "topk"}, "--sampler must be one of"),
+                                      ({"attention": "flash"}, "--attention must be one of")])
 def test_options_validate(kw, match):
     with pytest.raises(ArxError, match=match):
         BuildOptions(target="h100", **kw)
@@ -209,3 +220,13 @@ def test_cli_list_targets_and_kit(exported_bundle, tmp_path, capsys):
     assert args.run(args) == 0
     meta = json.loads((bundle / "kits" / "orin" / "kit.json").read_text())
     assert meta["max_batch"] == 2 and meta["max_seq_len"] == 32
+    args = parser.parse_args(["build", str(bundle), "--target", "orin", "--kit", "--no-plugins",
+                              "--max-seq-len", "32", "-q"])
+    assert args.run(args) == 0
+    meta = json.loads((bundle / "kits" / "orin" / "kit.json").read_text())
+    assert not meta["build"]["plugins"] and "token_ids" in [t["name"] for t in meta["io"]["outputs"]]
+    args = parser.parse_args(["build", str(bundle), "--target", "orin", "--kit", "--no-ptx",
+                              "--attention", "native", "--sampler", "none", "-q"])
+    assert args.run(args) == 0
+    meta = json.loads((bundle / "kits" / "orin" / "kit.json").read_text())
+    assert [t["name"] for t in meta["io"]["outputs"]][0] == "last_logits"

@@ -12,21 +12,12 @@ import numpy as np
 import onnx
 import pytest
 
-from arx.builder.form import make_tensorrt_form
-from arx.builder.options import BuildOptions
+from form_runs import (MISTRAL_WINDOW, S_MAX, form_for, ragged_steps, run_form, run_reference,
+                       window_steps)
+
 from arx.errors import ArxError
 from arx.manifest import read_manifest
 
-PROMPTS = [[1, 17, 33, 99, 5, 12, 80], [1, 64, 3, 8]]
-S_MAX = 24  # the static cache of most tests (the sequences here stay shorter)
-DECODE_STEPS = 4
-MISTRAL_WINDOW = 24  # sliding_window of the tiny Mistral (tests/tiny_models.py)
-
-
-def form_for(bundle, **kw):
-    opts = BuildOptions(target=kw.pop("target", "h100"), max_seq_len=kw.pop("max_seq_len", S_MAX),
-                        precision=kw.pop("precision", "fp32"), **kw)
-    return make_tensorrt_form(bundle, read_manifest(bundle), opts)
 
 
 def test_form_passes_checker_and_strict_inference(family, exported_bundle):
@@ -62,80 +53,18 @@ def test_io_derived_from_manifest(family, exported_bundle):
     assert out["token_ids"].dtype == "int32" and out["last_logits"].dtype == "float32"
 
 
-def _run_reference(bundle, steps, s_max=S_MAX):
-    """The bundle's own graph on ORT: the per-step last-token logits (B, V)."""
-    from arx.runtime.decoder import DecoderSession
-
-    with DecoderSession(bundle) as session:
-        cache = session.new_cache(len(steps[0][1]), s_max)
-        out = []
-        for ids, lens in steps:
-            logits = session.step(cache, ids, lens)
-            out.append(logits[np.arange(len(lens)), lens - 1])
-    return out
-
-
-def _run_form(ort_session, model, manifest, steps, fixed_mask: bool, s_max=S_MAX,
-              outputs=("last_logits", "token_ids")):
-    """The TensorRT form on ORT + PyOps; returns [(last_logits, token_ids)] (or the named
-    outputs) per step."""
-    session = ort_session(model)
-    types = {i.name: i.type for i in session.get_inputs()}
-    b, kv = len(steps[0][1]), manifest.kv
-    dtype = np.float16 if "float16" in types[kv.pairs()[0][0]] else np.float32
-    caches = {p: np.zeros((b, kv.kv_heads, s_max, kv.head_dim), dtype) for p, _ in kv.pairs()}
-    lengths, results = np.zeros(b, np.int64), []
-    for ids, lens in steps:
-        totals = lengths + lens
-        width = s_max if fixed_mask else int(totals.max())
-        feeds = {"input_ids": ids, **caches,
-                 "attention_mask": (np.arange(width)[None] < totals[:, None]).astype(np.int64),
-                 "sampling_params": np.tile(np.float32([0, 0, 1, 1, 1]), (b, 1)),  # greedy
-                 "presence": np.zeros((b, manifest.vocab_size), bool),
-                 "seed": np.zeros(b, np.int64), "offset": np.zeros(b, np.int64)}
-        if "position_ids" in types:
-            feeds["position_ids"] = (lengths[:, None] + np.arange(ids.shape[1])[None]).astype(np.int64)
-        names = [o.name for o in session.get_outputs()]
-        out = dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in types})))
-        for past, present in kv.pairs():
-            caches[past] = out[present]  # ORT has no aliasing: feed the updated cache back
-        lengths = totals
-        results.append(tuple(out[name] for name in outputs))
-    return results
-
-
-def _steps(prompts=PROMPTS, decode_steps=DECODE_STEPS):
-    """Ragged prefill, then single-token decode steps (fixed pseudo-random tokens)."""
-    width = max(map(len, prompts))
-    ids = np.zeros((len(prompts), width), np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, :len(p)] = p
-    steps = [(ids, np.array([len(p) for p in prompts]))]
-    rng = np.random.default_rng(0)
-    for _ in range(decode_steps):
-        steps.append((rng.integers(3, 150, (len(prompts), 1)), np.ones(len(prompts), np.int64)))
-    return steps
-
-
 @pytest.mark.parametrize("precision,atol", [("fp32", 1e-4), ("fp16", 5e-2)])
 def test_form_numerics_match_bundle(family, exported_bundle, ort_session, precision, atol):
     bundle = exported_bundle(family)
     manifest = read_manifest(bundle)
-    steps = _steps()
-    expected = _run_reference(bundle, steps)
+    steps = ragged_steps()
+    expected = run_reference(bundle, steps)
     form = form_for(bundle, precision=precision)
-    got = _run_form(ort_session, form.model, manifest, steps, fixed_mask=precision == "fp16")
+    got = run_form(ort_session, form.model, manifest, steps, fixed_mask=precision == "fp16")
     for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
         np.testing.assert_allclose(last, ref, atol=atol, rtol=0, err_msg=f"{family} step {i}")
         if precision == "fp32":  # the sampler (temperature 0) picks the argmax in the engine
             np.testing.assert_array_equal(ids, ref.argmax(-1))
-
-
-def _window_steps():
-    """Prompts of 30 and 19 tokens (prefill over and under the window of 24), then 8 decode
-    steps: both rows end past the window (38 and 27 tokens)."""
-    rng = np.random.default_rng(3)
-    return _steps([list(rng.integers(3, 150, 30)), list(rng.integers(3, 150, 19))], 8)
 
 
 def test_sliding_window_mistral_beyond_the_window(exported_bundle, ort_session):
@@ -148,9 +77,9 @@ def test_sliding_window_mistral_beyond_the_window(exported_bundle, ort_session):
     form = form_for(bundle, max_seq_len=s_max)
     attention = [n for n in form.model.graph.node if n.op_type == "kv_attention"]
     assert {helper_attr(n, "window") for n in attention} == {MISTRAL_WINDOW}
-    steps = _window_steps()
-    expected = _run_reference(bundle, steps, s_max)
-    got = _run_form(ort_session, form.model, manifest, steps, fixed_mask=True, s_max=s_max)
+    steps = window_steps()
+    expected = run_reference(bundle, steps, s_max)
+    got = run_form(ort_session, form.model, manifest, steps, fixed_mask=True, s_max=s_max)
     for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
         np.testing.assert_allclose(last, ref, atol=1e-4, rtol=0, err_msg=f"step {i}")
         np.testing.assert_array_equal(ids, ref.argmax(-1))
@@ -158,7 +87,7 @@ def test_sliding_window_mistral_beyond_the_window(exported_bundle, ort_session):
         for a in n.attribute:
             if a.name == "window":
                 a.i = 0
-    unwindowed = _run_form(ort_session, form.model, manifest, steps, fixed_mask=True, s_max=s_max)
+    unwindowed = run_form(ort_session, form.model, manifest, steps, fixed_mask=True, s_max=s_max)
     assert max(np.abs(last - ref).max() for ref, (last, _) in zip(expected, unwindowed)) > 1e-2
 
 
@@ -172,8 +101,8 @@ def test_sliding_window_matches_hugging_face(exported_bundle, hf_model_dir, ort_
     prompt = np.random.default_rng(4).integers(3, 150, (1, n))
     with torch.no_grad():
         want = hf(torch.from_numpy(prompt)).logits[0].numpy()  # (n, V)
-    form = form_for(bundle, max_seq_len=s_max, sampler=False, logits="all")
-    got = _run_form(ort_session, form.model, read_manifest(bundle), [(prompt, np.array([n]))],
+    form = form_for(bundle, max_seq_len=s_max, sampler="none", logits="all")
+    got = run_form(ort_session, form.model, read_manifest(bundle), [(prompt, np.array([n]))],
                     fixed_mask=True, s_max=s_max, outputs=("logits",))[0][0][0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
@@ -193,7 +122,7 @@ def test_cache_longer_than_bundle_is_refused(exported_bundle):
 
 
 def test_no_sampler_all_logits(exported_bundle):
-    form = form_for(exported_bundle("qwen2"), sampler=False, logits="all")
+    form = form_for(exported_bundle("qwen2"), sampler="none", logits="all")
     names = [o.name for o in form.model.graph.output]
     assert "token_ids" not in names and "logits" in names
     assert not any(n.op_type == "sample" for n in form.model.graph.node)
@@ -236,14 +165,15 @@ def _fake_w8a8_bundle(src, dst, zero_point: int = 0):
     return dst
 
 
-def test_int8_from_qdq_bundle(exported_bundle, tmp_path, ort_session):
+@pytest.mark.parametrize("attention", ["plugin", "native"])
+def test_int8_from_qdq_bundle(exported_bundle, tmp_path, ort_session, attention):
     bundle = _fake_w8a8_bundle(exported_bundle("llama"), tmp_path / "w8a8.arx")
-    form = form_for(bundle, precision="int8")
+    form = form_for(bundle, precision="int8", attention=attention)
     ops = [n.op_type for n in form.model.graph.node]
     assert form.qdq_nodes == ops.count("QuantizeLinear") + ops.count("DequantizeLinear") > 0
-    steps = _steps()[:2]
-    expected = _run_reference(bundle, steps)  # the same Q/DQ graph in its ORT form
-    got = _run_form(ort_session, form.model, read_manifest(bundle), steps, fixed_mask=True)
+    steps = ragged_steps()[:2]
+    expected = run_reference(bundle, steps)  # the same Q/DQ graph in its ORT form
+    got = run_form(ort_session, form.model, read_manifest(bundle), steps, fixed_mask=True)
     for ref, (last, _) in zip(expected, got):  # fp16 around the Q/DQ pairs: a rounding step
         assert np.corrcoef(ref.ravel(), last.ravel())[0, 1] > 0.99  # can flip an int8 code
 
