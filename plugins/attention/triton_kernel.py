@@ -16,6 +16,7 @@ New keys are read from k_new/v_new, never from the cache, and the cache is read 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .._triton import next_pow2, require_triton
@@ -23,6 +24,12 @@ from ..trt_contract import ATTENTION_SCALARS, TACTICS, attention_tag, qk_scale_b
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402  (after the friendly import check)
+
+# Triton 3.9's interpreter multiplies bf16 tiles wrong in tl.dot (tests/plugins/test_attention.py
+# pins the bug). Under the interpreter only, bf16 tiles are widened to fp32 before each dot: the
+# products of bf16 values are exact in fp32 and tl.dot accumulates in fp32 anyway, so the result
+# is the GPU's up to summation order. Compiled kernels (JIT on a GPU, AOT PTX) never take it.
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ def _attend(q, acc, m_i, l_i, k_ptrs, v_ptrs, key_ok, key_mask, qk_scale,
     d_ok = tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM
     k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok, other=0.0)
+    if INTERPRETED and q.dtype == tl.bfloat16:
+        q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
     s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
     s = tl.where(key_mask, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: m_i starts at -1e30, never -inf

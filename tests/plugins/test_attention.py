@@ -175,12 +175,7 @@ def test_triton_window_actually_masks(torch, triton):
     assert (outs[0] - outs[1]).abs().max() > 1e-2
 
 
-BF16_INTERPRETER_BUG = pytest.mark.xfail(
-    strict=True, reason="Triton 3.9's interpreter computes tl.dot on bf16 operands wrong "
-    "(see test_interpreter_bf16_dot_bug); bf16 attention is checked by the gpu test")
-
-
-@pytest.mark.parametrize("dtype", ["float16", pytest.param("bfloat16", marks=BF16_INTERPRETER_BUG)])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_triton_low_precision(torch, triton, dtype):
     from arx.plugins.attention.triton_kernel import kv_attention
 
@@ -202,7 +197,9 @@ def test_triton_low_precision(torch, triton, dtype):
 
 
 def test_interpreter_bf16_dot_bug(torch, triton):
-    """Documents the interpreter bug above: when this fails, Triton fixed it; drop the xfail."""
+    """Triton 3.9's interpreter gets tl.dot on bf16 tiles wrong, so the attention kernel widens
+    bf16 tiles to fp32 before its dots when interpreted (triton_kernel.INTERPRETED). When this
+    test fails, Triton fixed the bug: drop the widening."""
     import triton.language as tl
 
     @triton.jit
