@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from arx.errors import ArxError
+from arx.manifest import Manifest
 from arx.runtime.decoder import DecoderSession
 from arx.runtime.sampler import Sampler, SamplingOptions
 
@@ -48,7 +49,9 @@ class GenerationResult:
 
 def generate(session: DecoderSession, prompts: list[list[int]], options: GenerateOptions,
              on_token: TokenCallback | None = None) -> GenerationResult:
-    _check_prompts(session, prompts, options)
+    m = session.manifest
+    check_prompts(m, m.kv.max_seq_len, prompts, options, "the bundle's context",
+                  "re-export with a larger --max-seq-len")
     lengths = [len(p) for p in prompts]
     if not session.in_place and len(set(lengths)) > 1:
         # concat-mode graphs have no per-sequence lengths: run such batches one by one
@@ -83,15 +86,7 @@ def _generate_batch(session, prompts, options, on_token) -> GenerationResult:
         nxt = sampler(last, seen)
         if step == 0:
             result.prefill_s = time.perf_counter() - t0
-        for b in np.flatnonzero(~done):
-            tok = int(nxt[b])
-            result.tokens[b].append(tok)
-            if seen is not None:
-                seen[b, tok] = True
-            if on_token:
-                on_token(int(b), tok)
-            if options.stop_on_eos and tok in eos:
-                done[b], result.finish_reasons[b] = True, "eos"
+        record_tokens(result, nxt, done, seen, eos, options, on_token)
         if done.all() or step == options.max_new_tokens - 1:
             break
         t = time.perf_counter()
@@ -100,8 +95,24 @@ def _generate_batch(session, prompts, options, on_token) -> GenerationResult:
     return result
 
 
-def _check_prompts(session: DecoderSession, prompts: list[list[int]], options: GenerateOptions):
-    m = session.manifest
+def record_tokens(result: GenerationResult, nxt: np.ndarray, done: np.ndarray,
+                  seen: np.ndarray | None, eos: np.ndarray, options: GenerateOptions,
+                  on_token: TokenCallback | None) -> None:
+    """Append each unfinished sequence's new token; mark it seen; stream it; stop at EOS."""
+    for b in np.flatnonzero(~done):
+        tok = int(nxt[b])
+        result.tokens[b].append(tok)
+        if seen is not None:
+            seen[b, tok] = True
+        if on_token:
+            on_token(int(b), tok)
+        if options.stop_on_eos and tok in eos:
+            done[b], result.finish_reasons[b] = True, "eos"
+
+
+def check_prompts(m: Manifest, max_len: int, prompts: list[list[int]], options: GenerateOptions,
+                  what: str, remedy: str) -> None:
+    """Refuse empty prompts, ids outside the vocabulary and sequences longer than `max_len`."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ArxError("empty prompt: give at least one token (--prompt TEXT or --prompt-ids 1,2,3)")
     for p in prompts:
@@ -109,10 +120,10 @@ def _check_prompts(session: DecoderSession, prompts: list[list[int]], options: G
         if bad:
             raise ArxError(f"prompt token id {bad[0]} is outside the vocabulary (0..{m.vocab_size - 1})")
     longest = max(len(p) for p in prompts)
-    if longest + options.max_new_tokens > m.kv.max_seq_len:
+    if longest + options.max_new_tokens > max_len:
         raise ArxError(f"prompt of {longest} tokens + {options.max_new_tokens} new tokens exceeds "
-                       f"the bundle's context of {m.kv.max_seq_len} tokens; shorten the prompt, "
-                       f"lower --max-new-tokens, or re-export with a larger --max-seq-len")
+                       f"{what} of {max_len} tokens; shorten the prompt, lower --max-new-tokens, "
+                       f"or {remedy}")
 
 
 def _merge(parts: list[GenerationResult]) -> GenerationResult:

@@ -24,6 +24,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--no-eos-stop", action="store_true", help="generate max-new-tokens even after EOS")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--engine", metavar="TARGET",
+                   help="run the TensorRT engine `arx build --target TARGET` made for this bundle "
+                        "(needs TensorRT and a GPU) instead of the ONNX graph on ORT")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
     p.add_argument("--no-spin", action="store_true",
                    help="idle threads sleep instead of spinning (better when cores are shared)")
@@ -81,10 +84,13 @@ def run(args) -> int:
         stream = _streamer(tokenizer)
         if args.prompt is not None:
             sys.stdout.write(args.prompt[0])  # the continuation reads on from the prompt
-    backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
-                             spin_wait=not args.no_spin)
-    with DecoderSession(args.bundle, backend, manifest) as session:
-        result = generate(session, prompts, options, on_token=stream)
+    if args.engine:
+        result = _generate_on_engine(args.bundle, args.engine, manifest, prompts, options, stream)
+    else:
+        backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
+                                 spin_wait=not args.no_spin)
+        with DecoderSession(args.bundle, backend, manifest) as session:
+            result = generate(session, prompts, options, on_token=stream)
     if args.json:
         print(json.dumps(_as_json(result, prompts, tokenizer)))
     elif stream is not None:
@@ -96,6 +102,16 @@ def run(args) -> int:
             print(f"[{i}] {body}")
     _summary(result)
     return 0
+
+
+def _generate_on_engine(bundle, target, manifest, prompts, options, stream):
+    from arx.runtime.engine_loop import EngineSession, generate_on_engine
+    from arx.runtime.tensorrt_backend import TensorRTBackend, load_build_report
+
+    engine, report = load_build_report(bundle, target)
+    with TensorRTBackend(engine, report) as backend:
+        return generate_on_engine(EngineSession(backend, report, manifest), prompts, options,
+                                  on_token=stream)
 
 
 def _streamer(tokenizer):

@@ -130,6 +130,12 @@ def test_prompt_longer_than_context(short_bundle, capsys):
     assert_clean_failure(code, err, "exceeds the bundle's context of 32")
 
 
+def test_generate_on_an_engine_that_was_not_built(short_bundle, capsys):
+    code, _, err = run_cli(capsys, "generate", str(short_bundle), "--prompt-ids", "1,2",
+                           "--engine", "h100")
+    assert_clean_failure(code, err, "no engine for h100", "arx build")
+
+
 @pytest.mark.parametrize("flags, fragment", [
     (["--temperature", "0"], "--temperature"),
     (["--temperature", "nan"], "--temperature"),

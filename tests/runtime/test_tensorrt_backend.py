@@ -239,11 +239,17 @@ def test_allocate_is_a_device_buffer(backend):
 
 @pytest.mark.tensorrt
 @pytest.mark.gpu
-def test_real_engine_matches_ort(exported_bundle, tmp_path):
-    """Build an fp32 engine of the tiny llama and compare greedy ids with the ORT bundle."""
+@pytest.mark.parametrize("form", [{}, {"attention": "native", "sampler": "argmax"}])
+def test_real_engine_matches_ort(exported_bundle, tmp_path, form):
+    """Build an fp32 engine of the tiny llama (plugin and plugin-free forms) and compare 16
+    greedy tokens of a ragged batch with `arx generate` on the ORT bundle."""
     from arx.builder.build import build_bundle
     from arx.builder.engine import engine_unavailable_reason
     from arx.builder.options import BuildOptions
+    from arx.manifest import read_manifest
+    from arx.runtime.decoder import DecoderSession
+    from arx.runtime.engine_loop import EngineSession, generate_on_engine
+    from arx.runtime.generate import GenerateOptions, generate
     from arx.runtime.tensorrt_backend import load_build_report
 
     reason = engine_unavailable_reason()
@@ -254,15 +260,11 @@ def test_real_engine_matches_ort(exported_bundle, tmp_path):
     bundle = tmp_path / "llama.arx"
     shutil.copytree(exported_bundle("llama"), bundle)
     build_bundle(bundle, BuildOptions(target="h100", precision="fp32", max_seq_len=32,
-                                      max_batch=2, progress=False))
+                                      max_batch=2, progress=False, **form))
+    prompts, options = [[1, 17, 33, 5, 9], [1, 64]], GenerateOptions(16, stop_on_eos=False)
+    with DecoderSession(bundle) as session:
+        want = generate(session, prompts, options).tokens
     engine, report = load_build_report(bundle, "h100")
     with TensorRTBackend(engine, report) as be:
-        caches = {p: be.allocate((1, 2, 32, 16), "float32") for p in report["aliases"].values()}
-        feeds = {"input_ids": np.array([[1, 17, 33]], np.int64),
-                 "attention_mask": np.ones((1, 3), np.int64), **caches,
-                 "sampling_params": np.float32([[0, 0, 1, 1, 1]]),
-                 "presence": np.zeros((1, 160), bool), "seed": np.zeros(1, np.int64),
-                 "offset": np.zeros(1, np.int64)}
-        out = be.run(feeds)
-    assert out["token_ids"].shape == (1,)
-    assert int(out["token_ids"][0]) == int(out["last_logits"][0].argmax())
+        got = generate_on_engine(EngineSession(be, report, read_manifest(bundle)), prompts, options)
+    assert got.tokens == want
