@@ -237,6 +237,30 @@ def test_allocate_is_a_device_buffer(backend):
     assert isinstance(buf, DeviceBuffer) and buf.nbytes == 12 and buf.ptr in cuda.mem
 
 
+def test_cuda_calls_are_accepted_by_cuda_python():
+    """The real cuda-python (dev extra) without a GPU: every CudaRuntime call gets through the
+    binding's argument checks and fails only at the driver, as one clean ArxError."""
+    pytest.importorskip("cuda.bindings.runtime")
+    from arx.builder.engine import cuda_device_count
+    from arx.runtime.tensorrt_backend import CudaRuntime
+
+    if cuda_device_count():
+        pytest.skip("a GPU is here: these calls would act; the gpu tests cover them")
+    from cuda.bindings import runtime as cudart
+
+    cuda = CudaRuntime.__new__(CudaRuntime)
+    cuda.rt = cudart
+    host = np.zeros(4, np.float32)
+    calls = {"malloc": (16,), "free": (0,), "stream": (), "h2d": (0, host, 0), "d2h": (host, 0, 0),
+             "synchronize": (0,), "capture_begin": (0,), "capture_end": (0,),
+             "graph_launch": (None, 0)}
+    for name, args in calls.items():
+        with pytest.raises(ArxError, match="CUDA call failed"):
+            getattr(cuda, name)(*args)
+    with pytest.raises(ArxError, match="check the GPU and driver"):
+        CudaRuntime(0)
+
+
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 @pytest.mark.parametrize("form", [{}, {"attention": "native", "sampler": "argmax"}])
