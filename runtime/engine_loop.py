@@ -19,12 +19,14 @@ tests) ONNX Runtime running the same TensorRT-form graph.
 from __future__ import annotations
 
 import time
-from typing import Any, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from arx.errors import ArxError
-from arx.manifest import Manifest
+from arx.manifest import Manifest, read_manifest
 from arx.plugins.sampling.reference import SamplingParams
 from arx.runtime.generate import (GenerateOptions, GenerationResult, TokenCallback, check_prompts,
                                   record_tokens)
@@ -61,6 +63,16 @@ class EngineSession:
             pos = lengths[:, None] + np.arange(ids.shape[1])[None]
             feeds["position_ids"] = np.minimum(pos, self.s_max - 1).astype(np.int64)
         return self.backend.run({k: v for k, v in feeds.items() if k in self.inputs})
+
+
+@contextmanager
+def open_engine(bundle: str | Path, target: str) -> Iterator[EngineSession]:
+    """The engine `arx build BUNDLE --target TARGET` made, loaded on this GPU (needs TensorRT)."""
+    from arx.runtime.tensorrt_backend import TensorRTBackend, load_build_report
+
+    engine, report = load_build_report(bundle, target)
+    with TensorRTBackend(engine, report) as backend:
+        yield EngineSession(backend, report, read_manifest(bundle))
 
 
 def engine_sampler_feeds(sampling: SamplingOptions, batch: int, seen: np.ndarray, seed: int,

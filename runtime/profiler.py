@@ -11,6 +11,11 @@ costs one step. p50/p90/p99 are over the steps of one run, then the median over 
 
 Per-op time comes from a backend profiler (`OpProfiler`): ORT's trace on the CPU/CUDA EPs. It
 runs in its own session, because tracing slows every node down; the timed runs never trace.
+
+With `engine` set (`arx profile --engine TARGET`) the timed generations run the TensorRT engine
+`arx build` made (runtime/engine_loop.py) instead of the ONNX graph; TTFT and decode latency
+mean the same. No per-op breakdown (TensorRT's IProfiler is not wired) and no roofline (the
+bandwidth measured is the host's) are reported for engines.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class ProfileOptions:
     op_breakdown: bool = True
     roofline: bool = True
     seed: int = 0
+    engine: str | None = None  # a build target: time its TensorRT engine, not the ONNX graph
 
     def __post_init__(self):
         for name, values in (("--prompt-len", self.prompt_lens), ("--batch", self.batches)):
@@ -195,16 +201,18 @@ def _generate_options(opts: ProfileOptions) -> GenerateOptions:
                            sampling=SamplingOptions(do_sample=False))
 
 
-def time_shape(session: DecoderSession, opts: ProfileOptions, prompt_len: int, batch: int,
+Runner = Callable[[list[list[int]], GenerateOptions], GenerationResult]
+
+
+def time_shape(run: Runner, vocab: int, opts: ProfileOptions, prompt_len: int, batch: int,
                tick: Callable[[], None] = lambda: None) -> ShapeResult:
     """Warm-up, then `runs` timed generations of one (prompt length, batch)."""
     rng = np.random.default_rng(opts.seed)
-    vocab = session.manifest.vocab_size
     gen_opts = _generate_options(opts)
     reset_peak_rss()
     runs = []
     for i in range(opts.warmup + opts.runs):
-        result = generate(session, _prompts(rng, vocab, prompt_len, batch), gen_opts)
+        result = run(_prompts(rng, vocab, prompt_len, batch), gen_opts)
         if i >= opts.warmup:
             runs.append(_run_stats(result, batch))
         tick()
@@ -238,12 +246,15 @@ def profile_bundle(bundle: str | Path, opts: ProfileOptions, *, bandwidth: float
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     opts.check_context(manifest, bundle)
+    if opts.engine:
+        return _profile_engine(bundle, manifest, opts, tick)
     backend_opts = BackendOptions(device=opts.device, intra_op_threads=opts.threads)
     results = []
     with DecoderSession(bundle, backend_opts, manifest) as session:
         device = session.backend.device
+        run = lambda prompts, o: generate(session, prompts, o)  # noqa: E731
         for p, b in opts.shapes:
-            results.append(time_shape(session, opts, p, b, tick))
+            results.append(time_shape(run, manifest.vocab_size, opts, p, b, tick))
     if opts.op_breakdown:
         trace_ops(PROFILERS["onnxruntime"](bundle, manifest, backend_opts), opts, results, tick)
     weights = None
@@ -254,6 +265,16 @@ def profile_bundle(bundle: str | Path, opts: ProfileOptions, *, bandwidth: float
                                        bandwidth)
             r.roofline = roof.to_json(measured_ms=r.decode_ms["p50"])
     return BundleProfile(str(bundle), _model_facts(manifest), device, results, weights)
+
+
+def _profile_engine(bundle: Path, manifest: Manifest, opts: ProfileOptions,
+                    tick: Callable[[], None]) -> BundleProfile:
+    from arx.runtime import engine_loop
+
+    with engine_loop.open_engine(bundle, opts.engine) as session:
+        run = lambda prompts, o: engine_loop.generate_on_engine(session, prompts, o)  # noqa: E731
+        results = [time_shape(run, manifest.vocab_size, opts, p, b, tick) for p, b in opts.shapes]
+    return BundleProfile(str(bundle), _model_facts(manifest), f"tensorrt:{opts.engine}", results)
 
 
 def _model_facts(m: Manifest) -> dict:
@@ -267,7 +288,7 @@ def _model_facts(m: Manifest) -> dict:
 def progress_total(opts: ProfileOptions) -> int:
     """Generations one bundle takes (for a progress bar)."""
     n = len(opts.shapes)
-    return n * (opts.warmup + opts.runs) + (n if opts.op_breakdown else 0)
+    return n * (opts.warmup + opts.runs) + (n if opts.op_breakdown and not opts.engine else 0)
 
 
 __all__ = ["ProfileOptions", "OpProfiler", "OrtTraceProfiler", "OpTime", "ShapeResult",

@@ -85,7 +85,7 @@ def run(args) -> int:
         if args.prompt is not None:
             sys.stdout.write(args.prompt[0])  # the continuation reads on from the prompt
     if args.engine:
-        result = _generate_on_engine(args.bundle, args.engine, manifest, prompts, options, stream)
+        result = _generate_on_engine(args.bundle, args.engine, prompts, options, stream)
     else:
         backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
                                  spin_wait=not args.no_spin)
@@ -104,14 +104,11 @@ def run(args) -> int:
     return 0
 
 
-def _generate_on_engine(bundle, target, manifest, prompts, options, stream):
-    from arx.runtime.engine_loop import EngineSession, generate_on_engine
-    from arx.runtime.tensorrt_backend import TensorRTBackend, load_build_report
+def _generate_on_engine(bundle, target, prompts, options, stream):
+    from arx.runtime import engine_loop
 
-    engine, report = load_build_report(bundle, target)
-    with TensorRTBackend(engine, report) as backend:
-        return generate_on_engine(EngineSession(backend, report, manifest), prompts, options,
-                                  on_token=stream)
+    with engine_loop.open_engine(bundle, target) as session:
+        return engine_loop.generate_on_engine(session, prompts, options, on_token=stream)
 
 
 def _streamer(tokenizer):

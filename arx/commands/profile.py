@@ -18,6 +18,8 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: onnxruntime's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--compare", metavar="OTHER", help="a second bundle, profiled the same way, side by side")
+    p.add_argument("--engine", metavar="TARGET", help="time the TensorRT engine `arx build --target "
+                   "TARGET` made (needs TensorRT and a GPU) instead of the ONNX graph")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op breakdown (a traced run)")
     p.add_argument("--no-roofline", action="store_true", help="skip the bandwidth measurement")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
@@ -42,7 +44,7 @@ def _options(args):
     return ProfileOptions(prompt_lens=_ints("--prompt-len", args.prompt_len), gen_len=args.gen_len,
                           batches=_ints("--batch", args.batch), runs=args.runs, warmup=args.warmup,
                           device=args.device, threads=args.threads, op_breakdown=not args.no_ops,
-                          roofline=not args.no_roofline)
+                          roofline=not args.no_roofline and not args.engine, engine=args.engine)
 
 
 def run(args) -> int:

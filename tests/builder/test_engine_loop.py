@@ -121,3 +121,57 @@ def test_engine_loop_refuses_what_the_engine_cannot_do(exported_bundle, ort_sess
     sample = GenerateOptions(max_new_tokens=8, sampling=SamplingOptions(do_sample=True))
     with pytest.raises(ArxError, match="greedy token ids only"):
         generate_on_engine(engine, PROMPTS[:2], sample)
+
+
+@pytest.fixture
+def engine_cli(monkeypatch, exported_bundle, ort_session):
+    """`arx generate/profile --engine h100` with open_engine serving the ORT-run TensorRT form."""
+    from contextlib import contextmanager
+
+    from arx.runtime import engine_loop
+
+    def use(family, **kw):
+        bundle = exported_bundle(family)
+
+        @contextmanager
+        def fake_open(path, target):
+            assert str(path) == str(bundle) and target == "h100"
+            yield engine_for(bundle, ort_session, **kw)
+
+        monkeypatch.setattr(engine_loop, "open_engine", fake_open)
+        return bundle
+
+    return use
+
+
+def test_cli_generate_on_engine(engine_cli, capsys):
+    import json
+
+    from arx.cli import main
+
+    bundle = engine_cli("qwen3", **NATIVE)
+    args = ["generate", str(bundle), "--prompt-ids", "1,17,33", "--prompt-ids", "1,64",
+            "--max-new-tokens", "8", "--greedy", "--no-eos-stop", "--json"]
+    assert main(args + ["--engine", "h100"]) == 0
+    on_engine = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    on_ort = json.loads(capsys.readouterr().out)
+    assert [s["tokens"] for s in on_engine["sequences"]] == [s["tokens"] for s in on_ort["sequences"]]
+
+
+def test_cli_profile_on_engine(engine_cli, tmp_path, capsys):
+    import json
+
+    from arx.cli import main
+
+    bundle = engine_cli("llama")
+    out = tmp_path / "profile.json"
+    assert main(["profile", str(bundle), "--engine", "h100", "--prompt-len", "5", "--gen-len", "4",
+                 "--batch", "1,2", "--runs", "2", "--warmup", "0", "--json", str(out),
+                 "--quiet"]) == 0
+    assert "tensorrt:h100" in capsys.readouterr().out
+    report = json.loads(out.read_text())["bundles"][0]
+    assert report["device"] == "tensorrt:h100" and len(report["results"]) == 2
+    for r in report["results"]:
+        assert r["ttft_ms"] > 0 and r["tokens_per_s"] > 0 and len(r["runs"]) == 2
+        assert r["roofline"] is None and not any(r["op_breakdown"].values())
