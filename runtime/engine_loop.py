@@ -33,7 +33,6 @@ from arx.runtime.generate import (GenerateOptions, GenerationResult, TokenCallba
 from arx.runtime.sampler import Sampler, SamplingOptions
 
 TOKEN_IDS, LAST_LOGITS = "token_ids", "last_logits"
-SAMPLER_INPUTS = ("sampling_params", "presence", "seed", "offset")
 
 
 class EngineSession:
