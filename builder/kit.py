@@ -161,13 +161,14 @@ def readme(kit: dict, options: BuildOptions) -> str:
     jetpack = f"- JetPack >= {req['jetpack']} (Jetson)\n" if req["jetpack"] else ""
     plugins = (f"arx plugin kernels compiled for {kit['plugin_sm']}" if kit["build"]["plugins"]
                else "no arx plugins (standard ONNX ops only)")
+    trtexec_only = "" if kit["build"]["plugins"] else "; trtexec alone for build_trtexec.sh"
     return f"""# arx build kit: {kit['family']} for {t['name']} ({t['devices']}, {kit['plugin_sm']})
 
 Precision {kit['precision']}, max batch {kit['max_batch']}, static KV cache of
 {kit['max_seq_len']} tokens, {plugins}.
 
 ## Requirements
-- TensorRT {req['tensorrt']} with its Python package (`import tensorrt`)
+- TensorRT {req['tensorrt']}: its Python package (`import tensorrt`) for build_engine.py{trtexec_only}
 {jetpack}- a GPU of compute capability {t['compute_capability'][0]}.{t['compute_capability'][1]}
 
 ## Build
