@@ -12,7 +12,7 @@ from arx.manifest import Manifest, Stage
 
 from .options import BuildOptions
 from .precision import CACHE_DTYPES, apply_precision, check_int8_bundle, check_symmetric_qdq
-from .schemas import DOMAIN, register_schemas
+from .schemas import has_plugin_nodes, register_schemas
 from .tensorrt_form import FormSpec, tensorrt_io, to_tensorrt_form
 
 FORM_FILE = "decoder.trt.onnx"
@@ -29,7 +29,7 @@ class TensorRTForm:
     @property
     def uses_plugins(self) -> bool:
         """Whether any arx plugin node is left (their PTX and registration are then needed)."""
-        return any(n.domain == DOMAIN for n in self.model.graph.node)
+        return has_plugin_nodes(self.model.graph)
 
 
 def form_spec(manifest: Manifest, options: BuildOptions) -> FormSpec:

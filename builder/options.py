@@ -72,8 +72,3 @@ class BuildOptions:
 
     def batch(self) -> int:
         return self.max_batch or self.target_info.max_batch
-
-    @property
-    def uses_plugins(self) -> bool:
-        """Whether the TensorRT form has arx plugin nodes (needs their PTX / registration)."""
-        return self.attention == "plugin" or self.sampler == "plugin"

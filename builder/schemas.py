@@ -94,3 +94,8 @@ def register_schemas() -> None:
 def plugin_attrs(aot: bool) -> dict:
     """The TensorRT attributes every arx plugin node carries."""
     return {"plugin_namespace": "arx", "plugin_version": "1", "aot": int(aot)}
+
+
+def has_plugin_nodes(graph: onnx.GraphProto) -> bool:
+    """Whether any arx plugin node is in `graph` (then it needs the arx opset, PTX, registration)."""
+    return any(n.domain == DOMAIN for n in graph.node)

@@ -41,7 +41,7 @@ from arx.manifest import Manifest, Stage, TensorSpec
 from .attention import GQA, Bookkeeping, parse_gqa, rewrite_attention
 from .native_attention import NATIVE_OPSET, rewrite_attention_native
 from .graph_edit import GraphEditor, prune, topological_sort
-from .schemas import DOMAIN, OPSET, SAMPLE, plugin_attrs, register_schemas
+from .schemas import DOMAIN, OPSET, SAMPLE, has_plugin_nodes, plugin_attrs, register_schemas
 
 ONNX_OPSET = 23  # RMSNormalization; TensorRT 11's parser reads up to opset 25
 TOKEN_IDS, LAST_LOGITS, LOGITS = "token_ids", "last_logits", "logits"
@@ -206,6 +206,6 @@ def _set_opsets(model: onnx.ModelProto, spec: FormSpec) -> None:
     kept = [o for o in model.opset_import if o.domain not in ("", "ai.onnx", "com.microsoft", DOMAIN)]
     del model.opset_import[:]
     model.opset_import.append(helper.make_opsetid("", spec.opset))
-    if any(n.domain == DOMAIN for n in model.graph.node):
+    if has_plugin_nodes(model.graph):
         model.opset_import.append(helper.make_opsetid(DOMAIN, OPSET))
     model.opset_import.extend(kept)

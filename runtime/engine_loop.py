@@ -29,7 +29,7 @@ from arx.errors import ArxError
 from arx.manifest import Manifest, read_manifest
 from arx.plugins.sampling.reference import SamplingParams
 from arx.runtime.generate import (GenerateOptions, GenerationResult, TokenCallback, check_prompts,
-                                  record_tokens)
+                                  record_tokens, seen_tokens)
 from arx.runtime.sampler import Sampler, SamplingOptions
 
 TOKEN_IDS, LAST_LOGITS = "token_ids", "last_logits"
@@ -74,15 +74,15 @@ def open_engine(bundle: str | Path, target: str) -> Iterator[EngineSession]:
         yield EngineSession(backend, report, read_manifest(bundle))
 
 
-def engine_sampler_feeds(sampling: SamplingOptions, batch: int, seen: np.ndarray, seed: int,
-                         step: int) -> dict[str, np.ndarray]:
-    """The arx::sample inputs for one step (temperature 0 = greedy, as in the plugin's spec)."""
+def engine_sampler_feeds(sampling: SamplingOptions, batch: int, seed: int,
+                         presence: Any) -> dict[str, Any]:
+    """The arx::sample inputs at step 0 (temperature 0 = greedy, as in the plugin's spec); a
+    later step only sets "offset" to its index."""
     row = SamplingParams(temperature=sampling.temperature if sampling.do_sample else 0.0,
                          top_k=sampling.top_k, top_p=sampling.top_p,
                          repetition_penalty=sampling.repetition_penalty)
-    return {"sampling_params": np.tile(row.row(), (batch, 1)),
-            "presence": seen,
-            "seed": np.full(batch, seed, np.int64), "offset": np.full(batch, step, np.int64)}
+    return {"sampling_params": np.tile(row.row(), (batch, 1)), "presence": presence,
+            "seed": np.full(batch, seed, np.int64), "offset": np.zeros(batch, np.int64)}
 
 
 def generate_on_engine(session: EngineSession, prompts: list[list[int]], options: GenerateOptions,
@@ -103,13 +103,13 @@ def generate_on_engine(session: EngineSession, prompts: list[list[int]], options
     host = Sampler(o, m.vocab_size) if host_needed else None
     seed = o.seed if o.seed is not None else int(np.random.SeedSequence().entropy % (1 << 62))
     lengths = np.array([len(p) for p in prompts], np.int64)
-    seen = None
-    if o.repetition_penalty != 1.0:
-        seen = np.zeros((batch, m.vocab_size), bool)
-        for b, p in enumerate(prompts):
-            seen[b, p] = True
-    if on_device and seen is None:
-        seen = np.zeros((batch, m.vocab_size), bool)  # the engine input exists either way
+    seen = seen_tokens(prompts, m.vocab_size) if o.repetition_penalty != 1.0 else None
+    feeds: dict[str, Any] = {}
+    if on_device:  # built once; without a repetition penalty, presence is a zeroed device
+        # buffer bound as is, so no (B, V) host array is copied to the device every token
+        presence = (seen if seen is not None
+                    else session.backend.allocate((batch, m.vocab_size), "bool"))
+        feeds = engine_sampler_feeds(o, batch, seed, presence)
     eos = np.array(m.tokenizer.eos_token_ids or [-1], np.int64)
     result = GenerationResult([[] for _ in prompts], ["length"] * batch, lengths.tolist())
     done = np.zeros(batch, bool)
@@ -124,17 +124,16 @@ def generate_on_engine(session: EngineSession, prompts: list[list[int]], options
     ids = np.zeros((batch, int(lengths.max())), np.int64)
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = p
-    feeds = engine_sampler_feeds(o, batch, seen, seed, 0) if on_device else {}
     nxt = pick(session.step(cache, ids, np.zeros(batch, np.int64), lengths, ids.shape[1], feeds))
     for step in range(options.max_new_tokens):
         if step == 0:
             result.prefill_s = time.perf_counter() - t0
-        record_tokens(result, nxt, done, seen if o.repetition_penalty != 1.0 else None, eos,
-                      options, on_token)
+        record_tokens(result, nxt, done, seen, eos, options, on_token)
         if done.all() or step == options.max_new_tokens - 1:
             break
         t = time.perf_counter()
-        feeds = engine_sampler_feeds(o, batch, seen, seed, step + 1) if on_device else {}
+        if on_device:
+            feeds["offset"] = np.full(batch, step + 1, np.int64)  # the Philox counter
         out = session.step(cache, nxt[:, None], lengths, lengths + 1, session.s_max, feeds)
         lengths = lengths + 1
         nxt = pick(out)

@@ -67,11 +67,7 @@ def _generate_batch(session, prompts, options, on_token) -> GenerationResult:
     batch, lengths = len(prompts), np.array([len(p) for p in prompts], dtype=np.int64)
     sampler = Sampler(options.sampling, m.vocab_size)
     eos = np.array(m.tokenizer.eos_token_ids or [-1], dtype=np.int64)
-    seen = None
-    if options.sampling.repetition_penalty != 1.0:
-        seen = np.zeros((batch, m.vocab_size), dtype=bool)
-        for b, p in enumerate(prompts):
-            seen[b, p] = True
+    seen = seen_tokens(prompts, m.vocab_size) if options.sampling.repetition_penalty != 1.0 else None
     # only as long as this request needs: (B, kv_heads, prompt + new, D) per layer
     cache = session.new_cache(batch, int(lengths.max()) + options.max_new_tokens)
     result = GenerationResult([[] for _ in prompts], ["length"] * batch, lengths.tolist())
@@ -93,6 +89,14 @@ def _generate_batch(session, prompts, options, on_token) -> GenerationResult:
         last = session.step(cache, nxt[:, None], np.ones(batch, dtype=np.int64), logits="last")[:, 0]
         result.step_s.append(time.perf_counter() - t)
     return result
+
+
+def seen_tokens(prompts: list[list[int]], vocab: int) -> np.ndarray:
+    """(B, V) bool: the tokens of each prompt (what the repetition penalty starts from)."""
+    seen = np.zeros((len(prompts), vocab), dtype=bool)
+    for b, p in enumerate(prompts):
+        seen[b, p] = True
+    return seen
 
 
 def record_tokens(result: GenerationResult, nxt: np.ndarray, done: np.ndarray,

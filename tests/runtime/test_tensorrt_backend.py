@@ -86,66 +86,75 @@ class DType(enum.Enum):
     HALF = 2
 
 
+class FakeContext:
+    """An execution context that checks the binding contract as a real engine would."""
+
+    def __init__(self, cuda: FakeCuda):
+        self.cuda = cuda
+        self.shapes, self.addresses, self.profile, self.runs = {}, {}, None, 0
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profile = index
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, ptr):
+        self.addresses[name] = ptr
+        return True
+
+    def get_tensor_shape(self, name):
+        return (self.shapes["input_ids"][0],)  # token_ids (B,)
+
+    def execute_async_v3(self, stream):
+        mem = self.cuda.mem
+        self.runs += 1
+        ids = np.frombuffer(mem[self.addresses["input_ids"]], np.int64)
+        b, s = self.shapes["input_ids"]
+        last = ids[: b * s].reshape(b, s)[:, -1].astype(np.int32)
+        mem[self.addresses["token_ids"]][: last.nbytes] = last.tobytes()
+        # the plugin writes the new keys into the buffer bound to present.0.key
+        key = np.frombuffer(mem[self.addresses["present.0.key"]], np.float16)
+        mem[self.addresses["present.0.key"]][:] = (key + 1).tobytes()
+        return True
+
+
+class FakeEngine:
+    """A deserialized engine whose IO is the build report's."""
+
+    _DTYPES = {"int64": DType.INT64, "int32": DType.INT32, "float16": DType.HALF}
+
+    def __init__(self, cuda: FakeCuda, report: dict):
+        self.cuda = cuda
+        self.io = {t["name"]: t for t in (*report["io"]["inputs"], *report["io"]["outputs"])}
+        self.inputs = {t["name"] for t in report["io"]["inputs"]}
+        self.names = list(self.io)
+        self.num_io_tensors = len(self.io)
+
+    def get_tensor_name(self, i):
+        return self.names[i]
+
+    def get_tensor_mode(self, name):
+        return Mode.INPUT if name in self.inputs else Mode.OUTPUT
+
+    def get_tensor_dtype(self, name):
+        return self._DTYPES[self.io[name]["dtype"]]
+
+    def create_execution_context(self):
+        self.context = FakeContext(self.cuda)
+        return self.context
+
+
 def fake_trt(cuda: FakeCuda, report: dict):
-    """A `tensorrt` stand-in whose context checks the binding contract as a real engine would."""
-    io = {t["name"]: t for t in (*report["io"]["inputs"], *report["io"]["outputs"])}
-    dtypes = {"int64": DType.INT64, "int32": DType.INT32, "float16": DType.HALF}
-    inputs = {t["name"] for t in report["io"]["inputs"]}
-
-    class Context:
-        def __init__(self):
-            self.shapes, self.addresses, self.profile, self.runs = {}, {}, None, 0
-
-        def set_optimization_profile_async(self, index, stream):
-            self.profile = index
-
-        def set_input_shape(self, name, shape):
-            self.shapes[name] = tuple(shape)
-            return True
-
-        def set_tensor_address(self, name, ptr):
-            self.addresses[name] = ptr
-            return True
-
-        def get_tensor_shape(self, name):
-            return (self.shapes["input_ids"][0],)  # token_ids (B,)
-
-        def execute_async_v3(self, stream):
-            self.runs += 1
-            ids = np.frombuffer(cuda.mem[self.addresses["input_ids"]], np.int64)
-            b, s = self.shapes["input_ids"]
-            last = ids[: b * s].reshape(b, s)[:, -1].astype(np.int32)
-            cuda.mem[self.addresses["token_ids"]][: last.nbytes] = last.tobytes()
-            # the plugin writes the new keys into the buffer bound to present.0.key
-            key = np.frombuffer(cuda.mem[self.addresses["present.0.key"]], np.float16)
-            cuda.mem[self.addresses["present.0.key"]][:] = (key + 1).tobytes()
-            return True
-
-    class Engine:
-        num_io_tensors = len(io)
-
-        def __init__(self):
-            self.names = list(io)
-
-        def get_tensor_name(self, i):
-            return self.names[i]
-
-        def get_tensor_mode(self, name):
-            return Mode.INPUT if name in inputs else Mode.OUTPUT
-
-        def get_tensor_dtype(self, name):
-            return dtypes[io[name]["dtype"]]
-
-        def create_execution_context(self):
-            self.context = Context()
-            return self.context
+    """A `tensorrt` stand-in: Runtime deserializes any bytes into a FakeEngine of `report`."""
 
     class Runtime:
         def __init__(self, logger):
             pass
 
         def deserialize_cuda_engine(self, data):
-            return Engine()
+            return FakeEngine(cuda, report)
 
     class Logger:
         WARNING = 2
