@@ -41,6 +41,10 @@ SCHEMES: dict[str, Scheme] = {
 # which a handful of sequences do not populate.
 METHODS: dict[str, int] = {"minmax": 4, "entropy": 16, "percentile": 16}
 
+# Block sizes ORT's MatMulNBits quantizer (MLAS MlasQuantizeBlockwise) accepts, for 4 and 8 bits
+# alike; anything else fails inside onnxruntime with a C++ assertion.
+GROUP_SIZES = (16, 32, 64, 128, 256)
+
 # MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute (fastest on CPU).
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 
@@ -78,8 +82,9 @@ class QuantOptions:
                 raise ArxError(f"--smoothquant moves activation outliers into weights, which only "
                                f"helps w8a8; drop it for the weight-only scheme {s.name}")
         g = self.group_size
-        if g < 16 or g & (g - 1):
-            raise ArxError(f"--group-size must be a power of two >= 16 (got {g}); 32, 64 or 128 are usual")
+        if g not in GROUP_SIZES:
+            raise ArxError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} (got {g}): "
+                           f"the block sizes onnxruntime's MatMulNBits supports; 32, 64 or 128 are usual")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise ArxError(f"--accuracy-level must be one of {ACCURACY_LEVELS} (got {self.accuracy_level})")
 

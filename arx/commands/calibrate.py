@@ -32,7 +32,7 @@ def register(sub) -> None:
     q.add_argument("--method", default="minmax", help="w8a8 activation ranges: minmax, entropy or percentile")
     q.add_argument("--percentile", type=float, default=99.999, help="for --method percentile (default 99.999)")
     q.add_argument("--smoothquant", type=float, metavar="ALPHA", help="w8a8: SmoothQuant with this alpha (0.5 typical)")
-    q.add_argument("--group-size", type=int, default=128, help="w8/w4 block size along K (power of two >= 16)")
+    q.add_argument("--group-size", type=int, default=128, help="w8/w4 block size along K: 16, 32, 64, 128 (default) or 256")
     q.add_argument("--accuracy-level", type=int, default=4,
                    help="w8/w4 MatMulNBits compute: 4 int8 (fastest on CPU), 1 fp32")
     q.add_argument("--keep-fp", default="", metavar="LAYER,...",

@@ -63,9 +63,16 @@ def test_too_few_samples_for_the_method(llama_bundle, calib_text, tmp_path):
 def test_unknown_scheme_and_bad_options(llama_bundle, calib_text, tmp_path):
     base = [str(llama_bundle), "--data", str(calib_text)]
     assert_refused(tmp_path, [*base, "--scheme", "w3"], "unknown scheme", "w8a8")
-    assert_refused(tmp_path, [*base, "--scheme", "w4", "--group-size", "48"], "power of two")
+    assert_refused(tmp_path, [*base, "--scheme", "w4", "--group-size", "48"], "one of 16, 32, 64, 128, 256")
     assert_refused(tmp_path, [*base, "--method", "mse"], "unknown calibration method")
     assert_refused(tmp_path, [*base, "--keep-fp", "layers.9"], "matches no MatMul")
+
+
+@pytest.mark.parametrize("scheme", ["w4", "w8"])
+def test_group_size_beyond_what_onnxruntime_quantizes(llama_bundle, calib_text, tmp_path, scheme):
+    # a power of two, but MLAS quantizes blocks of at most 256 (it used to fail inside onnxruntime)
+    assert_refused(tmp_path, [str(llama_bundle), "--data", str(calib_text), "--scheme", scheme,
+                              "--group-size", "512"], "--group-size", "256")
 
 
 def test_already_quantized_bundle(llama_bundle, calib_text, tmp_path):
