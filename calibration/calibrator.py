@@ -24,7 +24,7 @@ from arx.calibration import cache as cache_mod
 from arx.calibration import graph as G
 from arx.calibration.data import Samples, load_samples
 from arx.calibration.options import CalibrateOptions
-from arx.calibration.report import AccuracyReport, table, write
+from arx.calibration.report import AccuracyReport, percent, table, write
 from arx.errors import ArxError
 from arx.manifest import MANIFEST_NAME, Manifest, read_manifest
 from arx.progress import Steps
@@ -195,5 +195,5 @@ def _gate(report: AccuracyReport, options: CalibrateOptions, text: str) -> None:
             tips.append("--scheme w8")
     raise ArxError(
         f"{o.scheme} raises perplexity by {report.metrics.ppl_increase:.2%}, over the "
-        f"{report.gate:.0%} gate; worst layers: {worst}; try {' or '.join(tips)}, or pass "
+        f"{percent(report.gate)} gate; worst layers: {worst}; try {' or '.join(tips)}, or pass "
         f"--force to write it anyway (nothing was written)", details=text)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from arx.calibration.calibrator import calibrate_bundle
 from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
+from arx.calibration.report import percent
 
 # (label, quantization options): the default of each scheme, plus SmoothQuant for w8a8
 VARIANTS = (
@@ -42,7 +43,7 @@ def markdown(rows) -> str:
     for label, r in rows:
         m = r.metrics
         lines.append(f"| {label} | {m.ppl_quant:.3f} | {m.ppl_increase:+.2%} | {m.top1_agreement:.2%} | "
-                     f"{m.kl_mean:.5f} | {'pass' if r.passed else 'FAIL'} ({r.gate:.0%}) |")
+                     f"{m.kl_mean:.5f} | {'pass' if r.passed else 'FAIL'} ({percent(r.gate)}) |")
     lines.append(f"\n{fp.tokens} held-out tokens.")
     return "\n".join(lines)
 

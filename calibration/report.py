@@ -14,6 +14,11 @@ JSON_NAME = "accuracy.json"
 PLOT_NAME = "accuracy.png"
 
 
+def percent(fraction: float) -> str:
+    """A gate with the precision it was given: 0.02 -> 2%, 0.005 -> 0.5% (`:.0%` printed 0%)."""
+    return f"{fraction * 100:.6g}%"  # 6 digits hide float noise (0.1 * 100 = 10.000000000000002)
+
+
 @dataclass
 class AccuracyReport:
     scheme: str
@@ -58,7 +63,7 @@ def table(report: AccuracyReport, n_layers: int) -> str:
         + (" (RANDOM TOKENS)" if report.data.get("kind") != "text" else ""),
         f"  {'':<22}{'fp32':>10}{report.scheme:>10}",
         f"  {'perplexity':<22}{m.ppl_fp32:>10.3f}{m.ppl_quant:>10.3f}   "
-        f"{m.ppl_increase:+.2%} (gate {report.gate:.0%}: {verdict})",
+        f"{m.ppl_increase:+.2%} (gate {percent(report.gate)}: {verdict})",
         f"  {'top-1 agreement':<22}{'':>10}{m.top1_agreement:>10.2%}",
         f"  {'mean KL(fp32||quant)':<22}{'':>10}{m.kl_mean:>10.4f}",
     ]
@@ -94,7 +99,7 @@ def _plot(report: AccuracyReport, path: Path) -> None:
     # The increase, not the raw perplexities: two bars of ~equal height say nothing at a glance.
     inc = m.ppl_increase * 100
     bars = ax1.bar([f"{report.scheme} vs fp32"], [inc], color="#55a868" if report.passed else "#c44e52")
-    ax1.axhline(report.gate * 100, color="gray", ls="--", lw=1, label=f"gate {report.gate:.0%}")
+    ax1.axhline(report.gate * 100, color="gray", ls="--", lw=1, label=f"gate {percent(report.gate)}")
     ax1.axhline(0, color="black", lw=0.8)
     ax1.bar_label(bars, fmt="%+.2f%%")
     ax1.set_ylim(min(0.0, inc) * 1.3 - 0.1, max(report.gate * 100, inc) * 1.3)

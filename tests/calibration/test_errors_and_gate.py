@@ -124,6 +124,14 @@ def test_gate_threshold_flag(llama_bundle, calib_text, tmp_path, bad_accuracy):
     assert code == 0 and out.is_dir()
 
 
+def test_small_gate_prints_with_its_precision(llama_bundle, calib_text, tmp_path, bad_accuracy, capsys):
+    base = [str(llama_bundle), "--data", str(calib_text), "--scheme", "w8", "-q", "--no-plot", "--group-size", "32"]
+    code, message = cli([*base, "-o", str(tmp_path / "a.arx"), "--max-ppl-increase", "0.5"])
+    assert code == 2 and "over the 0.5% gate" in message, message  # was "over the 0% gate"
+    code, _ = cli([*base, "-o", str(tmp_path / "b.arx"), "--max-ppl-increase", "0.25%", "--force"])
+    assert code == 0 and "(gate 0.25%: FAIL)" in capsys.readouterr().out
+
+
 def test_random_tokens_are_marked(llama_bundle, tmp_path):
     out = tmp_path / "r.arx"
     code, _ = cli([str(llama_bundle), "--random", "--samples", "4", "--seq-len", "16", "--eval-samples", "2",
