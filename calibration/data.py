@@ -1,6 +1,7 @@
 """Calibration and evaluation samples: token id sequences made from text with the bundle tokenizer.
 
-    .txt   one sample per line (or, with chunk, the whole file cut into seq_len pieces)
+    .txt   one sample per line (or, with chunk, the whole file tokenized at once, newlines and
+           all, and cut into seq_len windows, each starting with BOS when the tokenizer adds one)
     .jsonl one JSON object per line, text under `text_field`
     random seeded random token ids (only when asked; the report says so)
 
@@ -42,11 +43,10 @@ def load_samples(bundle: Path, manifest: Manifest, opts: DataOptions, *, need_ca
     """Read, tokenize and split the data; fail with one line when there is too little."""
     if opts.random:
         return _random_samples(manifest, opts, need_calib)
-    tokenize = _tokenizer(bundle, manifest)
-    texts = read_texts(Path(opts.path), opts.text_field)
-    seqs = _to_sequences(texts, tokenize, opts)
+    tokenizer = _tokenizer(bundle, manifest)
+    seqs = sequences(Path(opts.path), tokenizer, opts)
     if opts.eval_path:
-        eval_seqs = _to_sequences(read_texts(Path(opts.eval_path), opts.text_field), tokenize, opts)
+        eval_seqs = sequences(Path(opts.eval_path), tokenizer, opts)
         calib = seqs[: opts.samples]
         evals = eval_seqs[: opts.eval_samples]
     else:
@@ -62,21 +62,38 @@ def load_samples(bundle: Path, manifest: Manifest, opts: DataOptions, *, need_ca
 
 def read_texts(path: Path, text_field: str) -> list[str]:
     """Non-empty texts of a .txt (one per line) or .jsonl file."""
+    raw = _read(path)
+    if _format(path) == "jsonl":
+        texts = _jsonl_texts(path, raw, text_field)
+    else:
+        texts = [line for line in raw.splitlines() if line.strip()]
+    _check_not_empty(path, texts, text_field)
+    return texts
+
+
+def read_document(path: Path, text_field: str) -> str:
+    """The whole text of a .txt file as it is (newlines kept), or a .jsonl file's texts one per line."""
+    if _format(path) == "jsonl":
+        return "\n".join(read_texts(path, text_field))
+    raw = _read(path)
+    _check_not_empty(path, [raw] if raw.strip() else [], text_field)
+    return raw
+
+
+def _read(path: Path) -> str:
     try:
-        raw = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ArxError(f"data file {path} does not exist; pass a .txt or .jsonl file with --data") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ArxError(f"cannot read data file {path} ({type(e).__name__}: {e}); "
                        f"pass a readable UTF-8 .txt or .jsonl file") from None
-    if _format(path) == "jsonl":
-        texts = _jsonl_texts(path, raw, text_field)
-    else:
-        texts = [line for line in raw.splitlines() if line.strip()]
+
+
+def _check_not_empty(path: Path, texts: list[str], text_field: str) -> None:
     if not texts:
         raise ArxError(f"data file {path} has no text; give one sample per line "
                        f"(or JSONL objects with a {text_field!r} field)")
-    return texts
 
 
 def _format(path: Path) -> str:
@@ -105,17 +122,27 @@ def _tokenizer(bundle: Path, manifest: Manifest):
     if not manifest.tokenizer.file:
         raise ArxError(f"bundle {bundle} has no tokenizer to read text with; "
                        f"calibrate with --random token ids instead")
-    return Tokenizer.from_bundle(bundle, manifest.tokenizer).encode_batch
+    return Tokenizer.from_bundle(bundle, manifest.tokenizer)
 
 
-def _to_sequences(texts: list[str], encode_batch, opts: DataOptions) -> list[np.ndarray]:
-    ids = encode_batch(texts)
+def sequences(path: Path, tokenizer, opts: DataOptions) -> list[np.ndarray]:
+    """Token id sequences of one data file: a line (JSONL text) each, or whole-file windows."""
     if opts.chunk:
-        flat = np.array([t for seq in ids for t in seq], dtype=np.int64)
-        seqs = [flat[i: i + opts.seq_len] for i in range(0, len(flat), opts.seq_len)]
+        # One encode of the whole text: tokenizing line by line and concatenating drops every
+        # newline, which for code is its structure (and doubles its perplexity).
+        seqs = _windows(tokenizer.encode(read_document(path, opts.text_field)), tokenizer, opts.seq_len)
     else:
+        ids = tokenizer.encode_batch(read_texts(path, opts.text_field))
         seqs = [np.array(seq[: opts.seq_len], dtype=np.int64) for seq in ids]
     return [s for s in seqs if len(s) >= MIN_TOKENS]
+
+
+def _windows(ids: list[int], tokenizer, seq_len: int) -> list[np.ndarray]:
+    """Consecutive seq_len windows of `ids`; BOS (when the tokenizer adds one) starts each window,
+    as it starts every prompt the runtime sees, so no window is scored as a mid-document start."""
+    head = ids[:1] if tokenizer.add_bos else []
+    body, step = ids[len(head):], seq_len - len(head)
+    return [np.array(head + body[i: i + step], dtype=np.int64) for i in range(0, len(body), step)]
 
 
 def _random_samples(manifest: Manifest, opts: DataOptions, need_calib: int) -> Samples:
