@@ -12,6 +12,7 @@ import sys
 
 from arx import __version__
 from arx.errors import ArxError
+from arx.interrupts import interrupts_outside_imports
 
 # Order is the order shown in `arx --help`.
 COMMANDS = ("export", "inspect", "generate", "calibrate", "profile", "build")
@@ -30,13 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "run", None):
-        parser.print_help()
-        return 2
     try:
-        return int(args.run(args) or 0)
+        with interrupts_outside_imports():  # else a C extension may turn Ctrl-C into ImportError
+            return _dispatch(argv)
     except ArxError as e:
         print(f"arx: error: {e}", file=sys.stderr)
         if e.details:
@@ -45,6 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("arx: interrupted", file=sys.stderr)
         return 130
+
+
+def _dispatch(argv: list[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    return int(args.run(args) or 0)
 
 
 if __name__ == "__main__":

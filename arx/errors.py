@@ -35,7 +35,17 @@ def require(module: str, extra: str, purpose: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:  # the module or one of its shared libraries is missing
+        if _caused_by_interrupt(e):  # pybind11's module init wraps a Ctrl-C in ImportError
+            raise KeyboardInterrupt from e
         if e.name not in (None, module, module.split(".")[0]):
             raise ArxError(f"{purpose} needs '{module}', which failed to import ({e}); "
                            f"reinstall it with: pip install 'arx[{extra}]'") from e
         raise MissingDependency(module, extra, purpose) from e
+
+
+def _caused_by_interrupt(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
