@@ -88,8 +88,8 @@ def engine_sampler_feeds(sampling: SamplingOptions, batch: int, seed: int,
 def generate_on_engine(session: EngineSession, prompts: list[list[int]], options: GenerateOptions,
                        on_token: TokenCallback | None = None) -> GenerationResult:
     m, o = session.manifest, options.sampling
-    check_prompts(m, session.s_max, prompts, options, "the engine's static cache",
-                  "rebuild with a larger arx build --max-seq-len")
+    options = check_prompts(m, session.s_max, prompts, options, "the engine's static cache",
+                            "rebuild with a larger arx build --max-seq-len")
     batch = len(prompts)
     if batch > session.max_batch:
         raise ArxError(f"{batch} prompts exceed the engine's max batch of {session.max_batch}; "

@@ -8,7 +8,7 @@ attention op tracks per-sequence lengths. Finished sequences ride along until al
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -24,12 +24,15 @@ TokenCallback = Callable[[int, int], None]
 
 @dataclass(frozen=True)
 class GenerateOptions:
-    max_new_tokens: int = 64
+    max_new_tokens: int | None = 64  # None: as many as the context holds
     sampling: SamplingOptions = SamplingOptions()
     stop_on_eos: bool = True
+    # clip max_new_tokens to the room the context leaves (finish "length") instead of refusing:
+    # for a default the user did not choose (a bundle's 64 never fits a 64-token context)
+    fit_context: bool = False
 
     def __post_init__(self):
-        if self.max_new_tokens < 1:
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ArxError(f"--max-new-tokens must be >= 1 (got {self.max_new_tokens})")
 
 
@@ -50,8 +53,8 @@ class GenerationResult:
 def generate(session: DecoderSession, prompts: list[list[int]], options: GenerateOptions,
              on_token: TokenCallback | None = None) -> GenerationResult:
     m = session.manifest
-    check_prompts(m, m.kv.max_seq_len, prompts, options, "the bundle's context",
-                  "re-export with a larger --max-seq-len")
+    options = check_prompts(m, m.kv.max_seq_len, prompts, options, "the bundle's context",
+                            "re-export with a larger --max-seq-len")
     lengths = [len(p) for p in prompts]
     if not session.in_place and len(set(lengths)) > 1:
         # concat-mode graphs have no per-sequence lengths: run such batches one by one
@@ -115,19 +118,34 @@ def record_tokens(result: GenerationResult, nxt: np.ndarray, done: np.ndarray,
 
 
 def check_prompts(m: Manifest, max_len: int, prompts: list[list[int]], options: GenerateOptions,
-                  what: str, remedy: str) -> None:
-    """Refuse empty prompts, ids outside the vocabulary and sequences longer than `max_len`."""
+                  what: str, remedy: str) -> GenerateOptions:
+    """Refuse empty prompts, ids outside the vocabulary and sequences longer than `max_len`;
+    return `options` with max_new_tokens resolved (resolve_new_tokens)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ArxError("empty prompt: give at least one token (--prompt TEXT or --prompt-ids 1,2,3)")
     for p in prompts:
         bad = [t for t in p if not 0 <= t < m.vocab_size]
         if bad:
             raise ArxError(f"prompt token id {bad[0]} is outside the vocabulary (0..{m.vocab_size - 1})")
-    longest = max(len(p) for p in prompts)
-    if longest + options.max_new_tokens > max_len:
+    return resolve_new_tokens(options, max(len(p) for p in prompts), max_len, what, remedy)
+
+
+def resolve_new_tokens(options: GenerateOptions, longest: int, max_len: int, what: str,
+                       remedy: str) -> GenerateOptions:
+    """`options` with max_new_tokens a number that fits a cache of `max_len` after the longest
+    prompt: as asked, clipped to the room left (fit_context), or all of it (None)."""
+    room = max_len - longest
+    if options.max_new_tokens is None or options.fit_context:
+        if room < 1:
+            raise ArxError(f"prompt of {longest} tokens + 1 new token exceeds {what} of {max_len} "
+                           f"tokens; shorten the prompt or {remedy}")
+        n = room if options.max_new_tokens is None else min(options.max_new_tokens, room)
+        return replace(options, max_new_tokens=n, fit_context=False)
+    if options.max_new_tokens > room:
         raise ArxError(f"prompt of {longest} tokens + {options.max_new_tokens} new tokens exceeds "
-                       f"{what} of {max_len} tokens; shorten the prompt, lower --max-new-tokens, "
-                       f"or {remedy}")
+                       f"{what} of {max_len} tokens; shorten the prompt, lower --max-new-tokens "
+                       f"(--max-new-tokens context stops at the context), or {remedy}")
+    return options
 
 
 def _merge(parts: list[GenerationResult]) -> GenerationResult:

@@ -14,7 +14,10 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     src.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, help="default: the bundle's generation default")
+    p.add_argument("--max-new-tokens", metavar="N|context",
+                   help="new tokens per prompt, or 'context' for as many as the context holds; "
+                        "default: the bundle's generation default, stopping early (finish reason "
+                        "length) where the context is full")
     p.add_argument("--greedy", action="store_true", help="always pick the most likely token")
     p.add_argument("--sample", action="store_true", help="sample (default: the model's generation config)")
     p.add_argument("--temperature", type=float)
@@ -51,8 +54,22 @@ def _options(args, defaults):
         top_p=pick(args.top_p, defaults.top_p),
         repetition_penalty=pick(args.repetition_penalty, defaults.repetition_penalty),
         seed=args.seed)
-    return GenerateOptions(max_new_tokens=pick(args.max_new_tokens, defaults.max_new_tokens),
-                           sampling=sampling, stop_on_eos=not args.no_eos_stop)
+    max_new, fit = _max_new_tokens(args.max_new_tokens, defaults.max_new_tokens)
+    return GenerateOptions(max_new_tokens=max_new, fit_context=fit, sampling=sampling,
+                           stop_on_eos=not args.no_eos_stop)
+
+
+def _max_new_tokens(flag: str | None, default: int) -> tuple[int | None, bool]:
+    """(max_new_tokens, fit_context): a number the user gives must fit the context (an error
+    otherwise), the default is cut to it, "context" (None) is all of it."""
+    if flag is None:
+        return default, True
+    if flag.strip().lower() == "context":
+        return None, False
+    try:
+        return int(flag), False
+    except ValueError:
+        raise ArxError(f"--max-new-tokens takes a number or 'context', got {flag!r}") from None
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -138,5 +155,6 @@ def _as_json(result, prompts, tokenizer) -> dict:
 
 def _summary(result) -> None:
     n = sum(len(t) for t in result.tokens)
-    print(f"[{n} tokens, first after {result.prefill_s * 1e3:.0f} ms, "
+    print(f"[{n} tokens, finish {','.join(result.finish_reasons)}, "
+          f"first after {result.prefill_s * 1e3:.0f} ms, "
           f"decode {result.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)

@@ -130,6 +130,14 @@ def test_prompt_longer_than_context(short_bundle, capsys):
     assert_clean_failure(code, err, "exceeds the bundle's context of 32")
 
 
+def test_explicit_new_tokens_past_the_context(short_bundle, capsys):
+    """A number the user asked for is not cut short silently: the error offers the clean stop."""
+    code, _, err = run_cli(capsys, "generate", str(short_bundle), "--prompt-ids", "1,2",
+                           "--max-new-tokens", "31")
+    assert_clean_failure(code, err, "2 tokens + 31 new tokens exceeds the bundle's context of 32",
+                         "--max-new-tokens context")
+
+
 def test_generate_on_an_engine_that_was_not_built(short_bundle, capsys):
     code, _, err = run_cli(capsys, "generate", str(short_bundle), "--prompt-ids", "1,2",
                            "--engine", "h100")
@@ -143,6 +151,7 @@ def test_generate_on_an_engine_that_was_not_built(short_bundle, capsys):
     (["--top-k", "-1"], "--top-k"),
     (["--repetition-penalty", "0"], "--repetition-penalty"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--max-new-tokens", "lots"], "a number or 'context'"),
     (["--seed", "-3"], "--seed"),
     (["--greedy", "--sample"], "contradict"),
     (["--threads", "-1"], "--threads"),

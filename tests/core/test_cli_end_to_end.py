@@ -67,3 +67,38 @@ def test_batch_of_text_prompts_and_seeded_sampling(text_bundle, capsys):
     assert len(runs[0]) == 2 and all(len(t) >= 1 for t in runs[0])
     assert runs[0] == runs[1]  # same seed, same tokens
     assert runs[0] != runs[2]  # another seed, (almost surely) other tokens
+
+
+@pytest.fixture(scope="module")
+def short_text_bundle(text_bundle, tmp_path_factory):
+    """The same model with a 16-token context: the bundle's default of 64 new tokens never fits."""
+    src, _ = text_bundle
+    out = tmp_path_factory.mktemp("short") / "short.arx"
+    assert main(["export", str(src), "-o", str(out), "--max-seq-len", "16", "-q"]) == 0
+    return out
+
+
+def test_default_new_tokens_stop_at_the_context(short_text_bundle, capsys):
+    """No --max-new-tokens: generate until the context is full, finish reason `length`, in the
+    JSON and after streamed text."""
+    base = ["generate", str(short_text_bundle), "--greedy", "--no-eos-stop"]
+    assert main(base + ["--prompt-ids", "1,5,9", "--json"]) == 0
+    seq = json.loads(capsys.readouterr().out)["sequences"][0]
+    assert len(seq["tokens"]) == 16 - 3 and seq["finish_reason"] == "length"
+
+    assert main(base + ["--prompt", "def fib(n):", "--json"]) == 0
+    seq = json.loads(capsys.readouterr().out)["sequences"][0]
+    assert len(seq["prompt_ids"]) + len(seq["tokens"]) == 16 and seq["finish_reason"] == "length"
+    assert main(base + ["--prompt", "def fib(n):"]) == 0  # streamed
+    out = capsys.readouterr()
+    assert out.out.rstrip("\n") == "def fib(n):" + seq["text"]
+    assert out.err.startswith(f"[{len(seq['tokens'])} tokens, finish length, ")
+
+
+def test_max_new_tokens_context_and_explicit_counts(short_text_bundle, capsys):
+    base = ["generate", str(short_text_bundle), "--prompt-ids", "1,5,9", "--greedy",
+            "--no-eos-stop", "--json"]
+    for flag, want in (("context", 13), ("5", 5), ("13", 13)):
+        assert main(base + ["--max-new-tokens", flag]) == 0
+        seq = json.loads(capsys.readouterr().out)["sequences"][0]
+        assert (len(seq["tokens"]), seq["finish_reason"]) == (want, "length"), flag
