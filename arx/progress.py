@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import warnings
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -20,17 +21,27 @@ class Steps:
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
         self.n += 1
-        if self.enabled:
-            print(f"[{self.n}/{self.total}] {what} ...", end="", file=self.stream, flush=True)
-        t = time.perf_counter()
-        try:
+        if not self.enabled:
             yield
-        except BaseException:
-            if self.enabled:
+            return
+        print(f"[{self.n}/{self.total}] {what} ...", end="", file=self.stream, flush=True)
+        t = time.perf_counter()
+        # a warning printed mid-step (torch has many) would split the open line: hold them
+        # until the line is finished, then print each once on a line of its own
+        with warnings.catch_warnings(record=True) as caught:  # the filters in force still apply
+            try:
+                yield
+            except BaseException:
                 print(" failed", file=self.stream, flush=True)
-            raise
-        if self.enabled:
-            print(f" {time.perf_counter() - t:.1f} s", file=self.stream, flush=True)
+                self._print_warnings(caught)
+                raise
+        print(f" {time.perf_counter() - t:.1f} s", file=self.stream, flush=True)
+        self._print_warnings(caught)
+
+    def _print_warnings(self, caught: list[warnings.WarningMessage]) -> None:
+        seen = dict.fromkeys(" ".join(str(w.message).split()) for w in caught)
+        for text in seen:
+            print(f"  warning: {text}", file=self.stream, flush=True)
 
 
 def bar(items: Iterable[T], desc: str, total: int | None = None, enabled: bool = True) -> Iterable[T]:
