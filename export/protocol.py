@@ -14,18 +14,19 @@ A module follows the protocol when it has
 
 It is traced with torch.onnx (dynamo) into a decoder whose cache grows by concatenation
 (manifest kv.update = "concat"): correct everywhere, but the slow path. Hugging Face families
-get the fused in-place graph instead.
+get the fused in-place graph instead. A torch.export program of such a module (model.pt2,
+arx.export.program) goes to torch.onnx as it is, with the dynamic dims it was exported with.
 """
 
 from __future__ import annotations
 
-import logging
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from arx.errors import ArxError
+from arx.export.torch_output import error_summary, quiet_torch, user_call
 
 REQUIRED_KEYS = ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_seq_len")
 
@@ -75,7 +76,7 @@ def export_protocol_decoder(src, bundle: Path, options):
     L, H, D, V = (int(spec[k]) for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"))
     kv = KVLayout(layers=L, kv_heads=H, head_dim=D, update="concat",
                   max_seq_len=resolve_max_seq_len(options, int(spec["max_seq_len"])))
-    model = _trace(src.module, kv)
+    model = _trace(src, kv)
     save_with_external_data(model, bundle / "decoder.onnx", "decoder.onnx.data")
     cache = ("batch_size", H, "past_sequence_length", D)  # (B, kv_heads, P, D)
     present = ("batch_size", H, "total_sequence_length", D)  # (B, kv_heads, P + S, D)
@@ -91,8 +92,35 @@ def export_protocol_decoder(src, bundle: Path, options):
     return DecoderExport("custom", V, kv, stage, info, 1e-3)
 
 
-def _trace(module, kv):
+def _trace(src, kv):
     """torch.onnx (dynamo) export with symbolic batch, sequence and past length."""
+    import torch
+
+    if src.program is not None:  # an ExportedProgram: its inputs and dynamic dims are its own
+        target, example, dyn = src.program, (), None
+    else:
+        target, (example, dyn) = _flat_module(src.module, kv.layers).eval(), _example_inputs(kv)
+    with warnings.catch_warnings(), quiet_torch():
+        warnings.simplefilter("ignore")  # the tracer's notes are not the user's problem
+        try:
+            program = torch.onnx.export(
+                target, example, dynamo=True, dynamic_shapes=dyn,
+                input_names=["input_ids", "position_ids"] + [p for p, _ in kv.pairs()],
+                output_names=["logits"] + [q for _, q in kv.pairs()], opset_version=21,
+                verbose=False)
+        except Exception as e:  # torch.export raises many kinds of errors for untraceable code
+            where = user_call(e)
+            raise ArxError(f"could not trace {type(src.module).__name__} to ONNX "
+                           f"({error_summary(e)}){f' at {where}' if where else ''}; keep forward() "
+                           f"free of data-dependent Python control flow and follow the decoder "
+                           f"protocol (README)") from e
+    model = program.model_proto
+    model.ir_version = min(model.ir_version, 10)  # onnxruntime 1.31 reads IR <= 13
+    return model
+
+
+def _example_inputs(kv):
+    """Example inputs for the flat wrapper, and their dynamic dims (batch, sequence, past)."""
     import torch
 
     dim = torch.export.Dim
@@ -102,23 +130,7 @@ def _trace(module, kv):
                *[torch.zeros(2, kv.kv_heads, 3, kv.head_dim) for _ in range(n)])
     # forward(input_ids, position_ids, *flat_past): the varargs take one nested entry
     dyn = ({0: batch, 1: seq}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in range(n)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the tracer's notes are not the user's problem
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        try:
-            program = torch.onnx.export(
-                _flat_module(module, kv.layers).eval(), example, dynamo=True, dynamic_shapes=dyn,
-                input_names=["input_ids", "position_ids"] + [p for p, _ in kv.pairs()],
-                output_names=["logits"] + [q for _, q in kv.pairs()], opset_version=21,
-                verbose=False)
-        except Exception as e:  # torch.export raises many kinds of errors for untraceable code
-            raise ArxError(f"could not trace {type(module).__name__} to ONNX ({type(e).__name__}: "
-                           f"{str(e).strip().splitlines()[0][:200]}); keep forward() free of "
-                           f"data-dependent Python control flow and follow the decoder protocol "
-                           f"(README)") from e
-    model = program.model_proto
-    model.ir_version = min(model.ir_version, 10)  # onnxruntime 1.31 reads IR <= 13
-    return model
+    return example, dyn
 
 
 def protocol_reference(module):

@@ -1,19 +1,25 @@
 """Load what the user points `arx export` at into a torch module plus its description.
 
-Accepted: a Hugging Face causal-LM folder (config.json + safetensors/bin weights), or a
+Accepted: a Hugging Face causal-LM folder (config.json + safetensors/bin weights), a
 `torch.save(model)` file holding a Hugging Face model or an `nn.Module` that follows the arx
-decoder protocol (arx.export.protocol). Anything else fails with one line saying what to do.
+decoder protocol (arx.export.protocol), or a `torch.export.save` program that follows it
+(arx.export.program). TorchScript and anything else fail with one line saying what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from arx.errors import ArxError
 from arx.export.families import Family, family_for_model_type
+from arx.export.torch_output import error_summary
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -26,6 +32,7 @@ class LoadedSource:
     family: Family | None  # for "hf"
     tokenizer_dir: Path | None  # folder holding tokenizer files, when there are any
     generation_config: dict
+    program: Any = None  # the torch.export ExportedProgram a model.pt2 held; module is its .module()
 
 
 def check_source_path(path: str | Path) -> Path:
@@ -39,7 +46,31 @@ def load_source(path: str | Path) -> LoadedSource:
     path = check_source_path(path)
     if path.is_dir():
         return _load_hf_folder(path)
+    kind = _archive_kind(path)
+    if kind == "torchscript":
+        raise ArxError(f"{path} is a TorchScript archive (torch.jit.save); TorchScript is not "
+                       f"supported: give torch.save(model) of the nn.Module, or its "
+                       f"torch.export.save program (see 'Model sources' in the README)")
+    if kind == "pt2":
+        from arx.export.program import load_program
+
+        return load_program(path)
     return _load_pickle(path)
+
+
+def _archive_kind(path: Path) -> str | None:
+    """"pt2" (torch.export.save), "torchscript" (torch.jit.save) or None, read without unpickling.
+
+    Both are zip archives under one root folder; torch tells them apart by the same records.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = {n.split("/", 1)[-1]: n for n in archive.namelist()}
+            if "archive_format" in records and archive.read(records["archive_format"]).strip() == b"pt2":
+                return "pt2"
+            return "torchscript" if "constants.pkl" in records else None
+    except (zipfile.BadZipFile, OSError):  # not a zip: a legacy torch.save or not a model at all
+        return None
 
 
 def _load_hf_folder(path: Path) -> LoadedSource:
@@ -60,28 +91,34 @@ def _load_hf_folder(path: Path) -> LoadedSource:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except Exception as e:  # transformers/safetensors raise many types for a broken checkpoint
-        raise ArxError(f"could not load the checkpoint in {path} ({type(e).__name__}: "
-                       f"{_first_line(e)}); the weights look corrupt or incomplete, re-download "
+        raise ArxError(f"could not load the checkpoint in {path} ({error_summary(e)}); "
+                       f"the weights look corrupt or incomplete, re-download "
                        f"or re-save them") from e
     return LoadedSource(path, model.eval(), "hf", family,
-                        path if _has_tokenizer(path) else None, _generation_config(model))
+                        path if has_tokenizer(path) else None, _generation_config(model))
 
 
 def _load_pickle(path: Path) -> LoadedSource:
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        with _importable_from(path.parent):
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as e:  # the pickle names a class to import
+        if (why := _unimportable_class(path, e)) is None:
+            raise ArxError(f"{path} could not be loaded ({error_summary(e)}); the code that "
+                           f"defines the model must be importable") from e
+        raise ArxError(why) from e
     except Exception as e:  # unpickling arbitrary bytes can raise anything, MemoryError included
-        raise ArxError(f"{path} is not a readable torch.save file ({type(e).__name__}: "
-                       f"{_first_line(e)}); give a model.pt written by torch.save(model) or a "
-                       f"Hugging Face checkpoint folder") from e
+        raise ArxError(f"{path} is not a readable torch.save file ({error_summary(e)}); give a "
+                       f"model.pt written by torch.save(model) or a Hugging Face checkpoint "
+                       f"folder") from e
     if not isinstance(obj, torch.nn.Module):
         hint = " (a state dict: load it into its model and torch.save the model)" if isinstance(obj, dict) else ""
         raise ArxError(f"{path} holds a {type(obj).__name__}, not an nn.Module{hint}; "
                        f"torch.save the whole model")
     module = obj.float().eval()
-    tok_dir = path.parent if _has_tokenizer(path.parent) else None
+    tok_dir = path.parent if has_tokenizer(path.parent) else None
     config = getattr(module, "config", None)
     if config is not None and hasattr(module, "generate"):  # a pickled Hugging Face model
         family = family_for_model_type(getattr(config, "model_type", None))
@@ -92,7 +129,45 @@ def _load_pickle(path: Path) -> LoadedSource:
     return LoadedSource(path, module, "protocol", None, tok_dir, {})
 
 
-def _has_tokenizer(folder: Path) -> bool:
+@contextlib.contextmanager
+def _importable_from(folder: Path):
+    """The model file's folder on the import path while it loads: a pickle holds the class's
+    module name only, and that module (the user's mymodel.py) usually sits next to the file.
+    Appended, so it never shadows an installed package."""
+    entry = str(folder.resolve())
+    added = entry not in sys.path
+    if added:
+        sys.path.append(entry)
+    try:
+        yield
+    finally:
+        if added and entry in sys.path:
+            sys.path.remove(entry)
+
+
+def _unimportable_class(path: Path, e: Exception) -> str | None:
+    """Why the pickled model's class cannot be imported, and how to fix it; None if not that."""
+    folder = path.parent
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        top = e.name.split(".")[0]
+        return (f"{path} needs the Python module '{e.name}' (the model's code, or a package it "
+                f"imports), which cannot be imported; if it is your code, put {top}.py (or the "
+                f"{top}/ package) in {folder} or add its folder to PYTHONPATH, otherwise pip "
+                f"install it")
+    found = re.search(r"Can't get attribute '([^']+)' on <module '([^']+)'", str(e))
+    if not found:
+        return None
+    name, module = found.groups()
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)  # `python -m` renames it
+    if module in ("__main__", getattr(main_spec, "name", "__main__")):
+        return (f"{path} holds a {name} defined in the script that saved it (__main__), which "
+                f"cannot be imported here; move the class into a module (e.g. {folder}/mymodel.py), "
+                f"import it from there, and torch.save the model again")
+    return (f"{path} holds a {module}.{name}, but module '{module}' has no {name} (renamed or "
+            f"moved since saving); restore it there or torch.save the model again")
+
+
+def has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in TOKENIZER_FILES)
 
 
@@ -100,7 +175,3 @@ def _generation_config(model) -> dict:
     gc = getattr(model, "generation_config", None)
     return gc.to_dict() if gc is not None else {}
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else "no message"
