@@ -1,6 +1,17 @@
-"""Token selection from logits on the host (numpy): greedy, temperature, top-k, top-p,
-repetition penalty, seeded. The order and semantics follow Hugging Face's logits processors
-(repetition penalty, then temperature, top-k, top-p), so `--greedy` matches `generate`.
+"""Token selection on the host: the NumPy face of `arx::sample`, so ONNX Runtime and a TensorRT
+engine pick the same tokens for the same seed.
+
+The specification is `arx.plugins.sampling.reference` (guidance, repetition penalty, greedy,
+temperature, top-k, top-p in Hugging Face's order, then a Gumbel-max draw from Philox uniforms
+keyed by the seed and counted by an offset). This module computes the same thing vectorised
+over the vocabulary (the reference's top-p loops over distinct values, O(V^2)); a test pins the
+two against each other. The semantics of the filters are Hugging Face's (tested against its
+logits processors), so `--greedy` matches `generate` and the kept set matches HF's warpers.
+
+Offsets count positions, not steps: the token that will sit at position p of row b is drawn
+with offset p. A prefill that samples after a prompt of n tokens uses offset n, each decode
+step the row's length; a speculative verify step that samples several positions at once (or a
+rolled-back step that is redone) uses the same offsets a one-token loop would have used.
 """
 
 from __future__ import annotations
@@ -10,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from arx.errors import ArxError
+from arx.plugins.sampling.reference import (COL, SamplingParams, philox_uniform,
+                                            processed_logits)
 
 
 @dataclass(frozen=True)
@@ -19,7 +32,7 @@ class SamplingOptions:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off
-    seed: int | None = None
+    seed: int | None = None  # None: a fresh random seed per Sampler
 
     def __post_init__(self):
         if not (self.temperature > 0 and np.isfinite(self.temperature)):
@@ -35,50 +48,63 @@ class SamplingOptions:
         if self.seed is not None and self.seed < 0:
             raise ArxError(f"--seed must be >= 0 (got {self.seed})")
 
+    def params(self) -> SamplingParams:
+        """One row of arx::sample's `params` (temperature 0 = greedy, the plugin's rule)."""
+        return SamplingParams(temperature=self.temperature if self.do_sample else 0.0,
+                              top_k=self.top_k, top_p=self.top_p,
+                              repetition_penalty=self.repetition_penalty)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The seed a generation uses: the given one, or a fresh random 62-bit one."""
+    return int(seed) if seed is not None else int(np.random.SeedSequence().entropy % (1 << 62))
+
 
 class Sampler:
+    """arx::sample on the host for rows that share one SamplingOptions and one seed."""
+
     def __init__(self, options: SamplingOptions, vocab_size: int):
         self.options = options
         self.vocab_size = vocab_size
-        self.rng = np.random.default_rng(options.seed)
+        self.seed = resolve_seed(options.seed)
+        self._row = options.params().row()
 
-    def __call__(self, logits: np.ndarray, seen: np.ndarray | None = None) -> np.ndarray:
-        """logits (B, V) float; seen (B, V) bool: tokens already in each sequence. -> (B,) int64."""
+    def __call__(self, logits: np.ndarray, seen: np.ndarray | None, offsets: np.ndarray) -> np.ndarray:
+        """logits (B, V) (or (2B, V): conditional rows then unconditional ones, mixed by the
+        guidance scale); seen (B, V) bool tokens already in each row (None: no penalty);
+        offsets (B,) int64 position of the token being drawn. -> (B,) int64."""
+        offsets = np.asarray(offsets, np.int64)
+        batch = offsets.shape[0]
+        params = np.tile(self._row, (batch, 1))
+        presence = seen if seen is not None else np.zeros((batch, logits.shape[-1]), bool)
+        x = processed_logits(logits, params, presence)
+        if not self.options.do_sample:
+            return x.argmax(axis=-1).astype(np.int64)
         o = self.options
-        scores = np.asarray(logits, dtype=np.float32)  # no copy: every change below makes a new array
-        if o.repetition_penalty != 1.0 and seen is not None:
-            penalized = np.where(scores < 0, scores * o.repetition_penalty, scores / o.repetition_penalty)
-            scores = np.where(seen, penalized, scores)
-        if not o.do_sample:
-            return scores.argmax(axis=-1).astype(np.int64)
-        scores = scores / o.temperature
-        if o.top_k and o.top_k < scores.shape[-1]:
-            kth = np.partition(scores, -o.top_k, axis=-1)[:, -o.top_k][:, None]
-            scores = np.where(scores < kth, -np.inf, scores)
-        probs = _softmax(scores)
-        if o.top_p < 1.0:
-            probs = _top_p(probs, o.top_p)
-        return _draw(probs, self.rng)
+        ids = np.empty(batch, np.int64)
+        for b in range(batch):
+            xb = (x[b] / np.float32(params[b, COL["temperature"]])).astype(np.float32)
+            keep = xb >= kept_threshold(xb, o.top_k, o.top_p)
+            u = philox_uniform(self.seed, int(offsets[b]), b, xb.size)
+            with np.errstate(divide="ignore"):
+                gumbel = -np.log(-np.log(u))
+            ids[b] = int(np.argmax(np.where(keep, xb + gumbel, -np.inf)))
+        return ids
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _top_p(probs: np.ndarray, top_p: float) -> np.ndarray:
-    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
-    order = np.argsort(-probs, axis=-1, kind="stable")
-    sorted_p = np.take_along_axis(probs, order, axis=-1)
-    mass_before = np.cumsum(sorted_p, axis=-1) - sorted_p
-    keep_sorted = mass_before < top_p
-    keep = np.zeros_like(keep_sorted)
-    np.put_along_axis(keep, order, keep_sorted, axis=-1)
-    kept = np.where(keep, probs, 0.0)
-    return kept / kept.sum(axis=-1, keepdims=True)
-
-
-def _draw(probs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random((probs.shape[0], 1)) * cdf[:, -1:]
-    return np.minimum((cdf < u).sum(axis=-1), probs.shape[-1] - 1).astype(np.int64)
+def kept_threshold(x: np.ndarray, top_k: int, top_p: float) -> np.float32:
+    """Tokens of the temperature-scaled row x (V,) with x >= the result survive top-k, then
+    top-p: the reference's steps 5-6 with one sort instead of a loop over distinct values."""
+    v = x.size
+    thr = x.min()
+    if 0 < top_k < v:
+        thr = np.partition(x, v - top_k)[v - top_k]  # the k-th largest; ties at it are kept
+    if top_p < 1.0:
+        kept = np.sort(x[x >= thr])[::-1]
+        weights = np.exp(kept - kept[0]).astype(np.float32)
+        target = np.float32(top_p) * weights.sum(dtype=np.float32)
+        # the first position whose running mass reaches the target; a tie run containing it
+        # is kept whole by the >= comparison, as in the reference
+        reached = np.cumsum(weights, dtype=np.float64) >= target
+        thr = kept[int(np.argmax(reached)) if reached.any() else kept.size - 1]
+    return np.float32(thr)
