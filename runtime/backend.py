@@ -95,6 +95,9 @@ class OrtBackend:
             return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype))
         return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), "cuda", 0)
 
+    def release(self, buffer: Any) -> None:
+        """Nothing to do: ORT frees an OrtValue with its last reference."""
+
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         io = self._binding_for(feeds)
         for name, value in feeds.items():  # per-step host inputs (ids, mask, indices)

@@ -13,7 +13,7 @@ Per-op time comes from a backend profiler (`OpProfiler`): ORT's trace on the CPU
 runs in its own session, because tracing slows every node down; the timed runs never trace.
 
 With `engine` set (`arx profile --engine TARGET`) the timed generations run the TensorRT engine
-`arx build` made (runtime/engine_loop.py) instead of the ONNX graph; TTFT and decode latency
+`arx build` made (runtime/engine_session.py) instead of the ONNX graph; TTFT and decode latency
 mean the same. No per-op breakdown (TensorRT's IProfiler is not wired) and no roofline (the
 bandwidth measured is the host's) are reported for engines.
 """
@@ -269,16 +269,16 @@ def profile_bundle(bundle: str | Path, opts: ProfileOptions, *, bandwidth: float
 
 def _profile_engine(bundle: Path, manifest: Manifest, opts: ProfileOptions,
                     tick: Callable[[], None]) -> BundleProfile:
-    from arx.runtime import engine_loop
+    from arx.runtime import engine_session
 
-    with engine_loop.open_engine(bundle, opts.engine) as session:
-        run = lambda prompts, o: engine_loop.generate_on_engine(session, prompts, o)  # noqa: E731
+    with engine_session.open_engine(bundle, opts.engine) as session:
+        run = lambda prompts, o: generate(session, prompts, o)  # noqa: E731
         results = [time_shape(run, manifest.vocab_size, opts, p, b, tick) for p, b in opts.shapes]
     return BundleProfile(str(bundle), _model_facts(manifest), f"tensorrt:{opts.engine}", results)
 
 
 def _model_facts(m: Manifest) -> dict:
-    quant = m.extensions.get("calibration") or m.extensions.get("quantization")
+    quant = m.extensions.get("quantization")
     return {"family": m.family, "vocab_size": m.vocab_size, "layers": m.kv.layers,
             "kv_heads": m.kv.kv_heads, "head_dim": m.kv.head_dim, "max_seq_len": m.kv.max_seq_len,
             "parameters": m.model.get("parameters"),

@@ -112,7 +112,7 @@ def load_build_report(bundle_dir: str | Path, target: str) -> tuple[Path, dict]:
     from arx.manifest import read_manifest
 
     bundle_dir = Path(bundle_dir)
-    builds = read_manifest(bundle_dir).extensions.get("builds", {})
+    builds = read_manifest(bundle_dir).builds
     entry = builds.get(target)
     if not entry or entry.get("kind") != "engine":
         raise ArxError(f"bundle {bundle_dir} has no engine for {target}; build one with: "
@@ -184,6 +184,10 @@ class TensorRTBackend:
         dt = np.dtype(dtype) if dtype != "bfloat16" else numpy_dtype("BF16")
         nbytes = int(np.prod(shape)) * dt.itemsize
         return DeviceBuffer(self.cuda.malloc(nbytes), tuple(shape), dt, nbytes)
+
+    def release(self, buf: DeviceBuffer) -> None:
+        """Free a buffer `allocate` made (a generation's cache, at its end)."""
+        self.cuda.free(buf.ptr)
 
     # ------------------------------------------------------------------ binding
     def _choose_profile(self, feeds: Mapping[str, Any]) -> int:

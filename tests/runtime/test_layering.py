@@ -33,7 +33,7 @@ def test_runtime_modules_import_no_heavy_packages():
     mods = ["arx.runtime.backend", "arx.runtime.decoder", "arx.runtime.generate",
             "arx.runtime.kv_cache", "arx.runtime.sampler", "arx.runtime.tokenizer",
             "arx.runtime.profiler", "arx.runtime.roofline", "arx.runtime.tensorrt_backend",
-            "arx.runtime.engine_loop", "arx.cli"]
+            "arx.runtime.engine_session", "arx.cli"]
     code = "import sys\n" + "".join(f"import {m}\n" for m in mods) + \
         "heavy = [m for m in ('torch', 'transformers', 'tensorrt', 'triton') if m in sys.modules]\n" \
         "assert not heavy, heavy\n"

@@ -21,14 +21,15 @@ def _report() -> dict:
     """What builder/engine.py records: IO (from the manifest via the TensorRT form), plan, aliases."""
     cache = ["batch_size", HKV, S_MAX, D]
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch_size", "sequence_length"]},
-              {"name": "attention_mask", "dtype": "int64", "shape": ["batch_size", "total_sequence_length"]},
+              {"name": "past_lengths", "dtype": "int64", "shape": ["batch_size"]},
+              {"name": "new_lengths", "dtype": "int64", "shape": ["batch_size"]},
               *({"name": p, "dtype": "float16", "shape": cache} for p in PASTS)]
     outputs = [{"name": "token_ids", "dtype": "int32", "shape": ["batch_size"]},
                *({"name": p, "dtype": "float16", "shape": cache} for p in PRESENTS)]
 
     def shapes(s_lo, s_hi):
         out = {"input_ids": ([1, s_lo], [2, s_lo], [4, s_hi]),
-               "attention_mask": ([1, 1], [2, S_MAX], [4, S_MAX])}
+               "past_lengths": ([1], [2], [4]), "new_lengths": ([1], [2], [4])}
         out.update({p: ([1, HKV, S_MAX, D], [2, HKV, S_MAX, D], [4, HKV, S_MAX, D]) for p in PASTS})
         return {k: {"min": a, "opt": b, "max": c} for k, (a, b, c) in out.items()}
 
@@ -177,8 +178,9 @@ def backend(tmp_path):
 
 def _feeds(be, batch, s, caches):
     ids = np.arange(batch * s, dtype=np.int64).reshape(batch, s) + 3
-    mask = np.ones((batch, S_MAX), np.int64)  # fixed width: only row sums matter
-    return {"input_ids": ids, "attention_mask": mask, **caches}
+    lengths = np.full(batch, s, np.int64)
+    return {"input_ids": ids, "past_lengths": np.zeros(batch, np.int64), "new_lengths": lengths,
+            **caches}
 
 
 def test_binding_aliases_cache_and_returns_token_ids(backend):
@@ -279,11 +281,9 @@ def test_real_engine_matches_ort(exported_bundle, tmp_path, form):
     from arx.builder.build import build_bundle
     from arx.builder.engine import engine_unavailable_reason
     from arx.builder.options import BuildOptions
-    from arx.manifest import read_manifest
     from arx.runtime.decoder import DecoderSession
-    from arx.runtime.engine_loop import EngineSession, generate_on_engine
+    from arx.runtime.engine_session import open_engine
     from arx.runtime.generate import GenerateOptions, generate
-    from arx.runtime.tensorrt_backend import load_build_report
 
     reason = engine_unavailable_reason()
     if reason:
@@ -297,7 +297,6 @@ def test_real_engine_matches_ort(exported_bundle, tmp_path, form):
     prompts, options = [[1, 17, 33, 5, 9], [1, 64]], GenerateOptions(16, stop_on_eos=False)
     with DecoderSession(bundle) as session:
         want = generate(session, prompts, options).tokens
-    engine, report = load_build_report(bundle, "h100")
-    with TensorRTBackend(engine, report) as be:
-        got = generate_on_engine(EngineSession(be, report, read_manifest(bundle)), prompts, options)
+    with open_engine(bundle, "h100") as session:
+        got = generate(session, prompts, options)
     assert got.tokens == want

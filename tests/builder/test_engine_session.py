@@ -1,4 +1,4 @@
-"""The engine generation loop (runtime/engine_loop.py) on the TensorRT form itself.
+"""The generation loop on an engine session (runtime/engine_session.py), on the TensorRT form.
 
 The backend here is ONNX Runtime running the TensorRT-form graph through IO binding, with the
 cache buffers bound in place exactly as TensorRTBackend binds them (present.i.* -> the address of
@@ -16,7 +16,7 @@ from form_runs import form_for
 from arx.errors import ArxError
 from arx.manifest import read_manifest
 from arx.runtime.decoder import DecoderSession
-from arx.runtime.engine_loop import EngineSession, generate_on_engine
+from arx.runtime.engine_session import EngineSession
 from arx.runtime.generate import GenerateOptions, generate
 from arx.runtime.sampler import SamplingOptions
 
@@ -33,7 +33,11 @@ class OrtFormBackend:
         self.outputs = [o.name for o in session.get_outputs()]
 
     def allocate(self, shape, dtype):
+        self.live = getattr(self, "live", 0) + 1
         return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.dtype(dtype)))
+
+    def release(self, buffer):
+        self.live -= 1
 
     def run(self, feeds):
         binding = self.session.io_binding()
@@ -71,7 +75,7 @@ GREEDY = GenerateOptions(max_new_tokens=12, stop_on_eos=False)
 def test_greedy_on_native_engine_equals_ort_generate(family, exported_bundle, ort_session):
     bundle = exported_bundle(family)
     want = ort_generate(bundle, PROMPTS, GREEDY).tokens
-    got = generate_on_engine(engine_for(bundle, ort_session, **NATIVE), PROMPTS, GREEDY)
+    got = generate(engine_for(bundle, ort_session, **NATIVE), PROMPTS, GREEDY)
     assert got.tokens == want and len(got.step_s) == GREEDY.max_new_tokens - 1
 
 
@@ -80,7 +84,7 @@ def test_greedy_on_plugin_engine_equals_ort_generate(family_name, exported_bundl
     """The plugin form (arx::kv_attention + arx::sample as their NumPy references)."""
     bundle = exported_bundle(family_name)
     want = ort_generate(bundle, PROMPTS, GREEDY).tokens
-    assert generate_on_engine(engine_for(bundle, ort_session), PROMPTS, GREEDY).tokens == want
+    assert generate(engine_for(bundle, ort_session), PROMPTS, GREEDY).tokens == want
 
 
 def test_device_sampling_is_seeded(exported_bundle, ort_session):
@@ -92,13 +96,31 @@ def test_device_sampling_is_seeded(exported_bundle, ort_session):
     def run(**kw):
         o = GenerateOptions(max_new_tokens=12, stop_on_eos=False,
                             sampling=SamplingOptions(do_sample=True, **kw))
-        return generate_on_engine(engine, PROMPTS, o).tokens
+        return generate(engine, PROMPTS, o).tokens
 
     a, b = run(seed=1, temperature=1.5), run(seed=1, temperature=1.5)
     assert a == b and a != run(seed=2, temperature=1.5)
     assert run(seed=5, top_k=1) == ort_generate(bundle, PROMPTS, GREEDY).tokens
-    penalized = run(seed=1, temperature=1.5, repetition_penalty=1.3)
-    assert penalized != a  # presence reaches the sampler
+    # presence reaches the sampler: greedy with a repetition penalty leaves the greedy loop
+    penalized = GenerateOptions(max_new_tokens=12, stop_on_eos=False,
+                                sampling=SamplingOptions(repetition_penalty=5.0))
+    got = generate(engine, PROMPTS, penalized).tokens
+    assert got == ort_generate(bundle, PROMPTS, penalized).tokens
+    assert got != ort_generate(bundle, PROMPTS, GREEDY).tokens
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.5), dict(temperature=0.9, top_k=20, top_p=0.8),
+                                dict(temperature=1.2, repetition_penalty=1.5)])
+def test_same_seed_same_tokens_on_ort_and_the_engine(exported_bundle, ort_session, kw):
+    """One sampling definition: the host sampler on ORT and arx::sample in the TensorRT form
+    draw the same tokens for the same seed (offsets count positions on both)."""
+    bundle = exported_bundle("llama")
+    o = GenerateOptions(max_new_tokens=12, stop_on_eos=False,
+                        sampling=SamplingOptions(do_sample=True, seed=11, **kw))
+    engine = engine_for(bundle, ort_session)
+    got = generate(engine, PROMPTS, o)
+    assert got.tokens == ort_generate(bundle, PROMPTS, o).tokens
+    assert engine.backend.live == 0  # the cache and presence buffers were released
 
 
 def test_host_sampling_on_argmax_engine_equals_ort_generate(exported_bundle, ort_session):
@@ -107,7 +129,7 @@ def test_host_sampling_on_argmax_engine_equals_ort_generate(exported_bundle, ort
     o = GenerateOptions(max_new_tokens=10, stop_on_eos=False,
                         sampling=SamplingOptions(do_sample=True, temperature=0.8, top_p=0.9,
                                                  repetition_penalty=1.1, seed=3))
-    got = generate_on_engine(engine_for(bundle, ort_session, **NATIVE), PROMPTS, o)
+    got = generate(engine_for(bundle, ort_session, **NATIVE), PROMPTS, o)
     assert got.tokens == ort_generate(bundle, PROMPTS, o).tokens
 
 
@@ -115,12 +137,12 @@ def test_engine_loop_refuses_what_the_engine_cannot_do(exported_bundle, ort_sess
     bundle = exported_bundle("llama")
     engine = engine_for(bundle, ort_session, max_batch=2, logits="none", **NATIVE)
     with pytest.raises(ArxError, match="engine's static cache of 48"):
-        generate_on_engine(engine, [[1] * 40], GenerateOptions(max_new_tokens=10))
+        generate(engine, [[1] * 40], GenerateOptions(max_new_tokens=10))
     with pytest.raises(ArxError, match="max batch of 2"):
-        generate_on_engine(engine, PROMPTS, GREEDY)
+        generate(engine, PROMPTS, GREEDY)
     sample = GenerateOptions(max_new_tokens=8, sampling=SamplingOptions(do_sample=True))
     with pytest.raises(ArxError, match="greedy token ids only"):
-        generate_on_engine(engine, PROMPTS[:2], sample)
+        generate(engine, PROMPTS[:2], sample)
 
 
 @pytest.fixture
@@ -128,7 +150,7 @@ def engine_cli(monkeypatch, exported_bundle, ort_session):
     """`arx generate/profile --engine h100` with open_engine serving the ORT-run TensorRT form."""
     from contextlib import contextmanager
 
-    from arx.runtime import engine_loop
+    from arx.runtime import engine_session
 
     def use(family, **kw):
         bundle = exported_bundle(family)
@@ -138,13 +160,13 @@ def engine_cli(monkeypatch, exported_bundle, ort_session):
             assert str(path) == str(bundle) and target == "h100"
             yield engine_for(bundle, ort_session, **kw)
 
-        monkeypatch.setattr(engine_loop, "open_engine", fake_open)
+        monkeypatch.setattr(engine_session, "open_engine", fake_open)
         return bundle
 
     return use
 
 
-def test_cli_generate_on_engine(engine_cli, capsys):
+def test_cli_generate(engine_cli, capsys):
     import json
 
     from arx.cli import main
