@@ -175,9 +175,10 @@ Precision {kit['precision']}, max batch {kit['max_batch']}, static KV cache of
     python3 build_engine.py          # writes decoder.engine, timing.cache, build_report.json
 {_trtexec_note(kit)}
 ## Engine IO (see kit.json "io")
-- inputs: {", ".join(t["name"] for t in kit["io"]["inputs"] if not t["name"].startswith("past_"))},
-  and the KV cache past_key_values.i.key/value (B,kv_heads,S_max,D). attention_mask: only its
-  row sums matter, so bind a fixed (B,{kit['max_seq_len']}) mask.
+- inputs: {", ".join(t["name"] for t in kit["io"]["inputs"] if not t["name"].startswith("past_key"))},
+  and the KV cache past_key_values.i.key/value (B,kv_heads,S_max={kit['max_seq_len']},D).
+  past_lengths (B,): tokens already in each row's cache; new_lengths (B,): valid tokens of each
+  row of input_ids (right padding after).
 - outputs: {", ".join(t["name"] for t in kit["io"]["outputs"] if not t["name"].startswith("present"))},
   and present.i.* (aliased: bind each to the same device address as its past_key_values.i.*
   input; the cache is written in place)

@@ -2,14 +2,13 @@
 
 Two profiles, one engine (the weights are shared):
 
-    profile   batch            new tokens S            attention_mask width T
-    prefill   1 .. opt .. max  1 .. prompt .. S_max    1 .. prompt .. S_max
-    decode    1 .. opt .. max  1 .. 1 .. decode_tokens 1 .. S_max .. S_max
+    profile   batch            new tokens S
+    prefill   1 .. opt .. max  1 .. prompt .. S_max
+    decode    1 .. opt .. max  1 .. 1 .. decode_tokens
 
-The symbolic dims are found by role in the stage (batch = input_ids dim 0, S = input_ids dim 1,
-T = attention_mask dim 1), never by spelling; every other dim of the form is static (the cache
-is (B, kv_heads, S_max, D)). Decode is tuned at T = S_max because the TensorRT runtime binds a
-fixed (B, S_max) mask to keep decode shapes static for CUDA-graph replay.
+The symbolic dims are found by role in the stage (batch = input_ids dim 0, S = input_ids dim 1),
+never by spelling; every other dim of the form is static (the cache is (B, kv_heads, S_max, D))
+and the per-row lengths are (B,), so a decode step's shapes never change (CUDA-graph replay).
 """
 
 from __future__ import annotations
@@ -37,11 +36,11 @@ class Profile:
 
 def _roles(stage: Stage) -> dict[str, str]:
     """symbol -> role ("batch", "new", "total") from where the symbols sit in the stage."""
-    ids, mask = stage.input("input_ids"), stage.input("attention_mask")
-    if ids is None or mask is None:
-        raise ArxError("the decoder has no input_ids/attention_mask inputs; re-export the bundle")
+    ids = stage.input("input_ids")
+    if ids is None:
+        raise ArxError("the decoder has no input_ids input; re-export the bundle")
     roles = {}
-    for dim, role in ((ids.shape[0], "batch"), (ids.shape[1], "new"), (mask.shape[1], "total")):
+    for dim, role in ((ids.shape[0], "batch"), (ids.shape[1], "new")):
         if isinstance(dim, str):
             roles[dim] = role
     return roles
@@ -54,8 +53,8 @@ def dim_ranges(options: BuildOptions, s_max: int) -> dict[str, dict[str, Range]]
     prompt = min(options.opt_prompt_len or max(1, s_max // 4), s_max)
     decode = min(options.decode_tokens, s_max)
     return {
-        "prefill": {"batch": (1, opt_b, max_b), "new": (1, prompt, s_max), "total": (1, prompt, s_max)},
-        "decode": {"batch": (1, opt_b, max_b), "new": (1, 1, decode), "total": (1, s_max, s_max)},
+        "prefill": {"batch": (1, opt_b, max_b), "new": (1, prompt, s_max)},
+        "decode": {"batch": (1, opt_b, max_b), "new": (1, 1, decode)},
     }
 
 

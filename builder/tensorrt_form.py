@@ -13,12 +13,12 @@
     fp32 everywhere                          ──►   fp16/bf16 weights + activations, norms and
                                                    returned logits in fp32 (precision.py)
 
-Sequence bookkeeping is derived from `attention_mask` as the ORT graph does, in a form that
-does not depend on the mask's width: total[b] = sum(mask[b]) tokens after this step,
-new_len = min(total, S), past_len = total - new_len. For the first prompt (right padded, past 0)
-and for steps where every row adds S tokens this is exactly ORT's GroupQueryAttention rule; and
-because only row sums matter, the TensorRT runtime can bind a fixed (B, S_max) mask so decode
-steps have static shapes (CUDA-graph capture).
+Sequence bookkeeping comes from two per-row inputs, `past_lengths` (B,) (tokens already in
+each row's cache) and `new_lengths` (B,) (valid tokens of each row of input_ids, right padding
+after), in place of the bundle's `attention_mask`: a mask's row sums give only the total, which
+cannot tell a decode row padded into a wider step from a row that adds the whole step. They
+also keep every decode step's shapes static for CUDA-graph capture, with no (B, S_max) host mask
+copied per token.
 
 In-place cache: the plugin declares outputs 1 and 2 aliased to inputs 3 and 4 (tensorrt.plugin
 `aliased()`, builder preview feature ALIASED_PLUGIN_IO_10_03); in the native form TensorScatter
@@ -46,6 +46,8 @@ from .schemas import DOMAIN, OPSET, SAMPLE, has_plugin_nodes, plugin_attrs, regi
 ONNX_OPSET = 23  # RMSNormalization; TensorRT 11's parser reads up to opset 25
 TOKEN_IDS, LAST_LOGITS, LOGITS = "token_ids", "last_logits", "logits"
 LOGITS_INDICES = "logits_indices"  # a bundle input; computed inside the TensorRT form
+MASK = "attention_mask"  # a bundle input; replaced by the two per-row lengths below
+PAST_LENGTHS, NEW_LENGTHS = "past_lengths", "new_lengths"  # (B,) int64 each
 # Sampler inputs (arx::sample contract, plugins/sampling/reference.py), per batch row.
 #   name -> (dtype, trailing dims; "V" is the vocabulary size)
 SAMPLER_INPUTS = {
@@ -85,7 +87,10 @@ def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
     def cache(t: TensorSpec) -> TensorSpec:  # (B, kv_heads, S_max, D)
         return TensorSpec(t.name, spec.cache_dtype, (t.shape[0], kv.kv_heads, spec.s_max, kv.head_dim))
 
-    inputs = [cache(t) if t.name in pasts else t for t in dec.inputs if t.name != LOGITS_INDICES]
+    inputs = [cache(t) if t.name in pasts else t for t in dec.inputs
+              if t.name not in (LOGITS_INDICES, MASK)]
+    inputs[1:1] = [TensorSpec(PAST_LENGTHS, "int64", (batch,)),
+                   TensorSpec(NEW_LENGTHS, "int64", (batch,))]
     outputs: list[TensorSpec] = []
     if spec.sampler == "plugin":
         v = manifest.vocab_size
@@ -129,9 +134,11 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
         graph.node.remove(n)
     stage = tensorrt_io(manifest, spec)
     _head(ed, bk, spec)
-    _set_io(graph, stage)
+    mask = [i for i in graph.input if i.name == MASK]  # still read by the bundle's dead
+    _set_io(graph, stage)                               # bookkeeping until the prune below
+    graph.input.extend(mask)
     topological_sort(graph)  # appended nodes first, so that pruning sees every consumer
-    prune(graph)
+    prune(graph, keep_inputs=[t.name for t in stage.inputs])
     _set_opsets(model, spec)
     return model
 
@@ -145,23 +152,22 @@ def _check_ops(model: onnx.ModelProto) -> None:
 
 
 def _bookkeeping(ed: GraphEditor, s_max: int) -> Bookkeeping:
-    """Per-sequence lengths and positions from attention_mask (see the module docstring).
+    """Per-sequence lengths and positions from the two length inputs (module docstring).
 
-        attention_mask (B,T) ─ReduceSum─► total (B,)      input_ids (B,S) ─Shape[1]─► S
-        new = Min(total, S)   past = total - new          ─Cast int32─► new_len, past_len
+        past_lengths (B,), new_lengths (B,) ─Cast int32─► past_len, new_len; total = past + new
         positions (B,S) = Min(past[:,None] + Range(0,S), S_max-1)   (padded rows stay in range)
     """
-    total = ed.op("ReduceSum", "attention_mask", ed.const([1]), keepdims=0, name="seq/total")
+    past, new = PAST_LENGTHS, NEW_LENGTHS
+    total = ed.op("Add", past, new, name="seq/total")
     s = ed.op("Gather", ed.op("Shape", "input_ids", name="seq/ids_shape"), ed.const(1), axis=0,
               name="seq/S")
-    new = ed.op("Min", total, s, name="seq/new")
-    past = ed.op("Sub", total, new, name="seq/past")
     steps = ed.op("Range", ed.const(0), s, ed.const(1), name="seq/steps")  # (S,)
     pos = ed.op("Add", ed.op("Unsqueeze", past, ed.const([1])), steps, name="seq/pos")
     pos = ed.op("Min", pos, ed.const(s_max - 1), name="seq/positions")
     past32 = ed.op("Cast", past, to=onnx.TensorProto.INT32, name="seq/past_len")
     new32 = ed.op("Cast", new, to=onnx.TensorProto.INT32, name="seq/new_len")
-    return Bookkeeping(past32, new32, pos, s_max, new, past, total)
+    return Bookkeeping(past_len=past32, new_len=new32, positions=pos, s_max=s_max,
+                       new_len64=new, past_len64=past, total64=total)
 
 
 def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec) -> None:

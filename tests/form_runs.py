@@ -34,7 +34,7 @@ def run_reference(bundle, steps, s_max=S_MAX):
     return out
 
 
-def run_form(ort_session, model, manifest, steps, fixed_mask: bool, s_max=S_MAX,
+def run_form(ort_session, model, manifest, steps, s_max=S_MAX,
               outputs=("last_logits", "token_ids")):
     """The TensorRT form on ORT + PyOps; returns [(last_logits, token_ids)] (or the named
     outputs) per step."""
@@ -46,9 +46,8 @@ def run_form(ort_session, model, manifest, steps, fixed_mask: bool, s_max=S_MAX,
     lengths, results = np.zeros(b, np.int64), []
     for ids, lens in steps:
         totals = lengths + lens
-        width = s_max if fixed_mask else int(totals.max())
-        feeds = {"input_ids": ids, **caches,
-                 "attention_mask": (np.arange(width)[None] < totals[:, None]).astype(np.int64),
+        feeds = {"input_ids": ids, **caches, "past_lengths": lengths,
+                 "new_lengths": np.asarray(lens, np.int64),
                  "sampling_params": np.tile(np.float32([0, 0, 1, 1, 1]), (b, 1)),  # greedy
                  "presence": np.zeros((b, manifest.vocab_size), bool),
                  "seed": np.zeros(b, np.int64), "offset": np.zeros(b, np.int64)}

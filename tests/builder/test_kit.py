@@ -79,9 +79,10 @@ def test_kit_for_every_family(family, target, exported_bundle, tmp_path):
         assert lo[past] == (1, m.kv.kv_heads, s_max, m.kv.head_dim)
         assert hi[past] == (b, m.kv.kv_heads, s_max, m.kv.head_dim)
     assert lo["input_ids"] == (1, 1) and hi["input_ids"] == (b, s_max) and opt["input_ids"][1] == 1
-    assert hi["attention_mask"] == (b, s_max) and "presence" not in hi
-    # every manifest input has shapes, but logits_indices, which the TensorRT form computes
-    names = {spec.name for spec in m.decoder.inputs} - {"logits_indices"}
+    assert hi["past_lengths"] == (b,) == hi["new_lengths"] and "presence" not in hi
+    # every manifest input has shapes, but logits_indices and attention_mask, which the
+    # TensorRT form computes or replaces by the per-row lengths
+    names = {spec.name for spec in m.decoder.inputs} - {"logits_indices", "attention_mask"}
     assert names <= set(lo)
 
 

@@ -38,7 +38,7 @@ def test_native_form_numerics_match_bundle(family, exported_bundle, ort_session,
     steps = ragged_steps()
     expected = run_reference(bundle, steps)
     form = form_for(bundle, precision=precision, **NATIVE)
-    got = run_form(ort_session, form.model, read_manifest(bundle), steps, fixed_mask=True)
+    got = run_form(ort_session, form.model, read_manifest(bundle), steps)
     for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
         np.testing.assert_allclose(last, ref, atol=atol, rtol=0, err_msg=f"{family} step {i}")
         np.testing.assert_array_equal(ids, last.argmax(-1))
@@ -52,7 +52,7 @@ def test_native_sliding_window_beyond_the_window(exported_bundle, ort_session):
     form = form_for(bundle, max_seq_len=s_max, **NATIVE)
     steps = window_steps()
     expected = run_reference(bundle, steps, s_max)
-    got = run_form(ort_session, form.model, read_manifest(bundle), steps, fixed_mask=True,
+    got = run_form(ort_session, form.model, read_manifest(bundle), steps,
                    s_max=s_max)
     for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
         np.testing.assert_allclose(last, ref, atol=1e-4, rtol=0, err_msg=f"step {i}")
@@ -66,7 +66,7 @@ def test_native_and_plugin_sampler_mix(exported_bundle, ort_session):
     assert [n.op_type for n in form.model.graph.node if n.domain == "arx"] == ["sample"]
     assert "sampling_params" in [t.name for t in form.stage.inputs]
     steps = ragged_steps()[:2]
-    got = run_form(ort_session, form.model, read_manifest(bundle), steps, fixed_mask=True)
+    got = run_form(ort_session, form.model, read_manifest(bundle), steps)
     for ref, (last, ids) in zip(run_reference(bundle, steps), got):
         np.testing.assert_array_equal(ids, ref.argmax(-1))
 
@@ -93,8 +93,8 @@ def test_native_cache_written_in_place(exported_bundle):
         binding = session.io_binding()
         totals = lengths + lens
         binding.bind_cpu_input("input_ids", ids)
-        binding.bind_cpu_input("attention_mask",
-                               (np.arange(S_MAX)[None] < totals[:, None]).astype(np.int64))
+        binding.bind_cpu_input("past_lengths", lengths)
+        binding.bind_cpu_input("new_lengths", np.asarray(lens, np.int64))
         binding.bind_output("last_logits")  # the first bound output
         for past, present in kv.pairs():
             binding.bind_ortvalue_input(past, values[past])
@@ -115,4 +115,4 @@ def test_native_form_bf16_keeps_softmax_in_fp32(exported_bundle):
     attention = [n for n in form.model.graph.node if n.op_type == "Attention"]
     assert attention and all(onnx.helper.get_attribute_value(a) == onnx.TensorProto.FLOAT
                              for n in attention for a in n.attribute if a.name == "softmax_precision")
-    assert {t.dtype for t in form.stage.inputs if t.name.startswith("past_")} == {"bfloat16"}
+    assert {t.dtype for t in form.stage.inputs if t.name.startswith("past_key_values")} == {"bfloat16"}

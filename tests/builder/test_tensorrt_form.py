@@ -47,7 +47,9 @@ def test_io_derived_from_manifest(family, exported_bundle):
         assert spec.shape[1:] == (m.kv.kv_heads, S_MAX, m.kv.head_dim)  # static cache
         assert spec.dtype == "bfloat16"
         assert present in [t.name for t in form.stage.outputs]
-    for name in ("input_ids", "attention_mask", "sampling_params", "presence", "seed", "offset"):
+    assert "attention_mask" not in graph_inputs  # per-row lengths instead (ragged steps)
+    for name in ("input_ids", "past_lengths", "new_lengths", "sampling_params", "presence",
+                 "seed", "offset"):
         assert name in graph_inputs
     out = {t.name: t for t in form.stage.outputs}
     assert out["token_ids"].dtype == "int32" and out["last_logits"].dtype == "float32"
@@ -60,7 +62,7 @@ def test_form_numerics_match_bundle(family, exported_bundle, ort_session, precis
     steps = ragged_steps()
     expected = run_reference(bundle, steps)
     form = form_for(bundle, precision=precision)
-    got = run_form(ort_session, form.model, manifest, steps, fixed_mask=precision == "fp16")
+    got = run_form(ort_session, form.model, manifest, steps)
     for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
         np.testing.assert_allclose(last, ref, atol=atol, rtol=0, err_msg=f"{family} step {i}")
         if precision == "fp32":  # the sampler (temperature 0) picks the argmax in the engine
@@ -79,7 +81,7 @@ def test_sliding_window_mistral_beyond_the_window(exported_bundle, ort_session):
     assert {helper_attr(n, "window") for n in attention} == {MISTRAL_WINDOW}
     steps = window_steps()
     expected = run_reference(bundle, steps, s_max)
-    got = run_form(ort_session, form.model, manifest, steps, fixed_mask=True, s_max=s_max)
+    got = run_form(ort_session, form.model, manifest, steps, s_max=s_max)
     for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
         np.testing.assert_allclose(last, ref, atol=1e-4, rtol=0, err_msg=f"step {i}")
         np.testing.assert_array_equal(ids, ref.argmax(-1))
@@ -87,7 +89,7 @@ def test_sliding_window_mistral_beyond_the_window(exported_bundle, ort_session):
         for a in n.attribute:
             if a.name == "window":
                 a.i = 0
-    unwindowed = run_form(ort_session, form.model, manifest, steps, fixed_mask=True, s_max=s_max)
+    unwindowed = run_form(ort_session, form.model, manifest, steps, s_max=s_max)
     assert max(np.abs(last - ref).max() for ref, (last, _) in zip(expected, unwindowed)) > 1e-2
 
 
@@ -103,7 +105,7 @@ def test_sliding_window_matches_hugging_face(exported_bundle, hf_model_dir, ort_
         want = hf(torch.from_numpy(prompt)).logits[0].numpy()  # (n, V)
     form = form_for(bundle, max_seq_len=s_max, sampler="none", logits="all")
     got = run_form(ort_session, form.model, read_manifest(bundle), [(prompt, np.array([n]))],
-                    fixed_mask=True, s_max=s_max, outputs=("logits",))[0][0][0]
+                    s_max=s_max, outputs=("logits",))[0][0][0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
@@ -173,7 +175,7 @@ def test_int8_from_qdq_bundle(exported_bundle, tmp_path, ort_session, attention)
     assert form.qdq_nodes == ops.count("QuantizeLinear") + ops.count("DequantizeLinear") > 0
     steps = ragged_steps()[:2]
     expected = run_reference(bundle, steps)  # the same Q/DQ graph in its ORT form
-    got = run_form(ort_session, form.model, read_manifest(bundle), steps, fixed_mask=True)
+    got = run_form(ort_session, form.model, read_manifest(bundle), steps)
     for ref, (last, _) in zip(expected, got):  # fp16 around the Q/DQ pairs: a rounding step
         assert np.corrcoef(ref.ravel(), last.ravel())[0, 1] > 0.99  # can flip an int8 code
 
@@ -182,3 +184,24 @@ def test_int8_refuses_asymmetric_qdq(exported_bundle, tmp_path):
     bundle = _fake_w8a8_bundle(exported_bundle("llama"), tmp_path / "asym.arx", zero_point=3)
     with pytest.raises(ArxError, match="symmetric"):
         form_for(bundle, precision="int8")
+
+
+@pytest.mark.parametrize("attention", ["plugin", "native"])
+def test_ragged_step_with_a_past(exported_bundle, ort_session, attention):
+    """A step whose rows add different numbers of tokens after a past (a decode row padded into
+    a wider verify/chunk step) writes and attends at each row's own positions: the batch gives
+    each row's logits exactly as that row run alone (the old mask-sum bookkeeping assumed every
+    row with a past added the whole step)."""
+    bundle = exported_bundle("llama")
+    m = read_manifest(bundle)
+    form = form_for(bundle, attention=attention)
+    rng = np.random.default_rng(4)
+    prompts = [list(rng.integers(3, 150, n)) for n in (7, 3, 5)]
+    steps = ragged_steps(prompts, decode_steps=0)
+    steps.append((rng.integers(3, 150, (3, 3)), np.array([3, 1, 2], np.int64)))
+    steps.append((rng.integers(3, 150, (3, 1)), np.ones(3, np.int64)))
+    batch = run_form(ort_session, form.model, m, steps)
+    for b in range(3):
+        alone = [(ids[b:b + 1, :lens[b]], lens[b:b + 1]) for ids, lens in steps]
+        for (got, _), (want, _) in zip(batch, run_form(ort_session, form.model, m, alone)):
+            np.testing.assert_allclose(got[b], want[0], atol=1e-4, rtol=0)
