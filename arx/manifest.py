@@ -16,7 +16,7 @@ from typing import Any
 from arx.errors import ArxError
 
 FORMAT = "arx-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stages with their own KV layout, token spaces, pipeline, builds
 MANIFEST_NAME = "arx.json"
 
 # KV update modes of a decoder stage.
@@ -72,23 +72,95 @@ class KVLayout:
 
 @dataclass(frozen=True)
 class Stage:
-    """One ONNX graph of the bundle and its IO."""
+    """One ONNX graph of the bundle: its file, IO, its own KV cache (when it has one) and the
+    token space its ids live in (`input_ids`/`logits` of a decoder: "text", "image", ...)."""
 
     file: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    kv: KVLayout | None = None
+    token_space: str | None = None
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
 
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
     def to_json(self) -> dict[str, Any]:
-        return {"file": self.file, "inputs": [t.to_json() for t in self.inputs],
-                "outputs": [t.to_json() for t in self.outputs]}
+        d = {"file": self.file, "inputs": [t.to_json() for t in self.inputs],
+             "outputs": [t.to_json() for t in self.outputs]}
+        if self.kv is not None:
+            d["kv"] = dataclasses.asdict(self.kv)
+        if self.token_space is not None:
+            d["token_space"] = self.token_space
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Stage":
         return cls(d["file"], tuple(map(TensorSpec.from_json, d["inputs"])),
-                   tuple(map(TensorSpec.from_json, d["outputs"])))
+                   tuple(map(TensorSpec.from_json, d["outputs"])),
+                   KVLayout(**d["kv"]) if d.get("kv") else None, d.get("token_space"))
+
+
+@dataclass(frozen=True)
+class TokenSpace:
+    """What a stage's ids mean: "text" (a tokenizer's vocabulary) or "codebook" (VQ indices)."""
+
+    kind: str
+    size: int
+    shape: tuple[int, ...] = ()  # a codebook's token grid per output (e.g. (24, 24)), if fixed
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "size": self.size, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class PipelineStep:
+    """A stage run after the loop, fed with what an earlier stage or the loop produced."""
+
+    stage: str
+    inputs: dict[str, str]  # this stage's input -> "loop.tokens" | "<stage>.<output>"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """How the stages connect: the loop steps `loop`, samples `samples` (an output of it) into
+    ids of `token_space`, and feeds them back as `feedback`; `then` runs after the loop."""
+
+    kind: str = "text-generation"
+    loop: str = "decoder"
+    samples: str = "logits"
+    token_space: str = "text"
+    feedback: str = "input_ids"
+    then: tuple[PipelineStep, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "loop": self.loop, "samples": self.samples,
+                "token_space": self.token_space, "feedback": self.feedback,
+                "then": [{"stage": t.stage, "inputs": dict(t.inputs)} for t in self.then]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Pipeline":
+        then = tuple(PipelineStep(t["stage"], dict(t["inputs"])) for t in d.get("then", ()))
+        return cls(d["kind"], d["loop"], d["samples"], d["token_space"], d["feedback"], then)
+
+    def check(self, stages: dict[str, Stage], spaces: dict[str, TokenSpace]) -> None:
+        """Every name the pipeline uses exists (a hand-edited or half-written manifest fails)."""
+        loop = stages.get(self.loop)
+        problems = []
+        if loop is None:
+            problems.append(f"loop stage {self.loop!r} is not among the stages")
+        elif loop.output(self.samples) is None or loop.input(self.feedback) is None:
+            problems.append(f"stage {self.loop!r} lacks output {self.samples!r} or input "
+                            f"{self.feedback!r}")
+        if self.token_space not in spaces:
+            problems.append(f"token space {self.token_space!r} is not declared")
+        problems += [f"stage {t.stage!r} is not among the stages" for t in self.then
+                     if t.stage not in stages]
+        if problems:
+            raise ArxError(f"the bundle's pipeline is inconsistent ({'; '.join(problems)}); "
+                           f"re-export the bundle")
 
 
 @dataclass(frozen=True)
@@ -115,22 +187,41 @@ class GenerationDefaults:
 
 @dataclass
 class Manifest:
+    """The bundle: its stages (each with its own IO and KV layout), the token spaces their ids
+    live in, and the pipeline that connects them. A text model is a one-stage pipeline."""
+
     family: str
-    vocab_size: int
-    kv: KVLayout
+    vocab_size: int  # the text vocabulary (token space "text")
     stages: dict[str, Stage]
     tokenizer: TokenizerInfo
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     model: dict[str, Any] = field(default_factory=dict)  # source, parameter count, dims
     provenance: dict[str, Any] = field(default_factory=dict)  # tool versions, date
     parity: dict[str, Any] = field(default_factory=dict)  # measured error vs PyTorch
-    # Free-form sections owned by later stages (calibration, builds, reports): they add keys
-    # here rather than changing the fields above, so older readers still load newer bundles.
+    pipeline: Pipeline = field(default_factory=Pipeline)
+    token_spaces: dict[str, TokenSpace] = field(default_factory=dict)  # default: {"text": V}
+    # TensorRT builds by target: kind, path, precision, limits and the engine's IO (`io`)
+    builds: dict[str, Any] = field(default_factory=dict)
+    # Sections owned by later stages (quantization, reports): they add keys here rather than
+    # changing the fields above, so older readers still load newer bundles.
     extensions: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.token_spaces:
+            self.token_spaces = {"text": TokenSpace("text", self.vocab_size)}
+        self.pipeline.check(self.stages, self.token_spaces)
 
     @property
     def decoder(self) -> Stage:
-        return self.stages["decoder"]
+        return self.stages[self.pipeline.loop]
+
+    @property
+    def kv(self) -> KVLayout:
+        """The KV layout of the stage the loop steps."""
+        kv = self.decoder.kv
+        if kv is None:
+            raise ArxError(f"stage {self.pipeline.loop!r} has no KV layout; re-export the bundle")
+        return kv
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -138,13 +229,15 @@ class Manifest:
             "format_version": FORMAT_VERSION,
             "family": self.family,
             "vocab_size": self.vocab_size,
-            "kv": dataclasses.asdict(self.kv),
+            "token_spaces": {k: t.to_json() for k, t in self.token_spaces.items()},
             "stages": {k: s.to_json() for k, s in self.stages.items()},
+            "pipeline": self.pipeline.to_json(),
             "tokenizer": dataclasses.asdict(self.tokenizer),
             "generation": dataclasses.asdict(self.generation),
             "model": self.model,
             "provenance": self.provenance,
             "parity": self.parity,
+            "builds": self.builds,
             **self.extensions,
         }
 
@@ -156,27 +249,45 @@ class Manifest:
         if d.get("format_version", 0) > FORMAT_VERSION:
             raise ArxError(f"bundle format version {d['format_version']} is newer than this arx "
                            f"understands ({FORMAT_VERSION}); upgrade arx")
-        known = {"format", "format_version", "family", "vocab_size", "kv", "stages", "tokenizer",
-                 "generation", "model", "provenance", "parity"}
+        if d.get("format_version", 0) < FORMAT_VERSION:
+            d = _upgrade_v1(d)
+        known = {"format", "format_version", "family", "vocab_size", "token_spaces", "stages",
+                 "pipeline", "tokenizer", "generation", "model", "provenance", "parity", "builds"}
         tok = dict(d["tokenizer"])
         tok["eos_token_ids"] = tuple(tok.get("eos_token_ids") or ())
         tok["onnx_caveats"] = tuple(tok.get("onnx_caveats") or ())
+        spaces = {k: TokenSpace(t["kind"], int(t["size"]), tuple(t.get("shape") or ()))
+                  for k, t in d["token_spaces"].items()}
         return cls(
             family=d["family"],
             vocab_size=int(d["vocab_size"]),
-            kv=KVLayout(**d["kv"]),
             stages={k: Stage.from_json(s) for k, s in d["stages"].items()},
             tokenizer=TokenizerInfo(**tok),
             generation=GenerationDefaults(**d.get("generation", {})),
             model=d.get("model", {}),
             provenance=d.get("provenance", {}),
             parity=d.get("parity", {}),
+            pipeline=Pipeline.from_json(d["pipeline"]),
+            token_spaces=spaces,
+            builds=d.get("builds", {}),
             extensions={k: v for k, v in d.items() if k not in known},
         )
 
     def write(self, bundle_dir: Path) -> None:
         text = json.dumps(self.to_json(), indent=2, sort_keys=False)
         (Path(bundle_dir) / MANIFEST_NAME).write_text(text + "\n", encoding="utf-8")
+
+
+def _upgrade_v1(d: dict[str, Any]) -> dict[str, Any]:
+    """Format 1 (one decoder stage, top-level `kv`) read as the one-stage text pipeline it is.
+    Its builds recorded no engine IO; `arx generate --engine` asks for a rebuild."""
+    d = dict(d)
+    stages = {k: dict(s) for k, s in d["stages"].items()}
+    stages["decoder"].update(kv=d.pop("kv"), token_space="text")
+    d["stages"] = stages
+    d["token_spaces"] = {"text": {"kind": "text", "size": d["vocab_size"]}}
+    d["pipeline"] = Pipeline().to_json()
+    return d
 
 
 def read_manifest(bundle_dir: str | Path) -> Manifest:

@@ -3,7 +3,7 @@
     read manifest ─► TensorRT form (graph pass, precision, ONNX checks)
                        ├─ engine: engines/<target>/decoder.engine + build_report.json
                        └─ kit:    kits/<target>/ (or -o DIR), when asked or when TensorRT/GPU are absent
-                     ─► manifest.extensions["builds"][<target>] records what was made
+                     ─► manifest.builds[<target>] records what was made, with the engine IO
 
 Engines and kits inside the bundle are derived files: a new build for the same target replaces
 them (atomically: temp folder, then rename). A kit written elsewhere (-o) needs --overwrite to
@@ -28,8 +28,6 @@ from .engine import ENGINE_FILE, REPORT_FILE, build_engine_files, engine_unavail
 from .form import make_tensorrt_form
 from .kit import write_kit
 from .options import BuildOptions
-
-BUILDS = "builds"  # manifest.extensions key
 
 
 @dataclass(frozen=True)
@@ -68,13 +66,16 @@ def build_bundle(bundle: str | Path, options: BuildOptions) -> BuildResult:
             report["aliases"] = {present: past for past, present in manifest.kv.pairs()}
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         result = BuildResult("engine", out)
-    _record(bundle, manifest, options, result)
+    _record(bundle, manifest, options, result, form.stage.to_json())
     return result
 
 
-def _record(bundle: Path, manifest: Manifest, options: BuildOptions, result: BuildResult) -> None:
-    """Note the build in the manifest (written atomically: temp file, then rename)."""
-    builds = dict(manifest.extensions.get(BUILDS) or {})
+def _record(bundle: Path, manifest: Manifest, options: BuildOptions, result: BuildResult,
+            io: dict) -> None:
+    """Note the build and its engine IO in the manifest (written atomically: temp file, then
+    rename): the engine runtime derives its feeds from here, as the ORT runtime does from the
+    decoder stage."""
+    builds = dict(manifest.builds)
     try:
         where = str(result.path.resolve().relative_to(bundle.resolve()))
     except ValueError:
@@ -82,8 +83,9 @@ def _record(bundle: Path, manifest: Manifest, options: BuildOptions, result: Bui
     builds[options.target_info.name] = {
         "kind": result.kind, "path": where, "precision": options.precision,
         "max_batch": options.batch(), "max_seq_len": options.max_seq_len or manifest.kv.max_seq_len,
-        "portable": options.portable, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    manifest.extensions[BUILDS] = builds
+        "portable": options.portable, "io": io,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    manifest.builds = builds
     tmp = bundle / f".{MANIFEST_NAME}.tmp"
     tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, bundle / MANIFEST_NAME)

@@ -66,11 +66,12 @@ def export_model(*, source: str | Path, output: str | Path,
                 decoder = export_protocol_decoder(src, tmp, options)
         with steps.step("exporting the tokenizer"):
             tokenizer = _export_tokenizer(src, tmp)
+        stage = dataclasses.replace(decoder.stage, kv=decoder.kv, token_space="text")
         manifest = Manifest(
-            family=decoder.family, vocab_size=decoder.vocab_size, kv=decoder.kv,
-            stages={"decoder": decoder.stage}, tokenizer=tokenizer,
-            generation=_generation_defaults(src), model=decoder.model_info,
-            provenance=_provenance(src))
+            family=decoder.family, vocab_size=decoder.vocab_size,
+            stages={"decoder": stage, **_shared_kv(decoder.extra_stages, decoder.kv)},
+            tokenizer=tokenizer, generation=_generation_defaults(src), model=decoder.model_info,
+            provenance=_provenance(src), extensions=dict(decoder.extensions))
         manifest.write(tmp)
         with steps.step("checking parity against PyTorch (prefill + decode)"):
             if options.check_parity:
@@ -92,6 +93,13 @@ class DecoderExport:
     stage: object  # arx.manifest.Stage
     model_info: dict
     atol: float
+    extra_stages: dict = dataclasses.field(default_factory=dict)  # name -> Stage (decoder_step)
+    extensions: dict = dataclasses.field(default_factory=dict)  # manifest sections they need
+
+
+def _shared_kv(stages: dict, kv: KVLayout) -> dict:
+    """Extra decoder stages (decoder_step) run on the decoder's own cache: same KV layout."""
+    return {k: dataclasses.replace(s, kv=kv, token_space="text") for k, s in stages.items()}
 
 
 def resolve_max_seq_len(options: ExportOptions, model_max: int | None) -> int:

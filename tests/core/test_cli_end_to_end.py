@@ -34,10 +34,13 @@ def test_inspect_shows_stages_io_kv_and_parity(text_bundle, capsys):
     assert main(["inspect", str(bundle)]) == 0
     out = capsys.readouterr().out
     for fragment in ("family     llama", "update in_place", "past_key_values.{i}.key",
-                     "present.{i}.value", "parity     passed", "tokenizer.json"):
+                     "present.{i}.value", "parity     passed", "tokenizer.json",
+                     "pipeline   text-generation: loop decoder samples logits -> text ids",
+                     "stage      decoder: decoder.onnx (ids: text)"):
         assert fragment in out
     assert main(["inspect", str(bundle), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["kv"]["layers"] == 2
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["format_version"] == 2 and manifest["stages"]["decoder"]["kv"]["layers"] == 2
 
 
 def test_streamed_text_equals_decoded_tokens(text_bundle, capsys):
