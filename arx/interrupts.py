@@ -7,8 +7,8 @@ ImportError("initialization failed") from it. So while an import runs, the CLI h
 back and raises it as soon as the outermost import has returned: the import finishes (or fails
 on its own), then the command stops with `arx: interrupted`.
 
-The check runs in signal handlers on the main thread only (a timer, SIGALRM, looks again every
-few milliseconds while an interrupt is held), so no thread can deliver a stray second one.
+The check runs in signal handlers on the main thread only (while an interrupt is held, a timer,
+SIGALRM, looks again every few milliseconds), so no thread can deliver a stray second one.
 """
 
 from __future__ import annotations
@@ -33,12 +33,17 @@ def importing(frame) -> bool:
 
 
 class _HeldInterrupt:
+    """SIGINT handler; SIGALRM and the interval timer are taken only while an interrupt is held."""
+
     def __init__(self):
         self.pending = False
+        self.old_alarm = None
 
     def on_sigint(self, _signum, frame) -> None:
         if importing(frame):
-            self.pending = True
+            if not self.pending:
+                self.pending = True
+                self.old_alarm = signal.signal(signal.SIGALRM, self.on_alarm)
             signal.setitimer(signal.ITIMER_REAL, _RECHECK_S)
             return
         self._raise()
@@ -51,9 +56,16 @@ class _HeldInterrupt:
             return
         self._raise()
 
+    def release(self) -> bool:
+        """Give SIGALRM back; whether an interrupt was held."""
+        held, self.pending = self.pending, False
+        if held:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.old_alarm)
+        return held
+
     def _raise(self) -> None:
-        self.pending = False
-        signal.setitimer(signal.ITIMER_REAL, 0)
+        self.release()
         raise KeyboardInterrupt
 
 
@@ -70,12 +82,9 @@ def interrupts_outside_imports() -> Iterator[None]:
         return
     held = _HeldInterrupt()
     old_int = signal.signal(signal.SIGINT, held.on_sigint)
-    old_alarm = signal.signal(signal.SIGALRM, held.on_alarm)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old_alarm)
         signal.signal(signal.SIGINT, old_int)
-        if held.pending:  # the block ended before the timer looked again: still an interrupt
+        if held.release():  # the block ended before the timer looked again: still an interrupt
             raise KeyboardInterrupt
