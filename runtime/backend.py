@@ -43,8 +43,9 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if PROVIDERS["cuda"] in available else "cpu"
     if device == "cuda" and PROVIDERS["cuda"] not in available:
-        raise ArxError("--device cuda needs onnxruntime-gpu and a CUDA GPU; install "
-                       "'arx[gpu]' or use --device cpu")
+        from arx.environment import check_device
+
+        check_device(device)  # raises, naming how to get onnxruntime's GPU build
     return device
 
 

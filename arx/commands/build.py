@@ -59,16 +59,18 @@ def run(args) -> int:
     if not args.bundle or not args.target:
         raise ArxError("arx build needs a bundle and --target, e.g. "
                        "arx build model.arx --target h100 (see --list-targets)")
+    from arx import needs
     from arx.builder.build import build_bundle
     from arx.builder.options import BuildOptions
 
+    attention = "native" if args.no_plugins else args.attention
+    sampler = "argmax" if args.no_plugins and args.sampler == "plugin" else args.sampler
+    needs.check("build", args, uses_plugins="plugin" in (attention, sampler))
     options = BuildOptions(
         target=args.target, precision=args.precision, max_batch=args.max_batch,
         max_seq_len=args.max_seq_len, opt_batch=args.opt_batch, opt_prompt_len=args.opt_prompt_len,
         decode_tokens=args.decode_tokens, kit=args.kit, output=args.output,
-        portable=args.portable, attention="native" if args.no_plugins else args.attention,
-        sampler="argmax" if args.no_plugins and args.sampler == "plugin" else args.sampler,
-        logits=args.logits,
+        portable=args.portable, attention=attention, sampler=sampler, logits=args.logits,
         plugin_impl=args.plugin_impl, ptx=not args.no_ptx, timing_cache=args.timing_cache,
         workspace_gb=args.workspace_gb, overwrite=args.overwrite, progress=not args.quiet)
     result = build_bundle(args.bundle, options)

@@ -21,6 +21,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from arx import needs
+
+    needs.check("export", args)  # before torch is imported: one line naming the extra
     from arx.export.exporter import ExportOptions, export_model
 
     out = Path(args.output) if args.output else Path(Path(args.source).stem + ".arx")

@@ -80,10 +80,13 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def run(args) -> int:
+    from arx import needs
     from arx.manifest import read_manifest
     from arx.runtime.backend import BackendOptions
     from arx.runtime.decoder import DecoderSession
     from arx.runtime.generate import generate
+
+    needs.check("generate", args)  # --engine
 
     manifest = read_manifest(args.bundle)
     options = _options(args, manifest.generation)

@@ -7,14 +7,22 @@ import json
 
 def register(sub) -> None:
     p = sub.add_parser("inspect", help="show what a bundle holds: stages, IO, KV layout, parity")
-    p.add_argument("bundle")
+    p.add_argument("bundle", nargs="?")
+    p.add_argument("--env", action="store_true", help="show the onnxruntime build and providers "
+                   "arx runs on and which extras are installed (no bundle needed)")
     p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    from arx.errors import ArxError
     from arx.manifest import read_manifest
 
+    if args.env:
+        return _env(args.json)
+    if not args.bundle:
+        raise ArxError("arx inspect needs a bundle (arx inspect model.arx), or --env to show "
+                       "the environment")
     m = read_manifest(args.bundle)
     if args.json:
         print(json.dumps(m.to_json(), indent=2))
@@ -46,6 +54,14 @@ def run(args) -> int:
     for key, value in m.extensions.items():
         if key != "quantization":
             print(f"{key:<10} {json.dumps(value)[:200]}")
+    return 0
+
+
+def _env(as_json: bool) -> int:
+    from arx.environment import environment, format_environment
+
+    env = environment()
+    print(json.dumps(env, indent=2) if as_json else "\n".join(format_environment(env)))
     return 0
 
 

@@ -48,8 +48,10 @@ def _options(args):
 
 
 def run(args) -> int:
+    from arx import needs
     from arx.manifest import read_manifest
 
+    needs.check("profile", args)  # --plot, --engine: before minutes of timing
     opts = _options(args)  # validates before anything is loaded
     bundles = [args.bundle] + ([args.compare] if args.compare else [])
     for b in bundles:  # fail on a bad second bundle before minutes of timing the first

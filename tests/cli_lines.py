@@ -1,0 +1,17 @@
+"""What a refused command looks like from outside: exit 2 and one `arx: error:` line, nothing else."""
+
+from __future__ import annotations
+
+import subprocess
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2, stderr exactly one `arx: error:` line (no progress, no traceback), no stdout:
+    the command stopped before doing any work (no report, no echoed prompt)."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("arx: error: "), proc.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+    assert proc.stdout == "", proc.stdout
+    return lines[0]
