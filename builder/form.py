@@ -39,18 +39,35 @@ def form_spec(manifest: Manifest, options: BuildOptions) -> FormSpec:
                     aot=options.plugin_impl == "aot", attention=options.attention)
 
 
+def weight_only_to_qdq(model: onnx.ModelProto, manifest: Manifest) -> tuple[onnx.ModelProto, int]:
+    """A w8/w4 bundle's MatMulNBits (ORT's packed weight-only op, which TensorRT cannot read)
+    as DequantizeLinear(block_size) + MatMul: the Q/DQ-block form TensorRT imports. Lossless:
+    the same integer codes and scales. Returns (model, number of MatMuls rewritten)."""
+    count = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
+    if not count:
+        return model, 0
+    from arx.calibration.weight_only import matmulnbits_to_qdq
+
+    try:
+        return matmulnbits_to_qdq(model), count
+    except ValueError as e:  # asymmetric codes have no symmetric Q/DQ form
+        raise ArxError(f"{e}; re-run arx calibrate (its w8/w4 schemes are symmetric)") from e
+
+
 def make_tensorrt_form(bundle: Path, manifest: Manifest, options: BuildOptions) -> TensorRTForm:
     """Load the bundle's decoder, rewrite it to the TensorRT form and check it."""
     qdq = 0
     decoder_file = manifest.decoder.file
     if options.precision == "int8":
-        decoder_file = check_int8_bundle(manifest).get("file") or decoder_file
+        check_int8_bundle(manifest)
     path = Path(bundle) / decoder_file
     if not path.is_file():
         raise ArxError(f"bundle {bundle} lacks {decoder_file}; re-export it with arx export")
     model = onnx.load(str(path))  # with external data: the form is written as a new file
     if options.precision == "int8":
         qdq = check_symmetric_qdq(model)
+    model, blocks = weight_only_to_qdq(model, manifest)
+    qdq += blocks
     spec = form_spec(manifest, options)
     model = to_tensorrt_form(model, manifest, spec)
     apply_precision(model, options.precision, {x for pair in manifest.kv.pairs() for x in pair})

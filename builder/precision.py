@@ -36,8 +36,9 @@ def check_int8_bundle(manifest: Manifest) -> dict:
                        "`arx calibrate BUNDLE --scheme w8a8` first and build its output")
     scheme = q.get("scheme") if isinstance(q, dict) else None
     if scheme not in QUANT_SCHEMES:
-        raise ArxError(f"the bundle is quantized with scheme {scheme!r}; the TensorRT INT8 build "
-                       f"supports {', '.join(QUANT_SCHEMES)}; re-run arx calibrate --scheme w8a8")
+        raise ArxError(f"the bundle is quantized with scheme {scheme!r}; --precision int8 means "
+                       f"int8 activations ({', '.join(QUANT_SCHEMES)}): build this weight-only "
+                       f"bundle with --precision fp16 (or bf16), or calibrate --scheme w8a8")
     return q
 
 

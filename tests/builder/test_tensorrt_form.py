@@ -205,3 +205,49 @@ def test_ragged_step_with_a_past(exported_bundle, ort_session, attention):
         alone = [(ids[b:b + 1, :lens[b]], lens[b:b + 1]) for ids, lens in steps]
         for (got, _), (want, _) in zip(batch, run_form(ort_session, form.model, m, alone)):
             np.testing.assert_allclose(got[b], want[0], atol=1e-4, rtol=0)
+
+
+def _weight_only_bundle(src, dst, bits: int):
+    """A bundle shaped like `arx calibrate --scheme w4|w8` output: MatMulNBits weights."""
+    import shutil
+
+    from arx.calibration.weight_only import quantize_weight_only
+
+    shutil.copytree(src, dst)
+    m = read_manifest(dst)
+    model = quantize_weight_only(onnx.load(str(dst / m.decoder.file)), bits=bits, group_size=32,
+                                 accuracy_level=1, exclude=[])  # fp32 compute: comparable
+    onnx.save_model(model, str(dst / m.decoder.file), save_as_external_data=True,
+                    location=m.decoder.file + ".data", all_tensors_to_one_file=True)
+    m.extensions["quantization"] = {"scheme": f"w{bits}", "format": "MatMulNBits"}
+    m.write(dst)
+    return dst
+
+
+def _unfused_session(model):
+    """ORT without graph optimizations: it would fuse DequantizeLinear + MatMul back into a
+    MatMulNBits whose default accuracy level quantizes activations (a different computation)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits, precision, atol", [(4, "fp32", 1e-4), (8, "fp16", 5e-2)])
+def test_weight_only_bundle_builds_as_qdq_blocks(exported_bundle, tmp_path, bits, precision, atol):
+    """w4/w8 bundles build: MatMulNBits becomes DequantizeLinear(block) + MatMul, the same
+    integers and scales, so the form gives the quantized bundle's own logits (fp32 compute on
+    both sides); --precision int8 stays w8a8's."""
+    bundle = _weight_only_bundle(exported_bundle("llama"), tmp_path / f"w{bits}.arx", bits)
+    form = form_for(bundle, precision=precision, attention="native", sampler="argmax")
+    ops = [n.op_type for n in form.model.graph.node]
+    assert "MatMulNBits" not in ops and ops.count("DequantizeLinear") == form.qdq_nodes > 0
+    steps = ragged_steps()
+    expected = run_reference(bundle, steps)
+    got = run_form(_unfused_session, form.model, read_manifest(bundle), steps)
+    for ref, (last, _) in zip(expected, got):
+        np.testing.assert_allclose(last, ref, atol=atol, rtol=0)
+    with pytest.raises(ArxError, match="--precision fp16"):
+        form_for(bundle, precision="int8")
