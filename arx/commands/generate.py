@@ -125,10 +125,11 @@ def run(args) -> int:
 
 
 def _generate_on_engine(bundle, target, prompts, options, stream):
-    from arx.runtime import engine_loop
+    from arx.runtime import engine_session
+    from arx.runtime.generate import generate
 
-    with engine_loop.open_engine(bundle, target) as session:
-        return engine_loop.generate_on_engine(session, prompts, options, on_token=stream)
+    with engine_session.open_engine(bundle, target) as session:
+        return generate(session, prompts, options, on_token=stream)
 
 
 def _streamer(tokenizer):

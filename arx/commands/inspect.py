@@ -31,9 +31,10 @@ def run(args) -> int:
     print(f"bundle     {args.bundle}")
     print(f"family     {m.family} ({info.get('architecture', '?')}, "
           f"{info.get('parameters', 0) / 1e6:.2f}M parameters, {info.get('dtype', '?')})")
-    kv = m.kv
-    print(f"kv cache   {kv.layers} layers x (key, value) (B, {kv.kv_heads}, S<={kv.max_seq_len}, "
-          f"{kv.head_dim}) {kv.dtype}, update {kv.update}")
+    p = m.pipeline
+    spaces = ", ".join(f"{k} ({t.kind}, {t.size})" for k, t in m.token_spaces.items())
+    print(f"pipeline   {p.kind}: loop {p.loop} samples {p.samples} -> {p.token_space} ids -> "
+          f"{p.feedback}{''.join(f'; then {t.stage}' for t in p.then)}; token spaces {spaces}")
     t = m.tokenizer
     print(f"tokenizer  {t.file or 'none (use --prompt-ids)'}"
           f"{', ' + t.onnx_file if t.onnx_file else ''}; bos {t.bos_token_id}, "
@@ -43,7 +44,12 @@ def run(args) -> int:
     for caveat in t.onnx_caveats:
         print(f"           tokenizer.onnx caveat: {caveat}")
     for name, stage in m.stages.items():
-        print(f"stage      {name}: {stage.file}")
+        print(f"stage      {name}: {stage.file}"
+              f"{f' (ids: {stage.token_space})' if stage.token_space else ''}")
+        if stage.kv is not None:
+            kv = stage.kv
+            print(f"  kv cache {kv.layers} layers x (key, value) (B, {kv.kv_heads}, "
+                  f"S<={kv.max_seq_len}, {kv.head_dim}) {kv.dtype}, update {kv.update}")
         for kind, specs in (("in ", stage.inputs), ("out", stage.outputs)):
             for s in _collapse(specs):
                 print(f"  {kind} {s}")
@@ -51,6 +57,9 @@ def run(args) -> int:
     _print_parity(m.parity, "of the fp32 source" if quant else "")
     if quant:
         _print_quantization(quant)
+    for target, b in m.builds.items():
+        print(f"build      {target}: {b.get('kind')} {b.get('path')} ({b.get('precision')}, "
+              f"batch <= {b.get('max_batch')}, S_max {b.get('max_seq_len')})")
     for key, value in m.extensions.items():
         if key != "quantization":
             print(f"{key:<10} {json.dumps(value)[:200]}")
