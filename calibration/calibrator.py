@@ -22,6 +22,7 @@ import onnx
 from arx.bundle import atomic_bundle, check_writable_output
 from arx.calibration import cache as cache_mod
 from arx.calibration import graph as G
+from arx.calibration import remedies
 from arx.calibration.data import Samples, load_samples
 from arx.calibration.options import CalibrateOptions
 from arx.calibration.report import AccuracyReport, percent, table, write
@@ -81,7 +82,7 @@ def calibrate_bundle(*, bundle: str | Path, output: str | Path,
                 files = write(report, tmp, options.layer_report, plot=options.plot)
                 _record_accuracy(out_manifest, report, files)
                 out_manifest.write(tmp)
-                _gate(report, options, text)
+                _gate(report, options, text, q, tmp, manifest.decoder.file, samples, Path(work))
     return CalibrationResult(output, out_manifest, report, text)
 
 
@@ -114,7 +115,7 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
         from arx.calibration.weight_only import quantize_weight_only
 
         qm = quantize_weight_only(model, bits=q_opts.spec.weight_bits, group_size=q_opts.group_size,
-                                  accuracy_level=q_opts.accuracy_level, exclude=kept)
+                                  accuracy_level=q_opts.level, exclude=kept)
         ref, calib = model, {**info, "weights": {"bits": q_opts.spec.weight_bits, "group_size": q_opts.group_size,
                                                  "symmetric": True}}
     by_name = {lin.node: lin for lin in linears}
@@ -140,7 +141,7 @@ def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, optio
 def _extension(src: Path, q: _Quantized, options: CalibrateOptions) -> dict:
     o = options.quant
     ext = {"scheme": o.scheme, "summary": o.spec.summary, "weight_bits": o.spec.weight_bits,
-           "activation_bits": 8 if o.spec.activations else None, "symmetric": True,
+           "activation_bits": 8 if o.int8_activations else None, "symmetric": True,
            "quantized": q.quantized, "float": q.kept, "calibration_file": cache_mod.FILE_NAME,
            "source": {"bundle": str(src), "fingerprint": q.calibration["model_fingerprint"]}}
     if o.spec.activations:
@@ -148,7 +149,7 @@ def _extension(src: Path, q: _Quantized, options: CalibrateOptions) -> dict:
                    smoothquant_alpha=o.smoothquant,
                    tensorrt={"form": "explicit int8 Q/DQ", "ready": True})
     else:
-        ext.update(format="MatMulNBits", group_size=o.group_size, accuracy_level=o.accuracy_level,
+        ext.update(format="MatMulNBits", group_size=o.group_size, accuracy_level=o.level,
                    tensorrt={"form": "DequantizeLinear block_size (opset 21) + MatMul",
                              "convert": "arx.calibration.weight_only.matmulnbits_to_qdq"})
     return ext
@@ -164,6 +165,7 @@ def _evaluate(src, tmp, manifest, samples: Samples, q: _Quantized, options, work
     layers = layer_errors(ref_probe, q_probe, q.linears, samples.eval[:PROBE_SAMPLES], progress=options.progress)
     settings = {"scheme": options.quant.scheme, "method": options.quant.method,
                 "smoothquant": options.quant.smoothquant, "group_size": options.quant.group_size,
+                "accuracy_level": options.quant.level,
                 "keep_fp": list(options.quant.keep_fp), "float": q.kept,
                 "linear_order": [lin.node for lin in q.linears]}
     return AccuracyReport(options.quant.scheme, metrics, layers, options.gate, samples.source, settings)
@@ -180,20 +182,16 @@ def _record_accuracy(manifest: Manifest, report: AccuracyReport, files: dict) ->
     manifest.extensions[EXTENSION]["reports"] = files
 
 
-def _gate(report: AccuracyReport, options: CalibrateOptions, text: str) -> None:
+def _gate(report: AccuracyReport, options: CalibrateOptions, text: str, q: _Quantized, tmp: Path,
+          decoder: str, samples: Samples, work: Path) -> None:
+    """Refuse a report over the gate (unless --force), suggesting remedies measured on the same
+    held-out text (arx.calibration.remedies)."""
     if report.passed or options.force:
         return
+    trial = remedies.trial(tmp, decoder, samples.eval, report.metrics.ppl_fp32, work)
+    tips = remedies.measure(remedies.candidates(report, options, q, work), trial)
     worst = ", ".join(e.name for e in report.worst(3))
-    o = options.quant
-    tips = [f"--keep-fp {','.join(e.name for e in report.worst(2))}"]
-    if o.spec.activations:
-        tips.insert(0, "--smoothquant 0.5" if o.smoothquant is None else "another --smoothquant alpha (0.3-0.8)")
-        tips.append("--method percentile" if o.method == "minmax" else "--method minmax")
-    else:
-        tips.insert(0, f"--group-size {max(16, o.group_size // 2)}")
-        if o.scheme == "w4":
-            tips.append("--scheme w8")
     raise ArxError(
-        f"{o.scheme} raises perplexity by {report.metrics.ppl_increase:.2%}, over the "
-        f"{percent(report.gate)} gate; worst layers: {worst}; try {' or '.join(tips)}, or pass "
-        f"--force to write it anyway (nothing was written)", details=text)
+        f"{options.quant.scheme} raises perplexity by {report.metrics.ppl_increase:.2%}, over the "
+        f"{percent(report.gate)} gate; worst layers: {worst}; {remedies.advice(tips, report.gate)}, "
+        f"or pass --force to write it anyway (nothing was written)", details=text)

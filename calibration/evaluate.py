@@ -71,23 +71,49 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def _batches(samples: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids (B, S) right-padded, lens (B,)) for prefills of BATCH sequences."""
+    out = []
+    for i in range(0, len(samples), BATCH):
+        batch = samples[i: i + BATCH]
+        lens = np.array([len(s) for s in batch], dtype=np.int64)
+        ids = np.zeros((len(batch), int(lens.max())), dtype=np.int64)
+        for b, s in enumerate(batch):
+            ids[b, : len(s)] = s
+        out.append((ids, lens))
+    return out
+
+
+def _log_probs(session, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    return _log_softmax(session.step(session.new_cache(len(ids), int(lens.max())), ids, lens))
+
+
 def model_metrics(fp_bundle: Path, q_bundle: Path, samples: list[np.ndarray], *, progress: bool) -> ModelMetrics:
     from arx.runtime.decoder import DecoderSession
 
     sums = _Sums()
     with DecoderSession(fp_bundle) as fp, DecoderSession(q_bundle) as q:
-        batches = [samples[i: i + BATCH] for i in range(0, len(samples), BATCH)]
-        for batch in bar(batches, "evaluating", total=len(batches), enabled=progress):
-            lens = np.array([len(s) for s in batch], dtype=np.int64)
-            ids = np.zeros((len(batch), int(lens.max())), dtype=np.int64)  # (B, S) right-padded
-            for b, s in enumerate(batch):
-                ids[b, : len(s)] = s
-            lp_fp = _log_softmax(fp.step(fp.new_cache(len(batch), int(lens.max())), ids, lens))
-            lp_q = _log_softmax(q.step(q.new_cache(len(batch), int(lens.max())), ids, lens))
+        batches = _batches(samples)
+        for ids, lens in bar(batches, "evaluating", total=len(batches), enabled=progress):
+            lp_fp, lp_q = _log_probs(fp, ids, lens), _log_probs(q, ids, lens)
             for b, n in enumerate(lens):
                 _accumulate(sums, lp_fp[b, : n - 1], lp_q[b, : n - 1], ids[b, 1:n])
     return ModelMetrics(ppl_fp32=float(np.exp(sums.nll_fp / sums.n)), ppl_quant=float(np.exp(sums.nll_q / sums.n)),
                         top1_agreement=sums.agree / sums.n, kl_mean=sums.kl / sums.n, tokens=sums.n)
+
+
+def perplexity(bundle: Path, samples: list[np.ndarray]) -> float:
+    """Perplexity of one bundle, computed exactly as model_metrics computes ppl_quant."""
+    from arx.runtime.decoder import DecoderSession
+
+    nll, n = 0.0, 0
+    with DecoderSession(bundle) as session:
+        for ids, lens in _batches(samples):
+            lp = _log_probs(session, ids, lens)
+            for b, k in enumerate(lens):
+                nll -= float(lp[b, np.arange(k - 1), ids[b, 1:k]].sum())
+                n += int(k) - 1
+    return float(np.exp(nll / n))
 
 
 def _accumulate(sums: _Sums, lp_fp: np.ndarray, lp_q: np.ndarray, targets: np.ndarray) -> None:

@@ -20,20 +20,27 @@ class Scheme:
     max_ppl_increase: float  # default gate, as a fraction of fp32 perplexity
     quantize_lm_head: bool  # default for the output projection (see docs/calibration.md)
     summary: str
+    accuracy_level: int | None = None  # weight-only: default MatMulNBits compute type (below)
 
 
 # The scheme table. The lm_head stays float in w8a8 because its int8 *activation* (the final
 # hidden state) and per-tensor logit error cost the most accuracy for the least speed on a
 # GPU; weight-only schemes quantize it because on a CPU decode step it is the largest single
 # weight read (V x H) and block-wise weight error there is small.
+# w4 computes in fp32 (accuracy_level 1), so its activations really stay float: level 4's int8
+# activation blocks wreck a model with activation outliers (+224% perplexity on the outlier
+# test model in tests/calibration/test_errors_and_gate.py, -0.3% at level 1). w8 keeps level 4 because onnxruntime 1.31 has no fast 8-bit
+# kernel with float activations (17x slower than level 4, slower than fp32: docs/calibration.md).
 SCHEMES: dict[str, Scheme] = {
     "w8a8": Scheme("w8a8", 8, True, 0.02, False,
                    "int8 weights (per-channel) and int8 activations (calibrated), explicit "
                    "symmetric Q/DQ for TensorRT and ORT"),
     "w8": Scheme("w8", 8, False, 0.02, True,
-                 "int8 block-quantized weights (MatMulNBits on CPU), float activations"),
+                 "int8 block-quantized weights (MatMulNBits on CPU), activations quantized to int8 "
+                 "per block at run time (accuracy level 4)", accuracy_level=4),
     "w4": Scheme("w4", 4, False, 0.10, True,
-                 "int4 block-quantized weights (MatMulNBits on CPU), float activations"),
+                 "int4 block-quantized weights (MatMulNBits on CPU), float activations (fp32 compute)",
+                 accuracy_level=1),
 }
 
 # Activation-range methods and the fewest calibration samples each gives stable ranges with:
@@ -45,8 +52,10 @@ METHODS: dict[str, int] = {"minmax": 4, "entropy": 16, "percentile": 16}
 # alike; anything else fails inside onnxruntime with a C++ assertion.
 GROUP_SIZES = (16, 32, 64, 128, 256)
 
-# MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute (fastest on CPU).
+# MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute: the kernel
+# quantizes activations to int8 per block of K at run time (fastest on CPU).
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+INT8_ACTIVATIONS = 4
 
 
 def scheme(name: str) -> Scheme:
@@ -65,7 +74,7 @@ class QuantOptions:
     percentile: float = 99.999  # for method="percentile"
     smoothquant: float | None = None  # SmoothQuant alpha in [0, 1]; None: off (w8a8 only)
     group_size: int = 128  # weight block size along K (w8, w4)
-    accuracy_level: int = 4  # MatMulNBits compute type (w8, w4)
+    accuracy_level: int | None = None  # MatMulNBits compute type (w8, w4); None: the scheme's default
     keep_fp: tuple[str, ...] = ()  # MatMul names or prefixes ("layers.3") kept in float
     quantize_lm_head: bool | None = None  # None: the scheme's default
 
@@ -85,12 +94,22 @@ class QuantOptions:
         if g not in GROUP_SIZES:
             raise ArxError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} (got {g}): "
                            f"the block sizes onnxruntime's MatMulNBits supports; 32, 64 or 128 are usual")
-        if self.accuracy_level not in ACCURACY_LEVELS:
+        if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
             raise ArxError(f"--accuracy-level must be one of {ACCURACY_LEVELS} (got {self.accuracy_level})")
 
     @property
     def spec(self) -> Scheme:
         return SCHEMES[self.scheme]
+
+    @property
+    def level(self) -> int | None:
+        """The MatMulNBits accuracy level used (weight-only schemes; None for w8a8)."""
+        return self.spec.accuracy_level if self.accuracy_level is None else self.accuracy_level
+
+    @property
+    def int8_activations(self) -> bool:
+        """Activations are quantized: calibrated Q/DQ (w8a8) or per block at run time (level 4)."""
+        return self.spec.activations or self.level == INT8_ACTIVATIONS
 
     @property
     def lm_head(self) -> bool:

@@ -130,6 +130,14 @@ def _typed_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def requantize(reference: onnx.ModelProto, ranges: dict[str, list[float]], quantize: list[str],
+               kept: list[str], options: QuantOptions, workdir: Path) -> onnx.ModelProto:
+    """w8a8 of the (SmoothQuant-folded) fp32 `reference` from known ranges: no calibration run."""
+    packed = onnx.ModelProto()
+    packed.CopyFrom(reference)
+    return quantize_w8a8(packed, ranges, pack_parallel_linears(packed, quantize), kept, options, workdir)
+
+
 def quantize_static_bundle(model: onnx.ModelProto, manifest: Manifest, samples, linears: list[Linear],
                            quantize: list[str], kept: list[str], options, cached: dict | None,
                            info: dict, workdir: Path):
@@ -167,9 +175,7 @@ def quantize_static_bundle(model: onnx.ModelProto, manifest: Manifest, samples, 
         ranges = cache_mod.ranges_for(cached, [by_name[n].input for n in quantize])
     else:
         ranges = calibrate_ranges(ref_path, manifest, samples.calib, linears, q_opts, progress=options.progress)
-    packed = onnx.ModelProto()
-    packed.CopyFrom(model)
-    qmodel = quantize_w8a8(packed, ranges, pack_parallel_linears(packed, quantize), kept, q_opts, workdir)
+    qmodel = requantize(model, ranges, quantize, kept, q_opts, workdir)
     calib = {**info, "method": q_opts.method,
              "percentile": q_opts.percentile if q_opts.method == "percentile" else None,
              "smoothquant": None if scales is None else

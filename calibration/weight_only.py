@@ -1,9 +1,10 @@
 """w8 / w4: weight-only block quantization. Two forms of the same integers:
 
 CPU form (what the bundle ships): com.microsoft MatMulNBits, made by ORT's MatMulNBitsQuantizer,
-symmetric, one float scale per block of `group_size` rows of K. accuracy_level=4 lets the CPU
-kernel quantize activations to int8 per block on the fly and use integer dot products (the
-fastest CPU path; the weights are what a decode step is bound by).
+symmetric, one float scale per block of `group_size` rows of K. accuracy_level=1 computes in
+fp32 (activations stay float: w4's default); accuracy_level=4 lets the CPU kernel quantize
+activations to int8 per block on the fly and use integer dot products (faster, w8's default,
+but a block holding an activation outlier loses its other values).
 
     x (.., K) ─ MatMulNBits(B uint8 (N, K/bs, bs*bits/8), scales (N, K/bs), bits, block_size) ─► y
 

@@ -16,7 +16,8 @@ import pytest
 from onnx import numpy_helper
 
 from arx.calibration.calibrator import calibrate_bundle
-from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
+from arx.calibration.options import SCHEMES, CalibrateOptions, DataOptions, QuantOptions
+from arx.manifest import read_manifest
 
 # max |logits_q - logits_fp32| / max |logits_fp32| on a held-out sequence, and top-1 agreement
 TOLERANCE = {"w8a8": (0.10, 0.85), "w8": (0.05, 0.90), "w4": (0.40, 0.50)}
@@ -52,7 +53,6 @@ def quantized(llama_bundle, calib_text, tmp_path_factory):
 
 @pytest.mark.parametrize("scheme", ["w8a8", "w8", "w4"])
 def test_scheme_runs_in_runtime_close_to_fp32(scheme, quantized, llama_bundle):
-    from arx.manifest import read_manifest
     from arx.runtime.decoder import DecoderSession
     from arx.runtime.generate import GenerateOptions, generate
 
@@ -107,7 +107,12 @@ def test_weight_only_ships_matmulnbits(quantized):
         nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
         assert len(nbits) == 11 and all(a["bits"] == bits and a["block_size"] == 32 for a in attrs)
-        assert all(a["accuracy_level"] == 4 for a in attrs)
+        # w4 keeps activations float (fp32 compute); w8 quantizes them per block (see the scheme table)
+        level, act_bits = (1, None) if scheme == "w4" else (4, 8)
+        assert all(a["accuracy_level"] == level for a in attrs)
+        ext = read_manifest(quantized(scheme)).extensions["quantization"]
+        assert ext["accuracy_level"] == level and ext["activation_bits"] == act_bits
+        assert ("float activations" in SCHEMES[scheme].summary) == (act_bits is None)
         assert not any(n.op_type == "MatMul" for n in model.graph.node)  # lm_head included
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 
+import onnx
 import pytest
 
 from arx.commands import calibrate as calibrate_cmd
@@ -146,3 +148,104 @@ def test_seq_len_longer_than_the_context(llama_bundle, calib_text, tmp_path):
     context = read_manifest(llama_bundle).kv.max_seq_len
     assert_refused(tmp_path, [str(llama_bundle), "--data", str(calib_text), "--seq-len",
                               str(context + 1)], "exceeds the bundle's context")
+
+
+# Weight-only activations stay float by default, and a refusal's remedies are measured
+# (arx.calibration.remedies). The model: a tiny Llama trained for a few seconds on the fixture
+# text (a random model's perplexity is near the vocabulary size whatever quantization does),
+# then given an activation outlier: channel 3 of every norm's output is 1000x the rest and no
+# linear reads it (its weight rows are zero), like the massive activations of large LLMs. Float
+# weight error does not see it, but an int8 block of activations holding channel 3 rounds its
+# other values to zero.
+OUTLIER_CHANNEL, OUTLIER = 3, 1000.0
+
+
+def _train(model, tokenizer, text: str, steps: int = 60) -> None:
+    import torch
+
+    enc = [tokenizer(line)["input_ids"][:32] for line in text.splitlines()]
+    n = min(len(e) for e in enc)
+    batch = torch.tensor([e[:n] for e in enc])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def _add_outlier(model) -> None:
+    import torch
+
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[OUTLIER_CHANNEL] = OUTLIER
+            layer.post_attention_layernorm.weight[OUTLIER_CHANNEL] = OUTLIER
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                        layer.mlp.gate_proj, layer.mlp.up_proj):
+                lin.weight[:, OUTLIER_CHANNEL] = 0  # (out, in): nothing reads the outlier
+
+
+@pytest.fixture(scope="module")
+def outlier_bundle(tmp_path_factory, calib_text):
+    import torch
+    import transformers as tf
+
+    from arx.export.exporter import ExportOptions, export_model
+    from tokenizer_fixtures import make_llama
+
+    src = tmp_path_factory.mktemp("hf-outlier")
+    make_llama(src)
+    tokenizer = tf.AutoTokenizer.from_pretrained(src)
+    cfg = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _train(model, tokenizer, calib_text.read_text())
+    _add_outlier(model)
+    model.save_pretrained(src)
+    out = tmp_path_factory.mktemp("outlier-bundle") / "outlier.arx"
+    export_model(source=src, output=out, options=ExportOptions(progress=False))
+    return out
+
+
+def _run(bundle, data, out, *flags):
+    return cli([str(bundle), "--data", str(data), "--samples", "24", "--seq-len", "32", "--eval-samples", "8",
+                "--group-size", "32", "-o", str(out), "-q", "--no-plot", *flags])
+
+
+def _increase(bundle) -> float:
+    return json.loads((bundle / "arx.json").read_text())["quantization"]["accuracy"]["ppl_increase"]
+
+
+def _levels(bundle) -> set[int]:
+    model = onnx.load(str(bundle / "decoder.onnx"), load_external_data=False)
+    return {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "accuracy_level"}
+
+
+def test_w4_int8_activations_fail_and_the_measured_remedy_holds(outlier_bundle, calib_text, tmp_path):
+    code, message = _run(outlier_bundle, calib_text, tmp_path / "l4.arx", "--scheme", "w4", "--accuracy-level", "4")
+    assert code == 2 and "\n" not in message and not (tmp_path / "l4.arx").exists(), message
+    assert float(re.search(r"raises perplexity by ([\d.]+)%", message).group(1)) > 100  # the outlier blocks
+    # the remedy the numbers point to comes first, with what it was measured to give
+    first = re.search(r"try (--\S+ \S+) \(measured ([+-][\d.]+)%, passes\)", message)
+    assert first and first.group(1) == "--accuracy-level 1", message
+    # the default (float activations) is that remedy, and passes with exactly the measured increase
+    code, again = _run(outlier_bundle, calib_text, tmp_path / "w4.arx", "--scheme", "w4")
+    assert code == 0 and _levels(tmp_path / "w4.arx") == {1}, (message, again)
+    assert f"{_increase(tmp_path / 'w4.arx'):+.2%}" == first.group(2) + "%"
+
+
+def test_w8a8_refusal_measures_keeping_the_worst_layers(outlier_bundle, calib_text, tmp_path):
+    # per-tensor int8 activations cannot hold the outlier either; --keep-fp is re-quantized from
+    # the same ranges and evaluated, and a rerun with it gives the measured number
+    code, message = _run(outlier_bundle, calib_text, tmp_path / "a.arx", "--scheme", "w8a8")
+    keep = re.search(r"(--keep-fp \S+) \(measured ([+-][\d.]+)%", message)
+    assert code == 2 and keep and "--smoothquant 0.5" in message, message
+    code, _ = _run(outlier_bundle, calib_text, tmp_path / "b.arx", "--scheme", "w8a8", *keep.group(1).split(),
+                   "--force")
+    assert code == 0 and f"{_increase(tmp_path / 'b.arx'):+.2%}" == keep.group(2) + "%"
