@@ -36,11 +36,13 @@ class Need:
 
 
 NEEDS = (
-    Need("export", (), ("torch", "transformers", "safetensors", "onnxscript"), "export", "arx export"),
+    Need("export", (), ("torch", "transformers", "safetensors", "onnxscript"), "export",
+         "arx export"),
     Need("export", (), ("onnxruntime_extensions",), "export", "tokenizer.onnx in exported bundles",
          "without it arx export writes tokenizer.json only", optional=True),
     # onnxruntime's own MatMulNBits quantizer imports onnx_ir, which onnxruntime does not declare
-    Need("calibrate", (("scheme", ("w8", "w4")),), ("onnx_ir",), "calibrate", "arx calibrate --scheme w8/w4"),
+    Need("calibrate", (("scheme", ("w8", "w4")),), ("onnx_ir",), "calibrate",
+         "arx calibrate --scheme w8/w4"),
     Need("calibrate", (("no_plot", False),), ("matplotlib",), "calibrate",
          "the accuracy plot of arx calibrate (reports/accuracy.png)", "or pass --no-plot"),
     Need("profile", (("plot", True),), ("matplotlib",), "plot", "arx profile --plot"),

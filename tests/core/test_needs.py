@@ -57,8 +57,8 @@ def test_calibrate_refuses_before_calibrating(exported_bundle, tmp_path, argv, f
 def test_calibrate_w8a8_without_the_plot_needs_no_extra(exported_bundle, tmp_path):
     out = tmp_path / "q.arx"
     proc = arx_without(("onnx_ir", "matplotlib"), "calibrate", str(exported_bundle("llama")),
-                       "--random", "--samples", "2", "--eval-samples", "2", "--seq-len", "8",
-                       "--no-plot", "-q", "-o", str(out), "--force")
+                       "--random", "--samples", "4", "--eval-samples", "2", "--seq-len", "8",
+                       "--method", "minmax", "--no-plot", "-q", "-o", str(out), "--force")
     assert proc.returncode == 0, proc.stderr
     assert (out / "arx.json").is_file()
 
