@@ -66,8 +66,12 @@ def build_engine_files(folder: Path, form: TensorRTForm, options: BuildOptions,
     plan = build_plan(form, profiles, options)
     with tempfile.TemporaryDirectory(prefix="arx-trt-form-") as tmp:
         save_form(form, Path(tmp))
-        report = trt_build.build_engine(plan, str(Path(tmp) / plan["onnx"]),
-                                        str(folder / ENGINE_FILE), str(timing_cache), log=log)
+        try:
+            report = trt_build.build_engine(plan, str(Path(tmp) / plan["onnx"]),
+                                            str(folder / ENGINE_FILE), str(timing_cache), log=log)
+        except RuntimeError as e:  # trt_build imports nothing from arx (it ships in kits)
+            raise ArxError(f"{str(e).splitlines()[0]}; the TensorRT log above says why; try "
+                           f"--no-plugins, or --kit to build on the device") from e
     report.update(target=t.to_json(), precision=options.precision, io=form.stage.to_json(),
                   max_batch=options.batch(), max_seq_len=form.spec.s_max,
                   plan=plan, attention=options.attention, sampler=options.sampler,

@@ -45,7 +45,9 @@ def rope_cache(model, cfg: DecoderConfig, max_seq_len: int) -> tuple[np.ndarray,
 
     rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
     if rotary is None:
-        raise ValueError(f"{type(model).__name__} has no rotary_emb module")
+        raise ArxError(f"{type(model).__name__} has no rotary_emb module, so arx cannot read its "
+                       f"RoPE tables; this checkpoint's modelling code differs from the family's "
+                       f"(check transformers' version) - please report the model")
     pos = torch.arange(max_seq_len)[None, :]
     with torch.no_grad():
         cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)

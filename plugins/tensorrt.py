@@ -60,4 +60,7 @@ def current_target() -> str:
     for name, t in TARGETS.items():
         if t.arch == arch:
             return name
-    raise ValueError(f"GPU sm_{arch} is not an arx target; known: {', '.join(TARGETS)}")
+    from arx.errors import ArxError
+
+    raise ArxError(f"GPU sm_{arch} is not an arx target; known: {', '.join(TARGETS)}; build a "
+                   f"kit for one of them with: arx build BUNDLE --target NAME --kit")
