@@ -84,8 +84,6 @@ class Tokenizer:
     def stream(self, *, skip_special_tokens: bool = True) -> "StreamDecoder":
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
-    stream_decoder = stream  # the name arx.commands.generate calls
-
 
 class StreamDecoder:
     """Turn ids arriving one at a time into printable text pieces.
@@ -115,8 +113,6 @@ class StreamDecoder:
         """Add one token; return the text that became printable (often "", never a partial char)."""
         self._ids.append(int(token_id))
         return self._emit(final=False)
-
-    step = push  # the name arx.commands.generate calls
 
     def extend(self, token_ids: Iterable[int]) -> str:
         return "".join(self.push(t) for t in token_ids)

@@ -133,11 +133,11 @@ def _generate_on_engine(bundle, target, prompts, options, stream):
 
 
 def _streamer(tokenizer):
-    decoder = tokenizer.stream_decoder()
+    decoder = tokenizer.stream()
 
     class Stream:
         def __call__(self, _seq: int, token: int) -> None:
-            sys.stdout.write(decoder.step(token))
+            sys.stdout.write(decoder.push(token))
             sys.stdout.flush()
 
         def flush(self) -> str:
