@@ -147,11 +147,11 @@ def _extension(src: Path, q: _Quantized, options: CalibrateOptions) -> dict:
     if o.spec.activations:
         ext.update(format="qdq", per_channel_weights=True, weight_axis=1, method=o.method,
                    smoothquant_alpha=o.smoothquant,
-                   tensorrt={"form": "explicit int8 Q/DQ", "ready": True})
+                   tensorrt={"form": "explicit int8 Q/DQ", "precision": "int8"})
     else:
         ext.update(format="MatMulNBits", group_size=o.group_size, accuracy_level=o.level,
-                   tensorrt={"form": "DequantizeLinear block_size (opset 21) + MatMul",
-                             "convert": "arx.calibration.weight_only.matmulnbits_to_qdq"})
+                   tensorrt={"form": "DequantizeLinear block_size (opset 21) + MatMul, made by "
+                                     "arx build", "precision": "fp16 or bf16"})
     return ext
 
 
