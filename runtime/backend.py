@@ -72,9 +72,22 @@ class OrtBackend:
         except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ArxError(f"onnxruntime could not load {onnx_path} ({str(e).splitlines()[0]}); "
                            f"re-export the bundle") from e
+        self._check_provider(options.device)
         self.aliases = dict(aliases or {})
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._ort = ort
+
+    def _check_provider(self, asked: str) -> None:
+        """onnxruntime-gpu lists the CUDA provider on a machine without a usable GPU, then
+        quietly runs the session on the CPU: follow it for --device auto, refuse --device cuda
+        (device buffers on a CPU session would fail later, mid-generation)."""
+        if self.device != "cuda" or PROVIDERS["cuda"] in self.session.get_providers():
+            return
+        if asked == "auto":
+            self.device = "cpu"
+            return
+        raise ArxError("--device cuda: onnxruntime-gpu found no usable CUDA GPU (driver or CUDA "
+                       "libraries missing); use --device cpu, or check `arx inspect --env`")
 
     def __enter__(self) -> "OrtBackend":
         return self
