@@ -16,6 +16,8 @@ Attention is one op per layer (com.microsoft GroupQueryAttention): ORT implement
 and CUDA with a shared past/present buffer, and `arx build` swaps it for the arx TensorRT
 plugin. Sequence bookkeeping comes from `attention_mask` (B, total_len), as in
 onnxruntime-genai: seqlens_k = sum(mask) - 1, total_sequence_length = mask.shape[1].
+The op is right for decode and for a prefill with no past; export/step_graph.py derives from
+this graph the general-step graph (any width after a past, any batch, causal or block mask).
 
 `logits_indices` (B, K) picks, per sequence, the positions of the new block whose logits are
 computed: the runtime asks for each prompt's last token only (the LM head over a whole prompt

@@ -12,6 +12,7 @@ from arx.export.exporter import DecoderExport, ExportOptions, resolve_max_seq_le
 from arx.export.families import DecoderConfig
 from arx.export.graph import save_with_external_data
 from arx.export.sources import LoadedSource
+from arx.export.step_graph import EXTENSION, STEP_STAGE, build_step_graph, save_step_graph
 from arx.export.weights import read_weights
 from arx.manifest import KVLayout
 
@@ -32,10 +33,14 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions) -
     rope = rope_cache(src.module, cfg, max_seq_len) if cfg.positions == "rope" else None
     model, stage = build_decoder(cfg, weights, kv, rope, DECODER_FILE)
     save_with_external_data(model, bundle / DECODER_FILE, DECODER_FILE + ".data")
+    # after the save `model`'s tensors point into decoder.onnx.data: the step graph shares them
+    step_model, step_stage = build_step_graph(model, stage, kv)
+    step_ext = save_step_graph(step_model, step_stage, bundle, stage)
     n_params = int(sum(p.numel() for p in src.module.parameters()))  # tied weights once
     info = {"source_format": "huggingface", "architecture": type(src.module).__name__,
             "parameters": n_params, "dtype": "float32", "config": cfg.__dict__}
-    return DecoderExport(cfg.family, cfg.vocab_size, kv, stage, info, family.atol)
+    return DecoderExport(cfg.family, cfg.vocab_size, kv, stage, info, family.atol,
+                         extra_stages={STEP_STAGE: step_stage}, extensions={EXTENSION: step_ext})
 
 
 def rope_cache(model, cfg: DecoderConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -7,6 +7,10 @@ step's new keys/values at every sequence's own length. Nothing grows, nothing is
 
 concat (custom protocol modules): the graph returns present = concat(past, new); the cache
 keeps those arrays and feeds them back next step: the slow baseline.
+
+`lengths` (B,) is the only state besides the buffers: `rollback(lengths)` cuts rows back
+(rejected draft tokens, a cancelled request) at no cost, since every attention op reads only
+each row's first `lengths` entries and the next step overwrites the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from arx.errors import ArxError
 from arx.manifest import KVLayout
 
 
@@ -45,6 +50,29 @@ class KVCache:
         if not self.in_place:
             for past, present in self.layout.pairs():
                 self.buffers[past] = outputs.pop(present)
+
+    def close(self) -> None:
+        """Drop the buffers (ORT frees an OrtValue when its last reference goes)."""
+        self.buffers = {}
+
+    def rollback(self, lengths: np.ndarray) -> None:
+        """Cut each row back to `lengths` (B,) tokens (rejected draft tokens, a cancelled
+        request): nothing is cleared, the next step overwrites those positions, and every
+        attention op reads only each row's first `lengths` entries."""
+        lengths = np.asarray(lengths)
+        if lengths.shape != self.lengths.shape or lengths.dtype.kind not in "iu" or \
+                (lengths < 0).any() or (lengths > self.lengths).any():
+            raise ArxError(f"rollback takes one length per row, each between 0 and the row's "
+                           f"current length {self.lengths.tolist()} (it never grows a row); "
+                           f"got {lengths.tolist()}")
+        if not self.in_place:
+            if len(set(lengths.tolist())) > 1:
+                raise ArxError("this bundle's cache grows by concatenation (a custom-protocol "
+                               "export), so its rows share one length: roll them back to one "
+                               "length, or use a bundle with the in-place cache")
+            keep = int(lengths[0]) if len(lengths) else 0  # (B, kv_heads, keep, D)
+            self.buffers = {k: v[:, :, :keep] for k, v in self.buffers.items()}
+        self.lengths = lengths.astype(np.int64)
 
     def remaining(self) -> int:
         return int(self.max_seq_len - self.lengths.max())

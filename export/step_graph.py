@@ -1,0 +1,106 @@
+"""The bundle's general-step graph: any width, ragged rows, after a past, causal or block mask.
+
+decoder.onnx (GroupQueryAttention) stays the fast path for what that op does right on ORT CPU:
+a prefill with no past (ragged, right-padded) and single-token decode, at any batch. It refuses
+a multi-token step with a past at batch > 1 ("batch_size must be 1 when sequence_length > 1 and
+past context is given", ORT 1.31) and has no block mask. decoder_step.onnx is the same graph
+with every attention node rewritten to ONNX TensorScatter + Attention (export/attention_rewrite.py,
+the emitter of `arx build --attention native`), and per-row lengths given explicitly:
+
+    past_lengths (B,) ─────────────┬──► TensorScatter write index, positions = past + Range(S)
+    new_lengths (B,) ─ Add(past) ──┴──► total: Attention nonpad_kv_seqlen, block-mask key bound
+    block_mask (B,) ─Cast bool──────────► per row: causal (0) or block (1) mask
+    past_key_values.0.key ─Shape[2]─Range─► key positions 0..T-1 (T: the cache buffer length)
+
+It holds no weights of its own: its initializers point into decoder.onnx.data (written first),
+so the bundle stores them once, and the runtime opens it only when a step needs it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnx
+from onnx import helper
+
+from arx.export.attention_rewrite import (GQA, NATIVE_OPSET, Bookkeeping, parse_gqa,
+                                          rewrite_attention_native)
+from arx.export.graph import DTYPES
+from arx.export.graph_edit import GraphEditor, prune, topological_sort
+from arx.manifest import KVLayout, Stage, TensorSpec
+from arx.runtime.decoder import LENGTH_INPUTS  # the feeds the runtime builds for this graph
+from arx.runtime.decoder import STEP_GRAPH as EXTENSION
+
+STEP_FILE = "decoder_step.onnx"
+STEP_STAGE = "decoder_step"  # manifest.stages key
+
+
+def step_io(decoder: Stage) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The step graph's IO: the decoder's, attention_mask replaced by per-row lengths."""
+    batch = decoder.input("input_ids").shape[0]
+    inputs = [t for t in decoder.inputs if t.name != "attention_mask"]
+    at = 1 + ("position_ids" in {t.name for t in inputs})  # after input_ids (and position_ids)
+    lengths = [TensorSpec(n, "int64", (batch,)) for n in LENGTH_INPUTS]
+    return inputs[:at] + lengths + inputs[at:], list(decoder.outputs)
+
+
+def build_step_graph(decoder_model: onnx.ModelProto, decoder: Stage, kv: KVLayout,
+                     file: str = STEP_FILE) -> tuple[onnx.ModelProto, Stage]:
+    """Rewrite a copy of the (saved, weights-external) decoder into the general-step graph."""
+    model = onnx.ModelProto()
+    model.CopyFrom(decoder_model)
+    graph = model.graph
+    ed = GraphEditor(graph, prefix="step")
+    inputs, outputs = step_io(decoder)
+    bk = _bookkeeping(ed, kv)
+    masks: dict = {}
+    rope: dict = {}
+    for n in [n for n in graph.node if (n.domain, n.op_type) == GQA]:
+        rewrite_attention_native(ed, parse_gqa(n), kv.head_dim, bk, rope, masks)
+        graph.node.remove(n)
+    graph.input.extend(helper.make_tensor_value_info(n, DTYPES["int64"], ["batch_size"])
+                       for n in LENGTH_INPUTS)
+    topological_sort(graph)
+    prune(graph)  # the mask bookkeeping (and attention_mask with it) goes
+    del graph.input[:]  # in the manifest's order
+    graph.input.extend(helper.make_tensor_value_info(t.name, DTYPES[t.dtype], list(t.shape))
+                       for t in inputs)
+    del model.opset_import[:]
+    model.opset_import.append(helper.make_opsetid("", NATIVE_OPSET))
+    return model, Stage(file, tuple(inputs), tuple(outputs))
+
+
+def _bookkeeping(ed: GraphEditor, kv: KVLayout) -> Bookkeeping:
+    """Per-row lengths, positions and key positions from the explicit length inputs.
+
+        positions (B,S) = Min(past[:,None] + Range(0,S), max_seq_len-1)   (padding stays in
+        the RoPE tables' range)        keys (T,) = Range(0, T), T = the cache buffer length
+    """
+    past, new = LENGTH_INPUTS[:2]
+    total = ed.op("Add", past, new, name="seq/total")
+    s = ed.op("Gather", ed.op("Shape", "input_ids", name="seq/ids_shape"), ed.const(1), axis=0,
+              name="seq/S")
+    steps = ed.op("Range", ed.const(0), s, ed.const(1), name="seq/steps")  # (S,)
+    pos = ed.op("Add", ed.op("Unsqueeze", past, ed.const([1])), steps, name="seq/pos")
+    pos = ed.op("Min", pos, ed.const(kv.max_seq_len - 1), name="seq/positions")
+    cache_len = ed.op("Gather", ed.op("Shape", kv.past_key.format(i=0), name="seq/cache_shape"),
+                      ed.const(2), axis=0, name="seq/T")
+    keys = ed.op("Range", ed.const(0), cache_len, ed.const(1), name="seq/keys")  # (T,)
+    block = ed.op("Cast", LENGTH_INPUTS[2], to=onnx.TensorProto.BOOL, name="seq/block")
+    return Bookkeeping(past, new, pos, kv.max_seq_len, new_len64=new, past_len64=past,
+                       total64=total, keys=keys, block=block)
+
+
+def weights_fingerprint(decoder_file: Path) -> str:
+    """sha256 of decoder.onnx (the graph, with its tensors' offsets into the data file): a
+    bundle whose decoder was re-saved (calibrated) no longer matches the step graph's weights."""
+    return hashlib.sha256(Path(decoder_file).read_bytes()).hexdigest()
+
+
+def save_step_graph(model: onnx.ModelProto, stage: Stage, bundle: Path, decoder: Stage) -> dict:
+    """Write the step graph (weights stay in the decoder's data file); return the manifest
+    section that ties it to that decoder."""
+    onnx.save_model(model, str(Path(bundle) / stage.file))
+    return {"stage": STEP_STAGE, "weights_of": decoder.file,
+            "sha256": weights_fingerprint(Path(bundle) / decoder.file)}
