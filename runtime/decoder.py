@@ -120,8 +120,10 @@ class DecoderSession:
     def _graph_for(self, cache: KVCache, new_lens: np.ndarray, s: int, mask: str):
         """(backend, its input names): the fused graph where GroupQueryAttention is right for
         the step, else the general-step graph (opened on first use)."""
-        if not self.in_place:  # concat graphs: one length for every row, causal
-            if mask == "block" and s > 1 or (new_lens != s).any() or len(set(cache.lengths)) > 1:
+        if not self.in_place:  # concat graphs: causal, and after a past one length for all rows
+            fresh = not cache.lengths.any()  # a right-padded causal prefill is right as it is
+            if mask == "block" and s > 1 or not fresh and (
+                    (new_lens != s).any() or len(set(cache.lengths.tolist())) > 1):
                 raise ArxError("this bundle's cache grows by concatenation (a custom-protocol "
                                "export): its steps need one length for every row and the causal "
                                "mask; run rows one at a time")

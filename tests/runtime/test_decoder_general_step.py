@@ -165,6 +165,13 @@ def test_plain_decode_and_prefill_stay_on_the_fused_graph(exported_bundle):
         assert session._general is not None
 
 
+def test_embeddings_where_the_stage_takes_ids_are_refused(exported_bundle):
+    with DecoderSession(exported_bundle("llama")) as session:
+        with pytest.raises(ArxError, match="takes input_ids, not inputs_embeds"):
+            session.step(session.new_cache(1, 4), None, np.array([2]),
+                         inputs_embeds=np.zeros((1, 2, 64), np.float32))
+
+
 def _copy(bundle, tmp_path, edit):
     out = tmp_path / "copy.arx"
     shutil.copytree(bundle, out)
@@ -205,29 +212,20 @@ def test_a_step_past_the_cache_end_is_refused_before_running(exported_bundle):
         np.testing.assert_array_equal(cache.lengths, [14, 2])
 
 
-def test_concat_cache_rolls_back_to_one_length_only(tmp_path):
-    """A custom-protocol bundle (cache grown by concatenation): rows share one length, so a
-    rollback to one length works (equal to never having decoded) and a ragged one is refused."""
-    import torch
-    from custom_decoder import TinyCustomDecoder
+def test_concat_cache_rolls_back_to_one_length_only():
+    """A cache grown by concatenation (custom-protocol graphs that keep it): rows share one
+    length, so a rollback to one length keeps exactly those entries; a ragged one is refused."""
+    from arx.manifest import KVLayout
+    from arx.runtime.kv_cache import KVCache
 
-    from arx.export.exporter import ExportOptions, export_model
-
-    torch.manual_seed(0)
-    torch.save(TinyCustomDecoder().eval(), tmp_path / "model.pt")
-    export_model(source=tmp_path / "model.pt", output=tmp_path / "c.arx",
-                 options=ExportOptions(progress=False))
-    ids = np.array([[3, 14, 15, 92, 65], [35, 89, 7, 9, 11]])
-    with DecoderSession(tmp_path / "c.arx") as session:
-        cache = session.new_cache(2)
-        session.step(cache, ids, np.array([5, 5]))
-        with pytest.raises(ArxError, match="one length"):
-            cache.rollback(np.array([4, 3]))
-        cache.rollback(np.array([3, 3]))
-        got = session.step(cache, np.array([[1], [2]]), np.ones(2, np.int64))
-        fresh = session.new_cache(2)
-        session.step(fresh, ids[:, :3], np.array([3, 3]))
-        want = session.step(fresh, np.array([[1], [2]]), np.ones(2, np.int64))
-        with pytest.raises(ArxError, match="concatenation"):
-            session.step(cache, np.array([[1, 2], [3, 0]]), np.array([2, 1]))
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    layout = KVLayout(layers=1, kv_heads=2, head_dim=4, max_seq_len=16, update="concat")
+    cache = KVCache(None, layout, batch=2)
+    presents = {q: np.random.default_rng(5).random((2, 2, 5, 4), np.float32)
+                for _, q in layout.pairs()}  # (B, kv_heads, 5, D): what a 5-token step returns
+    cache.advance(np.array([5, 5]), dict(presents))
+    with pytest.raises(ArxError, match="one length"):
+        cache.rollback(np.array([4, 3]))
+    cache.rollback(np.array([3, 3]))
+    for past, present in layout.pairs():
+        np.testing.assert_array_equal(cache.feeds()[past], presents[present][:, :, :3])
+    np.testing.assert_array_equal(cache.lengths, [3, 3])
