@@ -108,10 +108,9 @@ class DecoderSession:
         if "position_ids" in names:
             pos = cache.lengths[:, None] + np.arange(s)[None, :]
             feeds["position_ids"] = np.minimum(pos, cache.max_seq_len - 1).astype(np.int64)
-        lengths = dict(zip(LENGTH_INPUTS, (cache.lengths, new_lens,
-                                          np.full(b, int(mask == "block"), np.int64))))
-        feeds.update({k: np.ascontiguousarray(v, dtype=np.int64) for k, v in lengths.items()
-                      if k in names})
+        if LENGTH_INPUTS[0] in names:  # the general-step graph
+            block = np.full(b, int(mask == "block"), np.int64)
+            feeds.update(zip(LENGTH_INPUTS, (cache.lengths.copy(), new_lens, block)))
         if "logits_indices" in names:  # "none": zero rows reach the LM head
             feeds["logits_indices"] = picks if picks is not None else np.zeros((b, 0), np.int64)
         feeds.update(cache.feeds())
@@ -182,8 +181,8 @@ def _tokens(input_ids, inputs_embeds) -> tuple[str, np.ndarray]:
 
 
 def _check_new_lens(new_lens, b: int, s: int) -> np.ndarray:
-    new_lens = np.asarray(new_lens, dtype=np.int64)
-    if new_lens.shape != (b,) or (new_lens < 0).any() or (new_lens > s).any():
+    new_lens = np.ascontiguousarray(new_lens, dtype=np.int64)
+    if new_lens.shape != (b,) or b and (new_lens.min() < 0 or new_lens.max() > s):
         raise ArxError(f"new_lens must be {b} counts of new tokens in 0..{s} (one per row), "
                        f"got {new_lens.tolist()}")
     return new_lens
