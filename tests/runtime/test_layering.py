@@ -39,3 +39,13 @@ def test_runtime_modules_import_no_heavy_packages():
         "assert not heavy, heavy\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_serving_scheduler_imports_no_http_and_no_torch():
+    """The continuous-batching scheduler is a loop policy over the runtime, usable without the
+    server (Ray Serve, Triton's Python backend, tests): no FastAPI, no torch."""
+    code = "import sys\nimport arx.serve.scheduler, arx.serve.metrics, arx.serve.stops\n" \
+        "heavy = [m for m in ('torch', 'transformers', 'fastapi', 'starlette', 'uvicorn', " \
+        "'jinja2') if m in sys.modules]\nassert not heavy, heavy\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
