@@ -2,7 +2,8 @@
 
 The reference runs each sequence alone (batch 1, no padding); ORT runs the whole batch with
 different lengths through the bundle's own runtime path (right-padded prefill, per-sequence
-lengths, in-place cache), so padding and cache bookkeeping are checked too.
+lengths, in-place cache), so padding and cache bookkeeping are checked too. Bundles with a
+general-step graph also take one ragged multi-token step after the decode steps ("logits/step").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 
 from arx.errors import ArxError
 
+STEP_WIDTH = 3  # the multi-token step after decode (general-step graph), rows 3, 2, ... wide
 # reference(tokens (1, S) int64, state) -> (logits (1, S, V), keys [(1, Hkv, T, D)] per layer, state)
 ReferenceStep = Callable[[np.ndarray, Any], tuple[np.ndarray, list[np.ndarray], Any]]
 
@@ -73,7 +75,11 @@ def check_parity(reference: ReferenceStep, session, *, atol: float, vocab_size: 
     report = ParityReport(atol, batch=len(prompts), prompt_lengths=tuple(prompt_lengths),
                           decode_steps=decode_steps)
     lengths = np.array(prompt_lengths, dtype=np.int64)
-    cache = session.new_cache(len(prompts), int(lengths.max()) + decode_steps)
+    longest = int(lengths.max()) + decode_steps
+    # then one ragged multi-token step after the past, where the bundle has the graph for it
+    width = STEP_WIDTH if getattr(session, "general_steps", False) and \
+        longest + STEP_WIDTH <= session.kv.max_seq_len else 0
+    cache = session.new_cache(len(prompts), longest + width)
     ids = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)
     for b, p in enumerate(prompts):
         ids[b, : len(p)] = p
@@ -89,6 +95,14 @@ def check_parity(reference: ReferenceStep, session, *, atol: float, vocab_size: 
         for b in range(len(prompts)):
             ref, keys, states[b] = reference(steps[t][b].reshape(1, 1).astype(np.int64), states[b])
             report.stat("logits/decode").update(got[b], ref[0], f"step {t} seq {b}")
+            _compare_cache(report, session, cache, b, keys)
+    if width:
+        new_lens = np.maximum(width - np.arange(len(prompts)), 1)  # (3, 2, ...): ragged rows
+        block = rng.integers(0, vocab_size, size=(len(prompts), width))
+        got = session.step(cache, block, new_lens)
+        for b, n in enumerate(new_lens):
+            ref, keys, states[b] = reference(block[b:b + 1, :n].astype(np.int64), states[b])
+            report.stat("logits/step").update(got[b, :n], ref[0], f"seq {b}")
             _compare_cache(report, session, cache, b, keys)
     return report
 

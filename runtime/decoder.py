@@ -60,6 +60,12 @@ class DecoderSession:
         return Capacity(self.kv.max_seq_len, "the bundle's context",
                         "re-export with a larger --max-seq-len")
 
+    @property
+    def general_steps(self) -> bool:
+        """Whether steps beyond decode and prefill (multi-token after a past at batch > 1,
+        rows with no new token, the block mask) can run: the bundle has the general graph."""
+        return self.in_place and STEP_GRAPH in self.manifest.extensions
+
     def new_cache(self, batch: int, max_seq_len: int | None = None) -> KVCache:
         return KVCache(self.backend, self.kv, batch, max_seq_len)
 

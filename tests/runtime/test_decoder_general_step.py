@@ -229,3 +229,13 @@ def test_concat_cache_rolls_back_to_one_length_only():
     for past, present in layout.pairs():
         np.testing.assert_array_equal(cache.feeds()[past], presents[present][:, :, :3])
     np.testing.assert_array_equal(cache.lengths, [3, 3])
+
+
+def test_export_parity_covers_a_general_step(family, exported_bundle):
+    """Every family's export checks one ragged multi-token step after the past (general graph)
+    against PyTorch, next to prefill and decode."""
+    from arx.manifest import read_manifest
+
+    parity = read_manifest(exported_bundle(family)).parity
+    assert parity["passed"] is True
+    assert parity["outputs"]["logits/step"]["max_abs"] < 1e-4
