@@ -27,10 +27,15 @@ class Scheme:
 # hidden state) and per-tensor logit error cost the most accuracy for the least speed on a
 # GPU; weight-only schemes quantize it because on a CPU decode step it is the largest single
 # weight read (V x H) and block-wise weight error there is small.
-# w4 computes in fp32 (accuracy_level 1), so its activations really stay float: level 4's int8
-# activation blocks wreck a model with activation outliers (+224% perplexity on the outlier
-# test model in tests/calibration/test_errors_and_gate.py, -0.3% at level 1). w8 keeps level 4 because onnxruntime 1.31 has no fast 8-bit
-# kernel with float activations (17x slower than level 4, slower than fp32: docs/calibration.md).
+# Both weight-only schemes default to MatMulNBits accuracy_level 4: the CPU kernel quantizes
+# activations to int8 per block of K at run time and uses integer dot products. It is the fast
+# path (w4 at level 1, fp32 compute, decodes the 134M benchmark model about 1.8x slower, which
+# would put arx w4 well behind onnxruntime-genai's int4, itself built at level 4; w8 at level 1
+# is 17x slower than level 4: docs/calibration.md), and on ordinary models it costs nothing
+# measurable (arx-tiny: same perplexity at both levels). Its cost is a model with activation
+# outliers, where one outlier in a block crushes the block's other values (+224% perplexity on
+# the outlier test model in tests/calibration/test_errors_and_gate.py, -0.3% at level 1): the
+# table says so, the gate catches it, and its refusal measures and suggests --accuracy-level 1.
 SCHEMES: dict[str, Scheme] = {
     "w8a8": Scheme("w8a8", 8, True, 0.02, False,
                    "int8 weights (per-channel) and int8 activations (calibrated), explicit "
@@ -39,8 +44,8 @@ SCHEMES: dict[str, Scheme] = {
                  "int8 block-quantized weights (MatMulNBits on CPU), activations quantized to int8 "
                  "per block at run time (accuracy level 4)", accuracy_level=4),
     "w4": Scheme("w4", 4, False, 0.10, True,
-                 "int4 block-quantized weights (MatMulNBits on CPU), float activations (fp32 compute)",
-                 accuracy_level=1),
+                 "int4 block-quantized weights (MatMulNBits on CPU), activations quantized to int8 "
+                 "per block at run time (accuracy level 4)", accuracy_level=4),
 }
 
 # Activation-range methods and the fewest calibration samples each gives stable ranges with:

@@ -34,8 +34,8 @@ def register(sub) -> None:
     q.add_argument("--smoothquant", type=float, metavar="ALPHA", help="w8a8: SmoothQuant with this alpha (0.5 typical)")
     q.add_argument("--group-size", type=int, default=128, help="w8/w4 block size along K: 16, 32, 64, 128 (default) or 256")
     q.add_argument("--accuracy-level", type=int,
-                   help="w8/w4 MatMulNBits compute: 1 fp32, activations stay float (w4's default); "
-                        "4 quantizes activations to int8 per block, faster (w8's default)")
+                   help="w8/w4 MatMulNBits compute: 4 quantizes activations to int8 per block, the "
+                        "fast kernel (default); 1 computes in fp32, activations stay float")
     q.add_argument("--keep-fp", default="", metavar="LAYER,...",
                    help="MatMuls kept in float: names (layers.3.mlp.down_proj, lm_head) or prefixes (layers.3)")
     q.add_argument("--lm-head", choices=["quantize", "float"],

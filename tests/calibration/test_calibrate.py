@@ -107,8 +107,8 @@ def test_weight_only_ships_matmulnbits(quantized):
         nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         attrs = [{a.name: a.i for a in n.attribute} for n in nbits]
         assert len(nbits) == 11 and all(a["bits"] == bits and a["block_size"] == 32 for a in attrs)
-        # w4 keeps activations float (fp32 compute); w8 quantizes them per block (see the scheme table)
-        level, act_bits = (1, None) if scheme == "w4" else (4, 8)
+        # both quantize activations per block at run time by default (the scheme table says so)
+        level, act_bits = 4, 8
         assert all(a["accuracy_level"] == level for a in attrs)
         ext = read_manifest(quantized(scheme)).extensions["quantization"]
         assert ext["accuracy_level"] == level and ext["activation_bits"] == act_bits
