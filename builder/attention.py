@@ -9,10 +9,9 @@ general-step graph is written with them at export.
 
 from __future__ import annotations
 
-from arx.export.attention_rewrite import (GQA, Bookkeeping, GqaNode, merge_heads,  # noqa: F401
-                                          parse_gqa, project_qkv)
+from arx.export.attention_rewrite import Bookkeeping, GqaNode, merge_heads, project_qkv
+from arx.export.graph_edit import GraphEditor
 
-from .graph_edit import GraphEditor
 from .schemas import DOMAIN, KV_ATTENTION, plugin_attrs
 
 

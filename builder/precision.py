@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from arx.errors import ArxError
 from arx.manifest import Manifest
 
-from .graph_edit import GraphEditor, producers, topological_sort
+from arx.export.graph_edit import GraphEditor, producers, topological_sort
 
 LOW_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16, "int8": TensorProto.FLOAT16}
 CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float16"}

@@ -5,7 +5,7 @@
     com.microsoft GroupQueryAttention        ──►   RoPE (standard ops) + arx::kv_attention
                                                    (local_window_size -> window), or with
                                                    attention "native": ONNX TensorScatter +
-                                                   Attention (native_attention.py)
+                                                   Attention (export/attention_rewrite.py)
     cache (B, kv_heads, past, D), dynamic    ──►   static cache (B, kv_heads, S_max, D),
                                                    present.i.* aliased to past_key_values.i.*
     logits (B, S, V)                         ──►   last_logits (B, V) fp32 [or all / none]
@@ -36,11 +36,12 @@ import onnx
 from onnx import helper
 
 from arx.errors import ArxError
+from arx.export.attention_rewrite import (GQA, NATIVE_OPSET, Bookkeeping, parse_gqa,
+                                          rewrite_attention_native)
+from arx.export.graph_edit import GraphEditor, prune, topological_sort
 from arx.manifest import Manifest, Stage, TensorSpec
 
-from .attention import GQA, Bookkeeping, parse_gqa, rewrite_attention
-from .native_attention import NATIVE_OPSET, rewrite_attention_native
-from .graph_edit import GraphEditor, prune, topological_sort
+from .attention import rewrite_attention
 from .schemas import DOMAIN, OPSET, SAMPLE, has_plugin_nodes, plugin_attrs, register_schemas
 
 ONNX_OPSET = 23  # RMSNormalization; TensorRT 11's parser reads up to opset 25

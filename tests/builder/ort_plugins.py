@@ -74,7 +74,7 @@ def ort_session(model: onnx.ModelProto):
     """An InferenceSession running `model` (a TensorRT-form graph) with the PyOp plugins."""
     import onnxruntime as ort
 
-    from arx.builder.graph_edit import topological_sort
+    from arx.export.graph_edit import topological_sort
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     types = _elem_types(model)
