@@ -15,7 +15,7 @@ from arx.errors import ArxError
 from arx.interrupts import interrupts_outside_imports
 
 # Order is the order shown in `arx --help`.
-COMMANDS = ("export", "inspect", "generate", "calibrate", "profile", "build")
+COMMANDS = ("export", "inspect", "generate", "calibrate", "profile", "build", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

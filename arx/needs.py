@@ -48,6 +48,8 @@ NEEDS = (
     Need("profile", (("plot", True),), ("matplotlib",), "plot", "arx profile --plot"),
     Need("generate", (("engine", True),), GPU_MODULES, "gpu", "arx generate --engine"),
     Need("profile", (("engine", True),), GPU_MODULES, "gpu", "arx profile --engine"),
+    Need("serve", (), ("fastapi", "uvicorn", "jinja2"), "serve", "arx serve"),
+    Need("serve", (("engine", True),), GPU_MODULES, "gpu", "arx serve --engine"),
     Need("build", (("uses_plugins", True), ("no_ptx", False)), ("triton",), "kernels",
          "the plugin kernels of arx build", "or pass --no-ptx (a kit without PTX) or --no-plugins"),
     Need("build", (("kit", False),), GPU_MODULES[:1], "gpu", "an engine from arx build",

@@ -20,6 +20,7 @@ from arx.manifest import TokenizerInfo
 
 JSON_NAME = "tokenizer.json"
 ONNX_NAME = "tokenizer.onnx"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"  # what arx serve's chat endpoint renders
 
 # What a prompt can look like: plain ASCII, indented code, whitespace runs (spaces, tabs,
 # newlines, CRLF, leading/trailing), CJK, emoji (incl. ZWJ sequences and flags), accents,
@@ -97,6 +98,7 @@ def export_tokenizer(source_dir: Path, bundle_dir: Path, *,
     tok_str = _serialize(hf)
     (bundle_dir / JSON_NAME).write_text(tok_str, encoding="utf-8")
     _check_json(bundle_dir / JSON_NAME, expected, add_bos=add_bos, bos_token_id=bos)
+    _write_chat_template(hf, bundle_dir)
 
     onnx = _export_onnx(hf, json.loads(tok_str), add_bos, expected, bundle_dir / ONNX_NAME)
     return TokenizerExport(
@@ -121,6 +123,15 @@ def _load_hf(source_dir: Path):
                        f"`tokenizers` library; convert it to tokenizer.json with "
                        f"AutoTokenizer.from_pretrained(...).save_pretrained(...) and export again")
     return hf
+
+
+def _write_chat_template(hf, bundle_dir: Path) -> None:
+    """The tokenizer's chat template, as its own file: tokenizer.json does not hold it."""
+    template = getattr(hf, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the one HF uses without a name
+        template = template.get("default")
+    if isinstance(template, str) and template.strip():
+        (bundle_dir / CHAT_TEMPLATE_NAME).write_text(template, encoding="utf-8")
 
 
 def _hf_ids(hf, text: str) -> list[int]:

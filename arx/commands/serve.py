@@ -1,0 +1,68 @@
+"""arx serve BUNDLE [--port 8000] [--max-batch 8] [--engine TARGET]: the OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import sys
+
+from arx.errors import ArxError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a bundle over an OpenAI-compatible HTTP API "
+                                     "(continuous batching, streaming)")
+    p.add_argument("bundle")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (cache slots)")
+    p.add_argument("--max-queue", type=int,
+                   help="requests that may wait for a slot before new ones get 429 (default 4x max-batch)")
+    p.add_argument("--prefill-chunk", type=int, default=64,
+                   help="prompt tokens prefilled per step, all new requests together (default 64)")
+    p.add_argument("--model-name", help="the model id clients send (default: the bundle's name)")
+    p.add_argument("--engine", metavar="TARGET",
+                   help="serve the TensorRT engine `arx build --target TARGET` made (needs TensorRT "
+                        "and a GPU) instead of the ONNX graph on ORT")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
+    p.add_argument("--no-spin", action="store_true",
+                   help="idle threads sleep instead of spinning (better when cores are shared)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from contextlib import ExitStack
+
+    from arx import needs
+
+    needs.check("serve", args)
+    if not 0 <= args.port < 65536:
+        raise ArxError(f"--port must be in 0..65535 (got {args.port})")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise ArxError(f"--max-queue must be >= 0 (got {args.max_queue})")
+    from arx.serve.server import check_address, make_server, serve_forever
+
+    check_address(args.host, args.port)  # before the bundle loads
+    with ExitStack() as stack:
+        session = stack.enter_context(_session(args))
+        server = make_server(session, args.bundle, max_batch=args.max_batch,
+                             chunk=args.prefill_chunk, max_queue=args.max_queue,
+                             model=args.model_name)
+        print(f"arx serve: {server.model} on http://{args.host}:{args.port}/v1 "
+              f"(max batch {args.max_batch}, context {server.scheduler.max_len}); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        serve_forever(server, args.host, args.port)
+    return 0
+
+
+def _session(args):
+    if args.engine:
+        from arx.runtime import engine_session
+
+        return engine_session.open_engine(args.bundle, args.engine)
+    from arx.runtime.backend import BackendOptions
+    from arx.runtime.decoder import DecoderSession
+
+    return DecoderSession(args.bundle, BackendOptions(device=args.device,
+                                                      intra_op_threads=args.threads,
+                                                      spin_wait=not args.no_spin))
