@@ -1,0 +1,185 @@
+"""Load test of `arx serve`: concurrent streaming clients against one server process.
+
+    python benchmarks/bench_serve.py                              # 125M Llama, 1/4/16/64 clients
+    python benchmarks/bench_serve.py --clients 1,16 --json serve.json
+    python benchmarks/bench_serve.py --shape tiny --clients 1,2 --prompt-len 8 --new-tokens 6
+
+Issue 11's figures: each client sends --requests streamed completions one after the other
+(--prompt-len random token ids, --new-tokens new tokens, greedy, EOS ignored); per client count
+it reports requests/s, output tokens/s, time to first token and inter-token latency p50/p99,
+and checks the goals (tokens/s at 16 clients >= 4x one client; p99 inter-token latency at 16
+clients < 3x one client's). The server runs as `arx serve` in its own process, so the clients'
+Python does not share its GIL. Run it on a quiet machine: the 125M run takes ~10-20 minutes on
+a few cores. llama.cpp's server is not compared: it is not installed on these machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_models  # noqa: E402
+
+GOALS = ((16, "output_tokens_per_s", ">=", 4.0), (16, "itl_p99_ms", "<", 3.0))
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="125m", choices=sorted(bench_models.SHAPES))
+    p.add_argument("--clients", default="1,4,16,64")
+    p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="the server's intra-op threads")
+    p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "arx-bench"))
+    p.add_argument("--json")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    args.clients = [int(c) for c in args.clients.split(",")]
+    if min(args.clients) < 1 or args.requests < 1 or args.prompt_len < 1 or args.new_tokens < 1:
+        p.error("--clients, --requests, --prompt-len and --new-tokens must be >= 1")
+    return args
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(bundle: Path, args, log) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "arx", "serve", str(bundle), "--port", str(port),
+           "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients)),
+           "--threads", str(args.threads), "--model-name", "bench"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc, port
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"arx serve did not start (exit {proc.poll()}); see {log.name}")
+        time.sleep(0.2)
+
+
+def one_request(port: int, prompt: list[int], new_tokens: int) -> dict:
+    """A streamed completion: (time to first token, gaps between tokens, tokens) of one request."""
+    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": new_tokens,
+                       "temperature": 0, "ignore_eos": True, "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+    stamps = []
+    for line in resp:
+        if line.startswith(b"data: {"):
+            n = len(json.loads(line[6:])["choices"][0]["token_ids"])
+            stamps += [time.perf_counter()] * n
+    conn.close()
+    return {"ttft": stamps[0] - t0, "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
+            "tokens": len(stamps), "total": time.perf_counter() - t0}
+
+
+def run_level(port: int, clients: int, args, vocab: int) -> dict:
+    import random
+
+    results, errors = [], []
+
+    def client(seed):
+        rng = random.Random(seed)
+        for _ in range(args.requests):
+            prompt = [rng.randrange(3, vocab) for _ in range(args.prompt_len)]
+            try:
+                results.append(one_request(port, prompt, args.new_tokens))
+            except Exception as e:  # noqa: BLE001 - counted and reported, the run goes on
+                errors.append(str(e))
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    gaps = sorted(g for r in results for g in r["gaps"])
+    ttft = sorted(r["ttft"] for r in results)
+    pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3 if xs else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": len(results), "errors": errors,
+            "requests_per_s": len(results) / wall,
+            "output_tokens_per_s": sum(r["tokens"] for r in results) / wall,
+            "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
+            "itl_p50_ms": pct(gaps, 0.5), "itl_p99_ms": pct(gaps, 0.99),
+            "itl_mean_ms": statistics.fmean(gaps) * 1e3 if gaps else float("nan")}
+
+
+def goals(levels: dict[int, dict]) -> list[dict]:
+    """Each goal as a ratio of the level's figure over one client's, where both were run."""
+    out = []
+    for clients, key, op, target in GOALS:
+        if clients in levels and 1 in levels:
+            ratio = levels[clients][key] / levels[1][key]
+            ok = ratio >= target if op == ">=" else ratio < target
+            out.append({"clients": clients, "figure": key, "ratio_vs_1": ratio,
+                        "goal": f"{op} {target}", "met": ok})
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    shape = bench_models.SHAPES[args.shape]
+    cache = Path(args.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    hf = bench_models.hf_folder(shape, cache)
+    seq = args.prompt_len + args.new_tokens
+    bundle = bench_models.arx_bundle(hf, cache / f"{hf.name}-serve-{seq}.arx", max_seq_len=seq,
+                                     reuse=True)
+    with open(cache / "serve.log", "ab") as log:
+        proc, port = start_server(bundle, args, log)
+        try:
+            levels = {}
+            for clients in args.clients:
+                levels[clients] = run_level(port, clients, args, shape.vocab)
+                if not args.quiet:
+                    print(json.dumps(levels[clients]), file=sys.stderr, flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    report = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "max_batch": args.max_batch, "cpus": os.cpu_count(), "levels": list(levels.values()),
+              "goals": goals(levels), "llama_cpp": "not run: llama.cpp is not installed here"}
+    print(f"{'clients':>7} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'p99':>8} "
+          f"{'ITL p50':>8} {'p99':>8}  ms, errors")
+    for r in levels.values():
+        print(f"{r['clients']:>7} {r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>10.1f} "
+              f"{r['ttft_p50_ms']:>9.1f} {r['ttft_p99_ms']:>8.1f} {r['itl_p50_ms']:>8.1f} "
+              f"{r['itl_p99_ms']:>8.1f}  {len(r['errors'])}")
+    for g in report["goals"]:
+        print(f"goal: {g['figure']} at {g['clients']} clients / 1 client = {g['ratio_vs_1']:.2f} "
+              f"({g['goal']}): {'met' if g['met'] else 'NOT met'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 1 if any(r["errors"] for r in levels.values()) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

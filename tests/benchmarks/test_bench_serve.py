@@ -1,0 +1,42 @@
+"""Smoke test of benchmarks/bench_serve.py on the tiny shape (a real `arx serve` process, two
+client counts, one request each), so the load-test script cannot rot. Timings mean nothing here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serve.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """The script as a module, loaded from its path (it puts benchmarks/ on sys.path itself)."""
+    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_load_test_reports_each_level(bench, tmp_path, capsys):
+    rc = bench.main(["--shape", "tiny", "--clients", "1,2", "--requests", "1", "--prompt-len", "8",
+                     "--new-tokens", "6", "--max-batch", "2", "--threads", "1", "--quiet",
+                     "--cache-dir", str(tmp_path), "--json", str(tmp_path / "s.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert [lv["clients"] for lv in report["levels"]] == [1, 2]
+    for lv in report["levels"]:
+        assert lv["requests"] == lv["clients"] and not lv["errors"]
+        assert lv["output_tokens_per_s"] > 0 and lv["ttft_p50_ms"] > 0 and lv["itl_p99_ms"] > 0
+    assert "out tok/s" in capsys.readouterr().out
+
+
+def test_goal_ratios_against_one_client(bench):
+    levels = {1: {"output_tokens_per_s": 10.0, "itl_p99_ms": 20.0},
+              16: {"output_tokens_per_s": 45.0, "itl_p99_ms": 70.0}}
+    got = {g["figure"]: (round(g["ratio_vs_1"], 2), g["met"]) for g in bench.goals(levels)}
+    assert got == {"output_tokens_per_s": (4.5, True), "itl_p99_ms": (3.5, False)}
+    assert bench.goals({16: levels[16]}) == []  # no one-client run: nothing to compare
