@@ -27,6 +27,8 @@ from arx.calibration.data import Samples, load_samples
 from arx.calibration.options import CalibrateOptions
 from arx.calibration.report import AccuracyReport, percent, table, write
 from arx.errors import ArxError
+from arx.export.step_graph import EXTENSION as STEP_EXTENSION
+from arx.export.step_graph import STEP_STAGE, build_step_graph, save_step_graph
 from arx.manifest import MANIFEST_NAME, Manifest, read_manifest
 from arx.progress import Steps
 
@@ -125,7 +127,8 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
 def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, options: CalibrateOptions) -> Manifest:
     """Copy the source's files (tokenizer, ...) except the decoder; save the quantized decoder."""
     decoder = manifest.decoder.file
-    skip = {decoder, decoder + ".data", MANIFEST_NAME, cache_mod.FILE_NAME}
+    step = manifest.stages.get(STEP_STAGE)
+    skip = {decoder, decoder + ".data", MANIFEST_NAME, cache_mod.FILE_NAME, step and step.file}
     for f in sorted(src.iterdir()):
         if f.is_file() and f.name not in skip:  # folders (reports, engines) belong to the fp32 graph
             shutil.copy2(f, tmp / f.name)
@@ -133,9 +136,19 @@ def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, optio
     (tmp / cache_mod.FILE_NAME).write_text(json.dumps(q.calibration, indent=1) + "\n", encoding="utf-8")
     out = copy.deepcopy(manifest)
     out.extensions[EXTENSION] = _extension(src, q, options)
+    if step is not None:
+        out.extensions[STEP_EXTENSION] = _step_graph(tmp, manifest, step.file)
     out.provenance = {**manifest.provenance, "calibrated_from": str(src)}
     out.write(tmp)
     return out
+
+
+def _step_graph(tmp: Path, manifest: Manifest, file: str) -> dict:
+    """The general-step graph reads the decoder's weights: write it anew over the quantized
+    decoder (its tensors are references into the new decoder.onnx.data)."""
+    model = onnx.load(str(tmp / manifest.decoder.file), load_external_data=False)
+    step_model, stage = build_step_graph(model, manifest.decoder, manifest.kv, file)
+    return save_step_graph(step_model, stage, tmp, manifest.decoder)
 
 
 def _extension(src: Path, q: _Quantized, options: CalibrateOptions) -> dict:

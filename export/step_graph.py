@@ -66,8 +66,10 @@ def build_step_graph(decoder_model: onnx.ModelProto, decoder: Stage, kv: KVLayou
     del graph.input[:]  # in the manifest's order
     graph.input.extend(helper.make_tensor_value_info(t.name, DTYPES[t.dtype], list(t.shape))
                        for t in inputs)
+    kept = [o for o in model.opset_import if o.domain not in ("", "ai.onnx")]  # MatMulNBits..
     del model.opset_import[:]
     model.opset_import.append(helper.make_opsetid("", NATIVE_OPSET))
+    model.opset_import.extend(kept)
     return model, Stage(file, tuple(inputs), tuple(outputs))
 
 

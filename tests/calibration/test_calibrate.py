@@ -142,3 +142,25 @@ def test_keep_fp_and_lm_head_choice(llama_bundle, calib_text, tmp_path):
     assert float_mm == {"lm_head", "layers.0.mlp.down_proj", *{f"layers.1.{p}" for p in
                         ("attn.qkv_proj", "attn.o_proj", "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj")}}
     assert sorted(result.manifest.extensions["quantization"]["float"]) == sorted(float_mm)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w4"])
+def test_quantized_bundle_takes_general_steps(quantized, scheme):
+    """The general-step graph is rebuilt over the quantized decoder's weights: a ragged
+    multi-token step after a past (what speculation verifies) runs on the quantized bundle and
+    its last logits equal the fused graph's single steps."""
+    from arx.runtime.decoder import DecoderSession
+
+    bundle = quantized(scheme)
+    with DecoderSession(bundle) as s:
+        assert s.general_steps
+        prompt = np.array([[5, 9, 14, 22, 7, 3]] * 2)
+        wide = s.new_cache(2, 32)
+        s.step(wide, prompt, np.array([6, 4]))
+        got = s.step(wide, np.array([[11, 12, 13], [11, 0, 0]]), np.array([3, 1]), logits="last")
+        for b, (n, new) in enumerate(((6, [11, 12, 13]), (4, [11]))):
+            one = s.new_cache(1, 32)
+            s.step(one, prompt[b:b + 1, :n], np.array([n]))
+            for t in new:
+                want = s.step(one, np.array([[t]]), np.array([1]), logits="last")
+            np.testing.assert_allclose(got[b, 0], want[0, 0], atol=2e-3, rtol=0)
