@@ -126,7 +126,8 @@ class PipelineStep:
 @dataclass(frozen=True)
 class Pipeline:
     """How the stages connect: the loop steps `loop`, samples `samples` (an output of it) into
-    ids of `token_space`, and feeds them back as `feedback`; `then` runs after the loop."""
+    ids of `token_space`, and feeds them back as `feedback` (through the `embed` stage, ids ->
+    the feedback input, when the loop stage takes embeddings); `then` runs after the loop."""
 
     kind: str = "text-generation"
     loop: str = "decoder"
@@ -134,16 +135,18 @@ class Pipeline:
     token_space: str = "text"
     feedback: str = "input_ids"
     then: tuple[PipelineStep, ...] = ()
+    embed: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": self.kind, "loop": self.loop, "samples": self.samples,
-                "token_space": self.token_space, "feedback": self.feedback,
+                "token_space": self.token_space, "feedback": self.feedback, "embed": self.embed,
                 "then": [{"stage": t.stage, "inputs": dict(t.inputs)} for t in self.then]}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Pipeline":
         then = tuple(PipelineStep(t["stage"], dict(t["inputs"])) for t in d.get("then", ()))
-        return cls(d["kind"], d["loop"], d["samples"], d["token_space"], d["feedback"], then)
+        return cls(d["kind"], d["loop"], d["samples"], d["token_space"], d["feedback"], then,
+                   d.get("embed"))
 
     def check(self, stages: dict[str, Stage], spaces: dict[str, TokenSpace]) -> None:
         """Every name the pipeline uses exists (a hand-edited or half-written manifest fails)."""
@@ -158,6 +161,10 @@ class Pipeline:
             problems.append(f"token space {self.token_space!r} is not declared")
         problems += [f"stage {t.stage!r} is not among the stages" for t in self.then
                      if t.stage not in stages]
+        embed = stages.get(self.embed) if self.embed else None
+        if self.embed and (embed is None or embed.output(self.feedback) is None):
+            problems.append(f"embed stage {self.embed!r} is missing or has no output "
+                            f"{self.feedback!r}")
         if problems:
             raise ArxError(f"the bundle's pipeline is inconsistent ({'; '.join(problems)}); "
                            f"re-export the bundle")

@@ -111,6 +111,10 @@ def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
 def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec) -> onnx.ModelProto:
     """Rewrite `model` (the bundle's decoder, modified in place and returned) to the TRT form."""
     register_schemas()
+    if manifest.decoder.input("input_ids") is None:
+        raise ArxError("this bundle's decoder takes inputs_embeds (arx export --inputs-embeds), "
+                       "whose TensorRT form arx does not build yet; export without "
+                       "--inputs-embeds to build it")
     if manifest.kv.update != "in_place":
         raise ArxError("the TensorRT form needs a bundle with an in-place KV cache "
                        "(kv.update = in_place); re-export it with arx export")

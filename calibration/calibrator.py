@@ -96,6 +96,10 @@ def check_source(bundle: Path, manifest: Manifest) -> None:
     if manifest.kv.dtype != "float32":
         raise ArxError(f"bundle {bundle} has a {manifest.kv.dtype} cache; arx calibrate starts "
                        f"from an fp32 export (arx export without precision flags)")
+    if manifest.decoder.input("input_ids") is None:
+        raise ArxError(f"bundle {bundle}'s decoder takes inputs_embeds (arx export "
+                       f"--inputs-embeds), which arx calibrate does not quantize yet; calibrate "
+                       f"an export without --inputs-embeds")
 
 
 def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cached, work: Path) -> _Quantized:

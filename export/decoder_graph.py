@@ -37,9 +37,17 @@ B, S, TOTAL, PAST = "batch_size", "sequence_length", "total_sequence_length", "p
 K = "logits_length"  # positions per sequence that get logits
 
 
-def decoder_io(cfg: DecoderConfig, kv: KVLayout) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """The decoder's IO, derived from the config: the manifest records exactly this."""
-    inputs = [TensorSpec("input_ids", "int64", (B, S)),
+TOKEN_INPUTS = {"input_ids": ("int64", (B, S)), "inputs_embeds": ("float32", (B, S, "hidden"))}
+
+
+def decoder_io(cfg: DecoderConfig, kv: KVLayout, token_input: str = "input_ids"
+               ) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The decoder's IO, derived from the config: the manifest records exactly this.
+    token_input "inputs_embeds": the decoder takes (B, S, hidden) embeddings instead of ids (an
+    embedder stage, or the caller, makes them)."""
+    dtype, shape = TOKEN_INPUTS[token_input]
+    shape = tuple(cfg.hidden_size if d == "hidden" else d for d in shape)
+    inputs = [TensorSpec(token_input, dtype, shape),
               TensorSpec("attention_mask", "int64", (B, TOTAL))]
     if cfg.positions == "learned":
         inputs.append(TensorSpec("position_ids", "int64", (B, S)))
@@ -53,14 +61,20 @@ def decoder_io(cfg: DecoderConfig, kv: KVLayout) -> tuple[list[TensorSpec], list
 
 
 def build_decoder(cfg: DecoderConfig, w: DecoderWeights, kv: KVLayout,
-                  rope: tuple[np.ndarray, np.ndarray] | None, file: str = "decoder.onnx"):
+                  rope: tuple[np.ndarray, np.ndarray] | None, file: str = "decoder.onnx",
+                  token_input: str = "input_ids"):
     """Return (ModelProto, Stage). `rope` is (cos, sin), each (max_seq_len, rotary_dim/2)."""
     g = GraphBuilder("arx_decoder")
-    inputs, outputs = decoder_io(cfg, kv)
+    inputs, outputs = decoder_io(cfg, kv, token_input)
     for t in inputs:
         g.input(t.name, t.dtype, t.shape)
 
-    x = g.op("Gather", g.weight("embed_tokens.weight", w.embed), "input_ids", name="embed")
+    if token_input == "input_ids":
+        x = g.op("Gather", g.weight("embed_tokens.weight", w.embed), "input_ids", name="embed")
+    else:  # (B, S, H) given; the table stays only where the tied LM head reads it
+        x = "inputs_embeds"
+        if w.lm_head is None:
+            g.weight("embed_tokens.weight", w.embed)
     if cfg.positions == "learned":
         pos = g.op("Gather", g.weight("embed_positions.weight", w.pos_embed), "position_ids")
         x = g.op("Add", x, pos)

@@ -19,7 +19,7 @@ import numpy as np
 import arx
 from arx.bundle import atomic_bundle, check_writable_output
 from arx.errors import ArxError
-from arx.manifest import GenerationDefaults, KVLayout, Manifest, TokenizerInfo
+from arx.manifest import GenerationDefaults, KVLayout, Manifest, Pipeline, TokenizerInfo
 from arx.progress import Steps
 from arx.export.sources import LoadedSource, check_source_path, load_source
 
@@ -35,6 +35,7 @@ class ExportOptions:
     overwrite: bool = False
     progress: bool = True
     seed: int = 0
+    inputs_embeds: bool = False  # decoder takes (B, S, hidden) embeddings + an embedder stage
 
     def __post_init__(self):
         if self.max_seq_len is not None and self.max_seq_len < 2:
@@ -62,6 +63,10 @@ def export_model(*, source: str | Path, output: str | Path,
         else:
             from arx.export.protocol import export_protocol_decoder
 
+            if options.inputs_embeds:
+                raise ArxError("--inputs-embeds is for Hugging Face checkpoints; a decoder-protocol "
+                               "module takes what its forward takes: export it without the flag")
+
             with steps.step("tracing the decoder-protocol module to decoder.onnx"):
                 decoder = export_protocol_decoder(src, tmp, options)
         with steps.step("exporting the tokenizer"):
@@ -69,9 +74,11 @@ def export_model(*, source: str | Path, output: str | Path,
         stage = dataclasses.replace(decoder.stage, kv=decoder.kv, token_space="text")
         manifest = Manifest(
             family=decoder.family, vocab_size=decoder.vocab_size,
-            stages={"decoder": stage, **_shared_kv(decoder.extra_stages, decoder.kv)},
+            stages={"decoder": stage, **_shared_kv(decoder.extra_stages, decoder.kv),
+                    **decoder.plain_stages},
             tokenizer=tokenizer, generation=_generation_defaults(src), model=decoder.model_info,
-            provenance=_provenance(src), extensions=dict(decoder.extensions))
+            provenance=_provenance(src), extensions=dict(decoder.extensions),
+            pipeline=decoder.pipeline)
         manifest.write(tmp)
         with steps.step("checking parity against PyTorch (prefill + decode)"):
             if options.check_parity:
@@ -95,6 +102,8 @@ class DecoderExport:
     atol: float
     extra_stages: dict = dataclasses.field(default_factory=dict)  # name -> Stage (decoder_step)
     extensions: dict = dataclasses.field(default_factory=dict)  # manifest sections they need
+    plain_stages: dict = dataclasses.field(default_factory=dict)  # stages without a KV (embedder)
+    pipeline: Pipeline = dataclasses.field(default_factory=Pipeline)
 
 
 def _shared_kv(stages: dict, kv: KVLayout) -> dict:

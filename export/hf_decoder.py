@@ -8,13 +8,14 @@ import numpy as np
 
 from arx.errors import ArxError
 from arx.export.decoder_graph import build_decoder
+from arx.export.embedder import EMBEDDER_STAGE, build_embedder, save_embedder
 from arx.export.exporter import DecoderExport, ExportOptions, resolve_max_seq_len
 from arx.export.families import DecoderConfig
 from arx.export.graph import save_with_external_data
 from arx.export.sources import LoadedSource
 from arx.export.step_graph import EXTENSION, STEP_STAGE, build_step_graph, save_step_graph
 from arx.export.weights import read_weights
-from arx.manifest import KVLayout
+from arx.manifest import KVLayout, Pipeline
 
 DECODER_FILE = "decoder.onnx"
 
@@ -31,7 +32,8 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions) -
     kv = KVLayout(layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                   max_seq_len=max_seq_len)
     rope = rope_cache(src.module, cfg, max_seq_len) if cfg.positions == "rope" else None
-    model, stage = build_decoder(cfg, weights, kv, rope, DECODER_FILE)
+    token_input = "inputs_embeds" if options.inputs_embeds else "input_ids"
+    model, stage = build_decoder(cfg, weights, kv, rope, DECODER_FILE, token_input)
     save_with_external_data(model, bundle / DECODER_FILE, DECODER_FILE + ".data")
     # after the save `model`'s tensors point into decoder.onnx.data: the step graph shares them
     step_model, step_stage = build_step_graph(model, stage, kv)
@@ -39,8 +41,14 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions) -
     n_params = int(sum(p.numel() for p in src.module.parameters()))  # tied weights once
     info = {"source_format": "huggingface", "architecture": type(src.module).__name__,
             "parameters": n_params, "dtype": "float32", "config": cfg.__dict__}
-    return DecoderExport(cfg.family, cfg.vocab_size, kv, stage, info, family.atol,
-                         extra_stages={STEP_STAGE: step_stage}, extensions={EXTENSION: step_ext})
+    out = DecoderExport(cfg.family, cfg.vocab_size, kv, stage, info, family.atol,
+                        extra_stages={STEP_STAGE: step_stage}, extensions={EXTENSION: step_ext})
+    if options.inputs_embeds:
+        embed_model, embed_stage, shared = build_embedder(weights.embed, model)
+        save_embedder(embed_model, embed_stage, bundle, shared)
+        out.plain_stages = {EMBEDDER_STAGE: embed_stage}
+        out.pipeline = Pipeline(feedback="inputs_embeds", embed=EMBEDDER_STAGE)
+    return out
 
 
 def rope_cache(model, cfg: DecoderConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:

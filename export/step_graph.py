@@ -38,7 +38,7 @@ STEP_STAGE = "decoder_step"  # manifest.stages key
 
 def step_io(decoder: Stage) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """The step graph's IO: the decoder's, attention_mask replaced by per-row lengths."""
-    batch = decoder.input("input_ids").shape[0]
+    batch = decoder.inputs[0].shape[0]  # input_ids or inputs_embeds
     inputs = [t for t in decoder.inputs if t.name != "attention_mask"]
     at = 1 + ("position_ids" in {t.name for t in inputs})  # after input_ids (and position_ids)
     lengths = [TensorSpec(n, "int64", (batch,)) for n in LENGTH_INPUTS]
@@ -53,7 +53,7 @@ def build_step_graph(decoder_model: onnx.ModelProto, decoder: Stage, kv: KVLayou
     graph = model.graph
     ed = GraphEditor(graph, prefix="step")
     inputs, outputs = step_io(decoder)
-    bk = _bookkeeping(ed, kv)
+    bk = _bookkeeping(ed, kv, decoder.inputs[0].name)
     masks: dict = {}
     rope: dict = {}
     for n in [n for n in graph.node if (n.domain, n.op_type) == GQA]:
@@ -73,7 +73,7 @@ def build_step_graph(decoder_model: onnx.ModelProto, decoder: Stage, kv: KVLayou
     return model, Stage(file, tuple(inputs), tuple(outputs))
 
 
-def _bookkeeping(ed: GraphEditor, kv: KVLayout) -> Bookkeeping:
+def _bookkeeping(ed: GraphEditor, kv: KVLayout, tokens: str) -> Bookkeeping:
     """Per-row lengths, positions and key positions from the explicit length inputs.
 
         positions (B,S) = Min(past[:,None] + Range(0,S), max_seq_len-1)   (padding stays in
@@ -81,7 +81,7 @@ def _bookkeeping(ed: GraphEditor, kv: KVLayout) -> Bookkeeping:
     """
     past, new = LENGTH_INPUTS[:2]
     total = ed.op("Add", past, new, name="seq/total")
-    s = ed.op("Gather", ed.op("Shape", "input_ids", name="seq/ids_shape"), ed.const(1), axis=0,
+    s = ed.op("Gather", ed.op("Shape", tokens, name="seq/ids_shape"), ed.const(1), axis=0,
               name="seq/S")
     steps = ed.op("Range", ed.const(0), s, ed.const(1), name="seq/steps")  # (S,)
     pos = ed.op("Add", ed.op("Unsqueeze", past, ed.const([1])), steps, name="seq/pos")

@@ -37,6 +37,7 @@ class DecoderSession:
         self.options = options
         self.backend = OrtBackend(path, aliases=aliases, options=options)
         self._general = None  # (backend, input names) of the general-step graph, once needed
+        self._embedder = None  # the pipeline's embed stage, once needed
 
     def __enter__(self) -> "DecoderSession":
         return self
@@ -45,6 +46,8 @@ class DecoderSession:
         self.backend.close()
         if self._general is not None:
             self._general[0].close()
+        if self._embedder is not None:
+            self._embedder.close()
 
     @property
     def in_place(self) -> bool:
@@ -85,6 +88,9 @@ class DecoderSession:
         other steps the bundle's general-step graph (docs/design.md, "Attention").
         """
         tokens = _tokens(input_ids, inputs_embeds)
+        if tokens[0] == "input_ids" and "input_ids" not in self.input_names \
+                and self.manifest.pipeline.embed:
+            tokens = ("inputs_embeds", self.embed(tokens[1]))
         b, s = tokens[1].shape[:2]
         new_lens = _check_new_lens(new_lens, b, s)
         if mask not in MASKS:
@@ -102,6 +108,21 @@ class DecoderSession:
         if picks is not None and "logits_indices" not in names:  # e.g. protocol graphs
             out = np.take_along_axis(out, picks[:, :, None], axis=1)
         return None if picks is None else out
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        """(B, S) ids -> (B, S, hidden) embeddings through the pipeline's embed stage, for a
+        decoder that takes inputs_embeds (opened on first use)."""
+        name = self.manifest.pipeline.embed
+        if name is None:
+            raise ArxError("this bundle has no embedder stage; give input_ids to its decoder")
+        if self._embedder is None:
+            stage = self.manifest.stages[name]
+            path = self.bundle_dir / stage.file
+            if not path.is_file():
+                raise ArxError(f"bundle {self.bundle_dir} lacks {stage.file}; re-export it")
+            self._embedder = OrtBackend(path, options=self.options)
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        return self._embedder.run({"input_ids": ids})["inputs_embeds"]
 
     def _feeds(self, cache: KVCache, tokens, new_lens, mask, picks, names) -> dict:
         b, s = tokens[1].shape[:2]

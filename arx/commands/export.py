@@ -15,6 +15,9 @@ def register(sub) -> None:
                    "(default: the model's, at most 4096)")
     p.add_argument("--atol", type=float, help="parity tolerance on logits (default: per family)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check (not advised)")
+    p.add_argument("--inputs-embeds", action="store_true",
+                   help="the decoder takes inputs_embeds (B, S, hidden) instead of input_ids, with "
+                        "an embedder stage for token ids (models fed other embeddings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output bundle")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=run)
@@ -28,6 +31,7 @@ def run(args) -> int:
 
     out = Path(args.output) if args.output else Path(Path(args.source).stem + ".arx")
     options = ExportOptions(max_seq_len=args.max_seq_len, atol=args.atol,
+                            inputs_embeds=args.inputs_embeds,
                             check_parity=not args.no_parity, overwrite=args.overwrite,
                             progress=not args.quiet)
     manifest = export_model(source=args.source, output=out, options=options)

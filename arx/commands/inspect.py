@@ -33,8 +33,9 @@ def run(args) -> int:
           f"{info.get('parameters', 0) / 1e6:.2f}M parameters, {info.get('dtype', '?')})")
     p = m.pipeline
     spaces = ", ".join(f"{k} ({t.kind}, {t.size})" for k, t in m.token_spaces.items())
+    via = f" (via {p.embed})" if p.embed else ""
     print(f"pipeline   {p.kind}: loop {p.loop} samples {p.samples} -> {p.token_space} ids -> "
-          f"{p.feedback}{''.join(f'; then {t.stage}' for t in p.then)}; token spaces {spaces}")
+          f"{p.feedback}{via}{''.join(f'; then {t.stage}' for t in p.then)}; token spaces {spaces}")
     t = m.tokenizer
     print(f"tokenizer  {t.file or 'none (use --prompt-ids)'}"
           f"{', ' + t.onnx_file if t.onnx_file else ''}; bos {t.bos_token_id}, "
