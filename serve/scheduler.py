@@ -218,13 +218,17 @@ class Scheduler:
             admitted = self._admit()  # into the slots just freed as well
         if not any(self.slots):
             return bool(admitted or dropped)
-        ids, new_lens = self._batch()
+        ids, new_lens, idle = self._batch()
         t0 = time.perf_counter()
         try:
             logits = self.session.step(self.cache, ids, new_lens, logits="last")[:, 0]  # (B, V)
         except Exception as e:  # noqa: BLE001 - the server keeps serving the requests to come
             self._fail_running(e)
             return True
+        if idle:  # the free slots' filler token is forgotten at once
+            lengths = np.array(self.cache.lengths, np.int64)
+            lengths[idle] = 0
+            self.cache.rollback(lengths)
         for b, slot in enumerate(self.slots):
             if slot is not None:
                 slot.fed += int(new_lens[b]) if not slot.prefilled else 0
@@ -233,7 +237,7 @@ class Scheduler:
         took = time.perf_counter() - t0
         self.step_s = took if not self.step_s else 0.9 * self.step_s + 0.1 * took
         if self.metrics is not None:
-            self.metrics.step(took, int((new_lens > 0).sum()))
+            self.metrics.step(took, int((new_lens > 0).sum()) - len(idle))
         return True
 
     def _admit(self) -> list[int]:
@@ -246,8 +250,11 @@ class Scheduler:
                 admitted.append(b)
         return admitted
 
-    def _batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """(B, S) right-padded ids and (B,) new tokens per row for the next step."""
+    def _batch(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """(B, S) right-padded ids, (B,) new tokens per row for the next step, and the free
+        rows given one filler token: a step where every row decodes one token, or where no
+        row has a past, runs on the fused graph, while a row with no new token would send the
+        whole step to the general-step graph (slower decode, a second session's memory)."""
         new_lens = np.zeros(self.max_batch, np.int64)
         feed: dict[int, list[int]] = {}
         # a step S wide writes S cache entries per row (padding included): the fullest row
@@ -263,11 +270,15 @@ class Scheduler:
                 feed[b] = slot.request.prompt[slot.fed: slot.fed + budget]
                 budget -= len(feed[b])
         width = max(len(v) for v in feed.values())
+        idle = []
+        if width == 1 or not self.cache.lengths.any():
+            idle = [b for b, slot in enumerate(self.slots) if slot is None]
         ids = np.zeros((self.max_batch, width), np.int64)
         for b, toks in feed.items():
             ids[b, : len(toks)] = toks
             new_lens[b] = len(toks)
-        return ids, new_lens
+        new_lens[idle] = 1  # token 0 into a free slot's first cache entry, rolled back after
+        return ids, new_lens, idle
 
     def _advance(self, b: int, slot: _Slot, logits: np.ndarray) -> None:
         """Draw row b's next token (row 0 of its own batch of one), stream it, maybe finish."""

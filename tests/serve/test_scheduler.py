@@ -200,3 +200,18 @@ def test_a_failed_step_fails_its_requests_and_serving_goes_on(session):
     sched.submit(b)
     run_until_done(sched, rec, [b])
     assert rec.tokens(b.id) == alone(session, b.prompt, 6, GREEDY)
+
+
+def test_free_slots_keep_decode_on_the_fused_graph(exported_bundle):
+    """A lone request in a 3-slot scheduler: the free rows get a filler token that is rolled
+    back, so prefill and decode run on the fused graph (a row with no new token would send
+    every step to the general-step graph) and the tokens are generate's."""
+    with DecoderSession(exported_bundle("llama")) as fresh:
+        rec, sched = Recorder(), Scheduler(fresh, 3)
+        r = rec.request([5, 6, 7, 8], 10, stop_on_eos=False)
+        sched.submit(r)
+        sched.step()
+        np.testing.assert_array_equal(sched.cache.lengths, [4, 0, 0])  # fillers forgotten
+        run_until_done(sched, rec, [r])
+        assert fresh._general is None  # the general-step graph was never opened
+        assert rec.tokens(r.id) == alone(fresh, r.prompt, 10, GREEDY)
