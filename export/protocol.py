@@ -12,20 +12,29 @@ A module follows the protocol when it has
         # (B, Hkv, P + S, D): the past with this step's keys/values appended
         return logits, present
 
-It is traced with torch.onnx (dynamo) into a decoder whose cache grows by concatenation
-(manifest kv.update = "concat"): correct everywhere, but the slow path. Hugging Face families
-get the fused in-place graph instead. A torch.export program of such a module (model.pt2,
-arx.export.program) goes to torch.onnx as it is, with the dynamic dims it was exported with.
+When its attention over the cache is written the plain way (torch.cat of past and new keys and
+values, then scaled_dot_product_attention or an explicit softmax with a causal mask built from
+shapes), or through `arx.export.kv_attention`, it is exported to the in-place form of the
+built-in families (export/fast_path.py): the same IO (attention_mask, logits_indices, the cache
+as (B, Hkv, S_max, D) buffers), one GroupQueryAttention node per layer, kv.update = "in_place",
+and the general-step graph beside it. Otherwise it is traced as it is into a decoder whose
+cache grows by concatenation (kv.update = "concat"): correct everywhere, but the slow path,
+and export says so in one line (SlowPathWarning) naming the reason and the call to use. A
+torch.export program of such a module (model.pt2, arx.export.program) takes the same two
+routes: its .module() for the fast one, the program as it is, with its own dynamic dims, for
+the slow one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from arx.errors import ArxError
+from arx.manifest import KVLayout
 from arx.export.torch_output import error_summary, quiet_torch, user_call
 
 REQUIRED_KEYS = ("num_layers", "num_kv_heads", "head_dim", "vocab_size", "max_seq_len")
@@ -67,29 +76,90 @@ def _flat_module(module, layers: int):
     return Flat()
 
 
+class SlowPathWarning(UserWarning):
+    """A protocol module exported with the concatenating cache: the reason and what to do."""
+
+
 def export_protocol_decoder(src, bundle: Path, options):
     from arx.export.exporter import DecoderExport, resolve_max_seq_len
-    from arx.export.graph import save_with_external_data
-    from arx.manifest import KVLayout, Stage, TensorSpec
 
     spec = protocol_spec(src.module)
     L, H, D, V = (int(spec[k]) for k in ("num_layers", "num_kv_heads", "head_dim", "vocab_size"))
-    kv = KVLayout(layers=L, kv_heads=H, head_dim=D, update="concat",
-                  max_seq_len=resolve_max_seq_len(options, int(spec["max_seq_len"])))
-    model = _trace(src, kv)
-    save_with_external_data(model, bundle / "decoder.onnx", "decoder.onnx.data")
-    cache = ("batch_size", H, "past_sequence_length", D)  # (B, kv_heads, P, D)
-    present = ("batch_size", H, "total_sequence_length", D)  # (B, kv_heads, P + S, D)
-    inputs = [TensorSpec("input_ids", "int64", ("batch_size", "sequence_length")),
-              TensorSpec("position_ids", "int64", ("batch_size", "sequence_length"))]
-    inputs += [TensorSpec(p, "float32", cache) for p, _ in kv.pairs()]
-    outputs = [TensorSpec("logits", "float32", ("batch_size", "sequence_length", V))]
-    outputs += [TensorSpec(q, "float32", present) for _, q in kv.pairs()]
+    kv = KVLayout(layers=L, kv_heads=H, head_dim=D,
+                 max_seq_len=resolve_max_seq_len(options, int(spec["max_seq_len"])))
     n_params = int(sum(p.numel() for p in src.module.parameters()))
     info = {"source_format": "arx-protocol", "architecture": type(src.module).__name__,
             "parameters": n_params, "dtype": "float32", "spec": spec}
+    fast = _export_in_place(src, bundle, kv, V)
+    if isinstance(fast, str):
+        kv = dataclasses.replace(kv, update="concat")
+        stage = _export_concat(src, bundle, kv, V)
+        info["attention"] = {"path": "concat", "reason": fast}
+        warnings.warn(f"{type(src.module).__name__} exports on the slow path (concatenating "
+                      f"cache: no ragged batches, multi-token steps or arx build): {fast}; write "
+                      f"the attention as torch.cat + scaled_dot_product_attention with a causal "
+                      f"attn_mask, or call arx.export.kv_attention (README, 'Decoder "
+                      f"protocol')", SlowPathWarning, stacklevel=2)
+        return DecoderExport("custom", V, kv, stage, info, 1e-3)
+    stage, extra, layers = fast
+    info["attention"] = {"path": "in_place", "layers": layers}
+    return DecoderExport("custom", V, kv, stage, info, 1e-3, **extra)
+
+
+def _export_in_place(src, bundle: Path, kv, vocab: int):
+    """(stage, step-graph fields, how each layer was recognised), or why the fast path was
+    not taken."""
+    from arx.export.decoder_graph import B, K, PAST, S, TOTAL
+    from arx.export.graph import save_with_external_data
+    from arx.manifest import Stage, TensorSpec
+
+    if kv.head_dim % 16:
+        return (f"head_dim {kv.head_dim} is not a multiple of 16, which onnxruntime's "
+                f"GroupQueryAttention needs")
+    cache = (B, kv.kv_heads, PAST, kv.head_dim)  # (B, kv_heads, S_max, D) buffers
+    inputs = [TensorSpec("input_ids", "int64", (B, S)), TensorSpec("attention_mask", "int64", (B, TOTAL)),
+              TensorSpec("position_ids", "int64", (B, S)), TensorSpec("logits_indices", "int64", (B, K))]
+    inputs += [TensorSpec(p, "float32", cache) for p, _ in kv.pairs()]
+    outputs = [TensorSpec("logits", "float32", (B, K, vocab))]
+    outputs += [TensorSpec(q, "float32", cache) for _, q in kv.pairs()]
+    try:
+        from arx.export.fast_path import NotRecognised, layer_kinds, trace_in_place
+
+        model, matches = trace_in_place(src.module, kv, [t.name for t in inputs],
+                                        [t.name for t in outputs])
+    except NotRecognised as e:
+        return str(e)
+    except Exception as e:  # noqa: BLE001  (anything torch raises: the slow path decides)
+        return f"tracing it to the in-place form failed ({error_summary(e)})"
+    model.ir_version = min(model.ir_version, 10)  # onnxruntime 1.31 reads IR <= 13
     stage = Stage("decoder.onnx", tuple(inputs), tuple(outputs))
-    return DecoderExport("custom", V, kv, stage, info, 1e-3)
+    save_with_external_data(model, bundle / stage.file, stage.file + ".data")
+    return stage, _step_graph(model, stage, kv, bundle), layer_kinds(matches)
+
+
+def _step_graph(model, stage, kv, bundle: Path) -> dict:
+    """The general-step graph (export/step_graph.py) beside decoder.onnx, as for HF families."""
+    from arx.export.step_graph import EXTENSION, STEP_STAGE, build_step_graph, save_step_graph
+
+    step_model, step_stage = build_step_graph(model, stage, kv)  # weights shared with the decoder
+    return {"extra_stages": {STEP_STAGE: step_stage},
+            "extensions": {EXTENSION: save_step_graph(step_model, step_stage, bundle, stage)}}
+
+
+def _export_concat(src, bundle: Path, kv, vocab: int):
+    from arx.export.graph import save_with_external_data
+    from arx.manifest import Stage, TensorSpec
+
+    model = _trace(src, kv)
+    save_with_external_data(model, bundle / "decoder.onnx", "decoder.onnx.data")
+    cache = ("batch_size", kv.kv_heads, "past_sequence_length", kv.head_dim)  # (B, kv_heads, P, D)
+    present = ("batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim)  # (B, kv_heads, P + S, D)
+    inputs = [TensorSpec("input_ids", "int64", ("batch_size", "sequence_length")),
+              TensorSpec("position_ids", "int64", ("batch_size", "sequence_length"))]
+    inputs += [TensorSpec(p, "float32", cache) for p, _ in kv.pairs()]
+    outputs = [TensorSpec("logits", "float32", ("batch_size", "sequence_length", vocab))]
+    outputs += [TensorSpec(q, "float32", present) for _, q in kv.pairs()]
+    return Stage("decoder.onnx", tuple(inputs), tuple(outputs))
 
 
 def _trace(src, kv):
