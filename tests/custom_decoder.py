@@ -67,6 +67,7 @@ class RopeGqaDecoder(nn.Module):
         "kv_attention"  the documented call arx.export.kv_attention
         "cache_length"  as "sdpa", but positions from the past's length, not position_ids
         "window"        as "sdpa" with a sliding-window mask of `window` keys
+        "is_causal"     as "sdpa" with is_causal=True (top-left aligned: wrong after a past)
     """
 
     def __init__(self, attention="sdpa", vocab=96, dim=64, heads=4, kv_heads=2, layers=2,
@@ -125,6 +126,8 @@ class RopeGqaDecoder(nn.Module):
             att = torch.where(mask, att, float("-inf")).softmax(dim=-1)
             return att @ vr, k, v
         kr, vr = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        if self.attention == "is_causal":
+            return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, is_causal=True), k, v
         return torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask), k, v
 
 

@@ -161,6 +161,16 @@ def test_unrecognised_attention_exports_on_the_slow_path(tmp_path_factory, atten
     assert got.tokens[0] == module_greedy(module, PROMPTS[0], 12)
 
 
+def test_is_causal_with_a_past_is_not_taken_for_the_causal_mask():
+    from arx.export.fast_path import NotRecognised, trace_in_place
+    from arx.manifest import KVLayout
+
+    module = RopeGqaDecoder("is_causal").eval()
+    kv = KVLayout(layers=2, kv_heads=2, head_dim=16, max_seq_len=128)
+    with pytest.raises(NotRecognised, match="is_causal=True, which aligns the mask top-left"):
+        trace_in_place(module, kv, [], [])
+
+
 def test_kv_attention_is_the_plain_math():
     from arx.export import kv_attention
 
