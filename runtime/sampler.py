@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from arx.errors import ArxError
-from arx.plugins.sampling.reference import (COL, SamplingParams, philox_uniform,
-                                            processed_logits)
+from arx.plugins.sampling.reference import (COL, SamplingParams, philox4x32, processed_logits,
+                                            uint_to_uniform)
 
 
 @dataclass(frozen=True)
@@ -74,22 +74,52 @@ class Sampler:
         guidance scale); seen (B, V) bool tokens already in each row (None: no penalty);
         offsets (B,) int64 position of the token being drawn. -> (B,) int64."""
         offsets = np.asarray(offsets, np.int64)
-        batch = offsets.shape[0]
-        params = np.tile(self._row, (batch, 1))
-        presence = seen if seen is not None else np.zeros((batch, logits.shape[-1]), bool)
-        x = processed_logits(logits, params, presence)
+        x = self._processed(logits, seen, offsets.shape[0])
         if not self.options.do_sample:
             return x.argmax(axis=-1).astype(np.int64)
-        o = self.options
-        ids = np.empty(batch, np.int64)
-        for b in range(batch):
-            xb = (x[b] / np.float32(params[b, COL["temperature"]])).astype(np.float32)
-            keep = xb >= kept_threshold(xb, o.top_k, o.top_p)
-            u = philox_uniform(self.seed, int(offsets[b]), b, xb.size)
-            with np.errstate(divide="ignore"):
-                gumbel = -np.log(-np.log(u))
-            ids[b] = int(np.argmax(np.where(keep, xb + gumbel, -np.inf)))
+        ids = np.empty(offsets.shape[0], np.int64)
+        u = uniforms(self.seed, offsets, np.arange(offsets.shape[0]), x.shape[-1])  # (B, V)
+        with np.errstate(divide="ignore"):
+            gumbel = -np.log(-np.log(u))
+        for b in range(offsets.shape[0]):
+            xb, keep = self._filtered(x[b])
+            ids[b] = int(np.argmax(np.where(keep, xb + gumbel[b], -np.inf)))
         return ids
+
+    def probs(self, logits: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
+        """(R, V) float64: the distribution __call__ draws each row from (softmax of the
+        temperature-scaled row over the tokens top-k/top-p keep; greedy: one-hot at the
+        argmax). What speculative sampling's rejection rule compares (runtime/speculative.py)."""
+        x = self._processed(logits, seen, logits.shape[0])
+        out = np.zeros(x.shape, np.float64)
+        if not self.options.do_sample:
+            out[np.arange(x.shape[0]), x.argmax(axis=-1)] = 1.0
+            return out
+        for b in range(x.shape[0]):
+            xb, keep = self._filtered(x[b])
+            w = np.where(keep, np.exp(xb.astype(np.float64) - float(xb[keep].max())), 0.0)
+            out[b] = w / w.sum()
+        return out
+
+    def _processed(self, logits: np.ndarray, seen: np.ndarray | None, rows: int) -> np.ndarray:
+        """Guidance and repetition penalty (the reference's steps 1-2) -> (rows, V) float32."""
+        presence = seen if seen is not None else np.zeros((rows, logits.shape[-1]), bool)
+        return processed_logits(logits, np.tile(self._row, (rows, 1)), presence)
+
+    def _filtered(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Steps 4-6 on one row: the temperature-scaled row (V,) and the kept mask (V,)."""
+        o = self.options
+        xb = (x / np.float32(self._row[COL["temperature"]])).astype(np.float32)
+        return xb, xb >= kept_threshold(xb, o.top_k, o.top_p)
+
+
+def uniforms(seed: int, offsets: np.ndarray, rows: np.ndarray, vocab: int) -> np.ndarray:
+    """(R, V) float32: the reference's philox_uniform(seed, offsets[r], rows[r], vocab) for
+    every r in one vectorised Philox call (counter = (i, offset_lo, offset_hi, row))."""
+    off = np.asarray(offsets, np.int64).astype(np.uint64)[:, None]  # offsets < 2^63
+    i = np.arange(vocab, dtype=np.int64)[None, :]
+    return uint_to_uniform(philox4x32(seed, i, off & np.uint64(0xFFFFFFFF), off >> np.uint64(32),
+                                      np.asarray(rows, np.int64)[:, None]))
 
 
 def kept_threshold(x: np.ndarray, top_k: int, top_p: float) -> np.float32:

@@ -30,6 +30,16 @@ def register(sub) -> None:
     p.add_argument("--engine", metavar="TARGET",
                    help="run the TensorRT engine `arx build --target TARGET` made for this bundle "
                         "(needs TensorRT and a GPU) instead of the ONNX graph on ORT")
+    p.add_argument("--draft", metavar="BUNDLE",
+                   help="speculative decoding: a smaller bundle with the same tokenizer proposes "
+                        "tokens the model verifies several at a time (same output: greedy "
+                        "token for token, sampling in distribution)")
+    p.add_argument("--lookup", type=int, metavar="N",
+                   help="speculative decoding without a draft: propose what followed the last "
+                        "N..1 tokens earlier in the prompt and text (prompt lookup; HF uses 2)")
+    p.add_argument("--speculate", metavar="K|auto",
+                   help="tokens proposed per step with --draft/--lookup (default auto: from 4, "
+                        "+2 after a step that kept all, -1 otherwise)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
     p.add_argument("--no-spin", action="store_true",
                    help="idle threads sleep instead of spinning (better when cores are shared)")
@@ -86,6 +96,7 @@ def run(args) -> int:
     from arx.runtime.decoder import DecoderSession
     from arx.runtime.generate import generate
 
+    spec = _speculation(args)  # flags that contradict each other, before any other check
     needs.check("generate", args)  # --engine
 
     manifest = read_manifest(args.bundle)
@@ -110,7 +121,11 @@ def run(args) -> int:
         backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
                                  spin_wait=not args.no_spin)
         with DecoderSession(args.bundle, backend, manifest) as session:
-            result = generate(session, prompts, options, on_token=stream)
+            if spec is None:
+                result = generate(session, prompts, options, on_token=stream)
+            else:
+                result = _generate_speculative(args, session, backend, prompts, options, spec,
+                                               stream)
     if args.json:
         print(json.dumps(_as_json(result, prompts, tokenizer)))
     elif stream is not None:
@@ -122,6 +137,30 @@ def run(args) -> int:
             print(f"[{i}] {body}")
     _summary(result)
     return 0
+
+
+def _speculation(args):
+    """SpeculativeOptions when --draft/--lookup ask for speculation, else None."""
+    if args.draft is None and args.lookup is None:
+        if args.speculate is not None:
+            raise ArxError("--speculate needs a proposer: --draft BUNDLE or --lookup N")
+        return None
+    if args.engine:
+        raise ArxError("--draft/--lookup run on the ONNX bundle: an engine returns only each "
+                       "row's last logits and verifying k + 1 tokens needs all of them; drop "
+                       "--engine")
+    from arx.runtime.speculative import SpeculativeOptions
+
+    return SpeculativeOptions.parse(args.speculate)
+
+
+def _generate_speculative(args, session, backend, prompts, options, spec, stream):
+    from arx.runtime.proposers import open_proposer
+    from arx.runtime.speculative import generate_speculative
+
+    with open_proposer(session.manifest, args.bundle, draft=args.draft, lookup=args.lookup,
+                       backend_options=backend) as proposer:
+        return generate_speculative(session, proposer, prompts, options, spec, on_token=stream)
 
 
 def _generate_on_engine(bundle, target, prompts, options, stream):
@@ -153,12 +192,25 @@ def _as_json(result, prompts, tokenizer) -> dict:
         if tokenizer is not None:
             item["text"] = tokenizer.decode(toks)
         seqs.append(item)
-    return {"sequences": seqs, "time_to_first_token_s": result.prefill_s,
-            "decode_tokens_per_s": result.decode_tokens_per_s}
+    out = {"sequences": seqs, "time_to_first_token_s": result.prefill_s,
+           "decode_tokens_per_s": result.decode_tokens_per_s}
+    if getattr(result, "speculation", None) is not None:
+        out["speculation"] = result.speculation.to_json()
+    return out
 
 
 def _summary(result) -> None:
     n = sum(len(t) for t in result.tokens)
     print(f"[{n} tokens, finish {','.join(result.finish_reasons)}, "
           f"first after {result.prefill_s * 1e3:.0f} ms, "
-          f"decode {result.decode_tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+          f"decode {result.decode_tokens_per_s:.1f} tokens/s{_speculation_summary(result)}]",
+          file=sys.stderr)
+
+
+def _speculation_summary(result) -> str:
+    s = getattr(result, "speculation", None)
+    if s is None:
+        return ""
+    return (f", {s.method}: {s.acceptance_rate:.0%} of {s.proposed} proposed kept, "
+            f"{s.mean_accepted:.2f} per step, {s.tokens_per_target_step:.2f} tokens per "
+            f"target step")
