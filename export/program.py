@@ -9,8 +9,10 @@ the protocol's `arx_decoder` dict travels in the archive as an extra file:
                       extra_files={"arx_decoder.json": json.dumps(model.arx_decoder)})
 
 The program is checked against that dict here (inputs, dtypes, which dims are dynamic), then
-handed to torch.onnx as it is (arx.export.protocol) and checked for parity through
-`ep.module()`, exactly like a pickled protocol module.
+exported like a pickled protocol module (arx.export.protocol): where its attention over the
+cache is recognised it is re-traced through `ep.module()` into the in-place form
+(export/fast_path.py); otherwise it goes to torch.onnx as it is, with the concatenating cache.
+Parity is checked through `ep.module()` either way.
 """
 
 from __future__ import annotations
