@@ -75,6 +75,7 @@ def apply_precision(model: onnx.ModelProto, precision: str, cache_names: set[str
         return
     low = LOW_TYPES[precision]
     graph = model.graph
+    del graph.value_info[:]  # intermediate types recorded by an exporter go stale here
     ed = GraphEditor(graph, prefix="precision")
     keep = _norm_params(graph)
     _convert_initializers(graph, low, keep)

@@ -251,3 +251,23 @@ def test_weight_only_bundle_builds_as_qdq_blocks(exported_bundle, tmp_path, bits
         np.testing.assert_allclose(last, ref, atol=atol, rtol=0)
     with pytest.raises(ArxError, match="--precision fp16"):
         form_for(bundle, precision="int8")
+
+
+def test_low_precision_drops_stale_value_info(exported_bundle, tmp_path):
+    """An exporter's recorded intermediate types (torch.onnx writes value_info) would contradict
+    the fp16 graph and fail strict shape inference: the precision pass drops them."""
+    import shutil
+
+    from onnx import helper
+
+    bundle = tmp_path / "llama.arx"
+    shutil.copytree(exported_bundle("llama"), bundle)
+    m = read_manifest(bundle)
+    model = onnx.load(str(bundle / m.decoder.file))
+    model.graph.value_info.append(helper.make_tensor_value_info(
+        model.graph.node[0].output[0], onnx.TensorProto.FLOAT, None))
+    onnx.save_model(model, str(bundle / m.decoder.file), save_as_external_data=True,
+                    location=m.decoder.file + ".data", all_tensors_to_one_file=True)
+    form = form_for(bundle, precision="fp16")
+    assert not form.model.graph.value_info
+    onnx.checker.check_model(form.model, full_check=True)
