@@ -60,7 +60,8 @@ class ArxEngine:
 
 
 class _Stamps:
-    """A transformers streamer that only stamps the time of each put (the first is the prompt)."""
+    """A transformers streamer that only stamps the time of each token put (the first put is
+    the prompt; assisted generation puts several tokens at once, each gets the put's time)."""
 
     def __init__(self):
         self.stamps: list[float] = []
@@ -70,7 +71,7 @@ class _Stamps:
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.stamps.append(time.perf_counter())
+        self.stamps.extend([time.perf_counter()] * int(value.numel()))
 
     def end(self) -> None:
         pass
@@ -87,6 +88,7 @@ class HfEngine:
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch.float32, attn_implementation="eager").eval()
+        self.extra: dict = {}  # more generate() arguments (bench_speculative: assistant_model)
 
     def run(self, prompt: list[int], new_tokens: int) -> RunTiming:
         torch = self.torch
@@ -97,8 +99,8 @@ class HfEngine:
             out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                       max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                       do_sample=False, use_cache=True, eos_token_id=None,
-                                      pad_token_id=0, streamer=streamer)
-        return _timing(t0, streamer.stamps, out[0, len(prompt):].tolist())
+                                      pad_token_id=0, streamer=streamer, **self.extra)
+        return _timing(t0, streamer.stamps[:new_tokens], out[0, len(prompt):].tolist())
 
     def close(self) -> None:
         self.model = None
