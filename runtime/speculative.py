@@ -42,8 +42,11 @@ ACCEPT_STREAM, RESIDUAL_STREAM = 1 << 61, 1 << 62  # Philox offsets = position |
 @dataclass(frozen=True)
 class SpeculativeOptions:
     k: int = 4  # tokens proposed per row and step (the start when adaptive)
-    adaptive: bool = False  # HF's rule per row: +2 after a step that kept all, else -1
-    max_k: int = 16  # adaptive k stays in 1..max_k
+    # HF's rule per row: +2 after a step that kept all, else -1; at 0 the row makes plain steps
+    # for `cooldown` steps, then tries k = 1 again (a draft that never agrees costs little)
+    adaptive: bool = False
+    max_k: int = 16  # adaptive k stays in 0..max_k
+    cooldown: int = 8
 
     def __post_init__(self):
         if self.k < 1 or self.max_k < self.k:
@@ -123,7 +126,8 @@ def generate_speculative(session, proposer, prompts: list[list[int]], options: G
     loop = _Loop(session, steps, proposer, options, spec, result, text, plens.copy(), seen,
                  on_token)
     try:
-        proposer.start(batch, longest + spec.max_k + 2, steps.sampling)
+        # the draft lags by up to cooldown + 2 tokens and runs k - 1 past the text
+        proposer.start(batch, longest + spec.max_k + spec.cooldown + 3, steps.sampling)
         loop.run(plens)
     finally:
         steps.close()
@@ -151,6 +155,7 @@ class _Loop:
         self.options, self.spec, self.result = options, spec, result
         self.text, self.lengths, self.seen, self.on_token = text, lengths, seen, on_token
         self.k = np.full(len(lengths), spec.k, np.int64)
+        self.idle = np.zeros(len(lengths), np.int64)  # steps each row has spent at k = 0
         self.done = np.zeros(len(lengths), bool)
         self.eos = np.array(session.manifest.tokenizer.eos_token_ids or [-1], np.int64)
 
@@ -188,10 +193,16 @@ class _Loop:
         stats.accepted += int(accepted[live].sum())
         stats.produced += produced
         if self.spec.adaptive:
-            tried = prop.lengths > 0
-            grown = np.where(accepted == prop.lengths, self.k + 2, self.k - 1)
-            self.k = np.where(tried, np.clip(grown, 1, self.spec.max_k), self.k)
+            self._adapt(prop.lengths, accepted)
         return produced
+
+    def _adapt(self, proposed: np.ndarray, accepted: np.ndarray) -> None:
+        tried = proposed > 0
+        grown = np.where(accepted == proposed, self.k + 2, self.k - 1)
+        k = np.where(tried, np.clip(grown, 0, self.spec.max_k), self.k)
+        idle = np.where(k == 0, self.idle + 1, 0)
+        retry = idle > self.spec.cooldown
+        self.k, self.idle = np.where(retry, 1, k), np.where(retry, 0, idle)
 
     def _want(self) -> np.ndarray:
         """Proposals each row may get: its k, one fewer than the tokens it still needs (the

@@ -39,7 +39,8 @@ def register(sub) -> None:
                         "N..1 tokens earlier in the prompt and text (prompt lookup; HF uses 2)")
     p.add_argument("--speculate", metavar="K|auto",
                    help="tokens proposed per step with --draft/--lookup (default auto: from 4, "
-                        "+2 after a step that kept all, -1 otherwise)")
+                        "+2 after a step that kept all, -1 otherwise; at 0, plain steps for 8 "
+                        "steps, then 1 again)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
     p.add_argument("--no-spin", action="store_true",
                    help="idle threads sleep instead of spinning (better when cores are shared)")
