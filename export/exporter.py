@@ -67,15 +67,20 @@ def export_model(*, source: str | Path, output: str | Path,
                 raise ArxError("--inputs-embeds is for Hugging Face checkpoints; a decoder-protocol "
                                "module takes what its forward takes: export it without the flag")
 
+            from arx.export.image_protocol import export_image_decoder, image_spec
+
+            # an image-token module (arx_image) adds its VQ decoder stage and pipeline
+            export = export_image_decoder if image_spec(src.module) else export_protocol_decoder
             with steps.step("tracing the decoder-protocol module to decoder.onnx"):
-                decoder = export_protocol_decoder(src, tmp, options)
+                decoder = export(src, tmp, options)
         with steps.step("exporting the tokenizer"):
             tokenizer = _export_tokenizer(src, tmp)
-        stage = dataclasses.replace(decoder.stage, kv=decoder.kv, token_space="text")
+        space = decoder.pipeline.token_space
+        stage = dataclasses.replace(decoder.stage, kv=decoder.kv, token_space=space)
         manifest = Manifest(
             family=decoder.family, vocab_size=decoder.vocab_size,
-            stages={"decoder": stage, **_shared_kv(decoder.extra_stages, decoder.kv),
-                    **decoder.plain_stages},
+            stages={"decoder": stage, **_shared_kv(decoder.extra_stages, decoder.kv, space),
+                    **decoder.plain_stages}, token_spaces=dict(decoder.token_spaces),
             tokenizer=tokenizer, generation=_generation_defaults(src), model=decoder.model_info,
             provenance=_provenance(src), extensions=dict(decoder.extensions),
             pipeline=decoder.pipeline)
@@ -104,11 +109,12 @@ class DecoderExport:
     extensions: dict = dataclasses.field(default_factory=dict)  # manifest sections they need
     plain_stages: dict = dataclasses.field(default_factory=dict)  # stages without a KV (embedder)
     pipeline: Pipeline = dataclasses.field(default_factory=Pipeline)
+    token_spaces: dict = dataclasses.field(default_factory=dict)  # {}: the text vocabulary
 
 
-def _shared_kv(stages: dict, kv: KVLayout) -> dict:
+def _shared_kv(stages: dict, kv: KVLayout, space: str) -> dict:
     """Extra decoder stages (decoder_step) run on the decoder's own cache: same KV layout."""
-    return {k: dataclasses.replace(s, kv=kv, token_space="text") for k, s in stages.items()}
+    return {k: dataclasses.replace(s, kv=kv, token_space=space) for k, s in stages.items()}
 
 
 def resolve_max_seq_len(options: ExportOptions, model_max: int | None) -> int:

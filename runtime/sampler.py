@@ -33,6 +33,7 @@ class SamplingOptions:
     top_p: float = 1.0  # 1.0: off
     repetition_penalty: float = 1.0  # 1.0: off
     seed: int | None = None  # None: a fresh random seed per Sampler
+    cfg_scale: float = 1.0  # guidance of 2B logit rows (cond, then uncond); 1: cond as it is
 
     def __post_init__(self):
         if not (self.temperature > 0 and np.isfinite(self.temperature)):
@@ -47,12 +48,15 @@ class SamplingOptions:
                            f"1 turns it off")
         if self.seed is not None and self.seed < 0:
             raise ArxError(f"--seed must be >= 0 (got {self.seed})")
+        if not (self.cfg_scale >= 0 and np.isfinite(self.cfg_scale)):
+            raise ArxError(f"--cfg must be >= 0 (got {self.cfg_scale}); 1 turns guidance off")
 
     def params(self) -> SamplingParams:
         """One row of arx::sample's `params` (temperature 0 = greedy, the plugin's rule)."""
         return SamplingParams(temperature=self.temperature if self.do_sample else 0.0,
                               top_k=self.top_k, top_p=self.top_p,
-                              repetition_penalty=self.repetition_penalty)
+                              repetition_penalty=self.repetition_penalty,
+                              cfg_scale=self.cfg_scale)
 
 
 def resolve_seed(seed: int | None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from arx.commands.generate_image import register_image_args, run_image, wants_image
 from arx.errors import ArxError
 
 
@@ -14,6 +15,8 @@ def register(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     src.add_argument("--prompt-ids", action="append", help="comma-separated token ids; repeat for a batch")
+    src.add_argument("--class", dest="class_", type=int, action="append", metavar="N",
+                     help="class label of an image-token bundle; repeat for several")
     p.add_argument("--max-new-tokens", metavar="N|context",
                    help="new tokens per prompt, or 'context' for as many as the context holds; "
                         "default: the bundle's generation default, stopping early (finish reason "
@@ -45,6 +48,7 @@ def register(sub) -> None:
     p.add_argument("--no-spin", action="store_true",
                    help="idle threads sleep instead of spinning (better when cores are shared)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    register_image_args(p)
     p.set_defaults(run=run)
 
 
@@ -101,6 +105,8 @@ def run(args) -> int:
     needs.check("generate", args)  # --engine
 
     manifest = read_manifest(args.bundle)
+    if wants_image(args) or manifest.pipeline.kind == "image-tokens":
+        return run_image(args, manifest, _options)
     options = _options(args, manifest.generation)
     tokenizer = None
     if args.prompt is not None or manifest.tokenizer.file:
