@@ -53,6 +53,11 @@ class ProfileOptions:
     roofline: bool = True
     seed: int = 0
     engine: str | None = None  # a build target: time its TensorRT engine, not the ONNX graph
+    # speculative decoding timed beside plain decoding (runtime/speculative.py): a draft
+    # bundle or prompt lookup's n-gram size, and --speculate K|auto
+    draft: str | None = None
+    lookup: int | None = None
+    speculate: str | None = None
 
     def __post_init__(self):
         for name, values in (("--prompt-len", self.prompt_lens), ("--batch", self.batches)):
@@ -166,6 +171,7 @@ class ShapeResult:
     runs: list[dict] = field(default_factory=list)
     roofline: dict | None = None
     op_breakdown: dict[str, list[dict]] = field(default_factory=dict)
+    speculation: dict | None = None  # the same shape with --draft/--lookup, and its speed-up
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -193,7 +199,7 @@ def _run_stats(r: GenerationResult, batch: int) -> dict:
     steps = np.array(r.step_s) * 1e3
     p50, p90, p99 = np.percentile(steps, [50, 90, 99])
     return {"ttft_ms": r.prefill_s * 1e3, "p50": float(p50), "p90": float(p90), "p99": float(p99),
-            "tokens_per_s": batch * len(steps) / (steps.sum() / 1e3)}
+            "tokens_per_s": r.decode_tokens_per_s}  # a speculative step makes several
 
 
 def _generate_options(opts: ProfileOptions) -> GenerateOptions:
@@ -255,6 +261,10 @@ def profile_bundle(bundle: str | Path, opts: ProfileOptions, *, bandwidth: float
         run = lambda prompts, o: generate(session, prompts, o)  # noqa: E731
         for p, b in opts.shapes:
             results.append(time_shape(run, manifest.vocab_size, opts, p, b, tick))
+        if opts.draft or opts.lookup:
+            from arx.runtime.speculative import profile_speculation
+
+            profile_speculation(session, bundle, opts, results, tick)
     if opts.op_breakdown:
         trace_ops(PROFILERS["onnxruntime"](bundle, manifest, backend_opts), opts, results, tick)
     weights = None
@@ -288,7 +298,8 @@ def _model_facts(m: Manifest) -> dict:
 def progress_total(opts: ProfileOptions) -> int:
     """Generations one bundle takes (for a progress bar)."""
     n = len(opts.shapes)
-    return n * (opts.warmup + opts.runs) + (n if opts.op_breakdown and not opts.engine else 0)
+    timed = n * (opts.warmup + opts.runs) * (2 if opts.draft or opts.lookup else 1)
+    return timed + (n if opts.op_breakdown and not opts.engine else 0)
 
 
 __all__ = ["ProfileOptions", "OpProfiler", "OrtTraceProfiler", "OpTime", "ShapeResult",

@@ -64,6 +64,24 @@ class SpeculativeOptions:
         return SpeculativeOptions(k=k, max_k=max(k, SpeculativeOptions.max_k))
 
 
+def from_flags(draft, lookup, speculate, engine) -> SpeculativeOptions | None:
+    """--draft BUNDLE / --lookup N / --speculate K|auto of arx generate and arx profile,
+    checked before anything loads; None when no speculation is asked for."""
+    if draft is None and lookup is None:
+        if speculate is not None:
+            raise ArxError("--speculate needs a proposer: --draft BUNDLE or --lookup N")
+        return None
+    if draft is not None and lookup is not None:
+        raise ArxError("speculation takes one proposer: --draft BUNDLE or --lookup N, not both")
+    if lookup is not None and lookup < 1:
+        raise ArxError(f"--lookup takes the longest n-gram to match, >= 1 (got {lookup})")
+    if engine:
+        raise ArxError("--draft/--lookup run on the ONNX bundle: an engine returns only each "
+                       "row's last logits and verifying k + 1 tokens needs all of them; drop "
+                       "--engine")
+    return SpeculativeOptions.parse(speculate)
+
+
 @dataclass
 class SpeculationStats:
     method: str  # "draft" | "lookup"
@@ -323,3 +341,28 @@ def residual_draw(q: np.ndarray, p: np.ndarray, seed: int, pos: int, row: int) -
     with np.errstate(divide="ignore"):
         score = np.log(r) - np.log(-np.log(u.astype(np.float64)))
     return int(np.argmax(score))
+
+
+def profile_speculation(session, bundle, opts, results, tick) -> None:
+    """`arx profile --draft/--lookup`: time every shape again with speculation (the profiler's
+    prompts, greedy) and set each result's `speculation`: its speed, acceptance and speed-up
+    over the plain timing in `results`."""
+    from arx.runtime.proposers import open_proposer
+    from arx.runtime.profiler import time_shape
+
+    spec, last = SpeculativeOptions.parse(opts.speculate), []
+
+    def run(prompts, options):
+        last[:] = [generate_speculative(session, proposer, prompts, options, spec)]
+        return last[0]
+
+    with open_proposer(session.manifest, bundle, draft=opts.draft, lookup=opts.lookup,
+                       backend_options=session.options) as proposer:
+        for r in results:
+            timed = time_shape(run, session.manifest.vocab_size, opts, r.prompt_len, r.batch, tick)
+            stats = last[0].speculation.to_json()
+            r.speculation = {"ttft_ms": timed.ttft_ms, "decode_ms": timed.decode_ms,
+                             "tokens_per_s": timed.tokens_per_s,
+                             "speedup": timed.tokens_per_s / r.tokens_per_s if r.tokens_per_s else 0,
+                             **{k: stats[k] for k in ("method", "acceptance_rate", "mean_accepted",
+                                                      "tokens_per_target_step")}}

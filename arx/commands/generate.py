@@ -148,17 +148,9 @@ def run(args) -> int:
 
 def _speculation(args):
     """SpeculativeOptions when --draft/--lookup ask for speculation, else None."""
-    if args.draft is None and args.lookup is None:
-        if args.speculate is not None:
-            raise ArxError("--speculate needs a proposer: --draft BUNDLE or --lookup N")
-        return None
-    if args.engine:
-        raise ArxError("--draft/--lookup run on the ONNX bundle: an engine returns only each "
-                       "row's last logits and verifying k + 1 tokens needs all of them; drop "
-                       "--engine")
-    from arx.runtime.speculative import SpeculativeOptions
+    from arx.runtime.speculative import from_flags
 
-    return SpeculativeOptions.parse(args.speculate)
+    return from_flags(args.draft, args.lookup, args.speculate, args.engine)
 
 
 def _generate_speculative(args, session, backend, prompts, options, spec, stream):

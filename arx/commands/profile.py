@@ -20,6 +20,11 @@ def register(sub) -> None:
     p.add_argument("--compare", metavar="OTHER", help="a second bundle, profiled the same way, side by side")
     p.add_argument("--engine", metavar="TARGET", help="time the TensorRT engine `arx build --target "
                    "TARGET` made (needs TensorRT and a GPU) instead of the ONNX graph")
+    p.add_argument("--draft", metavar="BUNDLE", help="also time speculative decoding with this "
+                   "draft bundle (same tokenizer): acceptance, tokens per target step, speed-up")
+    p.add_argument("--lookup", type=int, metavar="N", help="also time speculative decoding with "
+                   "prompt lookup (n-grams up to N); the profile's prompts are random ids")
+    p.add_argument("--speculate", metavar="K|auto", help="tokens proposed per step (default auto)")
     p.add_argument("--no-ops", action="store_true", help="skip the per-op breakdown (a traced run)")
     p.add_argument("--no-roofline", action="store_true", help="skip the bandwidth measurement")
     p.add_argument("--json", metavar="FILE", help="write the full report as JSON")
@@ -44,27 +49,36 @@ def _options(args):
     return ProfileOptions(prompt_lens=_ints("--prompt-len", args.prompt_len), gen_len=args.gen_len,
                           batches=_ints("--batch", args.batch), runs=args.runs, warmup=args.warmup,
                           device=args.device, threads=args.threads, op_breakdown=not args.no_ops,
-                          roofline=not args.no_roofline and not args.engine, engine=args.engine)
+                          roofline=not args.no_roofline and not args.engine, engine=args.engine,
+                          draft=args.draft, lookup=args.lookup, speculate=args.speculate)
 
 
 def run(args) -> int:
     from arx import needs
     from arx.manifest import read_manifest
 
+    _check_speculation(args)  # flags that contradict each other, first
     needs.check("profile", args)  # --plot, --engine: before minutes of timing
     opts = _options(args)  # validates before anything is loaded
     bundles = [args.bundle] + ([args.compare] if args.compare else [])
+    bundles += [args.draft] if args.draft else []  # its context must hold the same shapes
     for b in bundles:  # fail on a bad second bundle before minutes of timing the first
         from pathlib import Path
 
         opts.check_context(read_manifest(b), Path(b))
-    report = profile(bundles, opts, progress=not args.quiet)
+    report = profile(bundles[: 1 + bool(args.compare)], opts, progress=not args.quiet)
     print(format_report(report))
     if args.json:
         _write(args.json, lambda f: f.write(json.dumps(report, indent=2) + "\n"))
     if args.plot:
         plot(report, args.plot)
     return 0
+
+
+def _check_speculation(args) -> None:
+    from arx.runtime.speculative import from_flags
+
+    from_flags(args.draft, args.lookup, args.speculate, args.engine)
 
 
 def _write(path: str, fn) -> None:
@@ -95,7 +109,8 @@ def profile(bundles: list[str], opts, progress: bool = True) -> dict:
     return {
         "options": {"prompt_lens": list(opts.prompt_lens), "gen_len": opts.gen_len,
                     "batches": list(opts.batches), "runs": opts.runs, "warmup": opts.warmup,
-                    "device": opts.device, "threads": opts.threads},
+                    "device": opts.device, "threads": opts.threads, "draft": opts.draft,
+                    "lookup": opts.lookup, "speculate": opts.speculate},
         "machine": {"cpu": _cpu_name(platform), "cpus_usable": len(os.sched_getaffinity(0)),
                     "load_average": list(os.getloadavg()), "onnxruntime": onnxruntime.__version__,
                     "memory_bandwidth": bw},
@@ -180,6 +195,12 @@ def _details(p: dict) -> list[str]:
             if ops:
                 top = ", ".join(f"{o['op_type']} {100 * o['share']:.0f}%" for o in ops[:6])
                 out.append(f"  where time goes ({phase}, {at}): {top}")
+        spec = r.get("speculation")
+        if spec:
+            out.append(f"  speculation ({at}, {spec['method']}): {spec['acceptance_rate']:.0%} "
+                       f"of proposals kept, {spec['tokens_per_target_step']:.2f} tokens per "
+                       f"target step, {spec['tokens_per_s']:.1f} tokens/s = "
+                       f"{spec['speedup']:.2f}x plain, TTFT {spec['ttft_ms']:.1f} ms")
         roof = r.get("roofline")
         if roof:
             out.append(f"  roofline ({at}): a decode step reads {roof['weight_mb']:.1f} MB weights + "

@@ -244,3 +244,28 @@ def test_cli_refuses_a_draft_of_another_vocabulary(exported_bundle, tmp_path, ca
     proc = _cli(capsys, "generate", exported_bundle("llama"), "--prompt-ids", "1,2,3",
                 "--draft", draft)
     assert_one_line(proc, "vocabulary of 200 tokens, the target 160")
+
+
+def test_profile_times_speculation_beside_plain(exported_bundle, perturbed_draft, tmp_path,
+                                               capsys):
+    """arx profile --draft: each shape gets acceptance, tokens per target step and the speed-up
+    over its plain timing, in the JSON and the text report."""
+    bundle, out = exported_bundle("llama"), tmp_path / "p.json"
+    proc = _cli(capsys, "profile", bundle, "--draft", perturbed_draft("llama"), "--prompt-len",
+                "8", "--batch", "1,2", "--gen-len", "24", "--runs", "1", "--warmup", "0",
+                "--no-ops", "--no-roofline", "--quiet", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["options"]["draft"] == str(perturbed_draft("llama"))
+    for r in report["bundles"][0]["results"]:
+        s = r["speculation"]
+        assert s["method"] == "draft" and 0 < s["acceptance_rate"] < 1
+        assert s["tokens_per_target_step"] > 1 and s["speedup"] > 0
+    assert proc.stdout.count("speculation (prompt 8") == 2
+
+
+def test_profile_refuses_bad_speculation_flags(exported_bundle, capsys):
+    bundle = exported_bundle("llama")
+    assert_one_line(_cli(capsys, "profile", bundle, "--speculate", "2"), "needs a proposer")
+    assert_one_line(_cli(capsys, "profile", bundle, "--lookup", "2", "--engine", "h100"),
+                    "drop --engine")
