@@ -20,7 +20,7 @@ from typing import Iterator
 
 # the frames of an import in progress (the import system is these two frozen modules)
 _IMPORT_FILES = ("<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>")
-_RECHECK_S = 0.02
+_RECHECK_S = 0.002  # the window a held Ctrl-C lets the command run on
 
 
 def importing(frame) -> bool:

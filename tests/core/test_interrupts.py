@@ -66,7 +66,7 @@ def interrupt_while_importing(tmp_path: Path, argv: list[str]) -> subprocess.Com
 
 def test_ctrl_c_while_generate_imports_onnxruntime(tmp_path, exported_bundle):
     got = interrupt_while_importing(tmp_path, ["generate", str(exported_bundle("llama")),
-                                               "--prompt-ids", "1,5,9", "--max-new-tokens", "4"])
+                                               "--prompt-ids", "1,5,9", "--max-new-tokens", "64"])
     assert got.returncode == 130, got.stderr
     assert got.stderr.strip() == "arx: interrupted", got.stderr
     assert got.stdout == ""  # stopped before generating
