@@ -106,6 +106,9 @@ def run(args) -> int:
 
     manifest = read_manifest(args.bundle)
     if wants_image(args) or manifest.pipeline.kind == "image-tokens":
+        if spec is not None:  # speculation on image tokens (Jacobi, LANTERN) is not built yet
+            raise ArxError("--draft/--lookup speculate on text tokens; image-token generation "
+                           "does not take them yet: drop them")
         return run_image(args, manifest, _options)
     options = _options(args, manifest.generation)
     tokenizer = None

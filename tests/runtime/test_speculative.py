@@ -195,6 +195,7 @@ def test_draft_needs_the_same_tokenizer(exported_bundle, tmp_path):
 
 
 def _cli(capsys, *argv):
+    capsys.readouterr()  # not what fixtures printed while building models
     code = main(list(map(str, argv)))
     out = capsys.readouterr()
     return subprocess.CompletedProcess(argv, code, out.out, out.err)
@@ -232,6 +233,11 @@ def test_cli_refuses_bad_speculation_flags(extra, fragment, exported_bundle, tmp
     extra = [{"SELF": bundle, "NOPE": tmp_path / "nope.arx"}.get(x, x) for x in extra]
     proc = _cli(capsys, "generate", bundle, "--prompt-ids", "1,2,3", "--json", *extra)
     assert_one_line(proc, fragment)
+
+
+def test_cli_refuses_speculation_on_image_tokens(exported_bundle, capsys):
+    proc = _cli(capsys, "generate", exported_bundle("llama"), "--class", "3", "--lookup", "2")
+    assert_one_line(proc, "image-token generation does not take them")
 
 
 def test_cli_refuses_a_draft_of_another_vocabulary(exported_bundle, tmp_path, capsys):
