@@ -35,6 +35,7 @@ class BuildResult:
     kind: str  # "engine" | "kit"
     path: Path
     note: str | None = None  # why a kit was made instead of an engine
+    check: dict | None = None  # the engine check's report (engines only)
 
 
 def build_bundle(bundle: str | Path, options: BuildOptions) -> BuildResult:
@@ -55,17 +56,17 @@ def build_bundle(bundle: str | Path, options: BuildOptions) -> BuildResult:
             out.parent.mkdir(parents=True, exist_ok=True)
         with steps.step(f"build kit -> {out}"), \
                 atomic_bundle(out, overwrite=options.overwrite or inside) as tmp:
-            write_kit(tmp, manifest, form, options, log=log)
+            write_kit(tmp, bundle, manifest, form, options, log=log)
         result = BuildResult("kit", out, reason)
     else:
         out = bundle / "engines" / t.name
         out.parent.mkdir(exist_ok=True)
         cache = options.timing_cache or bundle / "engines" / f"timing.{t.name}.cache"
         with steps.step(f"engine -> {out / ENGINE_FILE}"), atomic_bundle(out, overwrite=True) as tmp:
-            report = build_engine_files(tmp, form, options, cache, log=log)
+            report = build_engine_files(tmp, form, options, cache, bundle, manifest, log=log)
             report["aliases"] = {present: past for past, present in manifest.kv.pairs()}
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        result = BuildResult("engine", out)
+        result = BuildResult("engine", out, check=report["check"])
     _record(bundle, manifest, options, result, form.stage.to_json())
     return result
 
@@ -83,7 +84,7 @@ def _record(bundle: Path, manifest: Manifest, options: BuildOptions, result: Bui
     builds[options.target_info.name] = {
         "kind": result.kind, "path": where, "precision": options.precision,
         "max_batch": options.batch(), "max_seq_len": options.max_seq_len or manifest.kv.max_seq_len,
-        "portable": options.portable, "io": io,
+        "portable": options.portable, "io": io, "check": result.check,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     manifest.builds = builds
     tmp = bundle / f".{MANIFEST_NAME}.tmp"

@@ -1,17 +1,21 @@
 """Engine builds inside arx (thin): check TensorRT + GPU, register the plugins, run trt_build.
 
-Everything that needs TensorRT is in trt_build.py (shared with the kits) and is imported only
-here, after `engine_unavailable_reason()` said TensorRT and a GPU are present.
+Everything that needs TensorRT is in trt_build.py and trt_check.py (shared with the kits) and is
+imported only here, after `engine_unavailable_reason()` said TensorRT, Polygraphy and a GPU are
+present. A built engine is checked against ONNX Runtime before it is kept (check.py).
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import tempfile
 from pathlib import Path
 
 from arx.errors import ArxError
+from arx.manifest import Manifest
 
+from .check import check_engine_file, gate
 from .form import TensorRTForm, save_form
 from .kit import build_plan
 from .options import BuildOptions
@@ -47,14 +51,17 @@ def engine_unavailable_reason() -> str | None:
         return "TensorRT is not installed here (pip install 'arx[gpu]' and the TensorRT libraries)"
     except ArxError:
         return "TensorRT's Python bindings are here but its libraries (libnvinfer) are not"
+    if importlib.util.find_spec("polygraphy") is None:  # builds through it and checks with it
+        return "Polygraphy is not installed here (pip install 'arx[gpu]')"
     if cuda_device_count() == 0:
         return "no CUDA GPU is visible on this machine"
     return None
 
 
 def build_engine_files(folder: Path, form: TensorRTForm, options: BuildOptions,
-                       timing_cache: Path, log=print) -> dict:
-    """Build decoder.engine into `folder` (a temp folder the caller renames); return the report."""
+                       timing_cache: Path, bundle: Path, manifest: Manifest, log=print) -> dict:
+    """Build decoder.engine into `folder` (a temp folder the caller renames), check it against
+    ONNX Runtime (refused over the tolerance unless --force); return the report."""
     from arx.plugins.tensorrt import register_plugins
 
     from . import trt_build
@@ -76,4 +83,8 @@ def build_engine_files(folder: Path, form: TensorRTForm, options: BuildOptions,
                   max_batch=options.batch(), max_seq_len=form.spec.s_max,
                   plan=plan, attention=options.attention, sampler=options.sampler,
                   plugin_impl=options.plugin_impl if form.uses_plugins else None)
+    log("  checking the engine against ONNX Runtime (prefill + decode steps)")
+    report["check"] = check_engine_file(folder / ENGINE_FILE, bundle, manifest, report["io"],
+                                        form.spec.s_max, options.precision)
+    gate(report["check"], options.force)  # before the caller renames the folder into place
     return report

@@ -5,7 +5,11 @@
       plugins/<tag>.<sm>.ptx    AOT plugin kernels for the target's SM (+ .json launch params)
       kit_plugins.py            copy of arx/plugins/trt_contract.py: tensorrt.plugin
                                 descriptors + AOT launch, reading that PTX
-      build_engine.py           TensorRT Python build (profiles, timing cache, progress)
+      build_engine.py           TensorRT Python build (profiles, timing cache, progress), then
+                                runs the engine check (kit.json "check")
+      check_engine.py           the engine vs ONNX Runtime's outputs (Polygraphy comparator)
+      check_inputs.npz          the check's steps (feeds without the cache)
+      check_reference.npz       ONNX Runtime's outputs on the bundle's decoder for those steps
       build_trtexec.sh          the same build with trtexec: plugin-free forms only (trtexec
                                 cannot load Python plugins; see README)
       (a plugin-free form, --no-plugins, has no plugins/ and no kit_plugins.py)
@@ -26,6 +30,7 @@ from arx import __version__
 from arx.manifest import Manifest
 from arx.plugins import trt_contract
 
+from .check import CHECK_SCRIPT, DECODE_STEPS, POLYGRAPHY, write_kit_check
 from .form import FORM_FILE, TensorRTForm, save_form
 from .options import BuildOptions
 from .profiles import Profile, make_profiles, merged_profile, trtexec_shapes
@@ -91,7 +96,7 @@ def compile_plugin_ptx(form: TensorRTForm, sm: str, folder: Path, log=print) -> 
 
 
 def kit_manifest(manifest: Manifest, form: TensorRTForm, options: BuildOptions, sm: str,
-                 profiles: list[Profile], files: list[str]) -> dict:
+                 profiles: list[Profile], files: list[str], engine_check: dict) -> dict:
     t: Target = options.target_info
     return {"format": KIT_FORMAT, "format_version": 1, "arx": __version__,
             "family": manifest.family, "target": t.to_json(), "plugin_sm": sm,
@@ -104,11 +109,12 @@ def kit_manifest(manifest: Manifest, form: TensorRTForm, options: BuildOptions, 
                    "dtype": form.spec.cache_dtype,
                    "aliases": {q: p for p, q in manifest.kv.pairs()}},
             "tokenizer": {"eos_token_ids": list(manifest.tokenizer.eos_token_ids)},
-            "build": build_plan(form, profiles, options), "files": sorted(files)}
+            "build": build_plan(form, profiles, options), "check": engine_check,
+            "files": sorted(files)}
 
 
-def write_kit(folder: Path, manifest: Manifest, form: TensorRTForm, options: BuildOptions,
-              log=print) -> dict:
+def write_kit(folder: Path, bundle: Path, manifest: Manifest, form: TensorRTForm,
+              options: BuildOptions, log=print) -> dict:
     """Fill `folder` (an empty, temporary folder: the caller renames it into place)."""
     t = options.target_info
     sm = PORTABLE_SM if options.portable else t.sm
@@ -120,8 +126,11 @@ def write_kit(folder: Path, manifest: Manifest, form: TensorRTForm, options: Bui
         shutil.copyfile(KIT_PLUGINS_SOURCE, folder / "kit_plugins.py")
         files.append("kit_plugins.py")
     shutil.copyfile(_HERE / "trt_build.py", folder / "build_engine.py")
-    files += ["build_engine.py", "build_trtexec.sh", "README.md", "kit.json"]
-    kit = kit_manifest(manifest, form, options, sm, profiles, files)
+    shutil.copyfile(_HERE / "trt_check.py", folder / CHECK_SCRIPT)
+    engine_check = write_kit_check(folder, bundle, manifest, form.stage.to_json(), form.spec.s_max,
+                                   options.precision, form.uses_plugins)
+    files += ["build_engine.py", *engine_check["files"], "build_trtexec.sh", "README.md", "kit.json"]
+    kit = kit_manifest(manifest, form, options, sm, profiles, files, engine_check)
     (folder / "build_trtexec.sh").write_text(trtexec_script(kit, merged_profile(profiles)))
     (folder / "build_trtexec.sh").chmod(0o755)
     (folder / "README.md").write_text(readme(kit, options))
@@ -169,10 +178,19 @@ Precision {kit['precision']}, max batch {kit['max_batch']}, static KV cache of
 
 ## Requirements
 - TensorRT {req['tensorrt']}: its Python package (`import tensorrt`) for build_engine.py{trtexec_only}
+- Polygraphy (`pip install polygraphy=={POLYGRAPHY}`: pure Python, no dependencies) and numpy
+  for check_engine.py, which build_engine.py runs after the build (`--no-check`: TensorRT alone)
 {jetpack}- a GPU of compute capability {t['compute_capability'][0]}.{t['compute_capability'][1]}
 
 ## Build
     python3 build_engine.py          # writes decoder.engine, timing.cache, build_report.json
+
+then checks the engine (check_engine.py, the command line in kit.json "check"): a ragged prefill
+and {DECODE_STEPS} decode steps against ONNX Runtime's outputs on the bundle's own graph
+(check_reference.npz, made by arx): each output (last_logits per step, every layer's cache after
+the last) within {kit['check']['tolerance']:g} of its largest value ({kit['precision']}). Over that,
+the engine is renamed decoder.engine.rejected, the worst output is named and the errors go into
+build_report.json "check"; `--force` keeps it, `--no-check` skips the check.
 {_trtexec_note(kit)}
 ## Engine IO (see kit.json "io")
 - inputs: {", ".join(t["name"] for t in kit["io"]["inputs"] if not t["name"].startswith("past_key"))},

@@ -40,6 +40,7 @@ class BuildOptions:
     timing_cache: Path | None = None  # None: <bundle>/engines/<target>/timing.cache
     workspace_gb: float | None = None  # builder workspace limit; None: TensorRT's default
     overwrite: bool = False
+    force: bool = False  # keep an engine whose check against ONNX Runtime failed
     progress: bool = True
 
     def __post_init__(self):

@@ -4,10 +4,15 @@
 This one file serves twice: `arx build` imports it (arx.builder.trt_build) when TensorRT and a
 GPU are present, and every build kit carries a verbatim copy as build_engine.py, run on the
 device with only TensorRT's Python package: it imports nothing from arx (stdlib + tensorrt).
+After a kit's build, main() runs the kit's engine check (check_engine.py, which needs Polygraphy).
 
-    python build_engine.py                  # in the kit folder: writes decoder.engine
-    python build_engine.py --kit DIR --engine OUT.engine --timing-cache FILE
+    python build_engine.py                  # in the kit folder: writes decoder.engine, checks it
+    python build_engine.py --kit DIR --engine OUT.engine --timing-cache FILE [--no-check] [--force]
 
+Not built through Polygraphy's loaders: the network must be made here anyway (the AOT/JIT plugin
+preference is a creation flag its ONNX loader cannot set), so CreateConfig and
+EngineBytesFromNetwork would save 3 of 89 lines, write the timing cache in place under a .lock
+file instead of by rename, and make Polygraphy a requirement of every build.
 Written against the TensorRT 11.x Python API: every network is strongly typed (precision comes
 from the graph's casts and Q/DQ nodes); no precision builder flags exist or are set.
 """
@@ -15,6 +20,7 @@ from the graph's casts and Q/DQ nodes); no precision builder flags exist or are 
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -26,6 +32,8 @@ def _import_tensorrt():
         import tensorrt as trt
     except ImportError:
         import tensorrt_bindings as trt  # the name of the pip wheel of the bindings
+
+        sys.modules.setdefault("tensorrt", trt)  # the engine check's Polygraphy imports `tensorrt`
     return trt
 
 
@@ -133,6 +141,8 @@ def main(argv=None):
     ap.add_argument("--kit", default=here, help="kit folder (default: this script's folder)")
     ap.add_argument("--engine", help="engine file to write (default: KIT/decoder.engine)")
     ap.add_argument("--timing-cache", help="timing cache to reuse/update (default: KIT/timing.cache)")
+    ap.add_argument("--no-check", action="store_true", help="skip the engine check (check_engine.py)")
+    ap.add_argument("--force", action="store_true", help="keep an engine that fails the check")
     args = ap.parse_args(argv)
     with open(os.path.join(args.kit, "kit.json"), encoding="utf-8") as f:
         kit = json.load(f)
@@ -142,13 +152,17 @@ def main(argv=None):
         import kit_plugins  # the kit's AOT plugin registrations (PTX for this device's SM)
 
         kit_plugins.register(os.path.join(args.kit, "plugins"))
-    report = build_engine(plan, os.path.join(args.kit, plan["onnx"]),
-                          args.engine or os.path.join(args.kit, plan["engine"]),
+    engine = os.path.abspath(args.engine or os.path.join(args.kit, plan["engine"]))
+    report = build_engine(plan, os.path.join(args.kit, plan["onnx"]), engine,
                           args.timing_cache or os.path.join(args.kit, "timing.cache"))
     with open(os.path.join(args.kit, "build_report.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
     print(f"wrote {report['engine']} ({report['engine_bytes'] / 1e6:.1f} MB) in {report['build_s']} s")
-    return 0
+    if args.no_check or not kit.get("check"):
+        return 0
+    # in its own process, which registers the kit's plugins itself (twice here would clash)
+    check = kit["check"]["argv"] + ["--engine", engine] + (["--force"] if args.force else [])
+    return subprocess.call([sys.executable, *check], cwd=args.kit)
 
 
 if __name__ == "__main__":

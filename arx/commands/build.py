@@ -45,6 +45,8 @@ def register(sub) -> None:
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file to reuse")
     p.add_argument("--workspace-gb", type=float, help="builder workspace limit")
     p.add_argument("--overwrite", action="store_true", help="replace an existing -o folder")
+    p.add_argument("--force", action="store_true", help="keep an engine over the engine check's "
+                   "tolerance (its errors against ONNX Runtime are recorded in the build report)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=run)
 
@@ -72,7 +74,8 @@ def run(args) -> int:
         decode_tokens=args.decode_tokens, kit=args.kit, output=args.output,
         portable=args.portable, attention=attention, sampler=sampler, logits=args.logits,
         plugin_impl=args.plugin_impl, ptx=not args.no_ptx, timing_cache=args.timing_cache,
-        workspace_gb=args.workspace_gb, overwrite=args.overwrite, progress=not args.quiet)
+        workspace_gb=args.workspace_gb, overwrite=args.overwrite, force=args.force,
+        progress=not args.quiet)
     result = build_bundle(args.bundle, options)
     what = "engine" if result.kind == "engine" else "build kit"
     print(f"wrote {what} {result.path}")
