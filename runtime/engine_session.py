@@ -31,7 +31,7 @@ from arx.manifest import Manifest, read_manifest
 from arx.runtime.generate import Capacity
 from arx.runtime.sampler import SamplingOptions
 
-TOKEN_IDS, LAST_LOGITS = "token_ids", "last_logits"
+TOKEN_IDS, LAST_LOGITS, LOGITS = "token_ids", "last_logits", "logits"
 
 
 class EngineCache:
@@ -105,10 +105,17 @@ class EngineSession:
 
     def step(self, cache: EngineCache, ids: np.ndarray, new_lens: np.ndarray,
              logits: str = "last") -> np.ndarray:
-        """Logits (B, 1, V) of each row's last new token (the engine returns no others)."""
-        if logits != "last" or LAST_LOGITS not in self.outputs:
+        """Logits (B, 1, V) of each row's last new token; "all": (B, S, V) at every position
+        of the step (a speculative verify step), from an engine built with --logits all."""
+        if logits == "all" and LOGITS in self.outputs:
+            return np.asarray(self._run(cache, ids, new_lens)[LOGITS])
+        if logits not in ("last", "all") or LAST_LOGITS not in self.outputs:
             raise ArxError("this engine returns only each row's last logits (arx build "
                            "--logits last); ask for logits='last' or rebuild")
+        if logits == "all":
+            raise ArxError("this engine returns only each row's last logits; verifying "
+                           "speculated tokens needs every position: rebuild it with arx build "
+                           "--logits all")
         return np.asarray(self._run(cache, ids, new_lens)[LAST_LOGITS])[:, None]
 
     def step_tokens(self, cache: EngineCache, ids: np.ndarray, new_lens: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ from arx.errors import ArxError
 from arx.runtime.generate import (GenerateOptions, GenerationResult, TokenCallback, TokenSteps,
                                   check_prompts, record_tokens, seen_tokens)
 from arx.runtime.proposers import Proposal
-from arx.runtime.sampler import uniforms
+from arx.runtime.sampler import Sampler, uniforms
 
 ACCEPT_STREAM, RESIDUAL_STREAM = 1 << 61, 1 << 62  # Philox offsets = position | stream
 
@@ -64,7 +64,7 @@ class SpeculativeOptions:
         return SpeculativeOptions(k=k, max_k=max(k, SpeculativeOptions.max_k))
 
 
-def from_flags(draft, lookup, speculate, engine) -> SpeculativeOptions | None:
+def from_flags(draft, lookup, speculate) -> SpeculativeOptions | None:
     """--draft BUNDLE / --lookup N / --speculate K|auto of arx generate and arx profile,
     checked before anything loads; None when no speculation is asked for."""
     if draft is None and lookup is None:
@@ -75,10 +75,6 @@ def from_flags(draft, lookup, speculate, engine) -> SpeculativeOptions | None:
         raise ArxError("speculation takes one proposer: --draft BUNDLE or --lookup N, not both")
     if lookup is not None and lookup < 1:
         raise ArxError(f"--lookup takes the longest n-gram to match, >= 1 (got {lookup})")
-    if engine:
-        raise ArxError("--draft/--lookup run on the ONNX bundle: an engine returns only each "
-                       "row's last logits and verifying k + 1 tokens needs all of them; drop "
-                       "--engine")
     return SpeculativeOptions.parse(speculate)
 
 
@@ -154,10 +150,10 @@ def generate_speculative(session, proposer, prompts: list[list[int]], options: G
 
 
 def _check_target(session) -> None:
-    if hasattr(session, "step_tokens"):
-        raise ArxError("speculation runs on the ONNX bundle: a TensorRT engine returns only each "
-                       "row's last logits and verifying k + 1 tokens needs all of them; drop "
-                       "--engine")
+    if hasattr(session, "step_tokens") and "logits" not in session.outputs:  # an engine
+        raise ArxError("this engine returns only each row's last logits; verifying speculated "
+                       "tokens needs every position: rebuild it with arx build --logits all "
+                       "(and --decode-tokens K+1 for a verify profile), or drop --engine")
     if not session.ragged:
         raise ArxError("speculation rolls rows back separately, which this bundle's cache "
                        "(grown by concatenation: a custom-protocol export) cannot; run without "
@@ -176,6 +172,9 @@ class _Loop:
         self.idle = np.zeros(len(lengths), np.int64)  # steps each row has spent at k = 0
         self.done = np.zeros(len(lengths), bool)
         self.eos = np.array(session.manifest.tokenizer.eos_token_ids or [-1], np.int64)
+        # an engine that samples on device picks the prefill's token; the verify rows are
+        # sampled here by the same definition (arx::sample's host face)
+        self.sampler = steps.host or Sampler(steps.sampling, session.manifest.vocab_size)
 
     def run(self, plens: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -228,7 +227,8 @@ class _Loop:
         fit every row's cache (padding is written too)."""
         cache = self.steps.cache
         left = np.array([self.options.max_new_tokens - len(t) for t in self.result.tokens])
-        room = cache.max_seq_len - int(cache.lengths.max()) - 1
+        cap = getattr(cache, "max_seq_len", self.session.capacity.max_seq_len)  # engine: static
+        room = cap - int(cache.lengths.max()) - 1
         want = np.minimum(np.minimum(self.k, left - 1), room)
         return np.where(self.done, 0, np.maximum(want, 0))
 
@@ -243,9 +243,9 @@ class _Loop:
         logits = self.session.step(cache, ids, 1 + prop.lengths, logits="all")  # (B, 1 + K, V)
         seen = _seen_at(self.seen, prop.tokens)  # (B, 1 + K, V) or None
         if self.options.sampling.do_sample:
-            accepted, nxt = _accept_sampled(self.steps.host, logits, seen, prop, base + 1)
+            accepted, nxt = _accept_sampled(self.sampler, logits, seen, prop, base + 1)
         else:
-            accepted, nxt = _accept_greedy(self.steps.host, logits, seen, prop)
+            accepted, nxt = _accept_greedy(self.sampler, logits, seen, prop)
         cache.rollback(np.where(self.done, base, base + 1 + accepted))
         return accepted, nxt
 

@@ -126,7 +126,7 @@ def run(args) -> int:
         if args.prompt is not None:
             sys.stdout.write(args.prompt[0])  # the continuation reads on from the prompt
     if args.engine:
-        result = _generate_on_engine(args.bundle, args.engine, prompts, options, stream)
+        result = _generate_on_engine(args, prompts, options, spec, stream)
     else:
         backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
                                  spin_wait=not args.no_spin)
@@ -153,7 +153,7 @@ def _speculation(args):
     """SpeculativeOptions when --draft/--lookup ask for speculation, else None."""
     from arx.runtime.speculative import from_flags
 
-    return from_flags(args.draft, args.lookup, args.speculate, args.engine)
+    return from_flags(args.draft, args.lookup, args.speculate)
 
 
 def _generate_speculative(args, session, backend, prompts, options, spec, stream):
@@ -165,12 +165,17 @@ def _generate_speculative(args, session, backend, prompts, options, spec, stream
         return generate_speculative(session, proposer, prompts, options, spec, on_token=stream)
 
 
-def _generate_on_engine(bundle, target, prompts, options, stream):
+def _generate_on_engine(args, prompts, options, spec, stream):
     from arx.runtime import engine_session
+    from arx.runtime.backend import BackendOptions
     from arx.runtime.generate import generate
 
-    with engine_session.open_engine(bundle, target) as session:
-        return generate(session, prompts, options, on_token=stream)
+    with engine_session.open_engine(args.bundle, args.engine) as session:
+        if spec is None:
+            return generate(session, prompts, options, on_token=stream)
+        backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
+                                 spin_wait=not args.no_spin)  # a draft bundle runs on ORT
+        return _generate_speculative(args, session, backend, prompts, options, spec, stream)
 
 
 def _streamer(tokenizer):

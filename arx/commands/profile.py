@@ -78,7 +78,9 @@ def run(args) -> int:
 def _check_speculation(args) -> None:
     from arx.runtime.speculative import from_flags
 
-    from_flags(args.draft, args.lookup, args.speculate, args.engine)
+    if from_flags(args.draft, args.lookup, args.speculate) and args.engine:
+        raise ArxError("arx profile --engine does not time speculation yet; drop --draft/--lookup "
+                       "or --engine")
 
 
 def _write(path: str, fn) -> None:
