@@ -4,7 +4,7 @@ onnxruntime-genai's n-gram speculation, on the same weights (benchmarks/train_sp
 
     python benchmarks/train_speculative.py --out /tmp/spec-models          # once (hours on 2 cores)
     python benchmarks/bench_speculative.py --models /tmp/spec-models --runs 5 --json /tmp/spec.json
-    python benchmarks/bench_speculative.py --models /tmp/spec-smoke --runs 1 --new-tokens 32   # smoke
+    python benchmarks/bench_speculative.py --models /tmp/spec-smoke --runs 1 --new-tokens 32
 
 Batch 1, greedy, EOS disabled, `--prompt-len` prompt tokens then `--new-tokens` new ones, per
 prompt: "code" (a held-out standard-library function, then a line asking for it again and its
@@ -12,8 +12,8 @@ first lines: lookup has the rest to find) and "story" (held-out stories: little 
 Each run times every engine once, in turn (interleaved, after one warm-up each); the table
 shows medians. Time is taken as tokens reach the caller (decode_engines.py's rule: decode
 tokens/s = (N - 1) / (last token - first token)), every token of a chunk that assisted
-generation delivers at once stamped with the chunk's time. Greedy tokens of every arx variant are checked equal
-to arx plain and to HF plain.
+generation delivers at once stamped with the chunk's time. The table marks whether each
+engine's greedy tokens equal arx plain's.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ class ArxSpeculative(decode_engines.ArxEngine):
                                                                       intra_op_threads=threads))
             self.proposer = DraftProposer(self.draft_session)  # per-run state lives in start()
         else:
-            self.proposer = LookupProposer(lookup, tuple(self.session.manifest.tokenizer.eos_token_ids))
+            eos = tuple(self.session.manifest.tokenizer.eos_token_ids)
+            self.proposer = LookupProposer(lookup, eos)
         self.stats: dict = {}
 
     def run(self, prompt: list[int], new_tokens: int) -> RunTiming:

@@ -50,7 +50,8 @@ def python_sources(n_chars: int) -> tuple[list[str], list[str]]:
     """(train, held-out) documents: standard-library modules in sorted order, every tenth
     held out, until n_chars of training text."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "idlelib" not in p.parts)
+    files = sorted(p for p in root.rglob("*.py")
+                   if "test" not in p.parts and "idlelib" not in p.parts)
     train, held, size = [], [], 0
     for i, path in enumerate(files):
         try:

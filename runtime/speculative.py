@@ -1,6 +1,6 @@
 """Speculative decoding: a loop policy over the step API of runtime/generate.py.
 
-    prefill ─► per round:  proposer.propose ─► k_b tokens per row (draft bundle | n-gram lookup)
+    prefill ─► per round:  proposer.propose ─► k_b tokens per row (draft bundle | lookup)
                            target.step([last, d_1..d_k], logits="all")     one ragged verify step
                            accept per row (below) ─► a_b accepted + 1 token of the target's
                            target cache and proposer roll back to the committed text, per row
@@ -12,8 +12,9 @@ Acceptance, per row, at the positions the tokens will hold:
   sampling  the standard rejection rule (Leviathan et al. 2023, Chen et al. 2023). Naming here,
             as in Chen et al. and gpt-fast: q = the TARGET's filtered distribution, p = the
             DRAFT's (what d_i was drawn from; a point mass for a lookup proposal). Leviathan
-            et al. and Hugging Face's _speculative_sampling name them the other way round. d_i is kept when u_i * p(d_i) < q(d_i),
-            u_i uniform; at the first rejection the token is drawn from norm(max(q - p, 0));
+            et al. and Hugging Face's _speculative_sampling name them the other way round.
+            d_i is kept when u_i * p(d_i) < q(d_i), u_i uniform; at the first rejection the
+            token is drawn from norm(max(q - p, 0));
             when all k are kept a bonus token is drawn from the target's next row. Each
             emitted token then follows q exactly (docs/design.md, "Speculative decoding").
 
@@ -60,7 +61,8 @@ class SpeculativeOptions:
         try:
             k = int(text)
         except ValueError:
-            raise ArxError(f"--speculate takes a number of tokens or 'auto', got {text!r}") from None
+            raise ArxError(f"--speculate takes a number of tokens or 'auto', "
+                           f"got {text!r}") from None
         return SpeculativeOptions(k=k, max_k=max(k, SpeculativeOptions.max_k))
 
 
@@ -274,7 +276,8 @@ def _seen_at(seen: np.ndarray | None, proposed: np.ndarray) -> np.ndarray | None
     batch, k = proposed.shape
     out = np.repeat(seen[:, None], k + 1, axis=1)
     for i in range(k):
-        out[np.arange(batch)[:, None], np.arange(i + 1, k + 1)[None, :], proposed[:, i, None]] = True
+        rows, later = np.arange(batch)[:, None], np.arange(i + 1, k + 1)[None, :]
+        out[rows, later, proposed[:, i, None]] = True
     return out
 
 
@@ -363,6 +366,7 @@ def profile_speculation(session, bundle, opts, results, tick) -> None:
             stats = last[0].speculation.to_json()
             r.speculation = {"ttft_ms": timed.ttft_ms, "decode_ms": timed.decode_ms,
                              "tokens_per_s": timed.tokens_per_s,
-                             "speedup": timed.tokens_per_s / r.tokens_per_s if r.tokens_per_s else 0,
+                             "speedup": timed.tokens_per_s / r.tokens_per_s
+                             if r.tokens_per_s else 0.0,
                              **{k: stats[k] for k in ("method", "acceptance_rate", "mean_accepted",
                                                       "tokens_per_target_step")}}

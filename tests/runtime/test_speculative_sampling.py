@@ -24,8 +24,8 @@ from arx.manifest import read_manifest
 from arx.runtime.generate import GenerateOptions, generate
 from arx.runtime.proposers import open_proposer
 from arx.runtime.sampler import Sampler, SamplingOptions
-from arx.runtime.speculative import (SpeculationStats, SpeculativeOptions, accept_uniforms, generate_speculative,
-                                     judge)
+from arx.runtime.speculative import (SpeculationStats, SpeculativeOptions, accept_uniforms,
+                                     generate_speculative, judge)
 
 ALPHA = 1e-3
 VOCAB = 16
@@ -71,7 +71,8 @@ def test_chi2_sf_matches_closed_forms():
 
 @pytest.mark.parametrize("opts", [SamplingOptions(do_sample=True),
                                   SamplingOptions(do_sample=True, temperature=0.7, top_k=9),
-                                  SamplingOptions(do_sample=True, top_p=0.6, repetition_penalty=1.4),
+                                  SamplingOptions(do_sample=True, top_p=0.6,
+                                                  repetition_penalty=1.4),
                                   SamplingOptions(do_sample=False, repetition_penalty=1.4)])
 def test_probs_is_the_distribution_the_sampler_draws_from(opts):
     """Sampler.probs == softmax over the reference's kept set (its own threshold loop); greedy:
@@ -146,7 +147,8 @@ def _tiny_llama(folder, seed: int, noise_of=None):
             for w in model.parameters():
                 w.add_(0.3 * w.std().nan_to_num(0) * torch.randn(w.shape))
     model.save_pretrained(folder / "hf")
-    export_model(source=folder / "hf", output=folder / "m.arx", options=ExportOptions(progress=False))
+    export_model(source=folder / "hf", output=folder / "m.arx",
+                 options=ExportOptions(progress=False))
     return folder / "m.arx", model
 
 
@@ -234,6 +236,7 @@ def test_speculative_sampling_follows_the_target(method, v16):
 
 def test_seeded_speculative_sampling_is_reproducible(v16):
     target, draft = v16
-    runs = [_samples(target, _proposer(target, draft=draft), [1, 5, 3], 12, SpeculativeOptions(adaptive=True),
+    runs = [_samples(target, _proposer(target, draft=draft), [1, 5, 3], 12,
+                     SpeculativeOptions(adaptive=True),
                      range(3, 5), batch=3)[0] for _ in range(2)]
     np.testing.assert_array_equal(runs[0], runs[1])
