@@ -2,7 +2,7 @@
 Hugging Face `generate` with `assistant_model` and `prompt_lookup_num_tokens`, and
 onnxruntime-genai's n-gram speculation, on the same weights (benchmarks/train_speculative.py).
 
-    python benchmarks/train_speculative.py --out /tmp/spec-models          # once (hours on 2 cores)
+    python benchmarks/train_speculative.py --out /tmp/spec-models          # once (~6 h, 2 cores)
     python benchmarks/bench_speculative.py --models /tmp/spec-models --runs 5 --json /tmp/spec.json
     python benchmarks/bench_speculative.py --models /tmp/spec-smoke --runs 1 --new-tokens 32
 
