@@ -107,6 +107,8 @@ class Sampler:
 
     def _processed(self, logits: np.ndarray, seen: np.ndarray | None, rows: int) -> np.ndarray:
         """Guidance and repetition penalty (the reference's steps 1-2) -> (rows, V) float32."""
+        if logits.shape[0] == rows and (seen is None or self.options.repetition_penalty == 1.0):
+            return np.asarray(logits, np.float32)  # both steps are the identity: skip the passes
         presence = seen if seen is not None else np.zeros((rows, logits.shape[-1]), bool)
         return processed_logits(logits, np.tile(self._row, (rows, 1)), presence)
 
