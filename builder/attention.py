@@ -9,6 +9,7 @@ general-step graph is written with them at export.
 
 from __future__ import annotations
 
+from arx.errors import ArxError
 from arx.export.attention_rewrite import Bookkeeping, GqaNode, merge_heads, project_qkv
 from arx.export.graph_edit import GraphEditor
 
@@ -27,6 +28,10 @@ def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeepin
                                                  Reshape ──► (B,S,Hq*D) = the GQA output
     """
     n = g.node
+    if g.softcap:
+        raise ArxError(f"attention node {n.name} soft-caps its scores (softcap={g.softcap:g}, "
+                       f"Gemma 2), which the arx::kv_attention plugin does not implement; build "
+                       f"with --attention native (ONNX Attention has softcap)")
     q4, k4, v4 = project_qkv(ed, g, head_dim, bk, rope_cache)
     out4 = ed.fresh(f"{n.name}/attn")
     # GroupQueryAttention's local_window_size = W and the plugin's window = W mean the same

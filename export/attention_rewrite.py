@@ -41,9 +41,9 @@ GQA = ("com.microsoft", "GroupQueryAttention")
 NATIVE_OPSET = 24  # TensorScatter; Attention's nonpad_kv_seqlen input
 _BHSD = [0, 2, 1, 3]  # (B,S,H,D) <-> (B,H,S,D)
 # GroupQueryAttention attributes the rewrite understands; any other one set on a node is refused
-# (softcap, smooth_softmax, qk_output, ... change the math the rewrites implement).
+# (smooth_softmax, qk_output, ... change the math the rewrites implement).
 _KNOWN_ATTRS = {"num_heads", "kv_num_heads", "scale", "do_rotary", "rotary_interleaved",
-                "local_window_size"}
+                "local_window_size", "softcap"}
 _NEUTRAL = {"softcap": 0.0, "smooth_softmax": 0, "qk_output": 0, "local_window_size": -1}
 
 
@@ -70,6 +70,7 @@ class GqaNode:
     scale: float
     rotary: bool
     window: int  # local_window_size: a query sees the `window` latest keys; -1 = no window
+    softcap: float = 0.0  # scores -> c * tanh(scores / c) before the mask (Gemma 2); 0 = none
 
 
 def parse_gqa(node: onnx.NodeProto) -> GqaNode:
@@ -83,7 +84,7 @@ def parse_gqa(node: onnx.NodeProto) -> GqaNode:
                        f"rewrite implements rotate-half RoPE only")
     return GqaNode(node, int(attrs["num_heads"]), int(attrs["kv_num_heads"]),
                    float(attrs.get("scale", 0.0)), bool(attrs.get("do_rotary", 0)),
-                   int(attrs.get("local_window_size", -1)))
+                   int(attrs.get("local_window_size", -1)), float(attrs.get("softcap", 0.0)))
 
 
 def project_qkv(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
@@ -129,6 +130,8 @@ def rewrite_attention_native(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Boo
     attrs = {"softmax_precision": onnx.TensorProto.FLOAT}
     if g.scale:
         attrs["scale"] = g.scale
+    if g.softcap:  # Attention-24 caps the scaled scores before mask and softmax, as GQA does
+        attrs["softcap"] = g.softcap
     out = ed.op("Attention", q, n.output[1], n.output[2], attention_mask(ed, bk, g.window, masks),
                 "", "", bk.total64, name=f"{n.name}/attention", **attrs)
     merge_heads(ed, n, ed.op("Transpose", out, perm=_BHSD, name=f"{n.name}/attn"),

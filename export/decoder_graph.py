@@ -12,6 +12,11 @@
                                    ▼
             final norm ─ GatherND(logits_indices) ─ MatMul(lm_head) ─► logits (B,K,V)
 
+What families do differently (docs/design.md, "More families") are DecoderConfig switches
+emitted only where set: embedding scales, norms before and/or after each branch, parallel
+branches, residual and logit scales, soft-caps, per-layer windows and RoPE tables (none, local,
+global), q/k norms, and mixture-of-experts MLPs (export/moe_graph.py).
+
 Attention is one op per layer (com.microsoft GroupQueryAttention): ORT implements it on CPU
 and CUDA with a shared past/present buffer, and `arx build` swaps it for the arx TensorRT
 plugin. Sequence bookkeeping comes from `attention_mask` (B, total_len), as in
@@ -28,8 +33,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from arx.errors import ArxError
 from arx.export.families import DecoderConfig
 from arx.export.graph import MS_DOMAIN, GraphBuilder
+from arx.export.moe_graph import moe_mlp
 from arx.export.weights import DecoderWeights, LayerWeights
 from arx.manifest import KVLayout, Stage, TensorSpec
 
@@ -61,29 +68,21 @@ def decoder_io(cfg: DecoderConfig, kv: KVLayout, token_input: str = "input_ids"
 
 
 def build_decoder(cfg: DecoderConfig, w: DecoderWeights, kv: KVLayout,
-                  rope: tuple[np.ndarray, np.ndarray] | None, file: str = "decoder.onnx",
-                  token_input: str = "input_ids"):
-    """Return (ModelProto, Stage). `rope` is (cos, sin), each (max_seq_len, rotary_dim/2)."""
+                  rope: dict[str, tuple[np.ndarray, np.ndarray]] | None,
+                  file: str = "decoder.onnx", token_input: str = "input_ids"):
+    """Return (ModelProto, Stage). `rope` maps each RoPE table a layer uses (cfg.rope_table)
+    to (cos, sin), each (max_seq_len, rotary_dim/2)."""
     g = GraphBuilder("arx_decoder")
     inputs, outputs = decoder_io(cfg, kv, token_input)
     for t in inputs:
         g.input(t.name, t.dtype, t.shape)
-
-    if token_input == "input_ids":
-        x = g.op("Gather", g.weight("embed_tokens.weight", w.embed), "input_ids", name="embed")
-    else:  # (B, S, H) given; the table stays only where the tied LM head reads it
-        x = "inputs_embeds"
-        if w.lm_head is None:
-            g.weight("embed_tokens.weight", w.embed)
-    if cfg.positions == "learned":
-        pos = g.op("Gather", g.weight("embed_positions.weight", w.pos_embed), "position_ids")
-        x = g.op("Add", x, pos)
+    x = _embed(g, cfg, w, token_input)
     seqlens_k, total_len = _sequence_bookkeeping(g)
-    cos_sin = None
-    if rope is not None:
-        cos_sin = (g.weight("rope.cos_cache", rope[0]), g.weight("rope.sin_cache", rope[1]))
+    tables = {name: (g.weight(_rope_name(name, "cos"), cos), g.weight(_rope_name(name, "sin"), sin))
+              for name, (cos, sin) in (rope or {}).items()}
 
     for i, lw in enumerate(w.layers):
+        cos_sin = tables.get(cfg.rope_table(i))
         x = _layer(g, cfg, kv, i, lw, x, seqlens_k, total_len, cos_sin)
 
     x = _norm(g, cfg, x, w.final_norm, "final_norm")
@@ -94,10 +93,63 @@ def build_decoder(cfg: DecoderConfig, w: DecoderWeights, kv: KVLayout,
         head = g.op("Transpose", "embed_tokens.weight", perm=[1, 0], name="lm_head_tied")
     else:
         head = g.weight("lm_head.weight", np.ascontiguousarray(w.lm_head.T))
-    g.node("MatMul", [x, head], ["logits"], name="lm_head")
+    _logits(g, cfg, w, x, head)
     for t in outputs:  # logits above, present.* by the attention nodes
         g.output(t.name, t.dtype, t.shape)
     return g.model(), Stage(file, tuple(inputs), tuple(outputs))
+
+
+def _rope_name(table: str, what: str) -> str:
+    # the one-table families keep the names their bundles always had
+    return f"rope.{what}_cache" if table == "default" else f"rope.{table}.{what}_cache"
+
+
+def _embed(g: GraphBuilder, cfg: DecoderConfig, w: DecoderWeights, token_input: str) -> str:
+    """(B, S, H): token embeddings (scaled where the model's embedding scales), positions."""
+    if token_input == "input_ids":
+        x = g.op("Gather", g.weight("embed_tokens.weight", w.embed), "input_ids", name="embed")
+        if cfg.embed_scale != 1.0:  # Gemma: inside HF's embedding module, so not on embeds
+            x = g.op("Mul", x, g.const(cfg.embed_scale, np.float32), name="embed_scale")
+    else:  # (B, S, H) given; the table stays only where the tied LM head reads it
+        if cfg.embed_scale != 1.0:
+            raise ArxError(f"--inputs-embeds: {cfg.family}'s embedding scales its table by "
+                           f"{cfg.embed_scale:g}, which the embedder stage does not do yet; "
+                           f"export without --inputs-embeds")
+        x = "inputs_embeds"
+        if w.lm_head is None:
+            g.weight("embed_tokens.weight", w.embed)
+    if cfg.input_multiplier != 1.0:  # Granite: on whatever embeddings come in
+        x = g.op("Mul", x, g.const(cfg.input_multiplier, np.float32), name="embed_multiplier")
+    if cfg.positions == "learned":
+        pos = g.op("Gather", g.weight("embed_positions.weight", w.pos_embed), "position_ids")
+        x = g.op("Add", x, pos)
+    return x
+
+
+def _logits(g: GraphBuilder, cfg: DecoderConfig, w: DecoderWeights, x: str, head: str) -> None:
+    """(B, K, H) -> logits (B, K, V): head MatMul, then bias, scale and soft-cap if any.
+
+        x ─MatMul(head)─[Add(bias)]─[Mul(scale)]─[Div(c)─Tanh─Mul(c)]─► logits
+    """
+    steps = []
+    if w.lm_head_bias is not None:
+        steps.append(("Add", g.weight("lm_head.bias", w.lm_head_bias)))
+    if cfg.logits_scale != 1.0:
+        steps.append(("Mul", g.const(cfg.logits_scale, np.float32)))
+    if not steps and not cfg.final_softcap:
+        g.node("MatMul", [x, head], ["logits"], name="lm_head")
+        return
+    y = g.op("MatMul", x, head, name="lm_head")
+    for op, operand in steps:
+        y = g.op(op, y, operand)
+    if cfg.final_softcap:
+        y = _softcap(g, y, cfg.final_softcap, "final_softcap")
+    g.node("Identity", [y], ["logits"], name="logits")
+
+
+def _softcap(g: GraphBuilder, x: str, cap: float, name: str) -> str:
+    c = g.const(cap, np.float32)
+    return g.op("Mul", g.op("Tanh", g.op("Div", x, c), name=name), c)
 
 
 def _sequence_bookkeeping(g: GraphBuilder) -> tuple[str, str]:
@@ -110,12 +162,18 @@ def _sequence_bookkeeping(g: GraphBuilder) -> tuple[str, str]:
 
 
 def _norm(g: GraphBuilder, cfg: DecoderConfig, x: str, wb, name: str) -> str:
+    """RMSNorm or LayerNorm over the last axis; a (heads, D) weight (one norm per head, x
+    (B,S,heads,D)) is applied after a weightless norm, as ONNX scales by one (D,) vector."""
     weight, bias = wb
-    w = g.weight(f"{name}.weight", weight)
+    per_head = weight.ndim == 2
+    w = g.weight(f"{name}.weight", np.ones(weight.shape[-1], np.float32) if per_head else weight)
     if cfg.norm == "rms":
-        return g.op("RMSNormalization", x, w, axis=-1, epsilon=cfg.norm_eps, name=name)
-    return g.op("LayerNormalization", x, w, g.weight(f"{name}.bias", bias), axis=-1,
-                epsilon=cfg.norm_eps, name=name)
+        y = g.op("RMSNormalization", x, w, axis=-1, epsilon=cfg.norm_eps, name=name)
+    else:
+        bias_in = [g.weight(f"{name}.bias", bias)] if bias is not None else []
+        y = g.node("LayerNormalization", [x, w, *bias_in], 1, axis=-1, epsilon=cfg.norm_eps,
+                   name=name)[0]
+    return g.op("Mul", y, g.weight(f"{name}.head_weights", weight)) if per_head else y
 
 
 def _linear(g: GraphBuilder, x: str, wb, name: str) -> str:
@@ -124,17 +182,22 @@ def _linear(g: GraphBuilder, x: str, wb, name: str) -> str:
     return g.op("Add", y, g.weight(f"{name}.bias", bias)) if bias is not None else y
 
 
-def _head_norm(g: GraphBuilder, cfg, x: str, weight: np.ndarray, heads: int, name: str) -> str:
-    """Per-head RMSNorm: (B,S,heads*D) -> (B,S,heads,D) -> norm over D -> back."""
+def _head_norm(g: GraphBuilder, cfg, x: str, wb, heads: int, name: str) -> str:
+    """q/k norm: per head (B,S,heads*D) -> (B,S,heads,D) -> norm over D -> back, or over all
+    heads at once (qk_norm_span "all", OLMo 2)."""
+    if cfg.qk_norm_span == "all":
+        return _norm(g, cfg, x, wb, name)
     x4 = g.op("Reshape", x, g.const([0, 0, heads, cfg.head_dim]))
-    y = g.op("RMSNormalization", x4, g.weight(f"{name}.weight", weight), axis=-1,
-             epsilon=cfg.norm_eps, name=name)
-    return g.op("Reshape", y, g.const([0, 0, heads * cfg.head_dim]))
+    return g.op("Reshape", _norm(g, cfg, x4, wb, name), g.const([0, 0, heads * cfg.head_dim]))
 
 
 def _attention(g, cfg, kv, i, lw: LayerWeights, h, seqlens_k, total_len, cos_sin) -> str:
+    """One GroupQueryAttention node; RoPE inside it for layers with a table (cos_sin)."""
     p = f"layers.{i}.attn"
     qkv = _linear(g, h, lw.qkv, f"{p}.qkv_proj")  # (B, S, (Hq + 2*Hkv) * D)
+    if cfg.clip_qkv:
+        qkv = g.op("Clip", qkv, g.const(-cfg.clip_qkv, np.float32),
+                   g.const(cfg.clip_qkv, np.float32), name=f"{p}.clip_qkv")
     if cfg.qk_norm:
         q_out, kv_out = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         q, k, v = g.node("Split", [qkv, g.const([q_out, kv_out, kv_out])], 3, axis=-1)
@@ -145,8 +208,11 @@ def _attention(g, cfg, kv, i, lw: LayerWeights, h, seqlens_k, total_len, cos_sin
     attrs = dict(num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads)
     if cfg.attn_scale:
         attrs["scale"] = float(cfg.attn_scale)
-    if cfg.sliding_window and cfg.sliding_window < kv.max_seq_len:
-        attrs["local_window_size"] = int(cfg.sliding_window)
+    if cfg.attn_softcap:
+        attrs["softcap"] = float(cfg.attn_softcap)
+    window = cfg.window(i)
+    if window and window < kv.max_seq_len:
+        attrs["local_window_size"] = int(window)
     rope_inputs: list[str] = []
     if cos_sin is not None:
         attrs.update(do_rotary=1, rotary_interleaved=0)
@@ -168,13 +234,43 @@ def _activation(g: GraphBuilder, cfg: DecoderConfig, x: str) -> str:
     raise ValueError(f"activation {cfg.activation!r} has no ONNX emission")
 
 
-def _layer(g, cfg, kv, i, lw: LayerWeights, x, seqlens_k, total_len, cos_sin) -> str:
-    h = _norm(g, cfg, x, lw.attn_norm, f"layers.{i}.attn_norm")
-    x = g.op("Add", x, _attention(g, cfg, kv, i, lw, h, seqlens_k, total_len, cos_sin))
-    h = _norm(g, cfg, x, lw.mlp_norm, f"layers.{i}.mlp_norm")
-    up = _linear(g, h, lw.up, f"layers.{i}.mlp.up_proj")
-    if lw.gate is not None:
-        act = g.op("Mul", _activation(g, cfg, _linear(g, h, lw.gate, f"layers.{i}.mlp.gate_proj")), up)
+def _ffn(g, cfg: DecoderConfig, p: str, w, h: str) -> str:
+    """Dense MLP on h: down(act(gate(h)) * up(h)), or down(act(up(h))) without a gate; `w` has
+    .gate/.up/.down (a layer's, or one expert's)."""
+    up = _linear(g, h, w.up, f"{p}.up_proj")
+    if w.gate is not None:
+        act = g.op("Mul", _activation(g, cfg, _linear(g, h, w.gate, f"{p}.gate_proj")), up)
     else:
         act = _activation(g, cfg, up)
-    return g.op("Add", x, _linear(g, act, lw.down, f"layers.{i}.mlp.down_proj"))
+    return _linear(g, act, w.down, f"{p}.down_proj")
+
+
+def _mlp(g, cfg: DecoderConfig, i: int, lw: LayerWeights, h: str) -> str:
+    if lw.experts:
+        return moe_mlp(g, cfg, i, lw, h, _ffn)
+    return _ffn(g, cfg, f"layers.{i}.mlp", lw, h)
+
+
+def _layer(g, cfg, kv, i, lw: LayerWeights, x, seqlens_k, total_len, cos_sin) -> str:
+    """One block. Sequential: x += attn(n1(x)); x += mlp(n2(x)). Parallel: x + attn(n1(x)) +
+    mlp(n2(x)) (n2 = n1 for "shared"). Each branch may be post-normed before its add, and
+    scaled by residual_scale (Granite); a missing pre-norm (OLMo 2) feeds x itself."""
+    def pre(wb, name, default):
+        return _norm(g, cfg, x, wb, f"layers.{i}.{name}") if wb is not None else default
+
+    def branch(y, post, name):
+        if post is not None:
+            y = _norm(g, cfg, y, post, f"layers.{i}.{name}")
+        if cfg.residual_scale != 1.0:
+            y = g.op("Mul", y, g.const(cfg.residual_scale, np.float32))
+        return y
+
+    h = pre(lw.attn_norm, "attn_norm", x)
+    a = branch(_attention(g, cfg, kv, i, lw, h, seqlens_k, total_len, cos_sin),
+               lw.attn_post_norm, "attn_post_norm")
+    if cfg.parallel:
+        m = _mlp(g, cfg, i, lw, pre(lw.mlp_norm, "mlp_norm", h))
+        return g.op("Add", g.op("Add", x, a), branch(m, lw.mlp_post_norm, "mlp_post_norm"))
+    x = g.op("Add", x, a)
+    m = _mlp(g, cfg, i, lw, pre(lw.mlp_norm, "mlp_norm", x))
+    return g.op("Add", x, branch(m, lw.mlp_post_norm, "mlp_post_norm"))

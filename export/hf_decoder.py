@@ -12,6 +12,7 @@ from arx.export.embedder import EMBEDDER_STAGE, build_embedder, save_embedder
 from arx.export.exporter import DecoderExport, ExportOptions, resolve_max_seq_len
 from arx.export.families import DecoderConfig
 from arx.export.graph import save_with_external_data
+from arx.export.rotary_layout import reorder_heads, widen_tables
 from arx.export.sources import LoadedSource
 from arx.export.step_graph import EXTENSION, STEP_STAGE, build_step_graph, save_step_graph
 from arx.export.weights import read_weights
@@ -29,9 +30,12 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions) -
     max_seq_len = resolve_max_seq_len(options, cfg.max_position_embeddings)
     state = {k: v.detach().float().numpy() for k, v in src.module.state_dict().items()}
     weights = read_weights(cfg, family.weights, state)
+    reorder_heads(weights, cfg)  # partial rotary widths GQA refuses (export/rotary_layout.py)
     kv = KVLayout(layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                   max_seq_len=max_seq_len)
-    rope = rope_cache(src.module, cfg, max_seq_len) if cfg.positions == "rope" else None
+    rope = None
+    if cfg.positions == "rope":
+        rope = widen_tables(rope_cache(src.module, cfg, max_seq_len), cfg)
     token_input = "inputs_embeds" if options.inputs_embeds else "input_ids"
     model, stage = build_decoder(cfg, weights, kv, rope, DECODER_FILE, token_input)
     save_with_external_data(model, bundle / DECODER_FILE, DECODER_FILE + ".data")
@@ -51,9 +55,10 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions) -
     return out
 
 
-def rope_cache(model, cfg: DecoderConfig, max_seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def rope_cache(model, cfg: DecoderConfig, max_seq_len: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """cos/sin tables (max_seq_len, rotary_dim/2) from the model's own rotary embedding, so
-    every scaling variant (linear, dynamic, llama3, yarn, longrope) matches Hugging Face."""
+    every scaling variant (linear, dynamic, llama3, yarn, longrope) matches Hugging Face; one
+    per table the layers use ("default", or a layer type: Gemma 3's local and global bases)."""
     import torch
 
     rotary = next((m for n, m in model.named_modules() if n.endswith("rotary_emb")), None)
@@ -62,9 +67,13 @@ def rope_cache(model, cfg: DecoderConfig, max_seq_len: int) -> tuple[np.ndarray,
                        f"RoPE tables; this checkpoint's modelling code differs from the family's "
                        f"(check transformers' version) - please report the model")
     pos = torch.arange(max_seq_len)[None, :]
-    with torch.no_grad():
-        cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos)
     half = cfg.rotary_dim // 2
-    # HF tables repeat the frequencies for both halves (rotate_half): keep the first half
-    return (np.ascontiguousarray(cos[0, :, :half].float().numpy()),
-            np.ascontiguousarray(sin[0, :, :half].float().numpy()))
+    tables = {}
+    for name in sorted({cfg.rope_table(i) for i in range(cfg.num_layers)} - {""}):
+        args = () if name == "default" else (name,)  # Gemma 3: rotary_emb(x, pos, layer_type)
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, dtype=torch.float32), pos, *args)
+        # HF tables repeat the frequencies for both halves (rotate_half): keep the first half
+        tables[name] = (np.ascontiguousarray(cos[0, :, :half].float().numpy()),
+                        np.ascontiguousarray(sin[0, :, :half].float().numpy()))
+    return tables

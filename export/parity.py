@@ -126,14 +126,29 @@ def hf_reference(model) -> ReferenceStep:
     """Reference steps from a Hugging Face causal LM with its own DynamicCache."""
     import torch
 
+    order = _key_order(model)
+
     def step(tokens: np.ndarray, state):
         with torch.no_grad():
             out = model(input_ids=torch.from_numpy(tokens), past_key_values=state, use_cache=True)
         cache = out.past_key_values
-        keys = [layer.keys.float().numpy() for layer in cache.layers]
+        keys = [layer.keys.float().numpy()[..., order] for layer in cache.layers]
         return out.logits.float().numpy(), keys, cache
 
     return step
+
+
+def _key_order(model) -> slice | np.ndarray:
+    """The bundle's key dims in terms of HF's: reordered where a partial rotary width was
+    widened for GroupQueryAttention (export/rotary_layout.py), else as they are."""
+    from arx.export.families import FAMILIES, family_for_model_type
+    from arx.export.rotary_layout import head_permutation
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in {t for f in FAMILIES.values() for t in f.model_types}:
+        return slice(None)
+    perm = head_permutation(family_for_model_type(model_type).read_config(model.config))
+    return slice(None) if perm is None else perm
 
 
 def raise_if_failed(report: ParityReport, bundle_hint: str) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny_models import NATIVE_ONLY
+
 from arx.builder.build import build_bundle
 from arx.builder.options import BuildOptions
 from arx.builder.targets import TARGETS, get_target
@@ -52,6 +54,11 @@ def test_kit_for_every_family(family, target, exported_bundle, tmp_path):
     for kind, extra in (("plugins", {}), ("native", {"attention": "native", "sampler": "argmax"})):
         options = BuildOptions(target=target, precision="fp16", kit=True, max_seq_len=s_max,
                                ptx=False, progress=False, output=tmp_path / kind, **extra)
+        if kind == "plugins" and family in NATIVE_ONLY:  # soft-capped attention: no plugin
+            with pytest.raises(ArxError, match="--attention native"):
+                build_bundle(bundle, options)
+            assert not (tmp_path / kind).exists()
+            continue
         kit = kits[kind] = build_bundle(bundle, options).path
         meta = json.loads((kit / "kit.json").read_text())
         for f in meta["files"]:
@@ -66,14 +73,21 @@ def test_kit_for_every_family(family, target, exported_bundle, tmp_path):
         assert prof["prefill"]["shapes"]["input_ids"]["max"] == [b, s_max]
         for past, present in m.kv.pairs():
             assert meta["kv"]["aliases"][present] == past
-    py_compile.compile(str(kits["plugins"] / "kit_plugins.py"), doraise=True)
-    sampler = json.loads((kits["plugins"] / "kit.json").read_text())["build"]["profiles"][0]["shapes"]
-    assert sampler["presence"]["max"] == [b, m.vocab_size] and sampler["sampling_params"]["max"] == [b, 5]
-    refused = subprocess.run(["bash", str(kits["plugins"] / "build_trtexec.sh")],
-                             capture_output=True, text=True)
+    if "plugins" in kits:
+        _check_plugin_kit(kits["plugins"], b, m.vocab_size)
+    _check_native_kit_shapes(kits["native"], m, b, s_max)
+
+
+def _check_plugin_kit(kit: Path, b: int, vocab_size: int) -> None:
+    py_compile.compile(str(kit / "kit_plugins.py"), doraise=True)
+    sampler = json.loads((kit / "kit.json").read_text())["build"]["profiles"][0]["shapes"]
+    assert sampler["presence"]["max"] == [b, vocab_size] and sampler["sampling_params"]["max"] == [b, 5]
+    refused = subprocess.run(["bash", str(kit / "build_trtexec.sh")], capture_output=True, text=True)
     assert refused.returncode == 2 and "--no-plugins" in refused.stderr
 
-    flags = _trtexec_flags((kits["native"] / "build_trtexec.sh").read_text())
+
+def _check_native_kit_shapes(kit: Path, m, b: int, s_max: int) -> None:
+    flags = _trtexec_flags((kit / "build_trtexec.sh").read_text())
     lo, opt, hi = (_parse_shapes(flags[k]) for k in ("minShapes", "optShapes", "maxShapes"))
     for past in (p for p, _ in m.kv.pairs()):  # the static cache (B, kv_heads, S_max, D)
         assert lo[past] == (1, m.kv.kv_heads, s_max, m.kv.head_dim)

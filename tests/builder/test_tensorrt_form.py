@@ -15,11 +15,12 @@ import pytest
 from form_runs import (MISTRAL_WINDOW, S_MAX, form_for, ragged_steps, run_form, run_reference,
                        window_steps)
 
+from tiny_models import NATIVE_ONLY, PLUGIN_FAMILIES
+
 from arx.errors import ArxError
 from arx.manifest import read_manifest
 
-
-
+@pytest.mark.parametrize("family", PLUGIN_FAMILIES)
 def test_form_passes_checker_and_strict_inference(family, exported_bundle):
     """make_tensorrt_form runs onnx.checker (full) and strict shape inference itself; check the
     result again from scratch and that no com.microsoft op survives."""
@@ -36,6 +37,7 @@ def test_form_passes_checker_and_strict_inference(family, exported_bundle):
     assert ops.count("sample") == 1
 
 
+@pytest.mark.parametrize("family", PLUGIN_FAMILIES)
 def test_io_derived_from_manifest(family, exported_bundle):
     bundle = exported_bundle(family)
     m = read_manifest(bundle)
@@ -55,6 +57,7 @@ def test_io_derived_from_manifest(family, exported_bundle):
     assert out["token_ids"].dtype == "int32" and out["last_logits"].dtype == "float32"
 
 
+@pytest.mark.parametrize("family", PLUGIN_FAMILIES)
 @pytest.mark.parametrize("precision,atol", [("fp32", 1e-4), ("fp16", 5e-2)])
 def test_form_numerics_match_bundle(family, exported_bundle, ort_session, precision, atol):
     bundle = exported_bundle(family)
@@ -67,6 +70,18 @@ def test_form_numerics_match_bundle(family, exported_bundle, ort_session, precis
         np.testing.assert_allclose(last, ref, atol=atol, rtol=0, err_msg=f"{family} step {i}")
         if precision == "fp32":  # the sampler (temperature 0) picks the argmax in the engine
             np.testing.assert_array_equal(ids, ref.argmax(-1))
+
+
+@pytest.mark.parametrize("family", NATIVE_ONLY)
+def test_plugin_form_refuses_soft_capped_attention(family, exported_bundle):
+    """The plugin has no softcap: the plugin form refuses in one line naming the remedy, and
+    the native form (ONNX Attention's softcap) carries the cap on every layer."""
+    with pytest.raises(ArxError, match="soft-caps its scores.*--attention native"):
+        form_for(exported_bundle(family))
+    form = form_for(exported_bundle(family), attention="native", sampler="argmax")
+    caps = [a.f for n in form.model.graph.node if n.op_type == "Attention"
+            for a in n.attribute if a.name == "softcap"]
+    assert caps == [3.0] * read_manifest(exported_bundle(family)).kv.layers
 
 
 def test_sliding_window_mistral_beyond_the_window(exported_bundle, ort_session):
