@@ -106,7 +106,7 @@ def prepare(cfg: BenchConfig, log: Path) -> tuple[list[Target], dict]:
     n_steps = (1 + ("arx" in cfg.engines) * len(cfg.variants)
                + want_og * (1 + ("w4" in cfg.variants)))
     steps = Steps(n_steps, enabled=cfg.progress)
-    with steps.step(f"random {cfg.shape} Llama weights (cached in {cache})"):
+    with steps.step(f"random {cfg.shape} {shape.family} weights (cached in {cache})"):
         hf = bench_models.hf_folder(shape, cache, cfg.seed)
     max_seq = cfg.prompt_len + cfg.new_tokens
     targets: list[Target] = []
@@ -229,7 +229,8 @@ def run_benchmark(cfg: BenchConfig) -> dict:
 
 def format_table(report: dict) -> str:
     c, m = report["config"], report["model"]
-    lines = [f"decode benchmark: {c['shape']} Llama ({m['parameters'] / 1e6:.1f}M params), CPU "
+    lines = [f"decode benchmark: {c['shape']} {m.get('family', 'llama')} "
+             f"({m['parameters'] / 1e6:.1f}M params), CPU "
              f"({report['machine']['cpu']}), batch 1, prompt {c['prompt_len']}, "
              f"{c['new_tokens']} new tokens, {report['machine']['threads']} threads, "
              f"median of {c['runs']} runs after {c['warmup']} warm-up",

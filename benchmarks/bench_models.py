@@ -1,4 +1,5 @@
-"""The benchmark's model: random Llama-shaped weights made here, and the artifacts built from them.
+"""The benchmark's models: random weights of a Llama, Gemma 2 or Mixtral shape made here, and
+the artifacts built from them.
 
     shape ─► HF folder (save_pretrained, cached) ─┬─► arx bundle (export_model; w8/w4 via arx.calibration)
                                                   └─► ort-genai folder (its model builder, fp32 / int4)
@@ -30,10 +31,34 @@ class ModelShape:
     vocab: int
     max_positions: int = 2048
     init_range: float = 0.02  # transformers' default init scale
+    family: str = "llama"  # llama | gemma2 | mixtral (hf_config)
+    experts: int = 0  # mixtral: experts per layer (top-2 routing)
 
     def key(self, seed: int) -> str:
-        text = json.dumps({**asdict(self), "seed": seed}, sort_keys=True)
+        fields = asdict(self)
+        for name in ("family", "experts"):  # Llama shapes keep the cache keys they always had
+            if fields[name] == ModelShape.__dataclass_fields__[name].default:
+                del fields[name]
+        text = json.dumps({**fields, "seed": seed}, sort_keys=True)
         return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+    def hf_config(self):
+        """The transformers config of this shape's family (ids as the benchmark tokenizer's)."""
+        import transformers as tf
+
+        common = dict(vocab_size=self.vocab, hidden_size=self.hidden,
+                      intermediate_size=self.intermediate, num_hidden_layers=self.layers,
+                      num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
+                      max_position_embeddings=self.max_positions,
+                      initializer_range=self.init_range, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0)
+        if self.family == "gemma2":  # soft-caps, sandwich norms, GeGLU, tied head as Gemma 2
+            return tf.Gemma2Config(**common, head_dim=self.hidden // self.heads,
+                                   query_pre_attn_scalar=self.hidden // self.heads)
+        if self.family == "mixtral":
+            return tf.MixtralConfig(**common, num_local_experts=self.experts,
+                                    num_experts_per_tok=2, tie_word_embeddings=False)
+        return tf.LlamaConfig(**common, tie_word_embeddings=False)
 
 
 # ~125M Llama shape of issue 2 item 10 (134M parameters with an untied lm_head), and a tiny one
@@ -43,22 +68,29 @@ SHAPES = {
     "125m": ModelShape(hidden=768, layers=12, heads=12, kv_heads=12, intermediate=2048, vocab=32000),
     "tiny": ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=112, vocab=512,
                        max_positions=512, init_range=0.25),
+    # issue 13's speed rows: a Gemma-2-shaped model (128M, tied head) and a Mixtral-shaped one
+    # (8 experts of 896, top-2: 127M in all, about 43M of them read per token)
+    "gemma2-125m": ModelShape(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=3072,
+                              vocab=32000, family="gemma2"),
+    "mixtral-125m": ModelShape(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=896,
+                               vocab=32000, family="mixtral", experts=8),
+    "gemma2-tiny": ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=112,
+                              vocab=512, max_positions=512, init_range=0.25, family="gemma2"),
+    "mixtral-tiny": ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=112,
+                               vocab=512, max_positions=512, init_range=0.25, family="mixtral",
+                               experts=4),
 }
 
 
 def hf_folder(shape: ModelShape, cache: Path, seed: int = 0) -> Path:
-    """A saved HF Llama with random weights; made once per (shape, seed)."""
+    """A saved HF model of the shape's family with random weights; made once per (shape, seed)."""
     folder = cache / f"hf-{shape.key(seed)}"
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     import torch
     import transformers as tf
 
-    cfg = tf.LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden,
-                         intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-                         num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-                         max_position_embeddings=shape.max_positions, initializer_range=shape.init_range,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    cfg = shape.hf_config()
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     tmp = folder.with_name(folder.name + ".tmp")
