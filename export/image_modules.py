@@ -111,7 +111,7 @@ class ClassToImageDecoder(nn.Module):
 
     def __init__(self, num_classes: int = 10, codebook: int = 64, grid: int = 4, dim: int = 64,
                  heads: int = 4, kv_heads: int = 2, layers: int = 2, vq: VQDecoder | None = None,
-                 cfg_scale: float = 4.0):
+                 cfg_scale: float = 4.0, top_k: int = 0):
         super().__init__()
         self.codebook, self.num_classes, self.grid = codebook, num_classes, grid
         head_dim = dim // heads
@@ -120,7 +120,8 @@ class ClassToImageDecoder(nn.Module):
                             "vocab_size": codebook, "max_seq_len": 1 + n}
         self.arx_image = {"grid": [grid, grid], "num_classes": num_classes,
                           "null_class": num_classes, "class_token_offset": codebook,
-                          "vq_decoder": "vq", "pixel_range": [-1.0, 1.0], "cfg_scale": cfg_scale}
+                          "vq_decoder": "vq", "pixel_range": [-1.0, 1.0], "cfg_scale": cfg_scale,
+                          "top_k": top_k}
         self.tok_embeddings = nn.Embedding(codebook, dim)
         self.cls_embedding = nn.Embedding(num_classes + 1, dim)  # row num_classes: the null class
         self.layers = nn.ModuleList(Block(dim, heads, kv_heads) for _ in range(layers))

@@ -8,7 +8,8 @@ A decoder-protocol module (export/protocol.py) is an image-token model when it a
                  "class_token_offset": V,     # class c enters as input id V + c
                  "vq_decoder": "vq",          # attribute: tokens (B, gh*gw) -> pixels (B,3|1,H,W)
                  "pixel_range": [-1.0, 1.0],  # what the VQ decoder's output spans
-                 "cfg_scale": 4.0}            # optional: the default guidance scale
+                 "cfg_scale": 4.0,            # optional: the default guidance scale,
+                 "top_k": 0, "temperature": 1.0}  # and sampling over the codebook
 
 Its logits are over the codebook (vocab_size = codebook size). The bundle it exports to:
 
@@ -58,7 +59,8 @@ def check_image_spec(module, spec: dict) -> dict:
            "null_class": int(spec.get("null_class", spec["num_classes"])),
            "class_token_offset": int(spec.get("class_token_offset", vocab)),
            "pixel_range": [float(v) for v in spec.get("pixel_range", (-1.0, 1.0))],
-           "cfg_scale": float(spec.get("cfg_scale", 1.0)), "vq_decoder": str(spec["vq_decoder"])}
+           "cfg_scale": float(spec.get("cfg_scale", 1.0)), "vq_decoder": str(spec["vq_decoder"]),
+           "top_k": int(spec.get("top_k", 0)), "temperature": float(spec.get("temperature", 1.0))}
     if len(grid) != 2 or min(grid) < 1 or out["num_classes"] < 1:
         raise ArxError(f"{name}.arx_image needs a grid [rows, cols] >= 1 and num_classes >= 1, "
                        f"got grid {spec['grid']} and {spec['num_classes']} classes")
@@ -108,6 +110,7 @@ def export_image_decoder(src, bundle: Path, options):
                              "null_class": spec["null_class"],
                              "class_token_offset": spec["class_token_offset"], "prefix_len": 1},
                "grid": spec["grid"], "tokens_per_image": n, "cfg_scale": spec["cfg_scale"],
+               "top_k": spec["top_k"], "temperature": spec["temperature"],
                "pixels": {"stage": VQ_STAGE, "layout": "NCHW", "range": spec["pixel_range"],
                           "channels": channels, "height": height, "width": width},
                "vq_parity": vq_error}

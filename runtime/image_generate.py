@@ -67,6 +67,8 @@ class ImageInfo:
     cfg_scale: float
     pixel_range: tuple[float, float]
     vq_stage: str
+    top_k: int = 0  # the model's default sampling over the codebook
+    temperature: float = 1.0
 
     @property
     def tokens(self) -> int:
@@ -103,7 +105,8 @@ def image_info(manifest: Manifest, bundle: str | Path = "the bundle") -> ImageIn
     cond, pixels = section["condition"], section["pixels"]
     return ImageInfo(tuple(section["grid"]), int(cond["num_classes"]), int(cond["null_class"]),
                      int(cond["class_token_offset"]), float(section.get("cfg_scale", 1.0)),
-                     tuple(pixels["range"]), pixels["stage"])
+                     tuple(pixels["range"]), pixels["stage"], int(section.get("top_k", 0)),
+                     float(section.get("temperature", 1.0)))
 
 
 def check_classes(info: ImageInfo, classes: list[int]) -> None:

@@ -40,6 +40,7 @@ def run_image(args, manifest, generate_options) -> int:
     from arx.runtime.image_output import check_image_path
 
     info = image_info(manifest, args.bundle)
+    _refuse_text_flags(args)
     if args.class_ is None:
         raise ArxError(f"{args.bundle} is class-conditional: give --class N "
                        f"(0..{info.num_classes - 1}) instead of a prompt")
@@ -52,8 +53,10 @@ def run_image(args, manifest, generate_options) -> int:
     paths = _paths(args.image, len(classes))
     for path in paths:
         check_image_path(path)
-    # image models sample unless told --greedy (LlamaGen: temperature 1, top-k over the codebook)
-    defaults = dataclasses.replace(manifest.generation, do_sample=True)
+    # image models sample unless told --greedy, with the model's top-k/temperature (LlamaGen:
+    # temperature 1, top-k 2000 of 16384 codes)
+    defaults = dataclasses.replace(manifest.generation, do_sample=True, top_k=info.top_k,
+                                   temperature=info.temperature)
     options = ImageOptions(cfg_scale=info.cfg_scale if args.cfg is None else args.cfg,
                            cfg_schedule=args.cfg_schedule or "constant",
                            sampling=generate_options(args, defaults).sampling)
@@ -64,6 +67,21 @@ def run_image(args, manifest, generate_options) -> int:
         print(json.dumps(_as_json(result, info, paths)))
     _summary(result, paths)
     return 0
+
+
+# text-generation flags with no meaning for an image (a fixed grid, no EOS, no speculation
+# yet) or not wired for images yet (the TensorRT engine): refused rather than ignored
+TEXT_ONLY = {"max_new_tokens": "--max-new-tokens", "no_eos_stop": "--no-eos-stop",
+             "repetition_penalty": "--repetition-penalty", "engine": "--engine",
+             "draft": "--draft", "lookup": "--lookup", "speculate": "--speculate"}
+
+
+def _refuse_text_flags(args) -> None:
+    given = [flag for name, flag in TEXT_ONLY.items() if getattr(args, name, None) not in (None, False)]
+    if given:
+        raise ArxError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to an "
+                       f"image-token bundle (a fixed grid of tokens, run on ONNX Runtime); drop "
+                       f"{'it' if len(given) == 1 else 'them'}")
 
 
 def _paths(image: str | None, n: int) -> list[str]:

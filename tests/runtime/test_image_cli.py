@@ -73,6 +73,8 @@ def test_one_file_per_image_and_greedy_is_repeatable(bundle, tmp_path, capsys):
     (["--class", 1, "--cfg", -2], "--cfg must be >= 0"),
     (["--class", 1, "--cfg-schedule", "linear", "--batch", 0], "--batch and --zoom must be >= 1"),
     (["--prompt", "a cat"], "is class-conditional: give --class N"),
+    (["--class", 1, "--max-new-tokens", 4, "--no-eos-stop"],
+     "--max-new-tokens, --no-eos-stop do not apply to an image-token bundle"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(bundle, tmp_path, capsys, args, fragment):
     out = tmp_path / "x.png"
