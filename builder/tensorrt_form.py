@@ -111,6 +111,10 @@ def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
 def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec) -> onnx.ModelProto:
     """Rewrite `model` (the bundle's decoder, modified in place and returned) to the TRT form."""
     register_schemas()
+    if manifest.pipeline.kind == "image-tokens":  # a decoder-only kit could not draw images
+        raise ArxError("the TensorRT form of image-token bundles (the CFG rows in the static "
+                       "cache, the VQ decoder as its own engine) is not built yet; run the "
+                       "bundle on ONNX Runtime with arx generate --class N --image out.png")
     if manifest.decoder.input("input_ids") is None:
         raise ArxError("this bundle's decoder takes inputs_embeds (arx export --inputs-embeds), "
                        "whose TensorRT form arx does not build yet; export without "

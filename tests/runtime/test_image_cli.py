@@ -105,3 +105,11 @@ def test_image_on_a_text_bundle_is_refused(exported_bundle, tmp_path, capsys):
     code, _, err = _cli(capsys, text, "--class", 3, "--image", tmp_path / "x.png")
     assert code == 2 and "not an image-token one" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_arx_build_refuses_an_image_bundle_and_writes_nothing(bundle, capsys):
+    code = main(["build", str(bundle), "--target", "orin", "--kit"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("arx: error:")]
+    assert code == 2 and len(lines) == 1 and "image-token bundles" in lines[0], err
+    assert not (bundle / "kits").exists() and not (bundle / "engines").exists()
