@@ -73,6 +73,7 @@ class OrtBackend:
             raise ArxError(f"onnxruntime could not load {onnx_path} ({str(e).splitlines()[0]}); "
                            f"re-export the bundle") from e
         self._check_provider(options.device)
+        self._host: dict[int, tuple[Any, np.ndarray]] = {}  # id -> (buffer, its CPU memory)
         self.aliases = dict(aliases or {})
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._ort = ort
@@ -106,11 +107,24 @@ class OrtBackend:
     def allocate(self, shape: tuple[int, ...], dtype: str) -> Any:
         """A zeroed device buffer the backend can bind as input and output."""
         if self.device == "cpu":
-            return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype))
+            host = np.zeros(shape, dtype=dtype)
+            value = self._ort.OrtValue.ortvalue_from_numpy(host)
+            self._host[id(value)] = (value, host)  # its memory, for row views
+            return value
         return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), "cuda", 0)
 
+    def rows(self, buffer: Any, start: int, stop: int) -> Any | None:
+        """Rows start:stop of a buffer `allocate` made, as a buffer of their own over the same
+        memory (a (B, ...) cache buffer's rows are contiguous), or None where there is no host
+        view (CUDA)."""
+        held = self._host.get(id(buffer))
+        if held is None or held[0] is not buffer:
+            return None
+        return self._ort.OrtValue.ortvalue_from_numpy(held[1][start:stop])
+
     def release(self, buffer: Any) -> None:
-        """Nothing to do: ORT frees an OrtValue with its last reference."""
+        """Forget the host view; ORT frees an OrtValue with its last reference."""
+        self._host.pop(id(buffer), None)
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         io = self._binding_for(feeds)

@@ -32,10 +32,12 @@ class KVCache:
         self.in_place = layout.update == "in_place"
         shape_len = self.max_seq_len if self.in_place else 0
         shape = (batch, layout.kv_heads, shape_len, layout.head_dim)  # (B, kv_heads, S, D)
+        self.backend = backend
         self.buffers: dict[str, Any] = {}
         for past, _ in layout.pairs():
             self.buffers[past] = (backend.allocate(shape, layout.dtype) if self.in_place
                                   else np.zeros(shape, dtype=layout.dtype))
+        self._rows: dict[int, RowCache | None] = {}
 
     def aliases(self) -> dict[str, str]:
         """present output -> past input, for backends that write in place."""
@@ -53,7 +55,21 @@ class KVCache:
 
     def close(self) -> None:
         """Drop the buffers (ORT frees an OrtValue when its last reference goes)."""
-        self.buffers = {}
+        if self.in_place:
+            for buf in self.buffers.values():
+                self.backend.release(buf)
+        self.buffers, self._rows = {}, {}
+
+    def row(self, b: int) -> "RowCache | None":
+        """Row b as a batch-1 cache over the same memory (its writes land in this cache), or
+        None where the backend has no such view: a serving loop prefills one request at batch
+        1 on the fused graph while the others' rows stay as they are."""
+        if b not in self._rows:
+            views = {k: self.backend.rows(v, b, b + 1) for k, v in self.buffers.items()} \
+                if self.in_place and hasattr(self.backend, "rows") else {}
+            ok = views and all(v is not None for v in views.values())
+            self._rows[b] = RowCache(self, b, views) if ok else None
+        return self._rows[b]
 
     def rollback(self, lengths: np.ndarray) -> None:
         """Cut each row back to `lengths` (B,) tokens (rejected draft tokens, a cancelled
@@ -76,3 +92,21 @@ class KVCache:
 
     def remaining(self) -> int:
         return int(self.max_seq_len - self.lengths.max())
+
+
+class RowCache:
+    """One row of a KVCache seen as a batch-1 cache: same buffers' memory, the parent's length."""
+
+    def __init__(self, parent: KVCache, b: int, buffers: dict[str, Any]):
+        self.parent, self.b, self.buffers = parent, b, buffers
+        self.layout, self.max_seq_len, self.in_place = parent.layout, parent.max_seq_len, True
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.parent.lengths[self.b:self.b + 1].copy()
+
+    def feeds(self) -> dict[str, Any]:
+        return dict(self.buffers)
+
+    def advance(self, new_tokens: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
+        self.parent.lengths[self.b] += int(new_tokens[0])

@@ -218,19 +218,24 @@ class Scheduler:
             admitted = self._admit()  # into the slots just freed as well
         if not any(self.slots):
             return bool(admitted or dropped)
-        ids, new_lens, idle = self._batch()
         t0 = time.perf_counter()
         try:
-            logits = self.session.step(self.cache, ids, new_lens, logits="last")[:, 0]  # (B, V)
+            alone, fresh = self._prefill_alone()
+            ids, new_lens, idle = self._batch(alone, fresh)
+            before = self.cache.lengths.copy()
+            if (new_lens > 0).sum() > len(idle):  # some row has real tokens
+                logits = self.session.step(self.cache, ids, new_lens, logits="last")[:, 0]
+            else:
+                new_lens, idle = np.zeros_like(new_lens), []
         except Exception as e:  # noqa: BLE001 - the server keeps serving the requests to come
             self._fail_running(e)
             return True
-        if idle:  # the free slots' filler token is forgotten at once
-            lengths = np.array(self.cache.lengths, np.int64)
-            lengths[idle] = 0
+        if idle:  # the fillers are forgotten at once
+            lengths = self.cache.lengths.copy()
+            lengths[idle] = before[idle]
             self.cache.rollback(lengths)
         for b, slot in enumerate(self.slots):
-            if slot is not None:
+            if slot is not None and b not in idle and new_lens[b]:
                 slot.fed += int(new_lens[b]) if not slot.prefilled else 0
                 if slot.prefilled:
                     self._advance(b, slot, logits[b:b + 1])
@@ -250,11 +255,40 @@ class Scheduler:
                 admitted.append(b)
         return admitted
 
-    def _batch(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
-        """(B, S) right-padded ids, (B,) new tokens per row for the next step, and the free
-        rows given one filler token: a step where every row decodes one token, or where no
-        row has a past, runs on the fused graph, while a row with no new token would send the
-        whole step to the general-step graph (slower decode, a second session's memory)."""
+    def _prefill_alone(self) -> tuple[bool, set[int]]:
+        """Prefill chunks (--prefill-chunk tokens in all) at batch 1, each over its slot's own
+        row of the cache: the fused graph takes a chunk after a past at batch 1, while a chunk
+        in the batched step would send every row to the general-step graph (attention over
+        every row's whole buffer: seconds per step at 16 slots). Returns (False, ...) where the
+        cache has no row views (a device cache): the chunks then ride in the batched step; and
+        the rows whose prompt this step finished (their first token is drawn, not yet fed)."""
+        rows = [b for b, slot in enumerate(self.slots) if slot is not None and not slot.prefilled]
+        if not rows:
+            return True, set()
+        if getattr(self.cache, "row", None) is None or self.cache.row(rows[0]) is None:
+            return False, set()
+        budget, fresh = self.chunk, set()
+        for b in rows:
+            slot = self.slots[b]
+            room = self.max_len - int(self.cache.lengths[b])
+            toks = slot.request.prompt[slot.fed: slot.fed + min(budget, room)]
+            if not toks:
+                break
+            budget -= len(toks)
+            logits = self.session.step(self.cache.row(b), np.array([toks], np.int64),
+                                       np.array([len(toks)], np.int64), logits="last")[:, 0]
+            slot.fed += len(toks)
+            if slot.prefilled:
+                fresh.add(b)
+                self._advance(b, slot, logits)
+        return True, fresh
+
+    def _batch(self, prefilled_alone: bool, fresh: set[int]) -> tuple[np.ndarray, np.ndarray,
+                                                                      list[int]]:
+        """(B, S) right-padded ids, (B,) new tokens per row for the next step, and the rows
+        given one filler token (free rows, and rows still prefilling on their own): a step where
+        every row decodes one token, or where no row has a past, runs on the fused graph, while
+        a row with no new token would send the whole step to the general-step graph."""
         new_lens = np.zeros(self.max_batch, np.int64)
         feed: dict[int, list[int]] = {}
         # a step S wide writes S cache entries per row (padding included): the fullest row
@@ -264,15 +298,15 @@ class Scheduler:
         for b, slot in enumerate(self.slots):
             if slot is None:
                 continue
-            if slot.fed == len(slot.request.prompt) and slot.tokens:
+            if slot.fed == len(slot.request.prompt) and slot.tokens and b not in fresh:
                 feed[b] = slot.tokens[-1:]
-            elif budget > 0:
+            elif budget > 0 and not prefilled_alone:
                 feed[b] = slot.request.prompt[slot.fed: slot.fed + budget]
                 budget -= len(feed[b])
-        width = max(len(v) for v in feed.values())
+        width = max((len(v) for v in feed.values()), default=1)
         idle = []
         if width == 1 or not self.cache.lengths.any():
-            idle = [b for b, slot in enumerate(self.slots) if slot is None]
+            idle = [b for b in range(self.max_batch) if b not in feed]
         ids = np.zeros((self.max_batch, width), np.int64)
         for b, toks in feed.items():
             ids[b, : len(toks)] = toks
