@@ -37,7 +37,7 @@ class KVCache:
         for past, _ in layout.pairs():
             self.buffers[past] = (backend.allocate(shape, layout.dtype) if self.in_place
                                   else np.zeros(shape, dtype=layout.dtype))
-        self._rows: dict[int, RowCache | None] = {}
+        self._rows: dict[tuple[int, int], RowCache | None] = {}
 
     def aliases(self) -> dict[str, str]:
         """present output -> past input, for backends that write in place."""
@@ -64,12 +64,18 @@ class KVCache:
         """Row b as a batch-1 cache over the same memory (its writes land in this cache), or
         None where the backend has no such view: a serving loop prefills one request at batch
         1 on the fused graph while the others' rows stay as they are."""
-        if b not in self._rows:
-            views = {k: self.backend.rows(v, b, b + 1) for k, v in self.buffers.items()} \
+        return self.rows(b, b + 1)
+
+    def rows(self, start: int, stop: int) -> "RowCache | None":
+        """Rows start:stop as a cache of their own over the same memory (a decode step over
+        just the occupied rows), or None where the backend has no host view (a device)."""
+        key = (start, stop)
+        if key not in self._rows:
+            views = {k: self.backend.rows(v, start, stop) for k, v in self.buffers.items()} \
                 if self.in_place and hasattr(self.backend, "rows") else {}
             ok = views and all(v is not None for v in views.values())
-            self._rows[b] = RowCache(self, b, views) if ok else None
-        return self._rows[b]
+            self._rows[key] = RowCache(self, start, stop, views) if ok else None
+        return self._rows[key]
 
     def rollback(self, lengths: np.ndarray) -> None:
         """Cut each row back to `lengths` (B,) tokens (rejected draft tokens, a cancelled
@@ -95,18 +101,19 @@ class KVCache:
 
 
 class RowCache:
-    """One row of a KVCache seen as a batch-1 cache: same buffers' memory, the parent's length."""
+    """Rows start:stop of a KVCache seen as a cache of their own: the same buffers' memory, the
+    parent's lengths (read and advanced through the parent)."""
 
-    def __init__(self, parent: KVCache, b: int, buffers: dict[str, Any]):
-        self.parent, self.b, self.buffers = parent, b, buffers
+    def __init__(self, parent: KVCache, start: int, stop: int, buffers: dict[str, Any]):
+        self.parent, self.start, self.stop, self.buffers = parent, start, stop, buffers
         self.layout, self.max_seq_len, self.in_place = parent.layout, parent.max_seq_len, True
 
     @property
     def lengths(self) -> np.ndarray:
-        return self.parent.lengths[self.b:self.b + 1].copy()
+        return self.parent.lengths[self.start:self.stop].copy()
 
     def feeds(self) -> dict[str, Any]:
         return dict(self.buffers)
 
     def advance(self, new_tokens: np.ndarray, outputs: dict[str, np.ndarray]) -> None:
-        self.parent.lengths[self.b] += int(new_tokens[0])
+        self.parent.lengths[self.start:self.stop] += np.asarray(new_tokens, np.int64)

@@ -224,7 +224,8 @@ class Scheduler:
             ids, new_lens, idle = self._batch(alone, fresh)
             before = self.cache.lengths.copy()
             if (new_lens > 0).sum() > len(idle):  # some row has real tokens
-                logits = self.session.step(self.cache, ids, new_lens, logits="last")[:, 0]
+                cache, n = self._decode_rows(new_lens, idle)
+                logits = self.session.step(cache, ids[:n], new_lens[:n], logits="last")[:, 0]
             else:
                 new_lens, idle = np.zeros_like(new_lens), []
         except Exception as e:  # noqa: BLE001 - the server keeps serving the requests to come
@@ -282,6 +283,16 @@ class Scheduler:
                 fresh.add(b)
                 self._advance(b, slot, logits)
         return True, fresh
+
+    def _decode_rows(self, new_lens: np.ndarray, idle: list[int]):
+        """(cache, n): the batched step runs over rows 0..n-1 only, up to the last row with a
+        real token (slots fill lowest first), where the cache has row views: a lone request
+        then pays for one row, not for max-batch rows of fillers."""
+        busy = [b for b in np.flatnonzero(new_lens) if b not in idle]
+        n = int(busy[-1]) + 1
+        rows = getattr(self.cache, "rows", None)
+        view = rows(0, n) if rows is not None and n < self.max_batch else None
+        return (view, n) if view is not None else (self.cache, self.max_batch)
 
     def _batch(self, prefilled_alone: bool, fresh: set[int]) -> tuple[np.ndarray, np.ndarray,
                                                                       list[int]]:

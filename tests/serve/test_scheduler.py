@@ -203,15 +203,19 @@ def test_a_failed_step_fails_its_requests_and_serving_goes_on(session):
 
 
 def test_free_slots_keep_decode_on_the_fused_graph(exported_bundle):
-    """A lone request in a 3-slot scheduler: the free rows get a filler token that is rolled
-    back, so prefill and decode run on the fused graph (a row with no new token would send
-    every step to the general-step graph) and the tokens are generate's."""
+    """A lone request in a 3-slot scheduler: its prefill and its decode steps run over its own
+    row only, on the fused graph (a row with no new token would send every step to the
+    general-step graph), and the tokens are generate's."""
     with DecoderSession(exported_bundle("llama")) as fresh:
         rec, sched = Recorder(), Scheduler(fresh, 3)
+        widths, step = [], fresh.step
+        fresh.step = lambda cache, ids, *a, **k: widths.append(ids.shape[0]) or step(cache, ids, *a, **k)
         r = rec.request([5, 6, 7, 8], 10, stop_on_eos=False)
         sched.submit(r)
         sched.step()
         np.testing.assert_array_equal(sched.cache.lengths, [4, 0, 0])  # fillers forgotten
         run_until_done(sched, rec, [r])
         assert fresh._general is None  # the general-step graph was never opened
+        assert set(widths) == {1}  # prefill and decode over the occupied row only
+        del fresh.step
         assert rec.tokens(r.id) == alone(fresh, r.prompt, 10, GREEDY)
