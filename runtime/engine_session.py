@@ -160,6 +160,6 @@ def open_engine(bundle: str | Path, target: str) -> Iterator[EngineSession]:
 
     manifest = read_manifest(bundle)
     build = engine_build(manifest, bundle, target)
-    engine, report = load_build_report(bundle, target)
+    engine, report = load_build_report(bundle, build)
     with TensorRTBackend(engine, report) as backend:
         yield EngineSession(backend, build, manifest)

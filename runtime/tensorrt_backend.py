@@ -107,17 +107,10 @@ class CudaRuntime:
         self._check(self.rt.cudaGraphLaunch(graph_exec, stream))
 
 
-def load_build_report(bundle_dir: str | Path, target: str) -> tuple[Path, dict]:
-    """(engine path, build report) of `arx build BUNDLE --target TARGET`."""
-    from arx.manifest import read_manifest
-
-    bundle_dir = Path(bundle_dir)
-    builds = read_manifest(bundle_dir).builds
-    entry = builds.get(target)
-    if not entry or entry.get("kind") != "engine":
-        raise ArxError(f"bundle {bundle_dir} has no engine for {target}; build one with: "
-                       f"arx build {bundle_dir} --target {target}")
-    folder = bundle_dir / entry["path"]
+def load_build_report(bundle_dir: str | Path, build: Mapping[str, Any]) -> tuple[Path, dict]:
+    """(engine path, build report) of the engine the manifest's `builds[target]` entry names
+    (runtime.engine_session.engine_build checks the entry)."""
+    folder = Path(bundle_dir) / build["path"]
     report = json.loads((folder / "build_report.json").read_text(encoding="utf-8"))
     return folder / "decoder.engine", report
 
