@@ -96,9 +96,6 @@ class KVCache:
             self.buffers = {k: v[:, :, :keep] for k, v in self.buffers.items()}
         self.lengths = lengths.astype(np.int64)
 
-    def remaining(self) -> int:
-        return int(self.max_seq_len - self.lengths.max())
-
 
 class RowCache:
     """Rows start:stop of a KVCache seen as a cache of their own: the same buffers' memory, the
