@@ -90,11 +90,13 @@ class Sampler:
             ids[b] = int(np.argmax(np.where(keep, xb + gumbel[b], -np.inf)))
         return ids
 
-    def probs(self, logits: np.ndarray, seen: np.ndarray | None) -> np.ndarray:
+    def probs(self, logits: np.ndarray, seen: np.ndarray | None,
+              rows: int | None = None) -> np.ndarray:
         """(R, V) float64: the distribution __call__ draws each row from (softmax of the
         temperature-scaled row over the tokens top-k/top-p keep; greedy: one-hot at the
-        argmax). What speculative sampling's rejection rule compares (runtime/speculative.py)."""
-        x = self._processed(logits, seen, logits.shape[0])
+        argmax). What speculative sampling's rejection rule compares (runtime/speculative.py).
+        rows: R, when logits are (2R, V) conditional and unconditional rows to be guided."""
+        x = self._processed(logits, seen, logits.shape[0] if rows is None else rows)
         out = np.zeros(x.shape, np.float64)
         if not self.options.do_sample:
             out[np.arange(x.shape[0]), x.argmax(axis=-1)] = 1.0

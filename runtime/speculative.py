@@ -338,12 +338,21 @@ def residual_draw(q: np.ndarray, p: np.ndarray, seed: int, pos: int, row: int) -
     """A token from norm(max(q - p, 0)) (q target, p draft), Gumbel-max on Philox uniforms of
     the residual stream at `pos`; q itself where the residual has no mass (q == p)."""
     r = np.maximum(q - p, 0.0)
-    if not r.sum() > 0:
-        r = q
-    u = uniforms(seed, np.array([pos | RESIDUAL_STREAM]), np.array([row]), q.size)[0]
+    return gumbel_draw(r if r.sum() > 0 else q, seed, pos | RESIDUAL_STREAM, row)
+
+
+def gumbel_draw(weights: np.ndarray, seed: int, offset: int, row: int) -> int:
+    """A token drawn in proportion to `weights` (V,) (any non-negative mass), Gumbel-max on
+    the Philox uniforms at (offset, row): the same draw for the same seed, offset and row."""
+    return int(gumbel_draws(weights[None], seed, np.array([offset]), row)[0])
+
+
+def gumbel_draws(weights: np.ndarray, seed: int, offsets: np.ndarray, row: int) -> np.ndarray:
+    """gumbel_draw for N rows of weights (N, V) at N offsets in one Philox call -> (N,)."""
+    u = uniforms(seed, np.asarray(offsets, np.int64), np.full(len(offsets), row), weights.shape[1])
     with np.errstate(divide="ignore"):
-        score = np.log(r) - np.log(-np.log(u.astype(np.float64)))
-    return int(np.argmax(score))
+        score = np.log(weights) - np.log(-np.log(u.astype(np.float64)))
+    return np.argmax(score, axis=1).astype(np.int64)
 
 
 def profile_speculation(session, bundle, opts, results, tick) -> None:

@@ -40,10 +40,11 @@ def register(sub) -> None:
     p.add_argument("--lookup", type=int, metavar="N",
                    help="speculative decoding without a draft: propose what followed the last "
                         "N..1 tokens earlier in the prompt and text (prompt lookup; HF uses 2)")
-    p.add_argument("--speculate", metavar="K|auto",
+    p.add_argument("--speculate", metavar="K|auto|jacobi[:W]",
                    help="tokens proposed per step with --draft/--lookup (default auto: from 4, "
                         "+2 after a step that kept all, -1 otherwise; at 0, plain steps for 8 "
-                        "steps, then 1 again)")
+                        "steps, then 1 again); image-token bundles: jacobi[:W], W guessed "
+                        "tokens per image and step (default 8)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
     p.add_argument("--no-spin", action="store_true",
                    help="idle threads sleep instead of spinning (better when cores are shared)")
@@ -101,15 +102,20 @@ def run(args) -> int:
     from arx.runtime.decoder import DecoderSession
     from arx.runtime.generate import generate
 
-    spec = _speculation(args)  # flags that contradict each other, before any other check
+    # image tokens speculate with Jacobi guesses (runtime/image_speculative.py), no proposer
+    jacobi = (args.speculate or "").strip().lower().startswith("jacobi")
+    spec = None if jacobi else _speculation(args)  # contradicting flags, before other checks
     needs.check("generate", args)  # --engine
 
     manifest = read_manifest(args.bundle)
     if wants_image(args) or manifest.pipeline.kind == "image-tokens":
-        if spec is not None:  # speculation on image tokens (Jacobi, LANTERN) is not built yet
-            raise ArxError("--draft/--lookup speculate on text tokens; image-token generation "
-                           "does not take them yet: drop them")
+        if spec is not None:
+            raise ArxError("--draft/--lookup speculate on text tokens; image-token bundles "
+                           "speculate with --speculate jacobi[:W] (no draft model)")
         return run_image(args, manifest, _options)
+    if jacobi:
+        raise ArxError("--speculate jacobi is for image-token bundles; text speculates with "
+                       "--draft BUNDLE or --lookup N (and --speculate K|auto)")
     options = _options(args, manifest.generation)
     tokenizer = None
     if args.prompt is not None or manifest.tokenizer.file:

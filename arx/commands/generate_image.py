@@ -38,9 +38,11 @@ def run_image(args, manifest, generate_options) -> int:
     """generate_options(args, defaults): the text command's flag mapping (sampling flags)."""
     from arx.runtime.image_generate import ImageOptions, check_classes, image_info
     from arx.runtime.image_output import check_image_path
+    from arx.runtime.image_speculative import parse_jacobi
 
     info = image_info(manifest, args.bundle)
     _refuse_text_flags(args)
+    window = parse_jacobi(args.speculate)
     if args.class_ is None:
         raise ArxError(f"{args.bundle} is class-conditional: give --class N "
                        f"(0..{info.num_classes - 1}) instead of a prompt")
@@ -60,7 +62,7 @@ def run_image(args, manifest, generate_options) -> int:
     options = ImageOptions(cfg_scale=info.cfg_scale if args.cfg is None else args.cfg,
                            cfg_schedule=args.cfg_schedule or "constant",
                            sampling=generate_options(args, defaults).sampling)
-    result = _generate(args, manifest, info, classes, options)
+    result = _generate(args, manifest, info, classes, options, window)
     if paths:
         _write(paths, result, info, args.zoom)
     if args.json:
@@ -69,11 +71,12 @@ def run_image(args, manifest, generate_options) -> int:
     return 0
 
 
-# text-generation flags with no meaning for an image (a fixed grid, no EOS, no speculation
-# yet) or not wired for images yet (the TensorRT engine): refused rather than ignored
+# text-generation flags with no meaning for an image (a fixed grid, no EOS, no draft model:
+# images speculate with Jacobi guesses) or not wired for images yet (the TensorRT engine):
+# refused rather than ignored
 TEXT_ONLY = {"max_new_tokens": "--max-new-tokens", "no_eos_stop": "--no-eos-stop",
              "repetition_penalty": "--repetition-penalty", "engine": "--engine",
-             "draft": "--draft", "lookup": "--lookup", "speculate": "--speculate"}
+             "draft": "--draft", "lookup": "--lookup"}
 
 
 def _refuse_text_flags(args) -> None:
@@ -92,15 +95,17 @@ def _paths(image: str | None, n: int) -> list[str]:
     return [image]
 
 
-def _generate(args, manifest, info, classes, options):
+def _generate(args, manifest, info, classes, options, window):
     from arx.runtime.backend import BackendOptions
     from arx.runtime.decoder import DecoderSession
     from arx.runtime.image_generate import decode_pixels, generate_images
+    from arx.runtime.image_speculative import generate_images_jacobi
 
     backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
                              spin_wait=not args.no_spin)
     with DecoderSession(args.bundle, backend, manifest) as session:
-        result = generate_images(session, classes, options)
+        result = (generate_images(session, classes, options) if window is None else
+                  generate_images_jacobi(session, classes, options, window))
     t = time.perf_counter()
     result.pixels = decode_pixels(args.bundle, info, manifest, result.tokens, backend)
     result.vq_s = time.perf_counter() - t
@@ -123,7 +128,9 @@ def _as_json(result, info, paths) -> dict:
             "time_to_first_image_token_s": result.first_token_s,
             "image_tokens_per_s": result.image_tokens_per_s,
             "seconds_per_image": result.seconds_per_image,
-            "tokens_s": result.tokens_s, "vq_decoder_s": result.vq_s}
+            "tokens_s": result.tokens_s, "vq_decoder_s": result.vq_s,
+            **({"speculation": result.speculation.to_json()}
+               if hasattr(result, "speculation") else {})}
 
 
 def _summary(result, paths) -> None:

@@ -236,7 +236,7 @@ def test_cli_refuses_bad_speculation_flags(extra, fragment, exported_bundle, tmp
 
 def test_cli_refuses_speculation_on_image_tokens(exported_bundle, capsys):
     proc = _cli(capsys, "generate", exported_bundle("llama"), "--class", "3", "--lookup", "2")
-    assert_one_line(proc, "image-token generation does not take them")
+    assert_one_line(proc, "image-token bundles speculate with --speculate jacobi")
 
 
 def test_cli_refuses_a_draft_of_another_vocabulary(exported_bundle, tmp_path, capsys):
