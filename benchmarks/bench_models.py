@@ -31,12 +31,16 @@ class ModelShape:
     vocab: int
     max_positions: int = 2048
     init_range: float = 0.02  # transformers' default init scale
-    family: str = "llama"  # llama | gemma2 | mixtral (hf_config)
+    family: str = "llama"  # llama | gemma | gemma2 | mixtral (hf_config)
     experts: int = 0  # mixtral: experts per layer (top-2 routing)
+    # gemma2: the sliding window of its local layers (0: the config's default, 4096, which
+    # onnxruntime-genai refuses in a cache shorter than the window)
+    sliding_window: int = 0
 
     def key(self, seed: int) -> str:
         fields = asdict(self)
-        for name in ("family", "experts"):  # Llama shapes keep the cache keys they always had
+        # shapes keep the cache keys they always had while these are at their defaults
+        for name in ("family", "experts", "sliding_window"):
             if fields[name] == ModelShape.__dataclass_fields__[name].default:
                 del fields[name]
         text = json.dumps({**fields, "seed": seed}, sort_keys=True)
@@ -52,9 +56,12 @@ class ModelShape:
                       max_position_embeddings=self.max_positions,
                       initializer_range=self.init_range, bos_token_id=1, eos_token_id=2,
                       pad_token_id=0)
+        if self.family == "gemma":  # sqrt(hidden) embedding scale, (1 + w) norms, GeGLU, tied
+            return tf.GemmaConfig(**common, head_dim=self.hidden // self.heads)
         if self.family == "gemma2":  # soft-caps, sandwich norms, GeGLU, tied head as Gemma 2
+            window = {"sliding_window": self.sliding_window} if self.sliding_window else {}
             return tf.Gemma2Config(**common, head_dim=self.hidden // self.heads,
-                                   query_pre_attn_scalar=self.hidden // self.heads)
+                                   query_pre_attn_scalar=self.hidden // self.heads, **window)
         if self.family == "mixtral":
             return tf.MixtralConfig(**common, num_local_experts=self.experts,
                                     num_experts_per_tok=2, tie_word_embeddings=False)
@@ -72,6 +79,15 @@ SHAPES = {
     # (8 experts of 896, top-2: 127M in all, about 43M of them read per token)
     "gemma2-125m": ModelShape(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=3072,
                               vocab=32000, family="gemma2"),
+    # the same with a 128-token window: it bites inside the 256-token benchmark context, and
+    # onnxruntime-genai runs it (it refuses a cache shorter than the window)
+    "gemma2-w128-125m": ModelShape(hidden=768, layers=12, heads=12, kv_heads=4,
+                                   intermediate=3072, vocab=32000, family="gemma2",
+                                   sliding_window=128),
+    "gemma-125m": ModelShape(hidden=768, layers=12, heads=12, kv_heads=4, intermediate=3072,
+                             vocab=32000, family="gemma"),
+    "gemma-tiny": ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=112,
+                             vocab=512, max_positions=512, init_range=0.25, family="gemma"),
     "mixtral-125m": ModelShape(hidden=512, layers=8, heads=8, kv_heads=4, intermediate=896,
                                vocab=32000, family="mixtral", experts=8),
     "gemma2-tiny": ModelShape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=112,
