@@ -69,9 +69,10 @@ def decoder_io(cfg: DecoderConfig, kv: KVLayout, token_input: str = "input_ids"
 
 def build_decoder(cfg: DecoderConfig, w: DecoderWeights, kv: KVLayout,
                   rope: dict[str, tuple[np.ndarray, np.ndarray]] | None,
-                  file: str = "decoder.onnx", token_input: str = "input_ids"):
+                  file: str = "decoder.onnx", token_input: str = "input_ids", head=None):
     """Return (ModelProto, Stage). `rope` maps each RoPE table a layer uses (cfg.rope_table)
-    to (cos, sin), each (max_seq_len, rotary_dim/2)."""
+    to (cos, sin), each (max_seq_len, rotary_dim/2). `head(g, rows)`, if given, writes
+    `logits` from the (B, K, H) rows instead of the LM head (Janus' generation head)."""
     g = GraphBuilder("arx_decoder")
     inputs, outputs = decoder_io(cfg, kv, token_input)
     for t in inputs:
@@ -89,14 +90,19 @@ def build_decoder(cfg: DecoderConfig, w: DecoderWeights, kv: KVLayout,
     # (B, S, H) -> (B, K, H): only the rows that need logits reach the LM head
     picks = g.op("Unsqueeze", "logits_indices", g.const([-1]))  # (B, K, 1)
     x = g.op("GatherND", x, picks, batch_dims=1, name="logits_rows")
-    if w.lm_head is None:  # tied: (V, H) -> (H, V); ORT folds the Transpose at load time
-        head = g.op("Transpose", "embed_tokens.weight", perm=[1, 0], name="lm_head_tied")
+    if head is not None:
+        head(g, x)
     else:
-        head = g.weight("lm_head.weight", np.ascontiguousarray(w.lm_head.T))
-    _logits(g, cfg, w, x, head)
+        _logits(g, cfg, w, x, _lm_head(g, w))
     for t in outputs:  # logits above, present.* by the attention nodes
         g.output(t.name, t.dtype, t.shape)
     return g.model(), Stage(file, tuple(inputs), tuple(outputs))
+
+
+def _lm_head(g: GraphBuilder, w: DecoderWeights) -> str:
+    if w.lm_head is None:  # tied: (V, H) -> (H, V); ORT folds the Transpose at load time
+        return g.op("Transpose", "embed_tokens.weight", perm=[1, 0], name="lm_head_tied")
+    return g.weight("lm_head.weight", np.ascontiguousarray(w.lm_head.T))
 
 
 def _rope_name(table: str, what: str) -> str:

@@ -60,6 +60,11 @@ def export_model(*, source: str | Path, output: str | Path,
 
             with steps.step("emitting decoder.onnx"):
                 decoder = export_hf_decoder(src, tmp, options)
+        elif src.kind == "janus":
+            from arx.export.janus import export_janus
+
+            with steps.step("emitting the Janus decoder, image embedder and VQ decoder"):
+                decoder = export_janus(src, tmp, options)
         else:
             from arx.export.protocol import export_protocol_decoder
 
@@ -87,7 +92,7 @@ def export_model(*, source: str | Path, output: str | Path,
         manifest.write(tmp)
         with steps.step("checking parity against PyTorch (prefill + decode)"):
             if options.check_parity:
-                manifest.parity = _parity(src, tmp, manifest, decoder.atol, options)
+                manifest.parity = _parity(src, tmp, manifest, decoder, options)
             else:
                 manifest.parity = {"passed": None, "skipped": "--no-parity"}
         with steps.step(f"writing {output}"):
@@ -110,6 +115,7 @@ class DecoderExport:
     plain_stages: dict = dataclasses.field(default_factory=dict)  # stages without a KV (embedder)
     pipeline: Pipeline = dataclasses.field(default_factory=Pipeline)
     token_spaces: dict = dataclasses.field(default_factory=dict)  # {}: the text vocabulary
+    reference: object = None  # parity's ReferenceStep where the source kind's default is wrong
 
 
 def _shared_kv(stages: dict, kv: KVLayout, space: str) -> dict:
@@ -126,13 +132,15 @@ def resolve_max_seq_len(options: ExportOptions, model_max: int | None) -> int:
     return min(model_max or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
 
 
-def _parity(src: LoadedSource, bundle: Path, manifest: Manifest, atol: float,
+def _parity(src: LoadedSource, bundle: Path, manifest: Manifest, decoder: DecoderExport,
             options: ExportOptions) -> dict:
     from arx.export.parity import check_parity, hf_reference, raise_if_failed
     from arx.export.protocol import protocol_reference
     from arx.runtime.decoder import DecoderSession
 
-    reference = hf_reference(src.module) if src.kind == "hf" else protocol_reference(src.module)
+    reference = decoder.reference or (hf_reference(src.module) if src.kind == "hf"
+                                      else protocol_reference(src.module))
+    atol = decoder.atol
     n = min(7, max(2, manifest.kv.max_seq_len - options.parity_decode_steps))
     # concat-mode graphs have no per-sequence lengths: their batches share one length
     lengths = (n, max(1, n - 3)) if manifest.kv.update == "in_place" else (n, n)

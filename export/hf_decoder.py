@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -21,7 +22,10 @@ from arx.manifest import KVLayout, Pipeline
 DECODER_FILE = "decoder.onnx"
 
 
-def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions) -> DecoderExport:
+def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions,
+                      head: Callable | None = None) -> DecoderExport:
+    """`head(g, rows)`, if given, writes `logits` from the final-norm rows (B, K, H) in place of
+    the LM head (Janus' image generation head, export/janus.py)."""
     family = src.family
     cfg = family.read_config(src.module.config)
     if cfg.head_dim % 16:
@@ -37,7 +41,7 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions) -
     if cfg.positions == "rope":
         rope = widen_tables(rope_cache(src.module, cfg, max_seq_len), cfg)
     token_input = "inputs_embeds" if options.inputs_embeds else "input_ids"
-    model, stage = build_decoder(cfg, weights, kv, rope, DECODER_FILE, token_input)
+    model, stage = build_decoder(cfg, weights, kv, rope, DECODER_FILE, token_input, head)
     save_with_external_data(model, bundle / DECODER_FILE, DECODER_FILE + ".data")
     # after the save `model`'s tensors point into decoder.onnx.data: the step graph shares them
     step_model, step_stage = build_step_graph(model, stage, kv)

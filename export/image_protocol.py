@@ -101,7 +101,7 @@ def export_image_decoder(src, bundle: Path, options):
     spec = check_image_spec(src.module, image_spec(src.module))
     with _without(src.module, spec["vq_decoder"]) as vq:
         decoder = export_protocol_decoder(src, bundle, options)
-    stage, vq_error = _export_vq(vq.eval(), bundle, spec, decoder.vocab_size)
+    stage, vq_error = export_vq_stage(vq.eval(), bundle, spec, decoder.vocab_size)
     n = spec["grid"][0] * spec["grid"][1]
     pipeline = Pipeline(kind="image-tokens", token_space=IMAGE_SPACE,
                         then=(PipelineStep(VQ_STAGE, {"tokens": "loop.tokens"}),))
@@ -121,7 +121,7 @@ def export_image_decoder(src, bundle: Path, options):
         extensions={**decoder.extensions, IMAGE_SECTION: section})
 
 
-def _export_vq(vq, bundle: Path, spec: dict, codebook: int) -> tuple[Stage, dict]:
+def export_vq_stage(vq, bundle: Path, spec: dict, codebook: int) -> tuple[Stage, dict]:
     """vq_decoder.onnx with a dynamic batch, checked against the module on random grids."""
     import torch
 

@@ -28,8 +28,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 class LoadedSource:
     path: Path
     module: Any  # torch.nn.Module in eval mode, float32
-    kind: str  # "hf" | "protocol"
-    family: Family | None  # for "hf"
+    kind: str  # "hf" | "protocol" | "janus" (export/janus.py)
+    family: Family | None  # for "hf"; for "janus" its language model's
     tokenizer_dir: Path | None  # folder holding tokenizer files, when there are any
     generation_config: dict
     program: Any = None  # the torch.export ExportedProgram a model.pt2 held; module is its .module()
@@ -82,9 +82,13 @@ def _load_hf_folder(path: Path) -> LoadedSource:
         model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArxError(f"{config_file} is not valid JSON ({e}); re-save the checkpoint") from e
-    family = family_for_model_type(model_type)
+    family = None if model_type == "janus" else family_for_model_type(model_type)
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise ArxError(f"{path} has no weights (*.safetensors or *.bin); re-save it with save_pretrained")
+    if family is None:  # text-to-image: its own loader and bundle (export/janus.py)
+        from arx.export.janus import load_janus_folder
+
+        return load_janus_folder(path, path if has_tokenizer(path) else None)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -120,6 +124,10 @@ def _load_pickle(path: Path) -> LoadedSource:
     module = obj.float().eval()
     tok_dir = path.parent if has_tokenizer(path.parent) else None
     config = getattr(module, "config", None)
+    if config is not None and getattr(config, "model_type", None) == "janus":
+        from arx.export.janus import janus_source
+
+        return janus_source(path, module, tok_dir)
     if config is not None and hasattr(module, "generate"):  # a pickled Hugging Face model
         family = family_for_model_type(getattr(config, "model_type", None))
         return LoadedSource(path, module, "hf", family, tok_dir, _generation_config(module))

@@ -69,6 +69,12 @@ class ImageInfo:
     vq_stage: str
     top_k: int = 0  # the model's default sampling over the codebook
     temperature: float = 1.0
+    condition: dict = field(default_factory=dict)  # the section's condition ("kind": class|text)
+
+    @property
+    def text(self) -> bool:
+        """Conditioned on a text prompt (Janus), not a class."""
+        return self.condition.get("kind") == "text"
 
     @property
     def tokens(self) -> int:
@@ -103,10 +109,11 @@ def image_info(manifest: Manifest, bundle: str | Path = "the bundle") -> ImageIn
                        f"one; --image, --class and --cfg need an image-token bundle "
                        f"(arx export of a model with arx_image, README 'Image-token generation')")
     cond, pixels = section["condition"], section["pixels"]
-    return ImageInfo(tuple(section["grid"]), int(cond["num_classes"]), int(cond["null_class"]),
-                     int(cond["class_token_offset"]), float(section.get("cfg_scale", 1.0)),
-                     tuple(pixels["range"]), pixels["stage"], int(section.get("top_k", 0)),
-                     float(section.get("temperature", 1.0)))
+    return ImageInfo(tuple(section["grid"]), int(cond.get("num_classes", 0)),
+                     int(cond.get("null_class", -1)), int(cond.get("class_token_offset", 0)),
+                     float(section.get("cfg_scale", 1.0)), tuple(pixels["range"]),
+                     pixels["stage"], int(section.get("top_k", 0)),
+                     float(section.get("temperature", 1.0)), dict(cond))
 
 
 def check_classes(info: ImageInfo, classes: list[int]) -> None:
@@ -122,20 +129,39 @@ def generate_images(session, classes: list[int], options: ImageOptions) -> Image
     """Codebook grids for `classes` (one image each) with CFG; see the module docstring."""
     info = image_info(session.manifest)
     check_classes(info, classes)
-    b, n = len(classes), info.tokens
+    b = len(classes)
+    ids = np.array(classes + [info.null_class] * (b if options.guided else 0), np.int64)
+    prefix = Prefix(np.ones(len(ids), np.int64), ids=(ids + info.class_offset)[:, None])
+    return grid_loop(session, info, prefix, list(classes), options)
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The condition's prefill, rows [cond; null] (the null rows only when guided): right-padded
+    ids (R, L) or embeddings (R, L, H) (Janus' text prompts, runtime/janus_generate.py)."""
+
+    lengths: np.ndarray  # (R,) int64 tokens per row
+    ids: np.ndarray | None = None
+    embeds: np.ndarray | None = None
+
+
+def grid_loop(session, info: ImageInfo, prefix: Prefix, conditions: list,
+              options: ImageOptions) -> ImageResult:
+    """The token loop after any condition prefix; `conditions` one per image (a class, a
+    prompt). Token k of image b is drawn at offset lengths[b] + k, its position."""
+    b, n = len(conditions), info.tokens
     base = resolve_seed(options.sampling.seed) if options.sampling.do_sample else None
     seeds = [None if base is None else base + i for i in range(b)]
-    ids = np.array(classes + [info.null_class] * (b if options.guided else 0), np.int64)
-    rows = len(ids)
-    cache = session.new_cache(rows, 1 + n - 1)  # the class token + every token but the last
+    rows = len(prefix.lengths)
+    cache = session.new_cache(rows, int(prefix.lengths.max()) + n - 1)  # all but the last token
     out = np.zeros((b, n), np.int64)
-    result = ImageResult(out.reshape(b, *info.grid), list(classes), seeds)
+    result = ImageResult(out.reshape(b, *info.grid), list(conditions), seeds)
     try:
         t0 = time.perf_counter()
-        logits = session.step(cache, (ids + info.class_offset)[:, None], np.ones(rows, np.int64),
-                              logits="last")[:, 0]  # (rows, V)
+        logits = session.step(cache, prefix.ids, prefix.lengths, logits="last",
+                              inputs_embeds=prefix.embeds)[:, 0]  # (rows, V)
         for k in range(n):
-            out[:, k] = _choose(logits, k, n, seeds, options, b)
+            out[:, k] = _choose(logits, k, n, seeds, options, b, prefix.lengths[:b] + k)
             if k == 0:
                 result.first_token_s = time.perf_counter() - t0
             if k == n - 1:
@@ -150,15 +176,18 @@ def generate_images(session, classes: list[int], options: ImageOptions) -> Image
     return result
 
 
-def _choose(logits: np.ndarray, k: int, n: int, seeds, options: ImageOptions, b: int):
-    """(B,) ids of token k: each image drawn alone, as row 0 with its own seed, at offset 1 + k
-    (its position), from its cond row (and its uncond twin, mixed by arx::sample)."""
+def _choose(logits: np.ndarray, k: int, n: int, seeds, options: ImageOptions, b: int,
+            positions: np.ndarray | None = None):
+    """(B,) ids of token k: each image drawn alone, as row 0 with its own seed, at offset
+    positions[i] (its position; default 1 + k, after one class token), from its cond row (and
+    its uncond twin, mixed by arx::sample)."""
     sampling = replace(options.sampling, cfg_scale=options.scale_at(k, n))
     ids = np.empty(b, np.int64)
-    offset = np.array([1 + k], np.int64)
+    positions = np.full(b, 1 + k, np.int64) if positions is None else positions
     for i in range(b):
         rows = logits[[i, b + i]] if options.guided else logits[[i]]
-        ids[i] = Sampler(replace(sampling, seed=seeds[i]), logits.shape[-1])(rows, None, offset)[0]
+        ids[i] = Sampler(replace(sampling, seed=seeds[i]), logits.shape[-1])(
+            rows, None, positions[i:i + 1])[0]
     return ids
 
 

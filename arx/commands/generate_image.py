@@ -43,15 +43,20 @@ def run_image(args, manifest, generate_options) -> int:
     info = image_info(manifest, args.bundle)
     _refuse_text_flags(args)
     window = parse_jacobi(args.speculate)
-    if args.class_ is None:
+    if args.class_ is None and not info.text:
         raise ArxError(f"{args.bundle} is class-conditional: give --class N "
                        f"(0..{info.num_classes - 1}) instead of a prompt")
     if args.batch is not None and args.batch < 1 or args.zoom is not None and args.zoom < 1:
         raise ArxError("--batch and --zoom must be >= 1")
     if args.image is None and not args.json:
         raise ArxError("give --image PATH.png (or --json for the token grid)")
-    classes = [c for c in args.class_ for _ in range(args.batch or 1)]
-    check_classes(info, classes)
+    if info.text:  # Janus: prompts are the condition (arx/commands/generate_janus.py)
+        from arx.commands.generate_janus import prompt_ids
+
+        classes = prompt_ids(args, manifest, info.condition)
+    else:
+        classes = [c for c in args.class_ for _ in range(args.batch or 1)]
+        check_classes(info, classes)
     paths = _paths(args.image, len(classes))
     for path in paths:
         check_image_path(path)
@@ -103,9 +108,14 @@ def _generate(args, manifest, info, classes, options, window):
 
     backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
                              spin_wait=not args.no_spin)
-    with DecoderSession(args.bundle, backend, manifest) as session:
-        result = (generate_images(session, classes, options) if window is None else
-                  generate_images_jacobi(session, classes, options, window))
+    if info.text:
+        from arx.commands.generate_janus import generate_from_prompts
+
+        result = generate_from_prompts(args, manifest, classes, options, backend, window)
+    else:
+        with DecoderSession(args.bundle, backend, manifest) as session:
+            result = (generate_images(session, classes, options) if window is None else
+                      generate_images_jacobi(session, classes, options, window))
     t = time.perf_counter()
     result.pixels = decode_pixels(args.bundle, info, manifest, result.tokens, backend)
     result.vq_s = time.perf_counter() - t
@@ -122,7 +132,8 @@ def _write(paths, result, info, zoom) -> None:
 
 
 def _as_json(result, info, paths) -> dict:
-    return {"images": [{"class": c, "seed": s, "tokens": t.tolist()}
+    key = "prompt" if info.text else "class"
+    return {"images": [{key: c, "seed": s, "tokens": t.tolist()}
                        for c, s, t in zip(result.classes, result.seeds, result.tokens)],
             "grid": list(info.grid), "files": paths,
             "time_to_first_image_token_s": result.first_token_s,

@@ -1,0 +1,156 @@
+"""Text-to-image speed: arx (ONNX Runtime) against transformers eager on the same Janus weights.
+
+    python benchmarks/bench_image.py                    # ~100M-parameter random Janus, 16x16 grid
+    python benchmarks/bench_image.py --shape tiny --runs 1   # the smoke run (tests/benchmarks)
+
+A random JanusForConditionalGeneration (Llama LM of about 100M parameters, a 16x16 token grid,
+a small VQ decoder) is saved, exported with `arx export`, then both sides draw greedy images with
+CFG (scale 5) for batch 1 and 4, the median of --runs runs each. Reported per engine and batch:
+seconds per image, image tokens/s, and where the time goes: the token loop (prefill + decoder
+steps, each step the 2B-row CFG batch) and the VQ decoder. Greedy, so both sides draw the same
+tokens (checked), which keeps the comparison on the same work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# (hidden, layers, heads, kv heads, intermediate, text vocab, codebook, grid side, VQ base, mult)
+SHAPES = {"100m": (768, 12, 12, 4, 2048, 32000, 4096, 16, 64, [1, 1, 2, 2]),
+          "tiny": (64, 2, 4, 2, 128, 100, 32, 4, 32, [1, 2])}
+PROMPT = [1, *range(10, 40), 98]  # BOS, 30 text tokens, BOI
+BOS, PAD, EOS, BOI = 1, 2, 3, 98
+
+
+def janus_config(hidden, layers, heads, kv, inter, vocab, codebook, side, base, mult):
+    """A JanusConfig of these dims (SHAPES' order); tests/janus_models.py builds its tiny ones
+    with it too. The vision encoder (image understanding) is minimal: image mode never runs it."""
+    from transformers import JanusConfig
+
+    return JanusConfig(
+        text_config=dict(model_type="llama", vocab_size=vocab, hidden_size=hidden,
+                         intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv,
+                         max_position_embeddings=1024, bos_token_id=BOS, pad_token_id=PAD,
+                         eos_token_id=EOS),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=side * 16, patch_size=16, projection_dim=hidden,
+                           num_image_tokens=side * side, intermediate_size=64),
+        vq_config=dict(embed_dim=8, num_embeddings=codebook, latent_channels=base,
+                       base_channels=base, channel_multiplier=mult, num_res_blocks=1,
+                       projection_dim=hidden, image_token_embed_dim=hidden),
+        image_token_id=99)
+
+
+def janus_model(dims, seed: int = 0):
+    """A random JanusForConditionalGeneration with the generation config image mode reads."""
+    import torch
+    from transformers import GenerationConfig, JanusForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = JanusForConditionalGeneration(janus_config(*dims)).eval()
+    model.generation_config = GenerationConfig(bos_token_id=BOS, pad_token_id=PAD,
+                                               eos_token_id=EOS, guidance_scale=5.0,
+                                               generation_kwargs={"boi_token_id": BOI})
+    return model
+
+
+def time_hf(model, batch: int, cfg: float) -> dict:
+    import torch
+
+    ids = torch.tensor([PROMPT] * batch)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        tokens = model.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                                do_sample=False, guidance_scale=cfg)
+        t1 = time.perf_counter()
+        model.decode_image_tokens(tokens)
+    return {"tokens": tokens.numpy(), "loop_s": t1 - t0, "vq_s": time.perf_counter() - t1}
+
+
+def time_arx(bundle: Path, batch: int, cfg: float, threads: int) -> dict:
+    from arx.manifest import read_manifest
+    from arx.runtime.backend import BackendOptions
+    from arx.runtime.decoder import DecoderSession
+    from arx.runtime.image_generate import ImageOptions, decode_pixels, image_info
+    from arx.runtime.janus_generate import generate_images_from_prompts
+    from arx.runtime.sampler import SamplingOptions
+
+    backend = BackendOptions(intra_op_threads=threads)
+    m = read_manifest(bundle)
+    options = ImageOptions(cfg_scale=cfg, sampling=SamplingOptions(do_sample=False))
+    with DecoderSession(bundle, backend, m) as session:  # session start-up not timed
+        r = generate_images_from_prompts(session, [PROMPT] * batch, options)
+    t = time.perf_counter()
+    decode_pixels(bundle, image_info(m), m, r.tokens, backend)
+    return {"tokens": r.tokens.reshape(batch, -1), "loop_s": r.tokens_s,
+            "vq_s": time.perf_counter() - t, "steps_s": sum(r.step_s)}
+
+
+def _median(runs: list[dict], batch: int, n: int) -> dict:
+    loop = statistics.median(r["loop_s"] for r in runs)
+    vq = statistics.median(r["vq_s"] for r in runs)
+    return {"seconds_per_image": (loop + vq) / batch, "image_tokens_per_s": batch * n / loop,
+            "token_loop_s": loop, "vq_decoder_s": vq}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="100m")
+    p.add_argument("--batch", type=int, action="append", help="default: 1 and 4")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, help="write the results here too")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import torch
+
+    from arx.export.exporter import ExportOptions, export_model
+
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    model = janus_model(SHAPES[args.shape])
+    n = SHAPES[args.shape][7] ** 2
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(Path(tmp) / "janus")
+        export_model(source=Path(tmp) / "janus", output=Path(tmp) / "janus.arx",
+                     options=ExportOptions(progress=False, max_seq_len=len(PROMPT) + n))
+        for batch in args.batch or [1, 4]:
+            hf = [time_hf(model, batch, args.cfg) for _ in range(args.runs)]
+            ours = [time_arx(Path(tmp) / "janus.arx", batch, args.cfg, args.threads)
+                    for _ in range(args.runs)]
+            same = bool((hf[0]["tokens"] == ours[0]["tokens"]).all())
+            row = {"shape": args.shape, "batch": batch, "tokens_equal": same,
+                   "arx": _median(ours, batch, n), "hf_eager": _median(hf, batch, n),
+                   "arx_decoder_steps_s": statistics.median(r["steps_s"] for r in ours)}
+            row["speedup_per_image"] = (row["hf_eager"]["seconds_per_image"]
+                                        / row["arx"]["seconds_per_image"])
+            rows.append(row)
+            _print(row)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def _print(row: dict) -> None:
+    a, h = row["arx"], row["hf_eager"]
+    print(f"{row['shape']} batch {row['batch']}: arx {a['seconds_per_image']:.3f} s/image "
+          f"({a['image_tokens_per_s']:.0f} tok/s; loop {a['token_loop_s']:.3f} s of which decoder "
+          f"steps {row['arx_decoder_steps_s']:.3f} s, VQ {a['vq_decoder_s']:.3f} s) | HF eager "
+          f"{h['seconds_per_image']:.3f} s/image ({h['image_tokens_per_s']:.0f} tok/s; loop "
+          f"{h['token_loop_s']:.3f} s, VQ {h['vq_decoder_s']:.3f} s) | "
+          f"{row['speedup_per_image']:.2f}x, tokens equal: {row['tokens_equal']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

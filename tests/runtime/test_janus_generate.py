@@ -1,0 +1,77 @@
+"""Janus bundles generate the image tokens transformers does (runtime/janus_generate.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from janus_models import BOI, BOS, exported_janus, hf_image_tokens  # noqa: E402
+
+from arx.runtime.decoder import DecoderSession  # noqa: E402
+from arx.runtime.image_generate import ImageOptions  # noqa: E402
+from arx.runtime.janus_generate import generate_images_from_prompts, prompt_rows  # noqa: E402
+from arx.runtime.sampler import SamplingOptions  # noqa: E402
+
+PROMPTS = [[BOS, 10, 11, 12, 13, BOI], [BOS, 20, 21, BOI]]  # ragged: HF left-pads, arx right-pads
+
+
+def _generate(bundle, prompts, cfg, **sampling):
+    options = ImageOptions(cfg_scale=cfg, sampling=SamplingOptions(**sampling))
+    with DecoderSession(bundle) as session:
+        return generate_images_from_prompts(session, prompts, options)
+
+
+@pytest.mark.parametrize("shape", ["small", "wide"])
+def test_greedy_cfg_tokens_equal_transformers_generate(shape, tmp_path_factory):
+    _, bundle, model = exported_janus(shape, tmp_path_factory.getbasetemp())
+    ref = hf_image_tokens(model, PROMPTS, cfg_scale=5.0)  # (2, N)
+    got = _generate(bundle, PROMPTS, 5.0, do_sample=False).tokens.reshape(len(PROMPTS), -1)
+    assert len(set(ref.ravel().tolist())) > 3  # the grids vary: a wrong feedback would show
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_unconditional_rows_keep_bos_and_boi_only():
+    cond = {"bos_token_id": BOS, "boi_token_id": BOI, "pad_token_id": 2}
+    ids, lengths = prompt_rows(PROMPTS, cond, guided=True)
+    assert lengths.tolist() == [6, 4, 6, 4]
+    assert ids[2].tolist() == [BOS, 2, 2, 2, 2, BOI] and ids[3, :4].tolist() == [BOS, 2, 2, BOI]
+
+
+def test_seeded_sampling_reproducible_and_independent_of_the_batch(tmp_path_factory):
+    _, bundle, _ = exported_janus("small", tmp_path_factory.getbasetemp())
+    kw = dict(do_sample=True, seed=3, top_k=8)
+    a = _generate(bundle, PROMPTS, 4.0, **kw).tokens
+    b = _generate(bundle, PROMPTS, 4.0, **kw).tokens
+    alone = _generate(bundle, PROMPTS[:1], 4.0, **kw).tokens
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[0], alone[0])  # image 0 draws as if alone (seed 3)
+    assert not np.array_equal(a, _generate(bundle, PROMPTS, 4.0, **{**kw, "seed": 4}).tokens)
+
+
+def test_cli_prompt_ids_write_png_and_json(tmp_path_factory, tmp_path, capsys):
+    from arx.cli import main
+
+    _, bundle, _ = exported_janus("small", tmp_path_factory.getbasetemp())
+    out = tmp_path / "apple.png"
+    code = main(["generate", str(bundle), "--prompt-ids", "10,11,12,13", "--image", str(out),
+                 "--cfg", "5", "--seed", "3", "--json"])
+    assert code == 0 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = json.loads(capsys.readouterr().out)["images"][0]
+    ref = _generate(bundle, [PROMPTS[0]], 5.0, do_sample=True, seed=3)  # BOS, BOI added
+    assert image["prompt"] == "10,11,12,13" and image["tokens"] == ref.tokens[0].tolist()
+
+
+def test_cli_class_on_text_bundle_is_one_line(tmp_path_factory, tmp_path, capsys):
+    from arx.cli import main
+
+    _, bundle, _ = exported_janus("small", tmp_path_factory.getbasetemp())
+    out = tmp_path / "x.png"
+    code = main(["generate", str(bundle), "--class", "3", "--image", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("arx: error:") and "--prompt" in err and "\n" not in err
+    assert not out.exists()
