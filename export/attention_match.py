@@ -27,11 +27,14 @@ import torch
 from torch.fx import Node
 from torch.fx.operator_schemas import normalize_function
 
+from arx.export import cache_ops  # noqa: F401  (registers the arx:: ops _DOCUMENTED names)
+
 aten = torch.ops.aten
 _REPEAT_VIEWS = {aten.expand.default, aten.reshape.default, aten.view.default, aten.clone.default,
                  aten.alias.default, aten.slice.Tensor, aten.contiguous.default}
 _SOFTMAX = {aten.softmax.int, aten._softmax.default}
 _SYM_SIZE = aten.sym_size.int
+_DOCUMENTED = {torch.ops.arx.kv_attention.default, torch.ops.arx.kv_block_attention.default}
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Match:
     out: Node  # the node whose value is the attention output (B, H, S, D)
     k_all: Node  # past + new keys/values: the module's present
     v_all: Node
+    block: bool = False  # kv_attention(mask="block"): the step sees itself whole
 
 
 @dataclass
@@ -59,7 +63,7 @@ class MaskProbe:
 
 def match_layer(past_k: Node, past_v: Node, probe: MaskProbe) -> Match | str:
     """The attention that consumes this layer's past, or why none was recognised."""
-    documented = [u for u in past_k.users if u.target is torch.ops.arx.kv_attention.default]
+    documented = [u for u in past_k.users if u.target in _DOCUMENTED]
     if documented:
         return _documented(documented[0], past_k, past_v)
     cat_k, cat_v = _pasts_cat(past_k), _pasts_cat(past_v)
@@ -123,7 +127,8 @@ def _documented(node: Node, past_k: Node, past_v: Node) -> Match | str:
     items = {u.args[1]: u for u in node.users if u.target is operator.getitem}
     if 0 not in items:
         return f"the output of {node.name} is unused"
-    return Match(q, k, v, float(scale), items[0], items.get(1, node), items.get(2, node))
+    return Match(q, k, v, float(scale), items[0], items.get(1, node), items.get(2, node),
+                 block=node.target is torch.ops.arx.kv_block_attention.default)
 
 
 def _sdpa(node: Node, key: Node, values, probe: MaskProbe):

@@ -74,8 +74,12 @@ def export_model(*, source: str | Path, output: str | Path,
 
             from arx.export.image_protocol import export_image_decoder, image_spec
 
-            # an image-token module (arx_image) adds its VQ decoder stage and pipeline
-            export = export_image_decoder if image_spec(src.module) else export_protocol_decoder
+            from arx.export.var_protocol import export_var, var_spec
+
+            # an image-token module (arx_image) adds its VQ decoder stage and pipeline, a
+            # next-scale one (arx_var) its class, next-input and VQ stages
+            export = export_var if var_spec(src.module) else \
+                export_image_decoder if image_spec(src.module) else export_protocol_decoder
             with steps.step("tracing the decoder-protocol module to decoder.onnx"):
                 decoder = export(src, tmp, options)
         with steps.step("exporting the tokenizer"):
@@ -91,7 +95,9 @@ def export_model(*, source: str | Path, output: str | Path,
             pipeline=decoder.pipeline)
         manifest.write(tmp)
         with steps.step("checking parity against PyTorch (prefill + decode)"):
-            if options.check_parity:
+            if options.check_parity and decoder.parity is not None:  # its own pipeline
+                manifest.parity = decoder.parity(tmp, manifest, options)
+            elif options.check_parity:
                 manifest.parity = _parity(src, tmp, manifest, decoder, options)
             else:
                 manifest.parity = {"passed": None, "skipped": "--no-parity"}
@@ -115,6 +121,7 @@ class DecoderExport:
     plain_stages: dict = dataclasses.field(default_factory=dict)  # stages without a KV (embedder)
     pipeline: Pipeline = dataclasses.field(default_factory=Pipeline)
     token_spaces: dict = dataclasses.field(default_factory=dict)  # {}: the text vocabulary
+    parity: object = None  # (bundle, manifest, options) -> report where id steps cannot drive it
     reference: object = None  # parity's ReferenceStep where the source kind's default is wrong
 
 

@@ -62,12 +62,14 @@ def _bundle_io(module, layers: int):
     return wrapped
 
 
-def _example(kv):
-    """Example inputs (no two dynamic dims of one size) and their dynamic dims."""
+def _example(kv, embeds: int | None = None):
+    """Example inputs (no two dynamic dims of one size) and their dynamic dims; `embeds`: the
+    token input is inputs_embeds (B, S, embeds) float32 instead of ids."""
     b, s, past, k = 2, 3, 5, 4
     dims = {n: torch.export.Dim(n) for n in {d for ds in _DIMS.values() for d in ds}}
     dims["past_sequence_length"] = torch.export.Dim("past_sequence_length")
-    example = (torch.zeros(b, s, dtype=torch.long), torch.ones(b, past + s, dtype=torch.long),
+    tokens = torch.zeros(b, s, embeds) if embeds else torch.zeros(b, s, dtype=torch.long)
+    example = (tokens, torch.ones(b, past + s, dtype=torch.long),
                torch.arange(past, past + s).repeat(b, 1), torch.zeros(b, k, dtype=torch.long),
                *[torch.zeros(b, kv.kv_heads, past, kv.head_dim) for _ in range(2 * kv.layers)])
     dyn = tuple({i: dims[d] for i, d in enumerate(_DIMS[n])} for n in FAST_INPUTS)
@@ -90,8 +92,11 @@ def _probe(gm: GraphModule, kv) -> MaskProbe:
     return MaskProbe(sizes, s, p)
 
 
-def rewrite_to_cache_attention(gm: GraphModule, kv) -> list[Match]:
-    """Replace each layer's attention with arx::cache_attention in place; raise NotRecognised."""
+def rewrite_to_cache_attention(gm: GraphModule, kv, block: bool = False) -> list[Match]:
+    """Replace each layer's attention with arx::cache_attention in place; raise NotRecognised.
+    block: the model attends to whole blocks (kv_attention(mask="block")) and is always stepped
+    with the block mask, so its decoder.onnx (causal) serves width-1 steps only, where the two
+    masks agree; a block layer in any other model, or a causal one in it, is refused."""
     graph = gm.graph
     ph = {n.target: n for n in graph.nodes if n.op == "placeholder"}
     pasts = [n for n in graph.nodes if n.op == "placeholder" and n.target not in FAST_INPUTS]
@@ -101,6 +106,8 @@ def rewrite_to_cache_attention(gm: GraphModule, kv) -> list[Match]:
         found = match_layer(pasts[2 * i], pasts[2 * i + 1], probe)
         if isinstance(found, str):
             raise NotRecognised(f"layer {i}: {found}")
+        if found.block != block:
+            raise NotRecognised(_mask_mismatch(i, found.block))
         matches.append(found)
     output = next(n for n in graph.nodes if n.op == "output")
     for i, m in enumerate(matches):
@@ -119,6 +126,14 @@ def rewrite_to_cache_attention(gm: GraphModule, kv) -> list[Match]:
     _check_nothing_left(graph, pasts, matches)
     gm.recompile()
     return matches
+
+
+def _mask_mismatch(layer: int, block: bool) -> str:
+    if block:
+        return (f"layer {layer}: kv_attention(mask='block') attends to the whole step, which "
+                f"only a next-scale model (arx_var) is stepped with")
+    return (f"layer {layer}: a next-scale model needs kv_attention(..., mask='block') in every "
+            f"layer")
 
 
 def _check_nothing_left(graph, pasts: list[Node], matches: list[Match]) -> None:
@@ -155,14 +170,16 @@ def _logits_rows_first(graph) -> None:
     pick.replace_all_uses_with(logits)
 
 
-def trace_in_place(module, kv, input_names: list[str], output_names: list[str]):
-    """torch.onnx program of `module` in the in-place form; NotRecognised when it cannot be."""
-    example, dyn = _example(kv)
+def trace_in_place(module, kv, input_names: list[str], output_names: list[str], *,
+                   embeds: int | None = None, block: bool = False):
+    """torch.onnx program of `module` in the in-place form; NotRecognised when it cannot be.
+    embeds: its token input is inputs_embeds of that width; block: see rewrite_to_cache_attention."""
+    example, dyn = _example(kv, embeds)
     wrapped = _bundle_io(module, kv.layers)
     with warnings.catch_warnings(), quiet_torch():
         warnings.simplefilter("ignore")  # the tracer's notes are not the user's problem
         gm = torch.export.export(wrapped, example, dynamic_shapes=dyn, strict=False).module()
-        matches = rewrite_to_cache_attention(gm, kv)
+        matches = rewrite_to_cache_attention(gm, kv, block)
         # the unlifted module takes the past as flat arguments
         program = torch.export.export(gm, example, dynamic_shapes=(*dyn[:-1], *dyn[-1]),
                                       strict=False)
@@ -170,14 +187,14 @@ def trace_in_place(module, kv, input_names: list[str], output_names: list[str]):
             program, (), dynamo=True, input_names=input_names, output_names=output_names,
             opset_version=21, custom_translation_table=translation_table(), verbose=False)
     model = onnx_program.model_proto
-    _batch_from_input_ids(model)
+    _batch_from_input_ids(model, input_names[0])
     # torch.onnx's intermediate type annotations go stale once `arx build` changes precision;
     # the built-in families' graphs carry none either
     del model.graph.value_info[:]
     return model, matches
 
 
-def _batch_from_input_ids(model) -> None:
+def _batch_from_input_ids(model, tokens: str = "input_ids") -> None:
     """torch.onnx may read the batch size off attention_mask; read it off input_ids (the same
     by the IO contract), so that attention_mask feeds only the attention's bookkeeping, which
     the general-step graph replaces by per-row lengths (and drops attention_mask)."""
@@ -185,7 +202,7 @@ def _batch_from_input_ids(model) -> None:
         attrs = {a.name: a.i for a in node.attribute}
         if node.op_type == "Shape" and node.input[0] == "attention_mask" and \
                 attrs.get("start", 0) == 0 and attrs.get("end") == 1:
-            node.input[0] = "input_ids"
+            node.input[0] = tokens
 
 
 def layer_kinds(matches: list[Match]) -> list[str]:

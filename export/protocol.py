@@ -80,7 +80,10 @@ class SlowPathWarning(UserWarning):
     """A protocol module exported with the concatenating cache: the reason and what to do."""
 
 
-def export_protocol_decoder(src, bundle: Path, options):
+def export_protocol_decoder(src, bundle: Path, options, *, embeds: int | None = None,
+                            block: bool = False):
+    """embeds: forward's first input is inputs_embeds (B, S, embeds), not ids; block: every
+    layer is kv_attention(mask="block") (a next-scale model), which only the fast path runs."""
     from arx.export.exporter import DecoderExport, resolve_max_seq_len
 
     spec = protocol_spec(src.module)
@@ -90,7 +93,11 @@ def export_protocol_decoder(src, bundle: Path, options):
     n_params = int(sum(p.numel() for p in src.module.parameters()))
     info = {"source_format": "arx-protocol", "architecture": type(src.module).__name__,
             "parameters": n_params, "dtype": "float32", "spec": spec}
-    fast = _export_in_place(src, bundle, kv, V)
+    fast = _export_in_place(src, bundle, kv, V, embeds, block)
+    if isinstance(fast, str) and block:  # the concatenating graph has no block mask
+        raise ArxError(f"{type(src.module).__name__} does not export to the in-place form its "
+                       f"block steps need: {fast}; call arx.export.kv_attention(..., "
+                       f"mask='block') in every layer (README, 'Next-scale prediction')")
     if isinstance(fast, str):
         kv = dataclasses.replace(kv, update="concat")
         stage = _export_concat(src, bundle, kv, V)
@@ -106,7 +113,8 @@ def export_protocol_decoder(src, bundle: Path, options):
     return DecoderExport("custom", V, kv, stage, info, 1e-3, **extra)
 
 
-def _export_in_place(src, bundle: Path, kv, vocab: int):
+def _export_in_place(src, bundle: Path, kv, vocab: int, embeds: int | None = None,
+                     block: bool = False):
     """(stage, step-graph fields, how each layer was recognised), or why the fast path was
     not taken."""
     from arx.export.decoder_graph import B, K, PAST, S, TOTAL
@@ -117,7 +125,9 @@ def _export_in_place(src, bundle: Path, kv, vocab: int):
         return (f"head_dim {kv.head_dim} is not a multiple of 16, which onnxruntime's "
                 f"GroupQueryAttention needs")
     cache = (B, kv.kv_heads, PAST, kv.head_dim)  # (B, kv_heads, S_max, D) buffers
-    inputs = [TensorSpec("input_ids", "int64", (B, S)), TensorSpec("attention_mask", "int64", (B, TOTAL)),
+    tokens = TensorSpec("inputs_embeds", "float32", (B, S, embeds)) if embeds else \
+        TensorSpec("input_ids", "int64", (B, S))
+    inputs = [tokens, TensorSpec("attention_mask", "int64", (B, TOTAL)),
               TensorSpec("position_ids", "int64", (B, S)), TensorSpec("logits_indices", "int64", (B, K))]
     inputs += [TensorSpec(p, "float32", cache) for p, _ in kv.pairs()]
     outputs = [TensorSpec("logits", "float32", (B, K, vocab))]
@@ -126,7 +136,7 @@ def _export_in_place(src, bundle: Path, kv, vocab: int):
         from arx.export.fast_path import NotRecognised, layer_kinds, trace_in_place
 
         model, matches = trace_in_place(src.module, kv, [t.name for t in inputs],
-                                        [t.name for t in outputs])
+                                        [t.name for t in outputs], embeds=embeds, block=block)
     except NotRecognised as e:
         return str(e)
     except Exception as e:  # noqa: BLE001  (anything torch raises: the slow path decides)

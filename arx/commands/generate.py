@@ -108,6 +108,10 @@ def run(args) -> int:
     needs.check("generate", args)  # --engine
 
     manifest = read_manifest(args.bundle)
+    if manifest.pipeline.kind == "next-scale":  # VAR bundles (arx/commands/generate_var.py)
+        from arx.commands.generate_var import run_var
+
+        return run_var(args, manifest, _options, spec)
     if wants_image(args) or manifest.pipeline.kind == "image-tokens":
         if spec is not None:
             raise ArxError("--draft/--lookup speculate on text tokens; image-token bundles "
