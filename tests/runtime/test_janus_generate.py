@@ -75,3 +75,28 @@ def test_cli_class_on_text_bundle_is_one_line(tmp_path_factory, tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("arx: error:") and "--prompt" in err and "\n" not in err
     assert not out.exists()
+
+
+def test_cli_prompt_text_through_the_bundle_tokenizer_equals_transformers(tmp_path, capsys):
+    """--prompt TEXT: the bundle's tokenizer, BOS ... BOI framing, greedy CFG = transformers on
+    the ids its tokenizer gives for TEXT followed by the image-start token."""
+    from janus_models import save_tiny_janus
+    from tokenizer_fixtures import make_llama
+    from transformers import AutoTokenizer
+
+    from arx.cli import main
+    from arx.export.exporter import ExportOptions, export_model
+
+    folder = tmp_path / "janus"
+    model = save_tiny_janus(folder)
+    make_llama(folder)
+    export_model(source=folder, output=tmp_path / "j.arx", options=ExportOptions(progress=False))
+    text = "The quick brown fox"
+    ids = AutoTokenizer.from_pretrained(folder)(text).input_ids + [BOI]
+    assert ids[0] == BOS
+    ref = hf_image_tokens(model, [ids], cfg_scale=5.0)
+    code = main(["generate", str(tmp_path / "j.arx"), "--prompt", text, "--greedy", "--cfg", "5",
+                 "--json"])
+    image = json.loads(capsys.readouterr().out)["images"][0]
+    assert code == 0 and image["prompt"] == text
+    np.testing.assert_array_equal(np.array(image["tokens"]).ravel(), ref[0])
