@@ -52,6 +52,10 @@ class KVLayout:
     max_seq_len: int
     dtype: str = "float32"
     update: str = "in_place"
+    # int8 caches: "per_channel", a static symmetric scale per layer, kv head and head channel
+    # for keys and for values (initializers "<past name>.scale", (kv_heads, 1, head_dim)), as
+    # GroupQueryAttention's quantized cache reads it; "none" for float caches
+    scales: str = "none"
     past_key: str = "past_key_values.{i}.key"
     past_value: str = "past_key_values.{i}.value"
     present_key: str = "present.{i}.key"

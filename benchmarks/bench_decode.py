@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_models  # noqa: E402
 import decode_engines  # noqa: E402
 
-VARIANTS = ("fp32", "w8", "w4")
+VARIANTS = ("fp32", "w8", "w4", "w4-kv16", "w4-kv8")  # -kvN: w4 with an fp16 / int8 KV cache
+KV_VARIANTS = {"16": "fp16", "8": "int8"}
 # (numerator, denominator, goal): decode tokens/s ratios the issues set goals for
 GOALS = (
     ("arx fp32", "ort-genai fp32", 1.0),
@@ -104,7 +105,7 @@ def prepare(cfg: BenchConfig, log: Path) -> tuple[list[Target], dict]:
     cache.mkdir(parents=True, exist_ok=True)
     want_og = "ort-genai" in cfg.engines
     n_steps = (1 + ("arx" in cfg.engines) * len(cfg.variants)
-               + want_og * (1 + ("w4" in cfg.variants)))
+               + want_og * (1 + _int4(cfg)))
     steps = Steps(n_steps, enabled=cfg.progress)
     with steps.step(f"random {cfg.shape} {shape.family} weights (cached in {cache})"):
         hf = bench_models.hf_folder(shape, cache, cfg.seed)
@@ -118,19 +119,26 @@ def prepare(cfg: BenchConfig, log: Path) -> tuple[list[Target], dict]:
         for v in cfg.variants:
             if v == "fp32":
                 continue
-            with steps.step(f"arx calibrate --scheme {v}"):
-                q = bench_models.arx_quantized(fp32, fp32.with_name(fp32.stem + f"-{v}.arx"), v,
-                                               reuse=cfg.reuse_bundles)
+            scheme, _, kv = v.partition("-kv")
+            with steps.step(f"arx calibrate --scheme {scheme} --kv-dtype {KV_VARIANTS.get(kv, 'fp32')}"):
+                q = bench_models.arx_quantized(fp32, fp32.with_name(fp32.stem + f"-{v}.arx"), scheme,
+                                               reuse=cfg.reuse_bundles,
+                                               kv_dtype=KV_VARIANTS.get(kv, "fp32"))
             targets.append(Target("arx", v, q))
     if "hf-eager" in cfg.engines:
         targets.append(Target("hf-eager", "fp32", hf))
     if want_og:
-        for precision in ["fp32"] + (["int4"] if "w4" in cfg.variants else []):
+        for precision in ["fp32"] + (["int4"] if _int4(cfg) else []):
             with steps.step(f"onnxruntime-genai model builder -p {precision} (cached)"):
                 og = bench_models.ort_genai_folder(hf, shape.vocab, precision, log)
             targets.append(Target("ort-genai", precision, og))
     model = {"shape": cfg.shape, **asdict(shape), "parameters": bench_models.parameter_count(hf)}
     return targets, model
+
+
+def _int4(cfg: BenchConfig) -> bool:
+    """ort-genai's int4 model is the w4 variants' counterpart (any cache dtype)."""
+    return any(v.startswith("w4") for v in cfg.variants)
 
 
 def measure(cfg: BenchConfig, targets: list[Target]) -> None:
@@ -182,7 +190,7 @@ def token_check(targets: list[Target]) -> dict:
     if ref is None:
         return out
     for label, toks in by.items():
-        if label == "hf-eager fp32" or label.endswith(("w8", "w4", "int4")):
+        if label == "hf-eager fp32" or label.split()[-1].startswith(("w8", "w4", "int4")):
             continue
         first = next((i for i, (a, b) in enumerate(zip(toks, ref)) if a != b), None)
         out[label] = {"equal": toks == ref, "first_difference": first, "compared": len(ref)}
@@ -295,7 +303,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: usable CPUs)")
-    p.add_argument("--variants", default="fp32", help="comma list of fp32,w8,w4")
+    p.add_argument("--variants", default="fp32", help="comma list of fp32,w8,w4,w4-kv16,w4-kv8")
     p.add_argument("--engines", default="arx,hf-eager,ort-genai")
     p.add_argument("--cache-dir", default=BenchConfig.cache_dir)
     p.add_argument("--reuse-bundles", action="store_true", help="do not re-export the arx bundles")

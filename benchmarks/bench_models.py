@@ -185,8 +185,9 @@ def arx_bundle(hf: Path, out: Path, *, max_seq_len: int, reuse: bool) -> Path:
     return out
 
 
-def arx_quantized(fp32: Path, out: Path, scheme: str, *, reuse: bool) -> Path:
-    """A weight-only variant (w8, w4) made by arx.calibration, the path `arx calibrate` takes."""
+def arx_quantized(fp32: Path, out: Path, scheme: str, *, reuse: bool, kv_dtype: str = "fp32") -> Path:
+    """A weight-only variant (w8, w4) made by arx.calibration, the path `arx calibrate` takes;
+    kv_dtype fp16/int8 gives it that KV cache (`arx calibrate --kv-dtype`)."""
     if reuse and (out / "arx.json").is_file():
         return out
     try:
@@ -202,6 +203,7 @@ def arx_quantized(fp32: Path, out: Path, scheme: str, *, reuse: bool) -> Path:
     seq_len = min(32, read_manifest(fp32).kv.max_seq_len)
     options = CalibrateOptions(quant=QuantOptions(scheme=scheme),
                                data=DataOptions(random=True, samples=4, eval_samples=2, seq_len=seq_len),
-                               force=True, overwrite=True, progress=False, plot=False)
+                               force=True, overwrite=True, progress=False, plot=False,
+                               kv_dtype=kv_dtype)
     calibrate_bundle(bundle=fp32, output=out, options=options)
     return out

@@ -22,6 +22,7 @@ import onnx
 from arx.bundle import atomic_bundle, check_writable_output
 from arx.calibration import cache as cache_mod
 from arx.calibration import graph as G
+from arx.calibration import kv_quant
 from arx.calibration import remedies
 from arx.calibration.data import Samples, load_samples
 from arx.calibration.options import CalibrateOptions
@@ -52,6 +53,7 @@ class _Quantized:
     quantized: list[str]
     kept: list[str]
     linears: list[G.Linear]
+    kv_scales: dict | None = None  # --kv-dtype int8: the cache's scales, per past name
 
 
 def calibrate_bundle(*, bundle: str | Path, output: str | Path,
@@ -74,9 +76,14 @@ def calibrate_bundle(*, bundle: str | Path, output: str | Path,
     with tempfile.TemporaryDirectory(prefix="arx-calibrate-") as work:
         with steps.step(f"quantizing ({q_opts.scheme})"):
             q = _quantize(bundle, manifest, samples, options, cached, Path(work))
+            q.kv_scales = kv_quant.cache_scales(bundle, options.kv_cache, samples)
         with atomic_bundle(output, overwrite=options.overwrite) as tmp:
             with steps.step(f"writing {output.name}"):
                 out_manifest = _write_bundle(bundle, manifest, tmp, q, options)
+                if options.kv_cache != "float32":
+                    out_manifest = kv_quant.quantize_cache(tmp, out_manifest, options.kv_cache,
+                                                           q.kv_scales, samples)
+                    out_manifest.write(tmp)
             with steps.step("evaluating against fp32"):
                 report = _evaluate(bundle, tmp, manifest, samples, q, options, Path(work))
             with steps.step("writing the report"):
@@ -185,7 +192,12 @@ def _evaluate(src, tmp, manifest, samples: Samples, q: _Quantized, options, work
                 "accuracy_level": options.quant.level,
                 "keep_fp": list(options.quant.keep_fp), "float": q.kept,
                 "linear_order": [lin.node for lin in q.linears]}
-    return AccuracyReport(options.quant.scheme, metrics, layers, options.gate, samples.source, settings)
+    kv = None
+    if options.kv_cache != "float32":  # what the cache alone costs, beside weights + cache
+        settings["kv_dtype"] = options.kv_dtype
+        kv = kv_quant.cache_only_metrics(src, options.kv_cache, q.kv_scales, samples, work)
+    return AccuracyReport(options.quant.scheme, metrics, layers, options.gate, samples.source,
+                          settings, kv)
 
 
 def _record_accuracy(manifest: Manifest, report: AccuracyReport, files: dict) -> None:

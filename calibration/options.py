@@ -169,13 +169,24 @@ class CalibrateOptions:
     overwrite: bool = False
     progress: bool = True
     plot: bool = True
+    kv_dtype: str = "fp32"  # the output's KV cache: fp32, fp16 or int8 (calibration/kv_quant.py)
 
     def __post_init__(self):
+        from arx.export.kv_dtype import manifest_dtype
+
+        manifest_dtype(self.kv_dtype)  # one line naming the choices
         if self.max_ppl_increase is not None and self.max_ppl_increase < 0:
             raise ArxError(f"--max-ppl-increase must be >= 0 (got {self.max_ppl_increase})")
         if self.calibration_cache and not self.quant.spec.activations:
             raise ArxError(f"--calibration-cache holds activation ranges, which the weight-only "
                            f"scheme {self.quant.scheme} does not use; drop it")
+
+    @property
+    def kv_cache(self) -> str:
+        """The output cache's manifest dtype."""
+        from arx.export.kv_dtype import manifest_dtype
+
+        return manifest_dtype(self.kv_dtype)
 
     @property
     def gate(self) -> float:

@@ -27,6 +27,7 @@ class AccuracyReport:
     gate: float  # allowed perplexity increase (fraction)
     data: dict
     settings: dict
+    kv: ModelMetrics | None = None  # --kv-dtype: the fp32-weight bundle with only its cache changed
 
     @property
     def passed(self) -> bool:
@@ -52,7 +53,14 @@ class AccuracyReport:
                                   "fp32 (SmoothQuant-folded) graph on held-out prefills; added = out - in",
             "data": self.data,
             "settings": self.settings,
+            **({"kv_cache_only": _kv_json(self.kv, self.settings.get("kv_dtype"))} if self.kv else {}),
         }
+
+
+def _kv_json(m: ModelMetrics, dtype: str) -> dict:
+    return {"kv_dtype": dtype, "weights": "fp32", "perplexity": {
+        "fp32": m.ppl_fp32, "quantized": m.ppl_quant, "increase": m.ppl_increase},
+        "top1_agreement": m.top1_agreement, "kl_mean": m.kl_mean, "tokens": m.tokens}
 
 
 def table(report: AccuracyReport, n_layers: int) -> str:
@@ -67,6 +75,10 @@ def table(report: AccuracyReport, n_layers: int) -> str:
         f"  {'top-1 agreement':<22}{'':>10}{m.top1_agreement:>10.2%}",
         f"  {'mean KL(fp32||quant)':<22}{'':>10}{m.kl_mean:>10.4f}",
     ]
+    if report.kv is not None:  # the gate above is weights + cache; this line the cache alone
+        k = report.kv
+        lines.append(f"  {report.settings.get('kv_dtype')} KV cache alone (fp32 weights): perplexity "
+                     f"{k.ppl_increase:+.2%}, top-1 {k.top1_agreement:.2%}, KL {k.kl_mean:.4f}")
     if report.layers:
         lines.append("  worst layers (relative error of the output; added by the layer):")
         for e in report.worst(n_layers):

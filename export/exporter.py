@@ -36,6 +36,7 @@ class ExportOptions:
     progress: bool = True
     seed: int = 0
     inputs_embeds: bool = False  # decoder takes (B, S, hidden) embeddings + an embedder stage
+    kv_dtype: str = "fp32"  # fp16 | int8: the cache is retyped after parity (export/kv_dtype.py)
 
     def __post_init__(self):
         if self.max_seq_len is not None and self.max_seq_len < 2:
@@ -102,6 +103,10 @@ def export_model(*, source: str | Path, output: str | Path,
             else:
                 manifest.parity = {"passed": None, "skipped": "--no-parity"}
         with steps.step(f"writing {output}"):
+            if options.kv_dtype != "fp32":  # parity above ran on the fp32 cache
+                from arx.export.kv_dtype import convert_export
+
+                manifest = convert_export(tmp, manifest, options.kv_dtype, options.seed)
             manifest.write(tmp)
     return manifest
 

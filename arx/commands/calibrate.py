@@ -40,6 +40,9 @@ def register(sub) -> None:
                    help="MatMuls kept in float: names (layers.3.mlp.down_proj, lm_head) or prefixes (layers.3)")
     q.add_argument("--lm-head", choices=["quantize", "float"],
                    help="quantize the output projection (default: float for w8a8, quantize for w8/w4)")
+    q.add_argument("--kv-dtype", default="fp32", choices=("fp32", "fp16", "int8"),
+                   help="KV cache of the output: fp16, or int8 with per-channel scales measured "
+                        "on --data (default fp32); the gate covers weights and cache together")
     q.add_argument("--calibration-cache", metavar="FILE",
                    help="w8a8: reuse the ranges of this calibration.json (or bundle) instead of calibrating")
     g = p.add_argument_group("gate and output")
@@ -75,6 +78,7 @@ def options_from_args(args):
                        eval_samples=args.eval_samples, seed=args.seed)
     return CalibrateOptions(quant=quant, data=data, max_ppl_increase=_percent(args.max_ppl_increase),
                             force=args.force, calibration_cache=args.calibration_cache,
+                            kv_dtype=args.kv_dtype,
                             overwrite=args.overwrite, progress=not args.quiet, plot=not args.no_plot)
 
 

@@ -1,0 +1,28 @@
+"""benchmarks/bench_kv_dtype.py: every path builds, runs in place and times (tiny step count)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import bench_kv_dtype as bench  # noqa: E402
+
+
+def test_emitted_paths_are_the_export_rewrite():
+    """fp16/int8 are timed on the graph export/kv_dtype.py emits, not a hand-made one."""
+    fp16, _ = bench._model("fp16")
+    int8, _ = bench._model("int8")
+    gqa16 = [n for n in fp16.graph.node if n.op_type == "GroupQueryAttention"]
+    gqa8 = [n for n in int8.graph.node if n.op_type == "GroupQueryAttention"]
+    assert len(gqa16) == len(gqa8) == bench.LAYERS
+    assert all(n.input[0].startswith("kv/") for n in gqa16)  # q cast to fp16 first
+    assert all(n.input[12].endswith(".scale") and n.input[13].endswith(".scale") for n in gqa8)
+
+
+@pytest.mark.parametrize("path", bench.PATHS)
+def test_every_path_times_a_step(path):
+    assert bench.step_ms(path, past=8, runs=2, threads=1) > 0
