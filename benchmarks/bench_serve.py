@@ -3,6 +3,8 @@
     python benchmarks/bench_serve.py                              # 125M Llama, 1/4/16/64 clients
     python benchmarks/bench_serve.py --clients 1,16 --json serve.json
     python benchmarks/bench_serve.py --shape tiny --clients 1,2 --prompt-len 8 --new-tokens 6
+    python benchmarks/bench_serve.py --clients 1,4,16 --requests 2 --prefill-chunk 64   # a policy
+    python benchmarks/bench_serve.py --step-shapes      # ms per step of each shape the policy picks
 
 Issue 11's figures: each client sends --requests streamed completions one after the other
 (--prompt-len random token ids, --new-tokens new tokens, greedy, EOS ignored); per client count
@@ -44,6 +46,10 @@ def parse_args(argv):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="the server's intra-op threads")
+    p.add_argument("--prefill-chunk", type=int, help="the server's (default: arx serve's)")
+    p.add_argument("--prefill-chunk-idle", type=int, help="the server's (default: arx serve's)")
+    p.add_argument("--step-shapes", action="store_true",
+                   help="no server: time the steps a prefill policy can pick, on the bundle")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "arx-bench"))
     p.add_argument("--json")
     p.add_argument("--quiet", action="store_true")
@@ -65,6 +71,9 @@ def start_server(bundle: Path, args, log) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "arx", "serve", str(bundle), "--port", str(port),
            "--max-batch", str(args.max_batch), "--max-queue", str(max(args.clients)),
            "--threads", str(args.threads), "--model-name", "bench"]
+    for flag in ("prefill_chunk", "prefill_chunk_idle"):
+        if getattr(args, flag) is not None:
+            cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while True:
@@ -132,6 +141,48 @@ def run_level(port: int, clients: int, args, vocab: int) -> dict:
             "itl_mean_ms": statistics.fmean(gaps) * 1e3 if gaps else float("nan")}
 
 
+def step_shapes(bundle: Path, args, vocab: int, reps: int = 5) -> list[dict]:
+    """Best-of-reps ms of each step shape a prefill policy can pick, every row of a
+    --max-batch cache holding a --prompt-len past: the batched decode step over n rows, a
+    batch-1 prefill chunk of C tokens over one row (alone, or after a past of 64), and that
+    chunk fused into the decode step (one row C tokens, the others 1: the general-step graph)."""
+    import numpy as np
+
+    from arx.runtime.backend import BackendOptions
+    from arx.runtime.decoder import DecoderSession
+
+    rng, b = np.random.default_rng(0), args.max_batch
+    out = []
+    with DecoderSession(bundle, BackendOptions(intra_op_threads=args.threads)) as s:
+        cache = s.new_cache(b, s.kv.max_seq_len)
+        s.step(cache, rng.integers(3, vocab, (b, args.prompt_len)), np.full(b, args.prompt_len),
+               logits="none")
+        full = cache.lengths.copy()
+
+        def timed(name, view, width, new_lens, past):
+            times = []
+            for _ in range(reps):  # the lengths are reset, the buffers hold a past of that size
+                cache.lengths = full.copy()
+                cache.lengths[-1] = past
+                ids = rng.integers(3, vocab, (len(new_lens), width))
+                t0 = time.perf_counter()
+                s.step(view, ids, new_lens, logits="last")
+                times.append(time.perf_counter() - t0)
+            cache.lengths = full.copy()
+            out.append({"shape": name, "ms": min(times) * 1e3})
+
+        for n in sorted({1, b // 2, b} - {0}):
+            view = cache if n == b else cache.rows(0, n)
+            timed(f"decode {n} rows", view, 1, np.ones(n, np.int64), args.prompt_len)
+        for c in (8, 16, 32, 64):
+            for past in (0, 64):
+                timed(f"prefill chunk {c} past {past}", cache.row(b - 1), c, np.array([c]), past)
+            fused = np.ones(b, np.int64)
+            fused[-1] = c
+            timed(f"decode {b - 1} rows + chunk {c} fused", cache, c, fused, 64)
+    return out
+
+
 def goals(levels: dict[int, dict]) -> list[dict]:
     """Each goal as a ratio of the level's figure over one client's, where both were run."""
     out = []
@@ -153,6 +204,13 @@ def main(argv=None) -> int:
     seq = args.prompt_len + args.new_tokens
     bundle = bench_models.arx_bundle(hf, cache / f"{hf.name}-serve-{seq}.arx", max_seq_len=seq,
                                      reuse=True)
+    if args.step_shapes:
+        rows = step_shapes(bundle, args, shape.vocab)
+        for r in rows:
+            print(f"{r['shape']:<34} {r['ms']:8.1f} ms")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return 0
     with open(cache / "serve.log", "ab") as log:
         proc, port = start_server(bundle, args, log)
         try:

@@ -135,7 +135,7 @@ def _requests(server: Server, body, prompts, on_event) -> list[Request]:
         raise Failed(404, f"model {body.model!r} is not served here; this server serves "
                           f"{server.model!r} (GET /v1/models)", "not_found_error", "model")
     asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    stops, sched = body.stops(), server.scheduler
+    stops, sched, logprobs = body.stops(), server.scheduler, body.logprob_count()
     out = []
     for i, prompt in enumerate(prompts):
         # without max_tokens: the bundle's default, cut to the room the context leaves
@@ -143,7 +143,8 @@ def _requests(server: Server, body, prompts, on_event) -> list[Request]:
         for j in range(body.n):
             index = i * body.n + j
             out.append(Request(prompt, n, body.sampling(server.defaults, j), stops,
-                               not body.ignore_eos, (lambda k: lambda ev: on_event(k, ev))(index)))
+                               not body.ignore_eos, (lambda k: lambda ev: on_event(k, ev))(index),
+                               logprobs=logprobs))
     for r in out:
         sched.check(r)  # all or nothing: no request of a refused batch runs
     return out
@@ -208,17 +209,20 @@ async def _respond(server: Server, http: HTTPRequest, body, prompts, chat: bool)
                                  headers={"Cache-Control": "no-cache"})
     n = len(batch.requests)
     texts, tokens, reasons = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n
+    logprobs = [[] for _ in range(n)]
     try:
         async for k, ev in batch.events(http):
             _fail_on_error(ev)
             texts[k].append(ev.text)
             if ev.kind == "token":
                 tokens[k].append(ev.token)
+                logprobs[k] += _logprob_entry(server, ev)
             reasons[k] = ev.finish_reason
     finally:
         batch.cancel()  # a handler cancelled mid-way leaves nothing running
     choices = [shape.choice(k, _whole_text(server, body, tokens[k], reasons[k], texts[k]),
-                            tokens[k], reasons[k], chunk=False) for k in range(n)]
+                            tokens[k], reasons[k], chunk=False,
+                            logprobs=shape.logprobs(logprobs[k])) for k in range(n)]
     return shape.whole(choices, proto.usage(prompt_tokens, sum(map(len, tokens))))
 
 
@@ -233,6 +237,18 @@ def _whole_text(server: Server, body, tokens: list[int], reason: str | None,
     return text[: min(hits)] if hits else text
 
 
+def _logprob_entry(server: Server, ev) -> list[tuple]:
+    """[(token text, logprob, [(text, logprob)] most likely first)] for a token event of a
+    request that asked for logprobs, else []. Without a tokenizer a token reads "token_id:N"
+    (vLLM's spelling)."""
+    if ev.logprob is None:
+        return []
+    tok = server.tokenizer
+    text = (lambda t: tok.decode([t], skip_special_tokens=False)) if tok is not None else \
+        (lambda t: f"token_id:{t}")
+    return [(text(ev.token), ev.logprob, [(text(t), lp) for t, lp in ev.top_logprobs])]
+
+
 def _fail_on_error(ev) -> None:
     if ev.kind == "error":
         closing = "shutting down" in ev.message
@@ -242,7 +258,7 @@ def _fail_on_error(ev) -> None:
 async def _stream(batch: _Batch, shape: proto.Shape, prompt_tokens: int, include_usage: bool):
     """Server-sent events: a chunk per token (per choice), the finish reason, [DONE]. A client
     that disconnects closes this generator, which cancels what is still running."""
-    completion = 0
+    completion, offsets = 0, [0] * len(batch.requests)  # text_offset per choice
     try:
         if shape.chat:
             roles = [shape.choice(k, "", [], None, chunk=True, role=True)
@@ -254,9 +270,12 @@ async def _stream(batch: _Batch, shape: proto.Shape, prompt_tokens: int, include
                 break
             toks = [ev.token] if ev.kind == "token" else []
             completion += len(toks)
+            entry = _logprob_entry(batch.server, ev) if toks else []
+            logprobs = shape.logprobs(entry, offsets[k])
+            offsets[k] += sum(len(e[0]) for e in entry)
             if ev.text or toks or ev.finish_reason:
                 yield _sse(shape.chunk([shape.choice(k, ev.text, toks, ev.finish_reason,
-                                                     chunk=True)]))
+                                                     chunk=True, logprobs=logprobs)]))
         if include_usage:
             yield _sse(shape.chunk([], proto.usage(prompt_tokens, completion)))
         yield "data: [DONE]\n\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from itertools import accumulate
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -73,8 +74,11 @@ class Params(BaseModel):
 
 class CompletionRequest(Params):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    logprobs: None = None  # logprobs are not computed: only null is accepted
+    logprobs: int | None = Field(None, ge=0, le=5)  # the drawn token's and the k most likely
     echo: Literal[False] = False
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class Message(BaseModel):
@@ -95,7 +99,13 @@ class Message(BaseModel):
 class ChatRequest(Params):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False, None] = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ArxError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def new_id(prefix: str) -> str:
@@ -125,13 +135,30 @@ class Shape:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def choice(self, index: int, text: str, tokens: list[int], reason: str | None,
-               chunk: bool, role: bool = False) -> dict:
+               chunk: bool, role: bool = False, logprobs: dict | None = None) -> dict:
         c: dict[str, Any] = {"index": index, "finish_reason": reason, "token_ids": tokens}
         if not self.chat:
-            return {**c, "text": text, "logprobs": None}
+            return {**c, "text": text, "logprobs": logprobs}
         body = {"role": "assistant", "content": text} if role or not chunk else \
             ({"content": text} if text or not reason else {})
-        return {**c, "delta" if chunk else "message": body, "logprobs": None}
+        return {**c, "delta" if chunk else "message": body, "logprobs": logprobs}
+
+    def logprobs(self, entries: list[tuple[str, float, list[tuple[str, float]]]],
+                 offset: int = 0) -> dict | None:
+        """A choice's logprobs object from (token text, logprob, [(text, logprob)] most likely
+        first) per token, as OpenAI shapes it: chat's `content` list, or the completion's
+        parallel lists (`text_offset` counted from `offset`, the text before these tokens)."""
+        if not entries:
+            return None
+        if self.chat:
+            item = lambda t, lp: {"token": t, "logprob": lp, "bytes": list(t.encode())}  # noqa: E731
+            return {"content": [{**item(t, lp), "top_logprobs": [item(*a) for a in top]}
+                                for t, lp, top in entries], "refusal": None}
+        starts = accumulate((len(t) for t, _, _ in entries[:-1]), initial=offset)
+        return {"tokens": [t for t, _, _ in entries],
+                "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [dict(top) for _, _, top in entries],
+                "text_offset": list(starts)}
 
     def whole(self, choices: list[dict], use: dict) -> dict:
         return {**self._head(False), "choices": choices, "usage": use}

@@ -4,7 +4,9 @@
                                                                   │
     every step: one session.step(cache, ids (B, S), new_lens (B,), logits="last")
         decode rows      1 token (the one sampled last step)
-        prefill rows     the next chunk of their prompt (all prefills share `chunk` tokens a step)
+        prefill rows     the next chunk of their prompt, at batch 1 over their own row: all
+                         prefills share `chunk` tokens a step while some row decodes (its next
+                         token waits for them), `idle_chunk` while none does
         idle rows        0 tokens
     then each row that has consumed its whole prompt draws its next token with its own sampler
 
@@ -37,7 +39,12 @@ from arx.runtime.generate import seen_tokens
 from arx.runtime.sampler import Sampler, SamplingOptions
 from arx.serve.stops import StopText
 
-DEFAULT_CHUNK = 64  # prompt tokens prefilled per step, all rows together
+# Prompt tokens prefilled per step, all rows together, while some request decodes: a decode
+# step waits for them, so they bound the inter-token latency (docs/design.md, "Serving": on the
+# 134M benchmark model a batch-1 chunk of 16 costs about half a 16-row decode step, 64 about
+# 1.5 steps). While no request decodes nobody waits, and wider chunks cost less per token.
+DEFAULT_CHUNK = 16
+DEFAULT_IDLE_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,8 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     message: str = ""  # error: what went wrong
+    logprob: float | None = None  # token, where the request asked for logprobs
+    top_logprobs: tuple[tuple[int, float], ...] = ()  # (token, logprob), most likely first
 
 
 @dataclass
@@ -63,6 +72,7 @@ class Request:
     stop_on_eos: bool = True
     on_event: Callable[[Event], None] | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely
 
 
 class Overloaded(ArxError):
@@ -92,18 +102,21 @@ class _Slot:
 
 class Scheduler:
     def __init__(self, session, max_batch: int, *, chunk: int = DEFAULT_CHUNK,
-                 max_queue: int | None = None, tokenizer=None, metrics=None):
+                 idle_chunk: int = DEFAULT_IDLE_CHUNK, max_queue: int | None = None,
+                 tokenizer=None, metrics=None):
         if not session.ragged:
             raise ArxError("arx serve needs per-row lengths in the cache, which this bundle's "
                            "concatenating cache (a custom-protocol export) lacks; export the model "
                            "from a Hugging Face folder to get the in-place cache")
         cap = session.capacity
-        if max_batch < 1 or chunk < 1:
-            raise ArxError(f"--max-batch and --prefill-chunk must be >= 1 (got {max_batch}, {chunk})")
+        if min(max_batch, chunk, idle_chunk) < 1:
+            raise ArxError(f"--max-batch, --prefill-chunk and --prefill-chunk-idle must be >= 1 "
+                           f"(got {max_batch}, {chunk}, {idle_chunk})")
         if cap.max_batch is not None and max_batch > cap.max_batch:
             raise ArxError(f"--max-batch {max_batch} exceeds the max batch of {cap.max_batch}; "
                            f"{cap.batch_remedy or 'lower --max-batch'}")
-        self.session, self.max_batch, self.chunk = session, max_batch, chunk
+        self.session, self.max_batch = session, max_batch
+        self.chunk, self.idle_chunk = chunk, idle_chunk
         self.max_len, self.capacity = cap.max_seq_len, cap
         self.max_queue = 4 * max_batch if max_queue is None else max_queue
         self.tokenizer, self.metrics = tokenizer, metrics
@@ -268,7 +281,7 @@ class Scheduler:
             return True, set()
         if getattr(self.cache, "row", None) is None or self.cache.row(rows[0]) is None:
             return False, set()
-        budget, fresh = self.chunk, set()
+        budget, fresh = self._prefill_budget(), set()
         for b in rows:
             slot = self.slots[b]
             room = self.max_len - int(self.cache.lengths[b])
@@ -283,6 +296,13 @@ class Scheduler:
                 fresh.add(b)
                 self._advance(b, slot, logits)
         return True, fresh
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may prefill: `chunk` while some request decodes, since its
+        next token waits for them; `idle_chunk` while none does (no one waits, and a wider
+        chunk costs less per token, so the prompts get their first tokens sooner)."""
+        decoding = any(s is not None and s.prefilled for s in self.slots)
+        return self.chunk if decoding else self.idle_chunk
 
     def _decode_rows(self, new_lens: np.ndarray, idle: list[int]):
         """(cache, n): the batched step runs over rows 0..n-1 only, up to the last row with a
@@ -305,7 +325,7 @@ class Scheduler:
         # a step S wide writes S cache entries per row (padding included): the fullest row
         # bounds the width, so near the end of the context prefill chunks shrink, decode stays
         room = self.max_len - int(np.max(self.cache.lengths))
-        budget = min(self.chunk, max(room, 1))
+        budget = min(self._prefill_budget(), max(room, 1))
         for b, slot in enumerate(self.slots):
             if slot is None:
                 continue
@@ -339,7 +359,8 @@ class Scheduler:
         eos = request.stop_on_eos and tok in self.eos
         piece, hit = ("", False) if eos or slot.decoder is None else \
             slot.stops.push(slot.decoder.push(tok))
-        _emit(request, Event(request.id, "token", token=tok, text=piece))
+        _emit(request, Event(request.id, "token", token=tok, text=piece,
+                             **_logprobs(logits[0], tok, request.logprobs)))
         if eos or hit:
             self._finish(b, "stop", "" if hit else self._tail(slot))
         elif len(slot.tokens) >= request.max_tokens:
@@ -376,6 +397,21 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.finished("error", len(r.prompt), 0, 0.0)
             _emit(r, Event(r.id, "error", message=message))
+
+
+def _logprobs(logits: np.ndarray, token: int, top: int | None) -> dict:
+    """Event fields for a request that asked for logprobs: the model's log-probabilities
+    (before temperature, top-k/top-p and repetition penalty, as vLLM reports them) of the
+    drawn token and of the `top` most likely. One pass over the vocabulary, only when asked."""
+    if top is None:
+        return {}
+    z = logits.astype(np.float64)
+    logp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+    top = min(top, len(logp))
+    best = np.argpartition(-logp, top - 1)[:top] if top else np.zeros(0, np.int64)
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return {"logprob": float(logp[token]),
+            "top_logprobs": tuple((int(t), float(logp[t])) for t in best)}
 
 
 def _emit(request: Request, event: Event) -> None:

@@ -11,11 +11,12 @@ from pathlib import Path
 from arx.errors import ArxError
 from arx.serve.api import Server, create_app
 from arx.serve.metrics import Metrics
-from arx.serve.scheduler import DEFAULT_CHUNK, Scheduler
+from arx.serve.scheduler import DEFAULT_CHUNK, DEFAULT_IDLE_CHUNK, Scheduler
 
 
 def make_server(session, bundle: str | Path, *, max_batch: int, chunk: int = DEFAULT_CHUNK,
-                max_queue: int | None = None, model: str | None = None) -> Server:
+                idle_chunk: int = DEFAULT_IDLE_CHUNK, max_queue: int | None = None,
+                model: str | None = None) -> Server:
     """A Server over `session` with its scheduler started (close it with server.scheduler.close())."""
     from arx.serve.chat import ChatTemplate, load_template
 
@@ -29,7 +30,7 @@ def make_server(session, bundle: str | Path, *, max_batch: int, chunk: int = DEF
         chat = ChatTemplate(template, tokenizer) if template else None
         missing = "this bundle's tokenizer has no chat template (chat_template.jinja)"
     metrics = Metrics()
-    scheduler = Scheduler(session, max_batch, chunk=chunk, max_queue=max_queue,
+    scheduler = Scheduler(session, max_batch, chunk=chunk, idle_chunk=idle_chunk, max_queue=max_queue,
                           tokenizer=tokenizer, metrics=metrics)
     return Server(scheduler.start(), model or bundle.name.removesuffix(".arx"), m.generation,
                   metrics, tokenizer, chat, missing)

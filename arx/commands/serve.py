@@ -17,8 +17,12 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (cache slots)")
     p.add_argument("--max-queue", type=int,
                    help="requests that may wait for a slot before new ones get 429 (default 4x max-batch)")
-    p.add_argument("--prefill-chunk", type=int, default=64,
-                   help="prompt tokens prefilled per step, all new requests together (default 64)")
+    # defaults in serve/scheduler.py (not imported here: every arx command builds this parser)
+    p.add_argument("--prefill-chunk", type=int,
+                   help="prompt tokens prefilled per step, all new requests together, while "
+                        "other requests decode: bounds their inter-token latency (default 16)")
+    p.add_argument("--prefill-chunk-idle", type=int,
+                   help="the same while no request decodes (default 64)")
     p.add_argument("--model-name", help="the model id clients send (default: the bundle's name)")
     p.add_argument("--engine", metavar="TARGET",
                    help="serve the TensorRT engine `arx build --target TARGET` made (needs TensorRT "
@@ -46,13 +50,19 @@ def run(args) -> int:
     with ExitStack() as stack:
         session = stack.enter_context(_session(args))
         server = make_server(session, args.bundle, max_batch=args.max_batch,
-                             chunk=args.prefill_chunk, max_queue=args.max_queue,
+                             max_queue=args.max_queue, **_policy(args),
                              model=args.model_name)
         print(f"arx serve: {server.model} on http://{args.host}:{args.port}/v1 "
               f"(max batch {args.max_batch}, context {server.scheduler.max_len}); Ctrl-C stops",
               file=sys.stderr, flush=True)
         serve_forever(server, args.host, args.port)
     return 0
+
+
+def _policy(args) -> dict:
+    """The prefill options given; the scheduler's defaults for the others."""
+    given = {"chunk": args.prefill_chunk, "idle_chunk": args.prefill_chunk_idle}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _session(args):

@@ -3,22 +3,16 @@ client counts, one request each), so the load-test script cannot rot. Timings me
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_serve.py"
+from bench_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module, loaded from its path (it puts benchmarks/ on sys.path itself)."""
-    spec = importlib.util.spec_from_file_location("bench_serve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_serve")
 
 
 def test_tiny_load_test_reports_each_level(bench, tmp_path, capsys):
@@ -40,3 +34,14 @@ def test_goal_ratios_against_one_client(bench):
     got = {g["figure"]: (round(g["ratio_vs_1"], 2), g["met"]) for g in bench.goals(levels)}
     assert got == {"output_tokens_per_s": (4.5, True), "itl_p99_ms": (3.5, False)}
     assert bench.goals({16: levels[16]}) == []  # no one-client run: nothing to compare
+
+
+def test_step_shapes_times_each_policy_shape(bench, tmp_path):
+    rc = bench.main(["--shape", "tiny", "--step-shapes", "--prompt-len", "8", "--max-batch", "2",
+                     "--threads", "1", "--cache-dir", str(tmp_path),
+                     "--json", str(tmp_path / "shapes.json")])
+    assert rc == 0
+    rows = {r["shape"]: r["ms"] for r in json.loads((tmp_path / "shapes.json").read_text())}
+    assert {"decode 1 rows", "decode 2 rows", "prefill chunk 16 past 64",
+            "decode 1 rows + chunk 64 fused"} <= set(rows)
+    assert len(rows) == 2 + 4 * 3 and min(rows.values()) > 0

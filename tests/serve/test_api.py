@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 
 from arx.cli import main
@@ -136,6 +137,59 @@ def test_stop_strings_cut_the_text(served):
     assert streamed == full[: full.find(stop)]
 
 
+def _model_logprobs(bundle, ids):
+    """log_softmax of the model's next-token logits after `ids`, from a session of its own."""
+    with DecoderSession(bundle) as s:
+        z = s.step(s.new_cache(1), np.array([ids]), np.array([len(ids)]), logits="last")
+    z = z[0, 0].astype(np.float64)
+    return z - z.max() - np.log(np.exp(z - z.max()).sum())
+
+
+def test_completion_logprobs_are_the_models(served):
+    url, tok, bundle = served
+    c = client(url)
+    ask = dict(model="tiny", prompt="The quick brown", max_tokens=6, temperature=0, logprobs=3,
+               extra_body={"ignore_eos": True})
+    choice = c.completions.create(**ask).choices[0]
+    lp, ids = choice.logprobs, choice.model_extra["token_ids"]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) == 6
+    want = _model_logprobs(bundle, tok("The quick brown")["input_ids"])
+    assert lp.token_logprobs[0] == pytest.approx(want[ids[0]], abs=1e-4)
+    top0 = sorted(want, reverse=True)[:3]
+    assert sorted(lp.top_logprobs[0].values(), reverse=True) == pytest.approx(top0, abs=1e-4)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 3 and max(top.values()) == pytest.approx(chosen)  # greedy: the argmax
+    assert lp.tokens == [tok.decode([i]) for i in ids]
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(6)]
+    streamed = [ch.choices[0].logprobs for ch in c.completions.create(**ask, stream=True)
+                if ch.choices and ch.choices[0].logprobs]
+    assert [x for part in streamed for x in part.token_logprobs] == pytest.approx(lp.token_logprobs)
+    assert [x for part in streamed for x in part.text_offset] == lp.text_offset
+    assert c.completions.create(**{**ask, "logprobs": None}).choices[0].logprobs is None
+
+
+def test_chat_logprobs_and_top_logprobs(served):
+    c = client(served[0])
+    ask = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=5,
+               temperature=0)
+    choice = c.chat.completions.create(**ask, logprobs=True, top_logprobs=2).choices[0]
+    content = choice.logprobs.content
+    assert len(content) == len(choice.model_extra["token_ids"]) > 0
+    for item in content:
+        assert item.logprob <= 0 and item.bytes == list(item.token.encode())
+        tops = [a.logprob for a in item.top_logprobs]
+        assert len(tops) == 2 and tops == sorted(tops, reverse=True)
+        assert tops[0] == pytest.approx(item.logprob)
+    chunks = [ch.choices[0].logprobs for ch in c.chat.completions.create(
+        **ask, logprobs=True, stream=True) if ch.choices and ch.choices[0].logprobs]
+    assert [i.logprob for part in chunks for i in part.content] == \
+        pytest.approx([i.logprob for i in content])
+    assert all(not i.top_logprobs for part in chunks for i in part.content)  # top_logprobs 0
+    assert c.chat.completions.create(**ask).choices[0].logprobs is None
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        c.chat.completions.create(**ask, top_logprobs=2)
+
+
 @pytest.mark.parametrize("kwargs,status,fragment", [
     ({"extra_body": {"logit_bias_typo": 1}}, 400, "logit_bias_typo: unknown field"),
     ({"temperature": -1}, 400, "temperature"),
@@ -145,6 +199,7 @@ def test_stop_strings_cut_the_text(served):
     ({"model": "gpt-4"}, 404, "this server serves 'tiny'"),
     ({"prompt": []}, 400, "the prompt is empty"),
     ({"stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4"),
+    ({"logprobs": 6}, 400, "logprobs"),
 ])
 def test_bad_requests_get_openai_errors(served, kwargs, status, fragment):
     args = {"model": "tiny", "prompt": "Hello", "max_tokens": 4, **kwargs}

@@ -24,7 +24,8 @@ def test_without_fastapi_names_the_serve_extra(exported_bundle):
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["--max-batch", "0"], "--max-batch and --prefill-chunk must be >= 1"),
+    (["--max-batch", "0"], "--max-batch, --prefill-chunk and --prefill-chunk-idle must be >= 1"),
+    (["--prefill-chunk-idle", "0"], "(got 8, 16, 0)"),
     (["--port", "70000"], "--port must be in 0..65535"),
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
 ])

@@ -110,6 +110,45 @@ def test_chunked_prefill_keeps_running_rows_streaming(session):
     assert rec.tokens(first.id) == alone(session, first.prompt, 40, GREEDY)
 
 
+class Widths:
+    """A session that records each step's (batch, width)."""
+
+    def __init__(self, session):
+        self.inner, self.shapes = session, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def step(self, cache, ids, *a, **k):
+        self.shapes.append(ids.shape)
+        return self.inner.step(cache, ids, *a, **k)
+
+
+def test_prefill_budget_is_chunk_beside_decoding_rows_and_idle_chunk_alone(session):
+    """A 30-token prompt admitted alone is fed idle_chunk (12) tokens a step; admitted while
+    another request decodes, chunk (4) tokens a step, and the running request gets a token
+    every step with at most 4 prompt tokens run between two of its tokens."""
+    recorder = Widths(session)
+    rec, sched = Recorder(), Scheduler(recorder, 2, chunk=4, idle_chunk=12)
+    first = rec.request(list(range(10, 40)), 30, stop_on_eos=False)
+    sched.submit(first)
+    for _ in range(3):
+        sched.step()
+    assert [w for _, w in recorder.shapes] == [12, 12, 6]  # then its first token is drawn
+    second = rec.request(list(range(50, 80)), 3, stop_on_eos=False)
+    sched.submit(second)
+    recorder.shapes.clear()
+    for k in range(8):  # 30 tokens in chunks of 4: 7 x 4 + 2
+        before = len(rec.tokens(first.id))
+        sched.step()
+        assert len(rec.tokens(first.id)) == before + 1, f"step {k}: the running row stalled"
+    prefills = [w for b, w in recorder.shapes if w > 1]
+    assert prefills == [4] * 7 + [2] and all(b == 1 for b, w in recorder.shapes if w > 1)
+    run_until_done(sched, rec, [first, second])
+    assert rec.tokens(second.id) == alone(session, second.prompt, 3, GREEDY)
+    assert rec.tokens(first.id) == alone(session, first.prompt, 30, GREEDY)
+
+
 def test_cancel_frees_the_slot_before_the_next_step(session):
     rec, sched = Recorder(), Scheduler(session, 1)
     a = rec.request([5, 6, 7], 50, stop_on_eos=False)
