@@ -9,7 +9,9 @@ the tests and by scripts/train_digits.py (models/arx-digits); importable by name
 model.pt resolves wherever `arx[export]` is installed.
 
 Input ids: 0..V-1 are image tokens, V + c is class c, V + num_classes the null class (the
-protocol's `class_token_offset` = V). Logits are over the codebook only (V).
+protocol's `class_token_offset` = V). Logits are over the codebook only (V), unless the module
+is built with `text_vocab` T: then the vocabulary is shared with text (ids 0..T-1 text, T + k
+image token k, `arx_image["codebook"] = [T, V]`) and the logits span T + V.
 """
 
 from __future__ import annotations
@@ -111,29 +113,34 @@ class ClassToImageDecoder(nn.Module):
 
     def __init__(self, num_classes: int = 10, codebook: int = 64, grid: int = 4, dim: int = 64,
                  heads: int = 4, kv_heads: int = 2, layers: int = 2, vq: VQDecoder | None = None,
-                 cfg_scale: float = 4.0, top_k: int = 0):
+                 cfg_scale: float = 4.0, top_k: int = 0, text_vocab: int = 0):
+        """text_vocab > 0: a vocabulary shared with text (Emu3, Chameleon): ids 0..T-1 are text,
+        image token k is id T + k, and the logits span both (arx samples the codebook only)."""
         super().__init__()
         self.codebook, self.num_classes, self.grid = codebook, num_classes, grid
+        self.text_vocab, vocab = text_vocab, text_vocab + codebook
         head_dim = dim // heads
         n = grid * grid
         self.arx_decoder = {"num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim,
-                            "vocab_size": codebook, "max_seq_len": 1 + n}
+                            "vocab_size": vocab, "max_seq_len": 1 + n}
         self.arx_image = {"grid": [grid, grid], "num_classes": num_classes,
-                          "null_class": num_classes, "class_token_offset": codebook,
+                          "null_class": num_classes, "class_token_offset": vocab,
                           "vq_decoder": "vq", "pixel_range": [-1.0, 1.0], "cfg_scale": cfg_scale,
-                          "top_k": top_k}
-        self.tok_embeddings = nn.Embedding(codebook, dim)
+                          "top_k": top_k, "codebook": [text_vocab, codebook]}
+        self.tok_embeddings = nn.Embedding(vocab, dim)
         self.cls_embedding = nn.Embedding(num_classes + 1, dim)  # row num_classes: the null class
         self.layers = nn.ModuleList(Block(dim, heads, kv_heads) for _ in range(layers))
-        self.norm, self.output = RMSNorm(dim), nn.Linear(dim, codebook, bias=False)
+        self.norm, self.output = RMSNorm(dim), nn.Linear(dim, vocab, bias=False)
         self.register_buffer("freqs_cis", rope_2d_table(grid, head_dim, prefix=1), persistent=False)
         self.vq = vq if vq is not None else VQDecoder(codebook, grid)
 
     def embed(self, input_ids):
-        """Image tokens through tok_embeddings, class tokens (>= codebook) through cls_embedding."""
-        is_class = input_ids >= self.codebook
+        """Image (and text) tokens through tok_embeddings, class tokens (>= the vocabulary)
+        through cls_embedding."""
+        vocab = self.text_vocab + self.codebook
+        is_class = input_ids >= vocab
         tok = self.tok_embeddings(torch.where(is_class, 0, input_ids))
-        cls = self.cls_embedding(torch.where(is_class, input_ids - self.codebook, 0))
+        cls = self.cls_embedding(torch.where(is_class, input_ids - vocab, 0))
         return torch.where(is_class[..., None], cls, tok)
 
     def forward(self, input_ids, position_ids, past_key_values):
@@ -148,16 +155,18 @@ class ClassToImageDecoder(nn.Module):
 def generate_cfg(model: ClassToImageDecoder, labels: list[int], cfg_scale: float, choose) -> torch.Tensor:
     """LlamaGen's generate loop in PyTorch: prefill [cond; null] class tokens, then decode
     [tok; tok] with the module's own growing cache; logits mixed uncond + s (cond - uncond).
-    `choose(k, logits_2b)` -> (B,) the ids of token k. Returns (B, grid^2) int64."""
+    `choose(k, logits_2b)` -> (B,) the ids of token k over the codebook's logits (a shared
+    vocabulary's text columns cut off; fed back as text_vocab + id). Returns (B, grid^2) int64."""
     b, n = len(labels), model.grid * model.grid
     spec = model.arx_decoder
     past = [(torch.zeros(2 * b, spec["num_kv_heads"], 0, spec["head_dim"]),) * 2
             for _ in range(spec["num_layers"])]
-    ids = torch.tensor(labels + [model.num_classes] * b)[:, None] + model.codebook
+    lo = model.text_vocab
+    ids = torch.tensor(labels + [model.num_classes] * b)[:, None] + lo + model.codebook
     out = torch.zeros(b, n, dtype=torch.long)
     for k in range(n):
         p = past[0][0].shape[2]
         logits, past = model(ids, torch.arange(p, p + ids.shape[1])[None].expand(2 * b, -1), past)
-        out[:, k] = choose(k, logits[:, -1])
-        ids = torch.cat([out[:, k], out[:, k]])[:, None]
+        out[:, k] = choose(k, logits[:, -1, lo:lo + model.codebook])
+        ids = torch.cat([out[:, k], out[:, k]])[:, None] + lo
     return out

@@ -9,9 +9,14 @@ A decoder-protocol module (export/protocol.py) is an image-token model when it a
                  "vq_decoder": "vq",          # attribute: tokens (B, gh*gw) -> pixels (B,3|1,H,W)
                  "pixel_range": [-1.0, 1.0],  # what the VQ decoder's output spans
                  "cfg_scale": 4.0,            # optional: the default guidance scale,
-                 "top_k": 0, "temperature": 1.0}  # and sampling over the codebook
+                 "top_k": 0, "temperature": 1.0,  # sampling over the codebook,
+                 "codebook": [0, V]}          # and where it lies in the logits: [offset, size]
+                                              # (offset > 0: a vocabulary shared with text,
+                                              # image token k is id offset + k)
 
-Its logits are over the codebook (vocab_size = codebook size). The bundle it exports to:
+Its logits are over the codebook (vocab_size = codebook size), or over a vocabulary shared with
+text of which `codebook` is the image range (the loop samples that range only). The bundle it
+exports to:
 
     decoder      (the protocol decoder, fast in-place path when its attention is plain)
         │  pipeline kind "image-tokens": the loop samples codebook ids (token space "image",
@@ -60,7 +65,12 @@ def check_image_spec(module, spec: dict) -> dict:
            "class_token_offset": int(spec.get("class_token_offset", vocab)),
            "pixel_range": [float(v) for v in spec.get("pixel_range", (-1.0, 1.0))],
            "cfg_scale": float(spec.get("cfg_scale", 1.0)), "vq_decoder": str(spec["vq_decoder"]),
-           "top_k": int(spec.get("top_k", 0)), "temperature": float(spec.get("temperature", 1.0))}
+           "top_k": int(spec.get("top_k", 0)), "temperature": float(spec.get("temperature", 1.0)),
+           "codebook": [int(v) for v in spec.get("codebook", (0, vocab))]}
+    lo, size = out["codebook"]
+    if lo < 0 or size < 1 or lo + size > vocab:
+        raise ArxError(f"{name}.arx_image codebook {out['codebook']} is not an [offset, size] "
+                       f"range inside the vocabulary (0..{vocab - 1})")
     if len(grid) != 2 or min(grid) < 1 or out["num_classes"] < 1:
         raise ArxError(f"{name}.arx_image needs a grid [rows, cols] >= 1 and num_classes >= 1, "
                        f"got grid {spec['grid']} and {spec['num_classes']} classes")
@@ -101,7 +111,8 @@ def export_image_decoder(src, bundle: Path, options):
     spec = check_image_spec(src.module, image_spec(src.module))
     with _without(src.module, spec["vq_decoder"]) as vq:
         decoder = export_protocol_decoder(src, bundle, options)
-    stage, vq_error = export_vq_stage(vq.eval(), bundle, spec, decoder.vocab_size)
+    lo, codebook = spec["codebook"]
+    stage, vq_error = export_vq_stage(vq.eval(), bundle, spec, codebook)
     n = spec["grid"][0] * spec["grid"][1]
     pipeline = Pipeline(kind="image-tokens", token_space=IMAGE_SPACE,
                         then=(PipelineStep(VQ_STAGE, {"tokens": "loop.tokens"}),))
@@ -113,11 +124,11 @@ def export_image_decoder(src, bundle: Path, options):
                "top_k": spec["top_k"], "temperature": spec["temperature"],
                "pixels": {"stage": VQ_STAGE, "layout": "NCHW", "range": spec["pixel_range"],
                           "channels": channels, "height": height, "width": width},
-               "vq_parity": vq_error}
+               "vq_parity": vq_error, "codebook": {"offset": lo, "size": codebook}}
     decoder.model_info["image"] = {"vq_parameters": int(sum(p.numel() for p in vq.parameters()))}
     return dataclasses.replace(
         decoder, plain_stages={**decoder.plain_stages, VQ_STAGE: stage}, pipeline=pipeline,
-        token_spaces={IMAGE_SPACE: TokenSpace("codebook", decoder.vocab_size, tuple(spec["grid"]))},
+        token_spaces={IMAGE_SPACE: TokenSpace("codebook", codebook, tuple(spec["grid"]))},
         extensions={**decoder.extensions, IMAGE_SECTION: section})
 
 

@@ -96,7 +96,8 @@ def export_janus(src, bundle: Path, options):
     decoder.token_spaces = {IMAGE_SPACE: TokenSpace("codebook", codebook, (side, side)),
                             "text": TokenSpace("text", int(text_cfg.vocab_size))}
     decoder.extensions = {**decoder.extensions,
-                          IMAGE_SECTION: _image_section(src, tokens, side, vq_stage, vq_error)}
+                          IMAGE_SECTION: _image_section(src, tokens, side, vq_stage, vq_error,
+                                                        codebook)}
     decoder.model_info = {**decoder.model_info, "architecture": type(model).__name__,
                           "image": {"vq_parameters": int(sum(p.numel() for p in vq.parameters())),
                                     "codebook": codebook}}
@@ -151,7 +152,8 @@ def _special_tokens(gen: dict) -> dict:
     return {k: int(v) for k, v in tokens.items()}
 
 
-def _image_section(src, tokens: dict, side: int, vq_stage: Stage, vq_error: dict) -> dict:
+def _image_section(src, tokens: dict, side: int, vq_stage: Stage, vq_error: dict,
+                   codebook: int) -> dict:
     gen = src.generation_config
     channels, height, width = vq_stage.outputs[0].shape[1:]
     return {"condition": {"kind": "text", "embedder": EMBEDDER_STAGE, **tokens,
@@ -162,7 +164,9 @@ def _image_section(src, tokens: dict, side: int, vq_stage: Stage, vq_error: dict
             # NCHW as JanusVQVAE.decode returns it; decode_image_tokens is its NHWC permute
             "pixels": {"stage": VQ_STAGE, "layout": "NCHW", "range": [-1.0, 1.0],
                        "channels": channels, "height": height, "width": width},
-            "vq_parity": vq_error}
+            "vq_parity": vq_error,
+            # the generation head is over the codebook alone: nothing to cut off (offset 0)
+            "codebook": {"offset": 0, "size": codebook}}
 
 
 def _gelu_mode(act: str) -> str:

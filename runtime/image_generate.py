@@ -70,6 +70,8 @@ class ImageInfo:
     top_k: int = 0  # the model's default sampling over the codebook
     temperature: float = 1.0
     condition: dict = field(default_factory=dict)  # the section's condition ("kind": class|text)
+    codebook_offset: int = 0  # image token k is logit column / input id offset + k
+    codebook_size: int = 0  # 0: every logit column is an image token
 
     @property
     def text(self) -> bool:
@@ -113,7 +115,9 @@ def image_info(manifest: Manifest, bundle: str | Path = "the bundle") -> ImageIn
                      int(cond.get("null_class", -1)), int(cond.get("class_token_offset", 0)),
                      float(section.get("cfg_scale", 1.0)), tuple(pixels["range"]),
                      pixels["stage"], int(section.get("top_k", 0)),
-                     float(section.get("temperature", 1.0)), dict(cond))
+                     float(section.get("temperature", 1.0)), dict(cond),
+                     int(section.get("codebook", {}).get("offset", 0)),
+                     int(section.get("codebook", {}).get("size", 0)))
 
 
 def check_classes(info: ImageInfo, classes: list[int]) -> None:
@@ -158,8 +162,8 @@ def grid_loop(session, info: ImageInfo, prefix: Prefix, conditions: list,
     result = ImageResult(out.reshape(b, *info.grid), list(conditions), seeds)
     try:
         t0 = time.perf_counter()
-        logits = session.step(cache, prefix.ids, prefix.lengths, logits="last",
-                              inputs_embeds=prefix.embeds)[:, 0]  # (rows, V)
+        logits = _codebook(session.step(cache, prefix.ids, prefix.lengths, logits="last",
+                                        inputs_embeds=prefix.embeds)[:, 0], info)  # (rows, V)
         for k in range(n):
             out[:, k] = _choose(logits, k, n, seeds, options, b, prefix.lengths[:b] + k)
             if k == 0:
@@ -167,13 +171,24 @@ def grid_loop(session, info: ImageInfo, prefix: Prefix, conditions: list,
             if k == n - 1:
                 break
             t = time.perf_counter()
-            feed = np.tile(out[:, k], rows // b)[:, None]  # the same token to both halves
-            logits = session.step(cache, feed, np.ones(rows, np.int64), logits="last")[:, 0]
+            # the same token to both halves, as the id the model reads it by
+            feed = np.tile(out[:, k] + info.codebook_offset, rows // b)[:, None]
+            logits = _codebook(session.step(cache, feed, np.ones(rows, np.int64),
+                                            logits="last")[:, 0], info)
             result.step_s.append(time.perf_counter() - t)
         result.tokens_s = time.perf_counter() - t0
     finally:
         cache.close()
     return result
+
+
+def _codebook(logits: np.ndarray, info: ImageInfo) -> np.ndarray:
+    """(R, V) -> (R, codebook) the image tokens' columns (a view), where the vocabulary is shared
+    with text: text ids can never be drawn, and the filters and Philox draw see the codebook
+    alone, so the device's arx::sample over the same slice gives the same ids."""
+    if info.codebook_size and info.codebook_size != logits.shape[-1]:
+        return logits[:, info.codebook_offset:info.codebook_offset + info.codebook_size]
+    return logits
 
 
 def _choose(logits: np.ndarray, k: int, n: int, seeds, options: ImageOptions, b: int,
