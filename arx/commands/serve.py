@@ -27,6 +27,10 @@ def register(sub) -> None:
     p.add_argument("--engine", metavar="TARGET",
                    help="serve the TensorRT engine `arx build --target TARGET` made (needs TensorRT "
                         "and a GPU) instead of the ONNX graph on ORT")
+    p.add_argument("--triton-repo", metavar="DIR",
+                   help="write a Triton Inference Server model repository for the bundle into DIR "
+                        "(the decoder with the KV cache as implicit state, the loop as a Python "
+                        "backend model) and exit, instead of serving")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
     p.add_argument("--no-spin", action="store_true",
@@ -39,6 +43,8 @@ def run(args) -> int:
 
     from arx import needs
 
+    if args.triton_repo:
+        return _triton_repo(args)
     needs.check("serve", args)
     if not 0 <= args.port < 65536:
         raise ArxError(f"--port must be in 0..65535 (got {args.port})")
@@ -56,6 +62,28 @@ def run(args) -> int:
               f"(max batch {args.max_batch}, context {server.scheduler.max_len}); Ctrl-C stops",
               file=sys.stderr, flush=True)
         serve_forever(server, args.host, args.port)
+    return 0
+
+
+def _triton_repo(args) -> int:
+    """Needs no serve extra: the repository is files (the loop runs inside Triton)."""
+    from pathlib import Path
+
+    from arx.serve.triton import write_repo
+
+    if args.engine:
+        raise ArxError("--triton-repo writes the ONNX decoder (Triton's onnxruntime backend); "
+                       "drop --engine")
+    out, bundle = Path(args.triton_repo), Path(args.bundle)
+    if not (bundle / "arx.json").is_file():
+        raise ArxError(f"{bundle} is not an arx bundle (no arx.json); give the folder arx export "
+                       f"wrote")
+    if out.exists():
+        raise ArxError(f"{out} already exists; remove it or choose another --triton-repo DIR")
+    name = args.model_name or bundle.resolve().name.removesuffix(".arx")
+    write_repo(bundle, out, name=name, max_batch=args.max_batch)
+    print(f"arx serve: wrote Triton model repository {out} (models {name}, {name}_decoder); "
+          f"tritonserver --model-repository {out}", file=sys.stderr)
     return 0
 
 
