@@ -1,0 +1,28 @@
+"""Smoke test of benchmarks/bench_var.py on the tiny VAR shape (one run): the script cannot
+rot, and arx's greedy CFG tokens of every scale equal the eager module's (the script refuses
+otherwise). Timings mean nothing here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.mark.slow
+def test_smoke_tiny_shape(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import bench_var
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "var.json"
+    assert bench_var.main(["--shape", "tiny", "--runs", "1", "--threads", "1", "--batch", "2",
+                           "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["batch"] == 2 and len(row["arx_scale_step_s"]) == 5
+    assert row["eager_s_per_image"] > 0 and row["arx_s_per_image"] > 0 and row["speedup"] > 0
