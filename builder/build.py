@@ -21,7 +21,6 @@ from functools import partial
 from pathlib import Path
 
 from arx.bundle import atomic_bundle
-from arx.errors import ArxError
 from arx.manifest import MANIFEST_NAME, Manifest, read_manifest
 from arx.progress import Steps
 
@@ -42,7 +41,6 @@ class BuildResult:
 def build_bundle(bundle: str | Path, options: BuildOptions) -> BuildResult:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    _check_cache(bundle, manifest)
     log = partial(print, file=sys.stderr, flush=True) if options.progress else (lambda *a, **k: None)
     reason = None if options.kit else engine_unavailable_reason()
     if reason:
@@ -71,18 +69,6 @@ def build_bundle(bundle: str | Path, options: BuildOptions) -> BuildResult:
         result = BuildResult("engine", out, check=report["check"])
     _record(bundle, manifest, options, result, form.stage.to_json())
     return result
-
-
-def _check_cache(bundle: Path, manifest: Manifest) -> None:
-    """The TensorRT forms (plugin and native) read an fp32 cache, or the cache of an fp16/bf16
-    export; the fp16/int8 cache `--kv-dtype` gives the ORT graph has no TensorRT form yet."""
-    from arx.export.kv_dtype import EXTENSION
-
-    dtype = manifest.extensions.get(EXTENSION, {}).get("dtype", "float32")
-    if dtype != "float32":
-        raise ArxError(f"bundle {bundle} has the {dtype} KV cache of --kv-dtype, which arx build "
-                       f"has no TensorRT form for yet; build the bundle exported or calibrated "
-                       f"without --kv-dtype")
 
 
 def _record(bundle: Path, manifest: Manifest, options: BuildOptions, result: BuildResult,

@@ -8,10 +8,12 @@ from pathlib import Path
 import onnx
 
 from arx.errors import ArxError
+from arx.export.kv_dtype import restore_decoder
 from arx.manifest import Manifest, Stage
 
+from .kv_form import form_cache_dtype, retype_form_cache
 from .options import BuildOptions
-from .precision import CACHE_DTYPES, apply_precision, check_int8_bundle, check_symmetric_qdq
+from .precision import apply_precision, check_int8_bundle, check_symmetric_qdq
 from .schemas import has_plugin_nodes, register_schemas
 from .tensorrt_form import FormSpec, tensorrt_io, to_tensorrt_form
 
@@ -34,7 +36,8 @@ class TensorRTForm:
 
 def form_spec(manifest: Manifest, options: BuildOptions) -> FormSpec:
     s_max = options.max_seq_len or manifest.kv.max_seq_len
-    return FormSpec(s_max=s_max, cache_dtype=CACHE_DTYPES[options.precision],
+    cache = form_cache_dtype(manifest, options.precision, options.kv_dtype, options.attention)
+    return FormSpec(s_max=s_max, cache_dtype=cache,
                     sampler=options.sampler, logits=options.logits,
                     aot=options.plugin_impl == "aot", attention=options.attention)
 
@@ -64,12 +67,14 @@ def make_tensorrt_form(bundle: Path, manifest: Manifest, options: BuildOptions) 
     if not path.is_file():
         raise ArxError(f"bundle {bundle} lacks {decoder_file}; re-export it with arx export")
     model = onnx.load(str(path))  # with external data: the form is written as a new file
+    spec = form_spec(manifest, options)  # its cache dtype refused here, before any rewrite
+    scales = restore_decoder(model, manifest.kv)  # --kv-dtype: back to the fp32-cache GQA
     if options.precision == "int8":
         qdq = check_symmetric_qdq(model)
     model, blocks = weight_only_to_qdq(model, manifest)
     qdq += blocks
-    spec = form_spec(manifest, options)
     model = to_tensorrt_form(model, manifest, spec)
+    retype_form_cache(model, manifest, spec.cache_dtype, options.precision, scales)
     apply_precision(model, options.precision, {x for pair in manifest.kv.pairs() for x in pair})
     check_form(model)
     return TensorRTForm(model, tensorrt_io(manifest, spec), spec, qdq)

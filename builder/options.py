@@ -42,6 +42,7 @@ class BuildOptions:
     overwrite: bool = False
     force: bool = False  # keep an engine whose check against ONNX Runtime failed
     progress: bool = True
+    kv_dtype: str | None = None  # fp16 | int8; None: the bundle's --kv-dtype, else the precision's
 
     def __post_init__(self):
         get_target(self.target)  # unknown targets fail here, listing the known ones

@@ -59,7 +59,8 @@ SAMPLER_INPUTS = {
 }
 _TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
           "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64,
-          "int32": onnx.TensorProto.INT32, "bool": onnx.TensorProto.BOOL}
+          "int32": onnx.TensorProto.INT32, "bool": onnx.TensorProto.BOOL,
+          "int8": onnx.TensorProto.INT8}  # an int8 KV cache (builder/kv_form.py)
 
 
 @dataclass(frozen=True)

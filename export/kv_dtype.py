@@ -47,6 +47,7 @@ HEADROOM = 1.25
 _GQA = ("com.microsoft", "GroupQueryAttention")
 _ONNX = {"float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 _SCALE_INPUTS = 12  # GroupQueryAttention's k_scale, v_scale are inputs 12 and 13
+_QUANT_ATTRS = ("k_quant_type", "v_quant_type", "kv_cache_bit_width")
 
 
 def manifest_dtype(flag: str) -> str:
@@ -88,11 +89,57 @@ def retype_decoder(model: onnx.ModelProto, kv: KVLayout, dtype: str,
             inputs = list(n.input) + [""] * (_SCALE_INPUTS - len(n.input))
             del n.input[:]
             n.input.extend(inputs[:_SCALE_INPUTS] + names)
-            n.attribute.extend([helper.make_attribute("k_quant_type", "PER_CHANNEL"),
-                                helper.make_attribute("v_quant_type", "PER_CHANNEL"),
-                                helper.make_attribute("kv_cache_bit_width", 8)])
+            n.attribute.extend([helper.make_attribute(_QUANT_ATTRS[0], "PER_CHANNEL"),
+                                helper.make_attribute(_QUANT_ATTRS[1], "PER_CHANNEL"),
+                                helper.make_attribute(_QUANT_ATTRS[2], 8)])
     _retype_io(graph, kv, dtype)
     topological_sort(graph)
+
+
+def restore_decoder(model: onnx.ModelProto, kv: KVLayout) -> dict[str, np.ndarray] | None:
+    """Undo retype_decoder on a loaded decoder (the TensorRT forms rewrite the fp32-cache
+    GroupQueryAttention, then give their own cache ops the dtype); return the int8 scales per
+    past name (None for an fp16 or fp32 cache)."""
+    graph = model.graph
+    made = {o: n for n in graph.node for o in n.output if n.name.startswith("kv/")}
+    inits = {t.name: t for t in graph.initializer}
+    scales: dict[str, np.ndarray] = {}
+    dead: set[str] = set()
+    users = consumers(graph)
+    for n in [n for n in graph.node if (n.domain, n.op_type) == _GQA]:
+        for j, name in enumerate(n.input):  # q/k/v/cos/sin through "kv/fp16" casts
+            if name in made and made[name].op_type == "Cast":
+                n.input[j] = made[name].input[0]
+                dead.add(made[name].name)
+        if len(n.input) > _SCALE_INPUTS:
+            for past, scale in zip(n.input[3:5], n.input[_SCALE_INPUTS:]):
+                scales[past] = numpy_helper.to_array(inits[scale])
+            kept = list(n.input[:_SCALE_INPUTS])
+            while kept and not kept[-1]:
+                kept.pop()
+            del n.input[:]
+            n.input.extend(kept)
+            attrs = [a for a in n.attribute if a.name not in _QUANT_ATTRS]
+            del n.attribute[:]
+            n.attribute.extend(attrs)
+        back = [c for c in users.get(n.output[0], []) if c.name.startswith("kv/")]
+        if back:  # the fp16 output's Cast back to fp32 goes with the node's fp16
+            back = back[0]
+            n.output[0] = back.output[0]
+            dead.add(back.name)
+    nodes = [n for n in graph.node if n.name not in dead]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    kept_inits = [t for t in graph.initializer if t.name in used or t.name not in
+                  {scale_name(p) for p in scales}]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_inits)
+    names = {name for pair in kv.pairs() for name in pair}
+    for value in (*graph.input, *graph.output):
+        if value.name in names:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+    return scales or None
 
 
 def retype_step_graph(model: onnx.ModelProto, kv: KVLayout, dtype: str,

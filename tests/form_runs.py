@@ -41,7 +41,8 @@ def run_form(ort_session, model, manifest, steps, s_max=S_MAX,
     session = ort_session(model)
     types = {i.name: i.type for i in session.get_inputs()}
     b, kv = len(steps[0][1]), manifest.kv
-    dtype = np.float16 if "float16" in types[kv.pairs()[0][0]] else np.float32
+    cache_type = types[kv.pairs()[0][0]]
+    dtype = np.float16 if "float16" in cache_type else np.int8 if "int8" in cache_type else np.float32
     caches = {p: np.zeros((b, kv.kv_heads, s_max, kv.head_dim), dtype) for p, _ in kv.pairs()}
     lengths, results = np.zeros(b, np.int64), []
     for ids, lens in steps:

@@ -31,6 +31,10 @@ def register(sub) -> None:
     p.add_argument("--attention", default="plugin", choices=("plugin", "native"),
                    help="attention as the arx::kv_attention plugin (default) or as standard ONNX "
                         "Attention + TensorScatter that TensorRT builds natively")
+    p.add_argument("--kv-dtype", choices=("fp16", "int8"),
+                   help="the engine's KV cache (default: the bundle's --kv-dtype cache, else the "
+                        "precision's); int8 takes the scales of arx calibrate --kv-dtype int8, "
+                        "and a cache unlike the precision's needs --attention native")
     p.add_argument("--sampler", default="plugin", choices=("plugin", "argmax", "none"),
                    help="token ids from the arx::sample plugin (default: all sampling modes), a "
                         "native ArgMax (greedy), or none (return logits only)")
@@ -75,7 +79,7 @@ def run(args) -> int:
         portable=args.portable, attention=attention, sampler=sampler, logits=args.logits,
         plugin_impl=args.plugin_impl, ptx=not args.no_ptx, timing_cache=args.timing_cache,
         workspace_gb=args.workspace_gb, overwrite=args.overwrite, force=args.force,
-        progress=not args.quiet)
+        progress=not args.quiet, kv_dtype=args.kv_dtype)
     result = build_bundle(args.bundle, options)
     what = "engine" if result.kind == "engine" else "build kit"
     print(f"wrote {what} {result.path}")

@@ -1,0 +1,56 @@
+"""The KV cache dtype of a TensorRT form: the precision's, or the one `--kv-dtype` chose.
+
+    bundle decoder (GQA with the fp16 casts / int8 scales of export/kv_dtype.py)
+        ─restore_decoder─► the fp32-cache GQA the form rewrites, + the int8 scales
+        ─to_tensorrt_form─► TensorScatter + Attention (native) or arx::kv_attention (plugin)
+        ─retype_step_graph (native)─► each cache write encoded (Cast, or Div/Round/Clip/Cast),
+                                      Attention reading the decoded cache (Cast, Cast x scale)
+
+The cache dtype: `arx build --kv-dtype`, else the bundle's `--kv-dtype` cache, else the
+precision's (fp16 for fp16 and int8 engines, bf16 for bf16, fp32 for fp32: builder/precision.py).
+The native form takes any of them. The plugin reads its cache in the engine's precision (q, k,
+v and cache of one dtype: plugins/trt_contract.py), so a cache of another dtype is refused for
+it in one line.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from arx.errors import ArxError
+from arx.export.kv_dtype import EXTENSION, manifest_dtype, retype_step_graph
+from arx.manifest import Manifest
+
+from .precision import CACHE_DTYPES
+
+
+def bundle_cache(manifest: Manifest) -> str:
+    """The dtype `arx export/calibrate --kv-dtype` gave the bundle's cache (float32 if none)."""
+    return manifest.extensions.get(EXTENSION, {}).get("dtype", "float32")
+
+
+def form_cache_dtype(manifest: Manifest, precision: str, kv_dtype: str | None,
+                     attention: str) -> str:
+    natural = CACHE_DTYPES[precision]
+    bundle = bundle_cache(manifest)
+    want = manifest_dtype(kv_dtype) if kv_dtype else (bundle if bundle != "float32" else natural)
+    if want == "float32" and natural != "float32":
+        raise ArxError(f"--kv-dtype fp32 with --precision {precision}: the {precision} form keeps "
+                       f"a {natural} cache; drop --kv-dtype, or build --precision fp32")
+    if want == "int8" and bundle != "int8":
+        raise ArxError("an int8 cache needs the scales arx calibrate measures: run arx calibrate "
+                       "BUNDLE --kv-dtype int8 --data FILE and build its output")
+    if want != natural and attention != "native":
+        raise ArxError(f"the arx::kv_attention plugin reads its cache in the engine's precision "
+                       f"({natural}); a {want} cache builds with --attention native "
+                       f"(TensorScatter + Attention)")
+    return want
+
+
+def retype_form_cache(model: onnx.ModelProto, manifest: Manifest, cache_dtype: str,
+                      precision: str, scales: dict[str, np.ndarray] | None) -> None:
+    """Give the native form's cache writes and reads `cache_dtype` (before apply_precision, which
+    then lowers the decoded values and the scales with the rest of the graph)."""
+    if cache_dtype != CACHE_DTYPES[precision]:
+        retype_step_graph(model, manifest.kv, cache_dtype, scales)
