@@ -50,7 +50,8 @@ def run(args) -> int:
         if stage.kv is not None:
             kv = stage.kv
             print(f"  kv cache {kv.layers} layers x (key, value) (B, {kv.kv_heads}, "
-                  f"S<={kv.max_seq_len}, {kv.head_dim}) {kv.dtype}, update {kv.update}")
+                  f"S<={kv.max_seq_len}, {kv.head_dim}) {kv.dtype}, update {kv.update}"
+                  + (f", {kv.scales} scales" if kv.scales != "none" else ""))
         for kind, specs in (("in ", stage.inputs), ("out", stage.outputs)):
             for s in _collapse(specs):
                 print(f"  {kind} {s}")
