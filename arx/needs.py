@@ -50,6 +50,7 @@ NEEDS = (
     Need("profile", (("engine", True),), GPU_MODULES, "gpu", "arx profile --engine"),
     Need("serve", (), ("fastapi", "uvicorn", "jinja2"), "serve", "arx serve"),
     Need("serve", (("engine", True),), GPU_MODULES, "gpu", "arx serve --engine"),
+    Need("serve", (("ray", True),), ("ray",), "ray", "arx serve --ray"),
     Need("build", (("uses_plugins", True), ("no_ptx", False)), ("triton",), "kernels",
          "the plugin kernels of arx build", "or pass --no-ptx (a kit without PTX) or --no-plugins"),
     Need("build", (("kit", False),), GPU_MODULES[:1], "gpu", "an engine from arx build",

@@ -31,6 +31,10 @@ def register(sub) -> None:
                    help="write a Triton Inference Server model repository for the bundle into DIR "
                         "(the decoder with the KV cache as implicit state, the loop as a Python "
                         "backend model) and exit, instead of serving")
+    p.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve (a local cluster, or the one RAY_ADDRESS names): "
+                        "--replicas copies of the server behind its HTTP proxy")
+    p.add_argument("--replicas", type=int, help="with --ray: server replicas (default 1)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
     p.add_argument("--no-spin", action="store_true",
@@ -53,11 +57,11 @@ def run(args) -> int:
     from arx.serve.server import check_address, make_server, serve_forever
 
     check_address(args.host, args.port)  # before the bundle loads
+    if args.ray or args.replicas is not None:
+        return _ray(args)
     with ExitStack() as stack:
         session = stack.enter_context(_session(args))
-        server = make_server(session, args.bundle, max_batch=args.max_batch,
-                             max_queue=args.max_queue, **_policy(args),
-                             model=args.model_name)
+        server = make_server(session, args.bundle, **_server_options(args))
         print(f"arx serve: {server.model} on http://{args.host}:{args.port}/v1 "
               f"(max batch {args.max_batch}, context {server.scheduler.max_len}); Ctrl-C stops",
               file=sys.stderr, flush=True)
@@ -87,10 +91,38 @@ def _triton_repo(args) -> int:
     return 0
 
 
-def _policy(args) -> dict:
-    """The prefill options given; the scheduler's defaults for the others."""
+def _server_options(args) -> dict:
+    """make_server's options: the prefill ones given (the scheduler's defaults otherwise)."""
     given = {"chunk": args.prefill_chunk, "idle_chunk": args.prefill_chunk_idle}
-    return {k: v for k, v in given.items() if v is not None}
+    return {"max_batch": args.max_batch, "max_queue": args.max_queue, "model": args.model_name,
+            **{k: v for k, v in given.items() if v is not None}}
+
+
+def _ray(args) -> int:
+    from pathlib import Path
+
+    if not args.ray:
+        raise ArxError("--replicas needs --ray (one arx serve process is one server)")
+    if args.engine:
+        raise ArxError("--ray serves the ONNX graph on ORT for now; drop --engine")
+    if args.replicas is not None and args.replicas < 1:
+        raise ArxError(f"--replicas must be >= 1 (got {args.replicas})")
+    if not (Path(args.bundle) / "arx.json").is_file():
+        raise ArxError(f"{args.bundle} is not an arx bundle (no arx.json); give the folder arx "
+                       f"export wrote")
+    from arx.serve import ray_app
+
+    replicas = args.replicas or 1
+    print(f"arx serve: {replicas} Ray Serve replicas of {args.bundle} on "
+          f"http://{args.host}:{args.port}/v1; Ctrl-C stops", file=sys.stderr, flush=True)
+    backend = {"device": args.device, "intra_op_threads": args.threads,
+               "spin_wait": not args.no_spin}
+    try:
+        ray_app.run(args.bundle, host=args.host, port=args.port, replicas=replicas,
+                    options=_server_options(args), backend=backend)
+    finally:
+        ray_app.shutdown()
+    return 0
 
 
 def _session(args):

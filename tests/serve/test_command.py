@@ -23,6 +23,11 @@ def test_without_fastapi_names_the_serve_extra(exported_bundle):
     assert_one_line(proc, "arx serve needs", "'fastapi'", "pip install 'arx[serve]'")
 
 
+def test_ray_without_ray_names_the_ray_extra(exported_bundle):
+    proc = arx_without(("ray",), "serve", str(exported_bundle("llama")), "--ray", "--port", "0")
+    assert_one_line(proc, "arx serve --ray needs", "'ray'", "pip install 'arx[ray]'")
+
+
 @pytest.mark.parametrize("argv,fragment", [
     (["--max-batch", "0"], "--max-batch, --prefill-chunk and --prefill-chunk-idle must be >= 1"),
     (["--prefill-chunk-idle", "0"], "(got 8, 16, 0)"),
