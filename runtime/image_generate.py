@@ -156,8 +156,13 @@ def grid_loop(session, info: ImageInfo, prefix: Prefix, conditions: list,
     b, n = len(conditions), info.tokens
     base = resolve_seed(options.sampling.seed) if options.sampling.do_sample else None
     seeds = [None if base is None else base + i for i in range(b)]
-    rows = len(prefix.lengths)
-    cache = session.new_cache(rows, int(prefix.lengths.max()) + n - 1)  # all but the last token
+    rows, need = len(prefix.lengths), int(prefix.lengths.max()) + n - 1  # all but the last token
+    if need > session.manifest.kv.max_seq_len:  # checked here: past the RoPE table ORT fails
+        raise ArxError(f"a prefix of {int(prefix.lengths.max())} tokens and {n} image tokens need "
+                       f"{need} positions, more than the bundle's context of "
+                       f"{session.manifest.kv.max_seq_len}; shorten the prompt or re-export with a "
+                       f"larger --max-seq-len")
+    cache = session.new_cache(rows, need)
     out = np.zeros((b, n), np.int64)
     result = ImageResult(out.reshape(b, *info.grid), list(conditions), seeds)
     try:

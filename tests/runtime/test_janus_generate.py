@@ -57,6 +57,7 @@ def test_cli_prompt_ids_write_png_and_json(tmp_path_factory, tmp_path, capsys):
     from arx.cli import main
 
     _, bundle, _ = exported_janus("small", tmp_path_factory.getbasetemp())
+    capsys.readouterr()  # the export's own progress lines, when this test exported first
     out = tmp_path / "apple.png"
     code = main(["generate", str(bundle), "--prompt-ids", "10,11,12,13", "--image", str(out),
                  "--cfg", "5", "--seed", "3", "--json"])
@@ -70,6 +71,7 @@ def test_cli_class_on_text_bundle_is_one_line(tmp_path_factory, tmp_path, capsys
     from arx.cli import main
 
     _, bundle, _ = exported_janus("small", tmp_path_factory.getbasetemp())
+    capsys.readouterr()  # the export's own progress lines, when this test exported first
     out = tmp_path / "x.png"
     code = main(["generate", str(bundle), "--class", "3", "--image", str(out)])
     err = capsys.readouterr().err.strip()
@@ -95,8 +97,24 @@ def test_cli_prompt_text_through_the_bundle_tokenizer_equals_transformers(tmp_pa
     ids = AutoTokenizer.from_pretrained(folder)(text).input_ids + [BOI]
     assert ids[0] == BOS
     ref = hf_image_tokens(model, [ids], cfg_scale=5.0)
+    capsys.readouterr()
     code = main(["generate", str(tmp_path / "j.arx"), "--prompt", text, "--greedy", "--cfg", "5",
                  "--json"])
     image = json.loads(capsys.readouterr().out)["images"][0]
     assert code == 0 and image["prompt"] == text
     np.testing.assert_array_equal(np.array(image["tokens"]).ravel(), ref[0])
+
+
+def test_cli_prompt_past_the_context_is_one_line(tmp_path_factory, tmp_path, capsys):
+    from arx.cli import main
+    from arx.manifest import read_manifest
+
+    _, bundle, _ = exported_janus("small", tmp_path_factory.getbasetemp())
+    context = read_manifest(bundle).kv.max_seq_len
+    capsys.readouterr()
+    out = tmp_path / "x.png"
+    code = main(["generate", str(bundle), "--prompt-ids", ",".join(["10"] * context),
+                 "--image", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("arx: error:") and "--max-seq-len" in err
+    assert "\n" not in err and not out.exists()
