@@ -154,3 +154,20 @@ KINDS: dict[str, Callable[[Path], Path]] = {
     "qwen2": make_qwen2,
     "unigram": make_unigram,
 }
+
+
+def make_text_llama(out: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama (hidden 64) over make_llama's tokenizer, saved into `out`: a checkpoint
+    the CLI tests export, inspect and generate text from."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    src = make_llama(out)
+    tok = AutoTokenizer.from_pretrained(src)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, initializer_range=0.2)
+    LlamaForCausalLM(config).eval().save_pretrained(src)
+    return src

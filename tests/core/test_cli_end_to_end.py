@@ -7,23 +7,13 @@ import json
 import pytest
 
 from arx.cli import main
-from tokenizer_fixtures import make_llama
+from tokenizer_fixtures import make_text_llama
 
 
 @pytest.fixture(scope="module")
 def text_bundle(tmp_path_factory):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     folder = tmp_path_factory.mktemp("e2e")
-    src = make_llama(folder / "hf")
-    tok = AutoTokenizer.from_pretrained(src)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, initializer_range=0.2)
-    LlamaForCausalLM(config).eval().save_pretrained(src)
+    src = make_text_llama(folder / "hf")
     out = folder / "model.arx"
     assert main(["export", str(src), "-o", str(out), "-q"]) == 0
     return src, out

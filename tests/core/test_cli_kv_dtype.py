@@ -6,23 +6,12 @@ import pytest
 
 from arx.cli import main
 from arx.manifest import read_manifest
-from tokenizer_fixtures import make_llama
+from tokenizer_fixtures import make_text_llama
 
 
 @pytest.fixture(scope="module")
 def hf_folder(tmp_path_factory):
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    src = make_llama(tmp_path_factory.mktemp("kv-cli") / "hf")
-    tok = AutoTokenizer.from_pretrained(src)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, initializer_range=0.2)
-    LlamaForCausalLM(config).eval().save_pretrained(src)
-    return src
+    return make_text_llama(tmp_path_factory.mktemp("kv-cli") / "hf")
 
 
 @pytest.mark.parametrize("flag,dtype,scales", [("fp16", "float16", ""),
