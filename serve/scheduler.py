@@ -295,6 +295,8 @@ class Scheduler:
             if slot.prefilled:
                 fresh.add(b)
                 self._advance(b, slot, logits)
+                # it waits for its next token now: what runs before that is prefill budget
+                budget = min(budget, self.chunk)
         return True, fresh
 
     def _prefill_budget(self) -> int:

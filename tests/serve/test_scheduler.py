@@ -149,6 +149,23 @@ def test_prefill_budget_is_chunk_beside_decoding_rows_and_idle_chunk_alone(sessi
     assert rec.tokens(first.id) == alone(session, first.prompt, 30, GREEDY)
 
 
+def test_a_prompt_that_got_its_first_token_caps_the_idle_budget(session):
+    """Two prompts admitted together with nothing decoding: the first (5 tokens) takes 5 of
+    the idle 12 and draws its first token; from then on it waits for its next one, so the
+    second gets at most chunk (3) more in that step, and chunk a step after."""
+    recorder = Widths(session)
+    rec, sched = Recorder(), Scheduler(recorder, 2, chunk=3, idle_chunk=12)
+    a, b = rec.request(list(range(10, 15)), 4), rec.request(list(range(20, 30)), 4)
+    for r in (a, b):
+        sched.submit(r)
+    sched.step()
+    assert [w for _, w in recorder.shapes] == [5, 3]  # a's prompt, then b's chunk (not 7)
+    sched.step()
+    assert [w for _, w in recorder.shapes][2:] == [3, 1]  # b's next chunk, a's decode
+    run_until_done(sched, rec, [a, b])
+    assert rec.tokens(b.id) == alone(session, b.prompt, 4, GREEDY)
+
+
 def test_cancel_frees_the_slot_before_the_next_step(session):
     rec, sched = Recorder(), Scheduler(session, 1)
     a = rec.request([5, 6, 7], 50, stop_on_eos=False)
