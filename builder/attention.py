@@ -39,5 +39,5 @@ def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeepin
     # tests/builder/test_attention_window.py); its "no window" is -1, the plugin's is 0.
     ed.node(KV_ATTENTION, [q4, k4, v4, n.input[3], n.input[4], bk.past_len, bk.new_len],
             [out4, n.output[1], n.output[2]], domain=DOMAIN, name=f"{n.name}/kv_attention",
-            mask="causal", scale=g.scale, window=max(g.window, 0), **plugin_attrs(aot=aot))
+            mask="block" if bk.block else "causal", scale=g.scale, window=max(g.window, 0), **plugin_attrs(aot=aot))
     merge_heads(ed, n, out4, g.num_heads * head_dim)

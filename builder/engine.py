@@ -19,7 +19,7 @@ from .check import check_engine_file, gate
 from .form import TensorRTForm, save_form
 from .kit import build_plan
 from .options import BuildOptions
-from .profiles import make_profiles
+from .profiles import block_widths, make_profiles
 from .targets import PORTABLE_SM
 
 ENGINE_FILE = "decoder.engine"
@@ -69,7 +69,7 @@ def build_engine_files(folder: Path, form: TensorRTForm, options: BuildOptions,
     t = options.target_info
     if form.uses_plugins:
         register_plugins(aot_target=PORTABLE_SM if options.portable else t.sm)
-    profiles = make_profiles(form.stage, options, form.spec.s_max)
+    profiles = make_profiles(form.stage, options, form.spec.s_max, block_widths(manifest))
     plan = build_plan(form, profiles, options)
     with tempfile.TemporaryDirectory(prefix="arx-trt-form-") as tmp:
         save_form(form, Path(tmp))

@@ -33,7 +33,7 @@ from arx.plugins import trt_contract
 from .check import CHECK_SCRIPT, DECODE_STEPS, POLYGRAPHY, write_kit_check
 from .form import FORM_FILE, TensorRTForm, save_form
 from .options import BuildOptions
-from .profiles import Profile, make_profiles, merged_profile, trtexec_shapes
+from .profiles import Profile, block_widths, make_profiles, merged_profile, trtexec_shapes
 from .targets import PORTABLE_SM, Target
 
 KIT_FORMAT = "arx-build-kit"
@@ -119,7 +119,7 @@ def write_kit(folder: Path, bundle: Path, manifest: Manifest, form: TensorRTForm
     """Fill `folder` (an empty, temporary folder: the caller renames it into place)."""
     t = options.target_info
     sm = PORTABLE_SM if options.portable else t.sm
-    profiles = make_profiles(form.stage, options, form.spec.s_max)
+    profiles = make_profiles(form.stage, options, form.spec.s_max, block_widths(manifest))
     files = save_form(form, folder)
     if form.uses_plugins:
         if options.ptx:

@@ -36,7 +36,7 @@ class Profile:
 
 def _roles(stage: Stage) -> dict[str, str]:
     """symbol -> role ("batch", "new", "total") from where the symbols sit in the stage."""
-    ids = stage.input("input_ids")
+    ids = stage.input("input_ids") or stage.input("inputs_embeds")  # (B, S[, hidden])
     if ids is None:
         raise ArxError("the decoder has no input_ids input; re-export the bundle")
     roles = {}
@@ -46,10 +46,23 @@ def _roles(stage: Stage) -> dict[str, str]:
     return roles
 
 
-def dim_ranges(options: BuildOptions, s_max: int) -> dict[str, dict[str, Range]]:
-    """profile name -> role -> (min, opt, max)."""
+def block_widths(manifest) -> tuple[int, ...]:
+    """A next-scale bundle's step widths (each scale's pn^2, its schedule); () for others."""
+    if manifest.pipeline.kind != "next-scale":
+        return ()
+    return tuple(p * p for p in manifest.extensions["var"]["patch_nums"])
+
+
+def dim_ranges(options: BuildOptions, s_max: int,
+               widths: tuple[int, ...] = ()) -> dict[str, dict[str, Range]]:
+    """profile name -> role -> (min, opt, max). widths (a next-scale schedule): one profile of
+    exactly that width per scale instead (the SOS step of width 1 is "decode"), so TensorRT
+    tunes each scale's shapes; every step of such a model is one whole scale."""
     max_b = options.batch()
     opt_b = min(options.opt_batch or max(1, max_b // 2), max_b)
+    if widths:
+        return {("decode" if w == 1 else f"scale_{w}"): {"batch": (1, opt_b, max_b),
+                                                        "new": (w, w, w)} for w in widths}
     prompt = min(options.opt_prompt_len or max(1, s_max // 4), s_max)
     decode = min(options.decode_tokens, s_max)
     return {
@@ -58,10 +71,11 @@ def dim_ranges(options: BuildOptions, s_max: int) -> dict[str, dict[str, Range]]
     }
 
 
-def make_profiles(stage: Stage, options: BuildOptions, s_max: int) -> list[Profile]:
+def make_profiles(stage: Stage, options: BuildOptions, s_max: int,
+                  widths: tuple[int, ...] = ()) -> list[Profile]:
     roles = _roles(stage)
     profiles = []
-    for name, ranges in dim_ranges(options, s_max).items():
+    for name, ranges in dim_ranges(options, s_max, widths).items():
         shapes = {}
         for t in stage.inputs:
             per_bound = []

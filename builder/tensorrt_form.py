@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -104,7 +105,7 @@ def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
     if spec.logits == "last":
         outputs.append(TensorSpec(LAST_LOGITS, "float32", (batch, vocab)))
     elif spec.logits == "all":  # (B, S, V): every position of the new block
-        outputs.append(TensorSpec(LOGITS, "float32", (batch, dec.input("input_ids").shape[1], vocab)))
+        outputs.append(TensorSpec(LOGITS, "float32", (batch, dec.inputs[0].shape[1], vocab)))
     outputs += [cache(t) for t in dec.outputs if t.name in presents]
     return Stage("decoder.trt.onnx", tuple(inputs), tuple(outputs))
 
@@ -116,7 +117,10 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
         raise ArxError("the TensorRT form of image-token bundles (the CFG rows in the static "
                        "cache, the VQ decoder as its own engine) is not built yet; run the "
                        "bundle on ONNX Runtime with arx generate --class N --image out.png")
-    if manifest.decoder.input("input_ids") is None:
+    next_scale = manifest.pipeline.kind == "next-scale"
+    if next_scale:
+        _check_next_scale(spec)
+    elif manifest.decoder.input("input_ids") is None:
         raise ArxError("this bundle's decoder takes inputs_embeds (arx export --inputs-embeds), "
                        "whose TensorRT form arx does not build yet; export without "
                        "--inputs-embeds to build it")
@@ -129,7 +133,7 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
     _check_ops(model)
     graph = model.graph
     ed = GraphEditor(graph)
-    bk = _bookkeeping(ed, spec.s_max)
+    bk = _bookkeeping(ed, spec.s_max, manifest.decoder.inputs[0].name, block=next_scale)
     gqa_nodes = [n for n in graph.node if (n.domain, n.op_type) == GQA]
     if not gqa_nodes:
         raise ArxError("the decoder has no GroupQueryAttention node to replace; is this an arx "
@@ -143,7 +147,7 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
             rewrite_attention(ed, parse_gqa(n), manifest.kv.head_dim, bk, rope_cache, spec.aot)
         graph.node.remove(n)
     stage = tensorrt_io(manifest, spec)
-    _head(ed, bk, spec)
+    _head(ed, bk, spec, manifest.decoder.inputs[0].name)
     mask = [i for i in graph.input if i.name == MASK]  # still read by the bundle's dead
     _set_io(graph, stage)                               # bookkeeping until the prune below
     graph.input.extend(mask)
@@ -161,26 +165,38 @@ def _check_ops(model: onnx.ModelProto) -> None:
                        f"re-export with arx export or report the op")
 
 
-def _bookkeeping(ed: GraphEditor, s_max: int) -> Bookkeeping:
+def _check_next_scale(spec: FormSpec) -> None:
+    """A next-scale engine steps whole scales (block mask in every row) and returns every
+    position's logits, which the host samples with CFG (runtime/var_generate.py)."""
+    if spec.sampler != "none" or spec.logits != "all":
+        raise ArxError("a next-scale (VAR) bundle's engine returns the logits of every position "
+                       "of a scale for the host sampler: build it with --sampler none --logits all")
+
+
+def _bookkeeping(ed: GraphEditor, s_max: int, tokens: str = "input_ids",
+                 block: bool = False) -> Bookkeeping:
     """Per-sequence lengths and positions from the two length inputs (module docstring).
 
         past_lengths (B,), new_lengths (B,) ─Cast int32─► past_len, new_len; total = past + new
         positions (B,S) = Min(past[:,None] + Range(0,S), S_max-1)   (padded rows stay in range)
+        block (next-scale): every row's block bidirectional, Expand(True, Shape(past_lengths))
     """
     past, new = PAST_LENGTHS, NEW_LENGTHS
     total = ed.op("Add", past, new, name="seq/total")
-    s = ed.op("Gather", ed.op("Shape", "input_ids", name="seq/ids_shape"), ed.const(1), axis=0,
+    s = ed.op("Gather", ed.op("Shape", tokens, name="seq/ids_shape"), ed.const(1), axis=0,
               name="seq/S")
     steps = ed.op("Range", ed.const(0), s, ed.const(1), name="seq/steps")  # (S,)
     pos = ed.op("Add", ed.op("Unsqueeze", past, ed.const([1])), steps, name="seq/pos")
     pos = ed.op("Min", pos, ed.const(s_max - 1), name="seq/positions")
     past32 = ed.op("Cast", past, to=onnx.TensorProto.INT32, name="seq/past_len")
     new32 = ed.op("Cast", new, to=onnx.TensorProto.INT32, name="seq/new_len")
+    rows = ed.op("Expand", ed.const(True, dtype=bool), ed.op("Shape", past), name="seq/block") \
+        if block else ""
     return Bookkeeping(past_len=past32, new_len=new32, positions=pos, s_max=s_max,
-                       new_len64=new, past_len64=past, total64=total)
+                       new_len64=new, past_len64=past, total64=total, block=rows)
 
 
-def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec) -> None:
+def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec, tokens: str = "input_ids") -> None:
     """Which rows reach the LM head, each row's last valid logits, then the sampler.
 
         last:  logits_indices = new_len-1 (B,1) ─► logits (B,1,V) ─Squeeze─► last_logits (B,V)
@@ -190,10 +206,11 @@ def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec) -> None:
     """
     last = ed.op("Unsqueeze", ed.op("Sub", bk.new_len64, ed.const(1)), ed.const([1]))  # (B, 1)
     if spec.logits == "all":
-        steps = ed.op("Range", ed.const(0), ed.op("Gather", ed.op("Shape", "input_ids"),
-                                                  ed.const(1), axis=0), ed.const(1))
-        ed.node("Expand", [ed.op("Unsqueeze", steps, ed.const([0])),
-                           ed.op("Shape", "input_ids")], [LOGITS_INDICES], name="head/all_rows")
+        shape = ed.op("Shape", tokens, end=2)  # (B, S)
+        steps = ed.op("Range", ed.const(0), ed.op("Gather", shape, ed.const(1), axis=0),
+                      ed.const(1))
+        ed.node("Expand", [ed.op("Unsqueeze", steps, ed.const([0])), shape], [LOGITS_INDICES],
+                name="head/all_rows")
         if spec.sampler != "none":
             ed.node("GatherND", [LOGITS, last], [LAST_LOGITS], batch_dims=1, name="head/last_logits")
     else:
