@@ -218,6 +218,8 @@ def _gate(report: AccuracyReport, options: CalibrateOptions, text: str, q: _Quan
     if report.passed or options.force:
         return
     trial = remedies.trial(tmp, decoder, samples.eval, report.metrics.ppl_fp32, work)
+    if options.kv_cache != "float32":
+        trial = kv_quant.with_cache(trial, tmp, options.kv_cache, q.kv_scales)
     tips = remedies.measure(remedies.candidates(report, options, q, work), trial)
     worst = ", ".join(e.name for e in report.worst(3))
     raise ArxError(

@@ -50,6 +50,22 @@ def cache_only_metrics(src: Path, dtype: str, scales, samples: Samples, work: Pa
     return model_metrics(src, copy, samples.eval, progress=False)
 
 
+def with_cache(trial, bundle: Path, dtype: str, scales):
+    """A remedies trial (calibration/remedies.py) for the output bundle's cache: each candidate
+    decoder (an fp32-cache graph) gets the same cache rewrite before it is measured."""
+    import onnx
+
+    layout = read_manifest(bundle).kv  # only its names are read: the same for every dtype
+
+    def run(model):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        kv.retype_decoder(copy, layout, dtype, scales)
+        return trial(copy)
+
+    return run
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)

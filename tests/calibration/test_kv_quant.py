@@ -73,3 +73,16 @@ def test_an_int8_cache_bundle_is_not_converted_again(tiny_fp32, tmp_path):
     calibrate_bundle(bundle=tiny_fp32, output=out, options=_options(kv_dtype="fp16"))
     with pytest.raises(ArxError, match="cannot be converted; start from an fp32 export"):
         convert_bundle(out, read_manifest(out), "int8")
+
+
+def test_gate_refusal_measures_remedies_with_the_cache(tiny_fp32, tmp_path):
+    """Over the gate, the remedies are measured on decoders with the same int8 cache (the
+    output bundle's layout), and nothing is written."""
+    from arx.calibration.options import QuantOptions
+
+    out = tmp_path / "tiny-w4-kv8.arx"
+    options = _options(kv_dtype="int8", max_ppl_increase=1e-6)
+    options = CalibrateOptions(**{**options.__dict__, "quant": QuantOptions(scheme="w4")})
+    with pytest.raises(ArxError, match=r"over the 0\.0001% gate.*measured"):
+        calibrate_bundle(bundle=tiny_fp32, output=out, options=options)
+    assert not out.exists()
