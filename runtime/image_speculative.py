@@ -33,8 +33,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from arx.errors import ArxError
-from arx.runtime.image_generate import (ImageOptions, ImageResult, _choose, check_classes,
-                                        image_info)
+from arx.runtime.image_generate import (ImageOptions, ImageResult, _choose, _codebook,
+                                        check_classes, image_info)
 from arx.runtime.sampler import Sampler, resolve_seed
 from arx.runtime.speculative import (SpeculationStats, accept_uniforms, gumbel_draw,
                                      gumbel_draws, judge)
@@ -87,9 +87,10 @@ def generate_images_jacobi(session, classes: list[int], options: ImageOptions,
         t0 = time.perf_counter()
         logits = session.step(cache, (ids + info.class_offset)[:, None],
                               np.ones(len(ids), np.int64), logits="last")  # (rows, 1, V)
-        out[:, 0] = _choose(logits[:, 0], 0, n, seeds, options, b)
+        first = _codebook(logits[:, 0], info)  # (rows, codebook)
+        out[:, 0] = _choose(first, 0, n, seeds, options, b)
         result.first_token_s = time.perf_counter() - t0
-        _Rounds(session, cache, options, seeds, out, window, result).run(logits)
+        _Rounds(session, cache, options, seeds, out, window, result, info).run(first)
         result.tokens_s = time.perf_counter() - t0
     finally:
         cache.close()
@@ -99,8 +100,9 @@ def generate_images_jacobi(session, classes: list[int], options: ImageOptions,
 class _Rounds:
     """The loop's state: committed counts, each image's guesses and their distributions."""
 
-    def __init__(self, session, cache, options, seeds, out, window, result):
+    def __init__(self, session, cache, options, seeds, out, window, result, info):
         self.session, self.cache, self.options, self.seeds = session, cache, options, seeds
+        self.info = info  # the codebook's columns and input ids, where text shares the vocabulary
         self.out, self.window, self.result = out, window, result
         self.images, self.n = out.shape
         self.count = np.ones(self.images, np.int64)  # tokens committed per image
@@ -108,9 +110,10 @@ class _Rounds:
         self.round = 0
 
     def run(self, first_logits: np.ndarray) -> None:
+        """first_logits (rows, codebook): the prefill's, token 0 already drawn from them."""
         for i in range(self.images):  # the first guesses: draws from token 0's distribution
             ks = np.arange(1, min(1 + self.window, self.n))
-            dists = np.repeat(self._probs(first_logits[:, 0], i, 0)[None], len(ks), axis=0)
+            dists = np.repeat(self._probs(first_logits, i, 0)[None], len(ks), axis=0)
             self.guesses[i] = list(zip(self._guess(dists, i, ks).tolist(), dists))
         while (self.count < self.n).any():
             self.round += 1  # round 0 made the first guesses: each round draws new ones
@@ -131,6 +134,7 @@ class _Rounds:
             feed[i, 1: width[i]] = [g for g, _ in self.guesses[i][: lens[i]]]
         rows = self.cache.lengths.shape[0] // self.images
         base = self.cache.lengths.copy()
+        feed += self.info.codebook_offset  # codes -> the model's input ids
         logits = self.session.step(self.cache, np.tile(feed, (rows, 1)), np.tile(width, rows),
                                    logits="all")  # (rows, W, V)
         kept = np.zeros(self.images, np.int64)
@@ -149,7 +153,8 @@ class _Rounds:
         """Image i's guesses against the step's logits: commit the kept ones and the token
         after them, refine the rest; -> how many guesses were kept."""
         c = int(self.count[i])
-        p = np.stack([self._probs(logits[:, j], i, c + j) for j in range(lens + 1)])
+        p = np.stack([self._probs(_codebook(logits[:, j], self.info), i, c + j)
+                      for j in range(lens + 1)])
         kept, token = self._first_rejection(i, p, c, lens)
         if token is None:  # every guess kept: the bonus token of the last position
             token = self._draw(p[lens], i, c + lens)

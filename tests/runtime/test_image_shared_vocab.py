@@ -79,3 +79,19 @@ def test_seeded_sampling_over_the_codebook_is_reproducible_and_matches_the_spec(
         b = generate_images(session, LABELS, options).tokens.reshape(3, -1)
     np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(a, ref)
+
+
+def test_jacobi_speculation_stays_in_the_codebook(shared):
+    """--speculate jacobi on a shared vocabulary: the same greedy grid as plain decoding (its
+    guesses fed back as ids offset + k, judged over the codebook's columns only)."""
+    from arx.runtime.image_speculative import generate_images_jacobi
+
+    _, bundle = shared
+    options = ImageOptions(cfg_scale=4.0, sampling=SamplingOptions(do_sample=False))
+    with DecoderSession(bundle) as session:
+        plain = generate_images(session, LABELS, options)
+        jacobi = generate_images_jacobi(session, LABELS, options, 3)
+        sampled = generate_images_jacobi(session, LABELS, ImageOptions(
+            cfg_scale=4.0, sampling=SamplingOptions(do_sample=True, seed=5)), 3)
+    np.testing.assert_array_equal(jacobi.tokens, plain.tokens)
+    assert sampled.tokens.max() < CODEBOOK
