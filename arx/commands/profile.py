@@ -60,6 +60,8 @@ def run(args) -> int:
     _check_speculation(args)  # flags that contradict each other, first
     needs.check("profile", args)  # --plot, --engine: before minutes of timing
     opts = _options(args)  # validates before anything is loaded
+    if read_manifest(args.bundle).pipeline.kind == "next-scale":
+        return _profile_var(args, opts)
     bundles = [args.bundle] + ([args.compare] if args.compare else [])
     bundles += [args.draft] if args.draft else []  # its context must hold the same shapes
     for b in bundles:  # fail on a bad second bundle before minutes of timing the first
@@ -81,6 +83,24 @@ def _check_speculation(args) -> None:
     if from_flags(args.draft, args.lookup, args.speculate) and args.engine:
         raise ArxError("arx profile --engine does not time speculation yet; drop --draft/--lookup "
                        "or --engine")
+
+
+def _profile_var(args, opts) -> int:
+    """A next-scale (VAR) bundle: each scale's step time and images/s per --batch."""
+    from arx.runtime.backend import BackendOptions
+    from arx.runtime.var_profile import format_var_report, profile_var
+
+    given = [f for f, v in (("--compare", args.compare), ("--engine", args.engine), ("--draft",
+             args.draft), ("--lookup", args.lookup), ("--plot", args.plot)) if v is not None]
+    if given:
+        raise ArxError(f"{given[0]} does not apply to a next-scale bundle yet; arx profile times "
+                       f"its scales on ONNX Runtime (--batch, --runs, --warmup, --threads, --json)")
+    report = profile_var(args.bundle, opts.batches, opts.runs, opts.warmup,
+                         BackendOptions(device=opts.device, intra_op_threads=opts.threads))
+    print(format_var_report(report))
+    if args.json:
+        _write(args.json, lambda f: f.write(json.dumps(report, indent=2) + "\n"))
+    return 0
 
 
 def _write(path: str, fn) -> None:

@@ -126,3 +126,18 @@ def test_bad_input_one_line_nothing_written(var, tmp_path, flags, fragment):
     proc = _arx("generate", var[1], *flags, "--image", tmp_path / "x.png", cwd=tmp_path)
     assert_one_line(proc, fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_profile_times_every_scale(var, tmp_path):
+    out = tmp_path / "profile.json"
+    proc = _arx("profile", var[1], "--batch", "1,2", "--runs", 1, "--warmup", 0, "--json", out,
+                cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "1x1      2x2      3x3      4x4      6x6" in proc.stdout
+    import json
+
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["rows"]] == [1, 2]
+    assert all(len(r["scale_step_s"]) == 5 and r["images_per_s"] > 0 for r in report["rows"])
+    refused = _arx("profile", var[1], "--compare", var[1], cwd=tmp_path)
+    assert_one_line(refused, "--compare does not apply to a next-scale bundle")
