@@ -113,6 +113,16 @@ def check_data(bundle: Path, manifest: Manifest, io: dict, s_max: int) -> tuple[
     return step_feeds(manifest, io, s_max, steps), reference_outputs(bundle, manifest, steps, s_max)
 
 
+def tolerance(precision: str, io: dict) -> float:
+    """The precision's; an int8 KV cache in an fp16/bf16 engine gets int8's: the engine quantizes
+    keys and values it computed in fp16, so a code may land a step from ORT's fp32 rounding
+    (measured on the tiny Llama: last logits 0.225 apart, 2.7x the fp16 tolerance)."""
+    int8_cache = any(t["dtype"] == "int8" for t in io.get("inputs", ()))
+    if int8_cache and precision != "fp32":
+        return max(TOLERANCES[precision], TOLERANCES["int8"])
+    return TOLERANCES[precision]
+
+
 def check_runner(runner, bundle: Path, manifest: Manifest, io: dict, s_max: int,
                  precision: str) -> dict:
     """Check a Polygraphy runner of the engine (TrtRunner; ORT in the tests) against ONNX
@@ -120,7 +130,7 @@ def check_runner(runner, bundle: Path, manifest: Manifest, io: dict, s_max: int,
     feeds, reference = check_data(bundle, manifest, io, s_max)
     aliases = {present: past for past, present in manifest.kv.pairs()}
     return trt_check.run_check(trt_check.cache_carrier(runner, aliases), feeds, reference,
-                               precision, TOLERANCES[precision])
+                               precision, tolerance(precision, io))
 
 
 def check_engine_file(engine: Path, bundle: Path, manifest: Manifest, io: dict, s_max: int,
@@ -155,8 +165,8 @@ def write_kit_check(folder: Path, bundle: Path, manifest: Manifest, io: dict, s_
     save_steps(folder / CHECK_REFERENCE, reference)
     argv = [CHECK_SCRIPT, "--engine", "decoder.engine", "--inputs", CHECK_INPUTS,
             "--reference", CHECK_REFERENCE, "--kit-json", "kit.json", "--precision", precision,
-            "--tolerance", repr(TOLERANCES[precision]), "--report", "build_report.json"]
+            "--tolerance", repr(tolerance(precision, io)), "--report", "build_report.json"]
     if plugins:
         argv += ["--plugins", "plugins"]
-    return {"argv": argv, "precision": precision, "tolerance": TOLERANCES[precision],
+    return {"argv": argv, "precision": precision, "tolerance": tolerance(precision, io),
             "files": [CHECK_SCRIPT, CHECK_INPUTS, CHECK_REFERENCE]}

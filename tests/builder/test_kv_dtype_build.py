@@ -95,3 +95,24 @@ def test_kit_records_the_cache(kv_bundle, tmp_path):
                                                  output=out, precision="fp16", **NATIVE))
     kv = json.loads((out / "kit.json").read_text())["kv"]
     assert (kv["dtype"], kv["scales"]) == ("int8", "per_channel")
+
+
+@pytest.mark.parametrize("flag,precision", [("int8", "fp32"), ("int8", "fp16"), ("fp16", "fp32")])
+def test_engine_check_passes_on_the_cache(flag, precision, kv_bundle):
+    """The engine check (ORT standing in for the engine) compares every layer's int8/fp16
+    cache with the bundle's own: it passes, the cache compared in its dtype's values."""
+    import onnxruntime as ort
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    from arx.builder import check
+
+    bundle = kv_bundle(flag)
+    form = form_for(bundle, precision=precision, **NATIVE)
+    runner = OnnxrtRunner(ort.InferenceSession(form.model.SerializeToString(),
+                                               providers=["CPUExecutionProvider"]))
+    report = check.check_runner(runner, bundle, read_manifest(bundle), form.stage.to_json(),
+                                form.spec.s_max, precision)
+    assert report["passed"], report.get("message")
+    assert report["outputs"]["present.0.key"]["max_abs"] <= report["outputs"]["present.0.key"]["atol"]
+    # int8 codes of keys computed in fp16 are checked at the int8 tolerance (builder/check.py)
+    assert report["tolerance"] == (0.05 if (flag, precision) == ("int8", "fp16") else 0.01)
