@@ -78,7 +78,7 @@ def table(report: AccuracyReport, n_layers: int) -> str:
     if report.kv is not None:  # the gate above is weights + cache; this line the cache alone
         k = report.kv
         lines.append(f"  {report.settings.get('kv_dtype')} KV cache alone (fp32 weights): perplexity "
-                     f"{k.ppl_increase:+.2%}, top-1 {k.top1_agreement:.2%}, KL {k.kl_mean:.4f}")
+                     f"{k.ppl_increase:+.3%}, top-1 {k.top1_agreement:.2%}, KL {k.kl_mean:.2g}")
     if report.layers:
         lines.append("  worst layers (relative error of the output; added by the layer):")
         for e in report.worst(n_layers):
