@@ -32,6 +32,7 @@ is most of a prefill's work at large vocabularies), parity and perplexity ask fo
 from __future__ import annotations
 
 import numpy as np
+from onnx import TensorProto
 
 from arx.errors import ArxError
 from arx.export.families import DecoderConfig
@@ -69,11 +70,14 @@ def decoder_io(cfg: DecoderConfig, kv: KVLayout, token_input: str = "input_ids"
 
 def build_decoder(cfg: DecoderConfig, w: DecoderWeights, kv: KVLayout,
                   rope: dict[str, tuple[np.ndarray, np.ndarray]] | None,
-                  file: str = "decoder.onnx", token_input: str = "input_ids", head=None):
+                  file: str = "decoder.onnx", token_input: str = "input_ids", head=None, *,
+                  writer=None, dtype: str = "float32"):
     """Return (ModelProto, Stage). `rope` maps each RoPE table a layer uses (cfg.rope_table)
     to (cos, sin), each (max_seq_len, rotary_dim/2). `head(g, rows)`, if given, writes
-    `logits` from the (B, K, H) rows instead of the LM head (Janus' generation head)."""
-    g = GraphBuilder("arx_decoder")
+    `logits` from the (B, K, H) rows instead of the LM head (Janus' generation head).
+    dtype: the weights' and activations' float type (logits leave as float32); writer: an
+    ExternalDataWriter the weights stream to as they are emitted (export/external_data.py)."""
+    g = GraphBuilder("arx_decoder", float_dtype=dtype, writer=writer)
     inputs, outputs = decoder_io(cfg, kv, token_input)
     for t in inputs:
         g.input(t.name, t.dtype, t.shape)
@@ -142,7 +146,7 @@ def _logits(g: GraphBuilder, cfg: DecoderConfig, w: DecoderWeights, x: str, head
         steps.append(("Add", g.weight("lm_head.bias", w.lm_head_bias)))
     if cfg.logits_scale != 1.0:
         steps.append(("Mul", g.const(cfg.logits_scale, np.float32)))
-    if not steps and not cfg.final_softcap:
+    if not steps and not cfg.final_softcap and g.float_dtype == "float32":
         g.node("MatMul", [x, head], ["logits"], name="lm_head")
         return
     y = g.op("MatMul", x, head, name="lm_head")
@@ -150,7 +154,10 @@ def _logits(g: GraphBuilder, cfg: DecoderConfig, w: DecoderWeights, x: str, head
         y = g.op(op, y, operand)
     if cfg.final_softcap:
         y = _softcap(g, y, cfg.final_softcap, "final_softcap")
-    g.node("Identity", [y], ["logits"], name="logits")
+    if g.float_dtype != "float32":  # the sampler reads fp32; (B, K, V) is small to cast
+        g.node("Cast", [y], ["logits"], name="logits", to=TensorProto.FLOAT)
+    else:
+        g.node("Identity", [y], ["logits"], name="logits")
 
 
 def _softcap(g: GraphBuilder, x: str, cap: float, name: str) -> str:

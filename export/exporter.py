@@ -24,6 +24,7 @@ from arx.progress import Steps
 from arx.export.sources import LoadedSource, check_source_path, load_source
 
 DEFAULT_MAX_SEQ_LEN = 4096
+BUNDLE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # --dtype
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class ExportOptions:
     seed: int = 0
     inputs_embeds: bool = False  # decoder takes (B, S, hidden) embeddings + an embedder stage
     kv_dtype: str = "fp32"  # fp16 | int8: the cache is retyped after parity (export/kv_dtype.py)
+    dtype: str = "float32"  # the decoder's weights and activations (--dtype); the cache follows
+    num_layers: int | None = None  # the first N layers only: parity's truncated-depth check
 
     def __post_init__(self):
         if self.max_seq_len is not None and self.max_seq_len < 2:
@@ -45,6 +48,11 @@ class ExportOptions:
             raise ArxError(f"--atol must be > 0 (got {self.atol})")
         if self.parity_decode_steps < 1:
             raise ArxError("parity needs at least one decode step")
+        if self.dtype not in BUNDLE_DTYPES.values():
+            raise ArxError(f"--dtype must be one of {', '.join(BUNDLE_DTYPES)} (got {self.dtype})")
+        if self.dtype != "float32" and self.inputs_embeds:
+            raise ArxError("--inputs-embeds takes float32 embeddings: export it without --dtype "
+                           "(fp32)")
 
 
 def export_model(*, source: str | Path, output: str | Path,
@@ -54,7 +62,7 @@ def export_model(*, source: str | Path, output: str | Path,
     check_writable_output(output, overwrite=options.overwrite)
     steps = Steps(5, enabled=options.progress)
     with steps.step(f"loading {source}"):
-        src = load_source(source)
+        src = load_source(source, options.num_layers)
     with atomic_bundle(output, overwrite=options.overwrite) as tmp:
         if src.kind == "hf":
             from arx.export.hf_decoder import export_hf_decoder
@@ -72,6 +80,9 @@ def export_model(*, source: str | Path, output: str | Path,
             if options.inputs_embeds:
                 raise ArxError("--inputs-embeds is for Hugging Face checkpoints; a decoder-protocol "
                                "module takes what its forward takes: export it without the flag")
+            if options.dtype != "float32":
+                raise ArxError("--dtype is for Hugging Face checkpoints; a decoder-protocol module "
+                               "exports as traced (float32): export it without --dtype")
 
             from arx.export.image_protocol import export_image_decoder, image_spec
 
@@ -146,22 +157,9 @@ def resolve_max_seq_len(options: ExportOptions, model_max: int | None) -> int:
 
 def _parity(src: LoadedSource, bundle: Path, manifest: Manifest, decoder: DecoderExport,
             options: ExportOptions) -> dict:
-    from arx.export.parity import check_parity, hf_reference, raise_if_failed
-    from arx.export.protocol import protocol_reference
-    from arx.runtime.decoder import DecoderSession
+    from arx.export.parity_run import run_parity  # reference first, then the bundle
 
-    reference = decoder.reference or (hf_reference(src.module) if src.kind == "hf"
-                                      else protocol_reference(src.module))
-    atol = decoder.atol
-    n = min(7, max(2, manifest.kv.max_seq_len - options.parity_decode_steps))
-    # concat-mode graphs have no per-sequence lengths: their batches share one length
-    lengths = (n, max(1, n - 3)) if manifest.kv.update == "in_place" else (n, n)
-    with DecoderSession(bundle, manifest=manifest) as session:
-        report = check_parity(reference, session, atol=options.atol or atol,
-                              vocab_size=manifest.vocab_size, prompt_lengths=lengths,
-                              decode_steps=options.parity_decode_steps, seed=options.seed)
-    raise_if_failed(report, "nothing was written")
-    return report.to_json()
+    return run_parity(src, bundle, manifest, decoder, options)
 
 
 def _export_tokenizer(src: LoadedSource, bundle: Path) -> TokenizerInfo:

@@ -6,7 +6,9 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+
+from arx.export.external_data import ExternalDataWriter, tensor_proto, to_proto_array
 
 # onnxruntime 1.31 loads IR version <= 13 models; onnx 1.23 would write 14 by default.
 IR_VERSION = 10
@@ -25,16 +27,26 @@ DTYPES = {
 
 
 class GraphBuilder:
-    """Collects nodes, initializers and IO; names every value uniquely."""
+    """Collects nodes, initializers and IO; names every value uniquely.
 
-    def __init__(self, name: str):
-        self.name = name
+    float_dtype: the dtype every float weight and constant is emitted in (the bundle's
+    activations follow it); writer: where large initializers go as they are added (the graph
+    then holds references only), None to keep them in the proto."""
+
+    def __init__(self, name: str, float_dtype: str = "float32",
+                 writer: ExternalDataWriter | None = None):
+        self.name, self.float_dtype, self.writer = name, float_dtype, writer
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self._counts: dict[str, int] = {}
         self._consts: dict[tuple, str] = {}
+
+    @property
+    def float_type(self) -> int:
+        """The TensorProto type of the graph's floats (for Cast nodes)."""
+        return DTYPES[self.float_dtype]
 
     def fresh(self, hint: str) -> str:
         n = self._counts.get(hint, 0)
@@ -50,7 +62,13 @@ class GraphBuilder:
         self.outputs.append(helper.make_tensor_value_info(name, DTYPES[dtype], list(shape)))
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.asarray(array)
+        if array.dtype.kind == "f":
+            array, data_type = to_proto_array(array, self.float_dtype)
+        else:
+            data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        self.initializers.append(self.writer.add(name, array, data_type) if self.writer
+                                 else tensor_proto(name, array, data_type))
         return name
 
     def const(self, value, dtype=np.int64) -> str:

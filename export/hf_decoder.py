@@ -6,16 +6,18 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
 
 from arx.errors import ArxError
 from arx.export.decoder_graph import build_decoder
 from arx.export.embedder import EMBEDDER_STAGE, build_embedder, save_embedder
 from arx.export.exporter import DecoderExport, ExportOptions, resolve_max_seq_len
 from arx.export.families import DecoderConfig
-from arx.export.graph import save_with_external_data
-from arx.export.rotary_layout import reorder_heads, widen_tables
+from arx.export.external_data import ExternalDataWriter
+from arx.export.rotary_layout import reorder_layer, widen_tables
 from arx.export.sources import LoadedSource
 from arx.export.step_graph import EXTENSION, STEP_STAGE, build_step_graph, save_step_graph
+from arx.export.tensor_source import StateDictSource
 from arx.export.weights import read_weights
 from arx.manifest import KVLayout, Pipeline
 
@@ -32,23 +34,27 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions,
         raise ArxError(f"head_dim {cfg.head_dim} is not a multiple of 16, which onnxruntime's fused "
                        f"attention (GroupQueryAttention) requires; arx cannot export this model yet")
     max_seq_len = resolve_max_seq_len(options, cfg.max_position_embeddings)
-    state = {k: v.detach().float().numpy() for k, v in src.module.state_dict().items()}
-    weights = read_weights(cfg, family.weights, state)
-    reorder_heads(weights, cfg)  # partial rotary widths GQA refuses (export/rotary_layout.py)
+    # src.tensors: the safetensors files read tensor by tensor (or a loaded state dict);
+    # partial rotary widths GQA refuses (export/rotary_layout.py) reordered per layer as read
+    tensors = src.tensors if src.tensors is not None else StateDictSource(src.module.state_dict())
+    weights = read_weights(cfg, family.weights, tensors, lambda lw: reorder_layer(lw, cfg))
     kv = KVLayout(layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
-                  max_seq_len=max_seq_len)
+                  max_seq_len=max_seq_len, dtype=options.dtype)
     rope = None
     if cfg.positions == "rope":
         rope = widen_tables(rope_cache(src.module, cfg, max_seq_len), cfg)
     token_input = "inputs_embeds" if options.inputs_embeds else "input_ids"
-    model, stage = build_decoder(cfg, weights, kv, rope, DECODER_FILE, token_input, head)
-    save_with_external_data(model, bundle / DECODER_FILE, DECODER_FILE + ".data")
-    # after the save `model`'s tensors point into decoder.onnx.data: the step graph shares them
+    # each weight goes to decoder.onnx.data as it is emitted (export/external_data.py)
+    with ExternalDataWriter(bundle / (DECODER_FILE + ".data"), DECODER_FILE + ".data") as data:
+        model, stage = build_decoder(cfg, weights, kv, rope, DECODER_FILE, token_input, head,
+                                     writer=data, dtype=options.dtype)
+    onnx.save_model(model, str(bundle / DECODER_FILE))
+    # `model`'s tensors point into decoder.onnx.data: the step graph shares them
     step_model, step_stage = build_step_graph(model, stage, kv)
     step_ext = save_step_graph(step_model, step_stage, bundle, stage)
     n_params = int(sum(p.numel() for p in src.module.parameters()))  # tied weights once
     info = {"source_format": "huggingface", "architecture": type(src.module).__name__,
-            "parameters": n_params, "dtype": "float32", "config": cfg.__dict__}
+            "parameters": n_params, "dtype": options.dtype, "config": cfg.__dict__}
     out = DecoderExport(cfg.family, cfg.vocab_size, kv, stage, info, family.atol,
                         extra_stages={STEP_STAGE: step_stage}, extensions={EXTENSION: step_ext})
     if options.inputs_embeds:
@@ -70,6 +76,8 @@ def rope_cache(model, cfg: DecoderConfig, max_seq_len: int) -> dict[str, tuple[n
         raise ArxError(f"{type(model).__name__} has no rotary_emb module, so arx cannot read its "
                        f"RoPE tables; this checkpoint's modelling code differs from the family's "
                        f"(check transformers' version) - please report the model")
+    if any(b.is_meta for b in rotary.buffers()):  # a config-only model: build just the rotary
+        rotary = type(rotary)(getattr(rotary, "config", None) or model.config)
     pos = torch.arange(max_seq_len)[None, :]
     half = cfg.rotary_dim // 2
     tables = {}

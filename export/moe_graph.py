@@ -62,5 +62,5 @@ def _rank(g: GraphBuilder, probs: str, experts: int, p: str) -> str:
     lower = g.const(np.tril(np.ones((experts, experts), bool), -1), np.bool_)  # [e, j]: j < e
     tie = g.op("And", g.op("Equal", p_j, p_e), lower)
     beats = g.op("Or", g.op("Greater", p_j, p_e), tie, name=f"{p}.beats")
-    count = g.op("Cast", beats, to=TensorProto.FLOAT)
+    count = g.op("Cast", beats, to=g.float_type)  # compared with k in the graph's float type
     return g.op("ReduceSum", count, g.const([-1]), keepdims=0, name=f"{p}.rank")

@@ -66,45 +66,86 @@ class ParityReport:
         return "\n".join(lines)
 
 
-def check_parity(reference: ReferenceStep, session, *, atol: float, vocab_size: int,
-                 prompt_lengths=(7, 4), decode_steps: int = 4, seed: int = 0) -> ParityReport:
-    """Compare logits and the cached keys/values; raise ArxError with a table when over atol."""
+@dataclass
+class ParityCall:
+    """One step of the parity run: a block of tokens for every row (1-D, its own length)."""
+
+    key: str  # the output it is scored under: logits/prefill, logits/decode, logits/step
+    where: str  # "... seq {b}"
+    rows: list[np.ndarray]
+
+
+def parity_plan(*, vocab_size: int, prompt_lengths=(7, 4), decode_steps: int = 4, seed: int = 0,
+                step_width: int = 0) -> list[ParityCall]:
+    """Ragged prompts, then decode steps, then (step_width > 0: the bundle has the general-step
+    graph and room for it) one ragged multi-token step after the past."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, vocab_size, size=n) for n in prompt_lengths]
     steps = rng.integers(0, vocab_size, size=(decode_steps, len(prompts)))
-    report = ParityReport(atol, batch=len(prompts), prompt_lengths=tuple(prompt_lengths),
-                          decode_steps=decode_steps)
-    lengths = np.array(prompt_lengths, dtype=np.int64)
-    longest = int(lengths.max()) + decode_steps
-    # then one ragged multi-token step after the past, where the bundle has the graph for it
-    width = STEP_WIDTH if getattr(session, "general_steps", False) and \
-        longest + STEP_WIDTH <= session.kv.max_seq_len else 0
-    cache = session.new_cache(len(prompts), longest + width)
-    ids = np.zeros((len(prompts), int(lengths.max())), dtype=np.int64)
-    for b, p in enumerate(prompts):
-        ids[b, : len(p)] = p
-    got = session.step(cache, ids, lengths)
-    states = []
-    for b, p in enumerate(prompts):
-        ref, keys, state = reference(p[None, :].astype(np.int64), None)
-        states.append(state)
-        report.stat("logits/prefill").update(got[b, : len(p)], ref[0], f"seq {b}")
-        _compare_cache(report, session, cache, b, keys)
-    for t in range(decode_steps):
-        got = session.step(cache, steps[t][:, None], np.ones(len(prompts), dtype=np.int64))
-        for b in range(len(prompts)):
-            ref, keys, states[b] = reference(steps[t][b].reshape(1, 1).astype(np.int64), states[b])
-            report.stat("logits/decode").update(got[b], ref[0], f"step {t} seq {b}")
-            _compare_cache(report, session, cache, b, keys)
-    if width:
-        new_lens = np.maximum(width - np.arange(len(prompts)), 1)  # (3, 2, ...): ragged rows
-        block = rng.integers(0, vocab_size, size=(len(prompts), width))
-        got = session.step(cache, block, new_lens)
-        for b, n in enumerate(new_lens):
-            ref, keys, states[b] = reference(block[b:b + 1, :n].astype(np.int64), states[b])
-            report.stat("logits/step").update(got[b, :n], ref[0], f"seq {b}")
+    plan = [ParityCall("logits/prefill", "seq {b}", prompts)]
+    plan += [ParityCall("logits/decode", f"step {t} seq {{b}}", [steps[t][b:b + 1] for b in
+                                                                range(len(prompts))])
+             for t in range(decode_steps)]
+    if step_width:
+        new_lens = np.maximum(step_width - np.arange(len(prompts)), 1)  # (3, 2, ...): ragged
+        block = rng.integers(0, vocab_size, size=(len(prompts), step_width))
+        plan.append(ParityCall("logits/step", "seq {b}", [block[b, :n] for b, n in
+                                                          enumerate(new_lens)]))
+    return plan
+
+
+def step_width(prompt_lengths, decode_steps: int, general_steps: bool, max_seq_len: int) -> int:
+    """STEP_WIDTH where the bundle has the general-step graph and the cache room, else 0."""
+    longest = max(prompt_lengths) + decode_steps
+    return STEP_WIDTH if general_steps and longest + STEP_WIDTH <= max_seq_len else 0
+
+
+def reference_outputs(reference: ReferenceStep, plan: list[ParityCall]) -> list[list[tuple]]:
+    """(logits, keys) of every call and row, each row alone with its own cache. Run before
+    the bundle is opened, so the PyTorch model can be freed first (never both in memory)."""
+    states: list[Any] = [None] * len(plan[0].rows)
+    out = []
+    for call in plan:
+        row_out = []
+        for b, tokens in enumerate(call.rows):
+            ref, keys, states[b] = reference(tokens[None, :].astype(np.int64), states[b])
+            row_out.append((ref, keys))
+        out.append(row_out)
+    return out
+
+
+def compare_outputs(session, plan: list[ParityCall], refs: list[list[tuple]], *, atol: float
+                    ) -> ParityReport:
+    """Run the plan through the bundle's runtime (the whole batch, right-padded, one cache)
+    and score it against `refs` (reference_outputs)."""
+    first = plan[0].rows
+    decodes = sum(c.key == "logits/decode" for c in plan)
+    report = ParityReport(atol, batch=len(first), prompt_lengths=tuple(len(r) for r in first),
+                          decode_steps=decodes)
+    longest = sum(max(len(r) for r in c.rows) for c in plan)
+    cache = session.new_cache(len(first), longest)
+    for call, ref_rows in zip(plan, refs):
+        if call.key == "logits/step" and hasattr(session, "drop_fused"):
+            session.drop_fused()  # the last call: the general-step graph maps the weights anew
+        lens = np.array([len(r) for r in call.rows], dtype=np.int64)
+        ids = np.zeros((len(lens), int(lens.max())), dtype=np.int64)
+        for b, r in enumerate(call.rows):
+            ids[b, :len(r)] = r
+        got = session.step(cache, ids, lens)
+        for b, (ref, keys) in enumerate(ref_rows):
+            report.stat(call.key).update(got[b, :lens[b]], ref[0], call.where.format(b=b))
             _compare_cache(report, session, cache, b, keys)
     return report
+
+
+def check_parity(reference: ReferenceStep, session, *, atol: float, vocab_size: int,
+                 prompt_lengths=(7, 4), decode_steps: int = 4, seed: int = 0) -> ParityReport:
+    """Compare logits and the cached keys/values (the reference and the session both live)."""
+    width = step_width(prompt_lengths, decode_steps, getattr(session, "general_steps", False),
+                       session.kv.max_seq_len)
+    plan = parity_plan(vocab_size=vocab_size, prompt_lengths=prompt_lengths,
+                       decode_steps=decode_steps, seed=seed, step_width=width)
+    return compare_outputs(session, plan, reference_outputs(reference, plan), atol=atol)
 
 
 def _compare_cache(report: ParityReport, session, cache, b: int, ref_keys: list[np.ndarray]) -> None:

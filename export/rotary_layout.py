@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from arx.export.families import DecoderConfig
-from arx.export.weights import DecoderWeights
+from arx.export.weights import LayerWeights
 
 GQA_ROTARY_MULTIPLE = 16  # R' must be a multiple of 16: cos_cache width (R'/2) of 8
 
@@ -54,20 +54,21 @@ def widen_tables(tables: dict, cfg: DecoderConfig) -> dict:
             for name, (cos, sin) in tables.items()}
 
 
-def reorder_heads(w: DecoderWeights, cfg: DecoderConfig) -> None:
-    """Apply head_permutation to every layer's q and k (in place)."""
+def reorder_layer(lw: LayerWeights, cfg: DecoderConfig) -> LayerWeights:
+    """Apply head_permutation to one layer's q and k (in place; returned): the streamed
+    export applies it to each layer as it is read."""
     perm = head_permutation(cfg)
     if perm is None:
-        return
+        return lw
     d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     q_cols = (np.arange(hq)[:, None] * d + perm).reshape(-1)
     k_cols = hq * d + (np.arange(hkv)[:, None] * d + perm).reshape(-1)
     cols = np.concatenate([q_cols, k_cols, np.arange((hq + hkv) * d, (hq + 2 * hkv) * d)])
-    for lw in w.layers:
-        weight, bias = lw.qkv
-        lw.qkv = (np.ascontiguousarray(weight[:, cols]), None if bias is None else bias[cols])
-        lw.q_norm = _reorder_norm(lw.q_norm, perm, hq)
-        lw.k_norm = _reorder_norm(lw.k_norm, perm, hkv)
+    weight, bias = lw.qkv
+    lw.qkv = (np.ascontiguousarray(weight[:, cols]), None if bias is None else bias[cols])
+    lw.q_norm = _reorder_norm(lw.q_norm, perm, hq)
+    lw.k_norm = _reorder_norm(lw.k_norm, perm, hkv)
+    return lw
 
 
 def _reorder_norm(norm, perm: np.ndarray, heads: int):

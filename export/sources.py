@@ -27,12 +27,22 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 @dataclass
 class LoadedSource:
     path: Path
-    module: Any  # torch.nn.Module in eval mode, float32
+    module: Any  # torch.nn.Module in eval mode, float32 (on the meta device when streamed)
     kind: str  # "hf" | "protocol" | "janus" (export/janus.py)
     family: Family | None  # for "hf"; for "janus" its language model's
     tokenizer_dir: Path | None  # folder holding tokenizer files, when there are any
     generation_config: dict
     program: Any = None  # the torch.export ExportedProgram a model.pt2 held; module is its .module()
+    tensors: Any = None  # "hf": the TensorSource (export/tensor_source.py) the weights come from
+    streamed: bool = False  # module has no weights (meta device): tensors come from the files
+    num_layers: int | None = None  # streamed: only the first N layers (parity's truncated check)
+
+    def torch_module(self, dtype=None):
+        """The module with its weights, for the PyTorch reference: loaded from the folder
+        (in `dtype`, default float32) when the export itself streamed the files."""
+        if not self.streamed:
+            return self.module
+        return _from_pretrained(self.path, dtype, self.num_layers)
 
 
 def check_source_path(path: str | Path) -> Path:
@@ -42,10 +52,11 @@ def check_source_path(path: str | Path) -> Path:
     return path
 
 
-def load_source(path: str | Path) -> LoadedSource:
+def load_source(path: str | Path, num_layers: int | None = None) -> LoadedSource:
+    """num_layers: a Hugging Face folder's first N layers only (read from the same files)."""
     path = check_source_path(path)
     if path.is_dir():
-        return _load_hf_folder(path)
+        return _load_hf_folder(path, num_layers)
     kind = _archive_kind(path)
     if kind == "torchscript":
         raise ArxError(f"{path} is a TorchScript archive (torch.jit.save); TorchScript is not "
@@ -73,7 +84,7 @@ def _archive_kind(path: Path) -> str | None:
         return None
 
 
-def _load_hf_folder(path: Path) -> LoadedSource:
+def _load_hf_folder(path: Path, num_layers: int | None = None) -> LoadedSource:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ArxError(f"{path} is a folder without config.json, so not a Hugging Face checkpoint; "
@@ -89,17 +100,60 @@ def _load_hf_folder(path: Path) -> LoadedSource:
         from arx.export.janus import load_janus_folder
 
         return load_janus_folder(path, path if has_tokenizer(path) else None)
+    tok_dir = path if has_tokenizer(path) else None
+    if any(path.glob("*.safetensors")):
+        from arx.export.tensor_source import SafetensorsSource, matches_model
+
+        tensors = SafetensorsSource(path)
+        model = _config_only_model(path, num_layers)
+        if matches_model(tensors, model):  # read tensor by tensor, never the model whole
+            return LoadedSource(path, model, "hf", family, tok_dir, _folder_generation_config(
+                path, model.config), tensors=tensors, streamed=True, num_layers=num_layers)
+    from arx.export.tensor_source import StateDictSource
+
+    model = _from_pretrained(path)  # *.bin, or tensor names of another layout: transformers maps
+    return LoadedSource(path, model, "hf", family, tok_dir, _generation_config(model),
+                        tensors=StateDictSource(model.state_dict()))
+
+
+def _depth(num_layers: int | None) -> dict:
+    return {} if num_layers is None else {"num_hidden_layers": num_layers}
+
+
+def _from_pretrained(path: Path, dtype=None, num_layers: int | None = None):
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # its bar would split arx's own progress line
+    level = hf_logging.get_verbosity()
+    if num_layers is not None:  # the layers left out are "unused weights": expected here
+        hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+                                                     **_depth(num_layers))
     except Exception as e:  # transformers/safetensors raise many types for a broken checkpoint
         raise ArxError(f"could not load the checkpoint in {path} ({error_summary(e)}); "
                        f"the weights look corrupt or incomplete, re-download "
                        f"or re-save them") from e
-    return LoadedSource(path, model.eval(), "hf", family,
-                        path if has_tokenizer(path) else None, _generation_config(model))
+    finally:
+        hf_logging.set_verbosity(level)
+    return model.eval()
+
+
+def _config_only_model(path: Path, num_layers: int | None = None):
+    """The model built from config.json on the meta device: its modules, parameter names and
+    counts, no weights (the RoPE tables are made by its rotary class, export/hf_decoder.py)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, **_depth(num_layers))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config).eval()
+    except Exception as e:  # transformers raises many types for a config it cannot use
+        raise ArxError(f"could not build the model of {path / 'config.json'} "
+                       f"({error_summary(e)}); check the config or transformers' version") from e
 
 
 def _load_pickle(path: Path) -> LoadedSource:
@@ -129,8 +183,11 @@ def _load_pickle(path: Path) -> LoadedSource:
 
         return janus_source(path, module, tok_dir)
     if config is not None and hasattr(module, "generate"):  # a pickled Hugging Face model
+        from arx.export.tensor_source import StateDictSource
+
         family = family_for_model_type(getattr(config, "model_type", None))
-        return LoadedSource(path, module, "hf", family, tok_dir, _generation_config(module))
+        return LoadedSource(path, module, "hf", family, tok_dir, _generation_config(module),
+                            tensors=StateDictSource(module.state_dict()))
     from arx.export.protocol import check_protocol
 
     check_protocol(module, path)
@@ -177,6 +234,15 @@ def _unimportable_class(path: Path, e: Exception) -> str | None:
 
 def has_tokenizer(folder: Path) -> bool:
     return any((folder / f).is_file() for f in TOKENIZER_FILES)
+
+
+def _folder_generation_config(path: Path, config) -> dict:
+    """What from_pretrained would set as model.generation_config, without loading weights."""
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(path).to_dict()
+    return GenerationConfig.from_model_config(config).to_dict()
 
 
 def _generation_config(model) -> dict:

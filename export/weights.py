@@ -1,4 +1,7 @@
-"""Read a checkpoint's state dict into the canonical per-layer weights the builder emits.
+"""Read a checkpoint's tensors into the canonical per-layer weights the builder emits.
+
+The tensors come from a TensorSource (export/tensor_source.py); layers are read lazily, one
+at a time as the builder iterates over them, so only one layer's arrays live at once.
 
 Canonical layout: every linear is (in, out) so the graph computes `x @ W` with MatMul;
 q, k, v are packed into one (hidden, (Hq + 2*Hkv) * head_dim) matrix so a layer does one
@@ -8,6 +11,7 @@ QKV MatMul, as onnxruntime-genai does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -49,12 +53,30 @@ class DecoderWeights:
     final_norm: Norm
     lm_head: np.ndarray | None  # (V, H); None when tied to embed
     lm_head_bias: np.ndarray | None = None  # (V,)
-    layers: list[LayerWeights] = field(default_factory=list)
+    layers: Sequence[LayerWeights] = field(default_factory=list)
     pos_embed: np.ndarray | None = None  # (max_pos, H) learned positions
 
 
+class LazyLayers(Sequence[LayerWeights]):
+    """layers[i] reads layer i from the checkpoint when asked (each time: nothing is kept)."""
+
+    def __init__(self, count: int, read: Callable[[int], LayerWeights]):
+        self.count, self.read = count, read
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.read(j) for j in range(*i.indices(self.count))]
+        if not -self.count <= i < self.count:
+            raise IndexError(i)
+        return self.read(i % self.count)
+
+
 class _Reader:
-    def __init__(self, state: dict[str, np.ndarray], names: WeightNames, cfg: DecoderConfig):
+    def __init__(self, state, names: WeightNames, cfg: DecoderConfig):
+        # a TensorSource (export/tensor_source.py), or a dict of arrays: read by [name]
         self.state, self.names, self.cfg = state, names, cfg
 
     def get(self, key: str) -> np.ndarray:
@@ -111,11 +133,18 @@ def _cat(parts):
     return w, b
 
 
-def read_weights(cfg: DecoderConfig, names: WeightNames, state: dict[str, np.ndarray]) -> DecoderWeights:
+def read_weights(cfg: DecoderConfig, names: WeightNames, state,
+                 layer_hook: Callable[[LayerWeights], LayerWeights] | None = None) -> DecoderWeights:
+    """`state`: a TensorSource (export/tensor_source.py) or a dict. The layers are read lazily;
+    `layer_hook` transforms each as it is read (the rotary head reorder)."""
     r = _Reader(state, names, cfg)
-    layers = [_read_layer(r, cfg, i, {k: (v.format(i=i, h="{h}") if isinstance(v, str) else v)
-                                      for k, v in names.__dict__.items()})
-              for i in range(cfg.num_layers)]
+
+    def layer(i: int) -> LayerWeights:
+        lw = _read_layer(r, cfg, i, {k: (v.format(i=i, h="{h}") if isinstance(v, str) else v)
+                                     for k, v in names.__dict__.items()})
+        return layer_hook(lw) if layer_hook else lw
+
+    layers = LazyLayers(cfg.num_layers, layer)
     lm_head = None
     if not cfg.tie_embeddings and names.lm_head:
         lm_head = r.get(names.lm_head)

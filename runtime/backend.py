@@ -28,6 +28,10 @@ class BackendOptions:
     spin_wait: bool = True
     enable_profiling: bool = False
     profile_prefix: str = "arx_ort_profile"
+    # Parity at export: no prepacked copies of the weights and no constant-folded fp32 copies
+    # of fp16 ones (ORT CPU casts fp16 MatMul weights), so a session holds little beyond the
+    # mapped data file (docs/design.md, "Streamed export"). Slower steps; few are run there.
+    low_memory: bool = False
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda", "auto"):
@@ -63,6 +67,9 @@ class OrtBackend:
             so.intra_op_num_threads = options.intra_op_threads
         if not options.spin_wait:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if options.low_memory:
+            so.add_session_config_entry("session.disable_prepacking", "1")
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         if options.enable_profiling:
             so.enable_profiling = True
             so.profile_file_prefix = options.profile_prefix
@@ -101,7 +108,8 @@ class OrtBackend:
         path = None
         if getattr(self, "session", None) is not None and self.session.get_session_options().enable_profiling:
             path = self.session.end_profiling()
-        self.session = None
+        # the binding holds the session too: both go, so its weights are released now
+        self.session = self._binding = self._held = None
         return path
 
     def allocate(self, shape: tuple[int, ...], dtype: str) -> Any:
@@ -111,6 +119,11 @@ class OrtBackend:
             value = self._ort.OrtValue.ortvalue_from_numpy(host)
             self._host[id(value)] = (value, host)  # its memory, for row views
             return value
+        if dtype == "bfloat16":  # no numpy dtype: allocated by ONNX type (unread until written)
+            from onnx import TensorProto
+
+            return self._ort.OrtValue.ortvalue_from_shape_and_type(shape, TensorProto.BFLOAT16,
+                                                                   "cuda", 0)
         return self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=dtype), "cuda", 0)
 
     def rows(self, buffer: Any, start: int, stop: int) -> Any | None:

@@ -35,6 +35,7 @@ class DecoderSession:
         if not path.is_file():
             raise ArxError(f"bundle {self.bundle_dir} lacks {stage.file}; re-export it")
         self.options = options
+        _check_dtype_runs(self.manifest, options)
         self.backend = OrtBackend(path, aliases=aliases, options=options)
         self._general = None  # (backend, input names) of the general-step graph, once needed
         self._embedder = None  # the pipeline's embed stage, once needed
@@ -108,6 +109,11 @@ class DecoderSession:
         if picks is not None and "logits_indices" not in names:  # e.g. protocol graphs
             out = np.take_along_axis(out, picks[:, :, None], axis=1)
         return None if picks is None else out
+
+    def drop_fused(self) -> None:
+        """Close the fused graph's session (no step may use it after): parity at export runs
+        its last, general step with only the general-step graph's weights resident."""
+        self.backend.close()
 
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         """(B, S) ids -> (B, S, hidden) embeddings through the pipeline's embed stage, for a
@@ -183,6 +189,20 @@ class DecoderSession:
                            f"than decode and prefill need a bundle re-exported with this arx")
         backend = OrtBackend(path, aliases=self.backend.aliases, options=self.options)
         return backend, {t.name for t in stage.inputs}
+
+
+def _check_dtype_runs(manifest: Manifest, options: BackendOptions) -> None:
+    """bf16 bundles (arx export --dtype bf16) are for CUDA and TensorRT: ORT's CPU provider has
+    no bfloat16 MatMul, so say so before a session fails to load with a kernel error."""
+    if manifest.model.get("dtype") != "bfloat16":
+        return
+    from arx.runtime.backend import resolve_device
+
+    if resolve_device(options.device) == "cpu":
+        raise ArxError("this bundle is bfloat16 (arx export --dtype bf16), which onnxruntime's "
+                       "CPU provider cannot run (no bfloat16 MatMul): run it with --device cuda "
+                       "or as a TensorRT engine (arx build), or re-export with --dtype fp16 or "
+                       "fp32 for the CPU")
 
 
 def _fused_ok(past: np.ndarray, new_lens: np.ndarray, s: int, mask: str) -> bool:

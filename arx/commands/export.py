@@ -18,6 +18,9 @@ def register(sub) -> None:
     p.add_argument("--inputs-embeds", action="store_true",
                    help="the decoder takes inputs_embeds (B, S, hidden) instead of input_ids, with "
                         "an embedder stage for token ids (models fed other embeddings)")
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
+                   help="the decoder's weights, activations and cache: fp32 (ORT on the CPU, the "
+                        "default), fp16 (CPU and GPU), bf16 (CUDA and TensorRT only)")
     p.add_argument("--kv-dtype", default="fp32", choices=("fp32", "fp16", "int8"),
                    help="KV cache dtype: fp16 halves it, int8 quarters it (static per-channel "
                         "scales from random ids here; arx calibrate --kv-dtype int8 measures "
@@ -31,11 +34,11 @@ def run(args) -> int:
     from arx import needs
 
     needs.check("export", args)  # before torch is imported: one line naming the extra
-    from arx.export.exporter import ExportOptions, export_model
+    from arx.export.exporter import BUNDLE_DTYPES, ExportOptions, export_model
 
     out = Path(args.output) if args.output else Path(Path(args.source).stem + ".arx")
     options = ExportOptions(max_seq_len=args.max_seq_len, atol=args.atol,
-                            inputs_embeds=args.inputs_embeds,
+                            inputs_embeds=args.inputs_embeds, dtype=BUNDLE_DTYPES[args.dtype],
                             kv_dtype=args.kv_dtype,
                             check_parity=not args.no_parity, overwrite=args.overwrite,
                             progress=not args.quiet)

@@ -1,0 +1,75 @@
+"""Initializers written to the external data file as they are emitted.
+
+onnx.save_model(save_as_external_data=True) needs every tensor's bytes inside the ModelProto
+first: the whole model in memory, then copied out. Here each large initializer goes to
+decoder.onnx.data the moment the graph builder adds it, and its TensorProto keeps only the
+reference (location, offset, length), so the graph proto never holds weight bytes and a
+layer's arrays can be freed as soon as the layer is emitted. Offsets are 4096-aligned, which
+lets onnxruntime map the file rather than copy it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+ALIGN = 4096
+INLINE_BYTES = 1024  # smaller tensors stay in the proto, as save_with_external_data does
+
+
+def to_proto_array(array: np.ndarray, dtype: str) -> tuple[np.ndarray, int]:
+    """(array as stored, TensorProto data type) for a float array in `dtype`; bfloat16 has
+    no numpy dtype of its own: ml_dtypes (an onnx requirement) rounds, stored as uint16."""
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return array.astype(ml_dtypes.bfloat16).view(np.uint16), TensorProto.BFLOAT16
+    out = array.astype(dtype, copy=False)
+    return out, onnx.helper.np_dtype_to_tensor_dtype(out.dtype)
+
+
+def tensor_proto(name: str, array: np.ndarray, data_type: int) -> TensorProto:
+    """An inline TensorProto of `array` (uint16 bits for bfloat16)."""
+    if data_type == TensorProto.BFLOAT16:
+        return onnx.helper.make_tensor(name, data_type, array.shape,
+                                       np.ascontiguousarray(array).tobytes(), raw=True)
+    return numpy_helper.from_array(np.ascontiguousarray(array), name)
+
+
+class ExternalDataWriter:
+    """Appends tensors to one data file; `location` is its name relative to the .onnx file."""
+
+    def __init__(self, path: Path, location: str):
+        self.path, self.location = Path(path), location
+        self._file = open(self.path, "wb")
+        self.offset = 0
+
+    def add(self, name: str, array: np.ndarray, data_type: int) -> TensorProto:
+        array = np.ascontiguousarray(array)
+        if array.nbytes < INLINE_BYTES:
+            return tensor_proto(name, array, data_type)
+        pad = -self.offset % ALIGN
+        if pad:
+            self._file.write(b"\0" * pad)
+            self.offset += pad
+        self._file.write(memoryview(array.reshape(-1)).cast("B"))  # no bytes copy
+        proto = TensorProto(name=name, data_type=data_type, dims=list(array.shape),
+                            data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.location), ("offset", str(self.offset)),
+                           ("length", str(array.nbytes))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += array.nbytes
+        return proto
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "ExternalDataWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

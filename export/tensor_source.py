@@ -1,0 +1,145 @@
+"""Where the exporter reads a checkpoint's tensors from, one tensor at a time.
+
+A TensorSource is dict-like: `name in source`, `source[name]` (or `.get(name)`) -> a float32
+numpy array, KeyError for a name it lacks.
+Two kinds behind the same reads (export/weights.py uses only those):
+
+- SafetensorsSource: the *.safetensors files of a Hugging Face folder; a tensor is read and
+  upcast only when the emitter asks for it, so a bf16 checkpoint is never upcast as a whole
+  and never held twice (docs/design.md, "Streamed export").
+- StateDictSource: a module's state dict (model.pt, *.bin folders, checkpoints whose tensor
+  names differ from the model's), converted tensor by tensor in the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from arx.errors import ArxError
+from arx.export.torch_output import error_summary
+
+
+def _float32(tensor) -> np.ndarray:
+    """One torch tensor -> float32 numpy (bf16 has no numpy dtype: torch upcasts it)."""
+    return np.ascontiguousarray(tensor.detach().float().numpy())
+
+
+class StateDictSource:
+    def __init__(self, state: dict):
+        self.state = state
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+    def keys(self) -> Iterable[str]:
+        return self.state.keys()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return _float32(self.state[name])
+
+    get = __getitem__
+
+
+# safetensors dtype codes -> numpy; BF16 is read as its uint16 bits and widened to float32
+_NUMPY = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+          "BOOL": np.bool_}
+
+
+class SafetensorsSource:
+    """Every tensor of a folder's *.safetensors shards, by name, read on demand.
+
+    The format is an 8-byte header length, a JSON header (dtype, shape, byte range of each
+    tensor), then the bytes; a tensor is read with one positioned read into its own array.
+    Not memory-mapped on purpose: pages of a mapped file count as the process's resident
+    memory for as long as the mapping lives, so mapping every shard (safe_open) would hold the
+    whole checkpoint resident to the end of the export.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._where: dict[str, tuple[Path, int, str, tuple]] = {}  # name -> file, offset, ..
+        for path in sorted(self.folder.glob("*.safetensors")):
+            for name, entry in _header(path).items():
+                self._where[name] = entry
+        self._check_index()
+
+    def _check_index(self) -> None:
+        """A sharded checkpoint's index names every tensor's shard: a missing shard is one
+        clear line here, not a missing weight halfway through the export."""
+        index = self.folder / "model.safetensors.index.json"
+        if not index.is_file():
+            return
+        try:
+            wanted = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArxError(f"{index} is not valid JSON ({e}); re-save the checkpoint") from e
+        missing = sorted({f for n, f in wanted.items() if n not in self._where})
+        if missing:
+            raise ArxError(f"{self.folder} lacks shard(s) {', '.join(missing)} named by "
+                           f"{index.name}; the download is incomplete, fetch the missing files")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def keys(self) -> Iterable[str]:
+        return self._where.keys()
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype code a tensor is stored in (BF16, F16, F32, ...)."""
+        return self._where[name][2]
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path, offset, code, shape = self._where[name]
+        out = np.empty(shape, dtype=_NUMPY[code])
+        with open(path, "rb") as f:
+            f.seek(offset)
+            if f.readinto(memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
+                raise ArxError(f"{path} ends inside tensor {name}; the weights look corrupt or "
+                               f"incomplete, re-download or re-save them")
+        if code == "BF16":  # the top half of a float32: widen in place of a torch round trip
+            return (out.astype(np.uint32) << 16).view(np.float32)
+        return np.ascontiguousarray(out, dtype=np.float32) if out.dtype.kind == "f" else out
+
+    get = __getitem__
+
+    def nbytes(self) -> int:
+        return sum(p.stat().st_size for p in {e[0] for e in self._where.values()})
+
+
+def _header(path: Path) -> dict[str, tuple[Path, int, str, tuple]]:
+    """name -> (file, absolute byte offset, dtype code, shape), checked against the file size."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit the file of {size} bytes")
+            header = json.loads(f.read(n))
+        entries = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            if info["dtype"] not in _NUMPY or 8 + n + end > size:
+                raise ValueError(f"tensor {name} ({info['dtype']}) past the end of the file"
+                                 if 8 + n + end > size else f"dtype {info['dtype']} of {name}")
+            entries[name] = (path, 8 + n + start, info["dtype"], tuple(info["shape"]))
+        return entries
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError too
+        raise ArxError(f"could not read {path} ({error_summary(e)}); the weights look corrupt "
+                       f"or incomplete, re-download or re-save them") from e
+
+
+def matches_model(source: SafetensorsSource, model) -> bool:
+    """Whether the files hold the model's own parameter names (each tied group once), so the
+    exporter can read them as they are; checkpoints saved under older layouts (e.g. per-expert
+    MoE weights transformers renames and fuses on load) go through the loaded model instead."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return all(any(n in source for n in names) for names in groups.values())
