@@ -46,10 +46,7 @@ def run_image(args, manifest, generate_options) -> int:
     if args.class_ is None and not info.text:
         raise ArxError(f"{args.bundle} is class-conditional: give --class N "
                        f"(0..{info.num_classes - 1}) instead of a prompt")
-    if args.batch is not None and args.batch < 1 or args.zoom is not None and args.zoom < 1:
-        raise ArxError("--batch and --zoom must be >= 1")
-    if args.image is None and not args.json:
-        raise ArxError("give --image PATH.png (or --json for the token grid)")
+    check_output_flags(args)
     if info.text:  # Janus: prompts are the condition (arx/commands/generate_janus.py)
         from arx.commands.generate_janus import prompt_ids
 
@@ -74,6 +71,14 @@ def run_image(args, manifest, generate_options) -> int:
         print(json.dumps(_as_json(result, info, paths)))
     _summary(result, paths)
     return 0
+
+
+def check_output_flags(args) -> None:
+    """--batch and --zoom >= 1, and somewhere for the images to go (also next-scale bundles)."""
+    if args.batch is not None and args.batch < 1 or args.zoom is not None and args.zoom < 1:
+        raise ArxError("--batch and --zoom must be >= 1")
+    if args.image is None and not args.json:
+        raise ArxError("give --image PATH.png (or --json for the token grid)")
 
 
 # text-generation flags with no meaning for an image (a fixed grid, no EOS, no draft model:

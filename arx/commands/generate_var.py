@@ -16,7 +16,7 @@ from arx.errors import ArxError
 
 
 def run_var(args, manifest, generate_options, speculation=None) -> int:
-    from arx.commands.generate_image import _paths, _refuse_text_flags, _write
+    from arx.commands.generate_image import _paths, _refuse_text_flags, _write, check_output_flags
     from arx.runtime.image_output import check_image_path
     from arx.runtime.var_generate import VarOptions, var_info
 
@@ -31,10 +31,7 @@ def run_var(args, manifest, generate_options, speculation=None) -> int:
     if args.class_ is None:
         raise ArxError(f"{args.bundle} is class-conditional: give --class N "
                        f"(0..{info.num_classes - 1})")
-    if args.batch is not None and args.batch < 1 or args.zoom is not None and args.zoom < 1:
-        raise ArxError("--batch and --zoom must be >= 1")
-    if args.image is None and not args.json:
-        raise ArxError("give --image PATH.png (or --json for the token maps)")
+    check_output_flags(args)
     classes = [c for c in args.class_ for _ in range(args.batch or 1)]
     bad = [c for c in classes if not 0 <= c < info.num_classes]
     if bad:
