@@ -83,7 +83,7 @@ def _trace(module, example: tuple, names: tuple[list[str], list[str]], path: Pat
 
 
 def _spec(name: str, t) -> TensorSpec:
-    dtype = "int64" if t.dtype.is_floating_point is False else "float32"
+    dtype = "float32" if t.dtype.is_floating_point else "int64"  # ids or features/pixels
     return TensorSpec(name, dtype, (B, *[int(d) for d in t.shape[1:]]))
 
 
