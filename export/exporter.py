@@ -63,6 +63,10 @@ def export_model(*, source: str | Path, output: str | Path,
     steps = Steps(5, enabled=options.progress)
     with steps.step(f"loading {source}"):
         src = load_source(source, options.num_layers)
+    if src.kind == "hf":  # before anything is read or written: one line if it cannot fit
+        from arx.export.budget import check_fits
+
+        check_fits(src, output, options.dtype, options.check_parity)
     with atomic_bundle(output, overwrite=options.overwrite) as tmp:
         if src.kind == "hf":
             from arx.export.hf_decoder import export_hf_decoder

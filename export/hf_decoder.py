@@ -20,6 +20,7 @@ from arx.export.step_graph import EXTENSION, STEP_STAGE, build_step_graph, save_
 from arx.export.tensor_source import StateDictSource
 from arx.export.weights import read_weights
 from arx.manifest import KVLayout, Pipeline
+from arx.progress import bar
 
 DECODER_FILE = "decoder.onnx"
 
@@ -38,6 +39,8 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions,
     # partial rotary widths GQA refuses (export/rotary_layout.py) reordered per layer as read
     tensors = src.tensors if src.tensors is not None else StateDictSource(src.module.state_dict())
     weights = read_weights(cfg, family.weights, tensors, lambda lw: reorder_layer(lw, cfg))
+    # one bar tick per layer read, converted and written: tqdm shows the time left
+    weights.layers = bar(weights.layers, "layers", total=cfg.num_layers, enabled=options.progress)
     kv = KVLayout(layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                   max_seq_len=max_seq_len, dtype=options.dtype)
     rope = None

@@ -173,3 +173,29 @@ def test_300m_checkpoint_within_the_memory_budget(tmp_path):
     del model
     assert greedy.arx_greedy(tmp_path / "fp32.arx", prompts) == expected
     print(json.dumps({k: [round(v / 1e9, 2) for v in p] for k, p in peaks.items()}))
+
+
+def test_memory_too_small_is_refused_naming_what_fits(bf16_folder, tmp_path, monkeypatch,
+                                                      capsys):
+    import arx.export.budget as budget
+    from arx.cli import main
+    from arx.export.sources import load_source
+
+    src = load_source(bf16_folder)
+    _, fp32 = budget.estimate(src, "float32", True)
+    _, fp16 = budget.estimate(src, "float16", True)
+    assert fp16 < fp32
+    monkeypatch.setattr(budget, "available_memory", lambda: int(fp16) + 1)
+    code = main(["export", str(bf16_folder), "-o", str(tmp_path / "b.arx"), "-q"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--dtype fp16" in err[0], err
+    assert not (tmp_path / "b.arx").exists()
+    assert main(["export", str(bf16_folder), "-o", str(tmp_path / "b.arx"), "-q",
+                 "--dtype", "fp16", "--no-parity"]) == 0
+
+
+def test_progress_ticks_per_layer(bf16_folder, tmp_path, capsys):
+    export_model(source=bf16_folder, output=tmp_path / "b.arx",
+                 options=ExportOptions(check_parity=False))
+    err = capsys.readouterr().err
+    assert "layers:" in err and "/3 [" in err, err  # a bar over the 3 layers, with a time
