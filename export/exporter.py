@@ -53,6 +53,9 @@ class ExportOptions:
         if self.dtype != "float32" and self.inputs_embeds:
             raise ArxError("--inputs-embeds takes float32 embeddings: export it without --dtype "
                            "(fp32)")
+        if self.kv_dtype != "fp32" and self.dtype != "float32":  # before minutes of export
+            raise ArxError(f"--kv-dtype rewrites an fp32 export's cache; a --dtype export's cache "
+                           f"follows its weights ({self.dtype}): drop --kv-dtype or --dtype")
 
 
 def export_model(*, source: str | Path, output: str | Path,
