@@ -40,10 +40,10 @@ from arx.runtime.sampler import Sampler, SamplingOptions
 from arx.serve.stops import StopText
 
 # Prompt tokens prefilled per step, all rows together, while some request decodes: a decode
-# step waits for them, so they bound the inter-token latency (docs/design.md, "Serving": on the
-# 134M benchmark model a batch-1 chunk of 16 costs about half a 16-row decode step, 64 about
-# 1.5 steps). While no request decodes nobody waits, and wider chunks cost less per token.
-DEFAULT_CHUNK = 16
+# step waits for them, so they bound the inter-token latency, while narrow chunks cost more per
+# token and keep rows out of the batch longer (docs/design.md, "Serving": 32 trades the two on
+# the 134M benchmark model). While no request decodes nobody waits: wider chunks.
+DEFAULT_CHUNK = 32
 DEFAULT_IDLE_CHUNK = 64
 
 

@@ -20,7 +20,7 @@ def register(sub) -> None:
     # defaults in serve/scheduler.py (not imported here: every arx command builds this parser)
     p.add_argument("--prefill-chunk", type=int,
                    help="prompt tokens prefilled per step, all new requests together, while "
-                        "other requests decode: bounds their inter-token latency (default 16)")
+                        "other requests decode: bounds their inter-token latency (default 32)")
     p.add_argument("--prefill-chunk-idle", type=int,
                    help="the same while no request decodes (default 64)")
     p.add_argument("--model-name", help="the model id clients send (default: the bundle's name)")

@@ -30,7 +30,7 @@ def test_ray_without_ray_names_the_ray_extra(exported_bundle):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--max-batch", "0"], "--max-batch, --prefill-chunk and --prefill-chunk-idle must be >= 1"),
-    (["--prefill-chunk-idle", "0"], "(got 8, 16, 0)"),
+    (["--prefill-chunk-idle", "0"], "(got 8, 32, 0)"),
     (["--port", "70000"], "--port must be in 0..65535"),
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
 ])
