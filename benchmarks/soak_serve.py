@@ -79,6 +79,8 @@ def random_body(rng: random.Random) -> dict:
     if rng.random() < 0.2:
         body["repetition_penalty"] = rng.uniform(1.0, 1.5)
     body["ignore_eos"] = rng.random() < 0.3
+    if rng.random() < 0.2:
+        body["logprobs"] = rng.randint(0, 5)
     return body
 
 
@@ -110,6 +112,9 @@ def check_answer(body: dict, status: int, raw: bytes) -> str | None:
         if reasons not in (["stop"], ["length"]) or tokens > body["max_tokens"] or \
                 reasons == ["length"] and tokens != body["max_tokens"]:
             return f"choice {i}: finish reasons {reasons}, {tokens} tokens of {body['max_tokens']}"
+        scored = sum(len(c["logprobs"]["token_logprobs"]) for c in mine if c.get("logprobs"))
+        if scored != (tokens if body.get("logprobs") is not None else 0):
+            return f"choice {i}: logprobs for {scored} of {tokens} tokens"
     return None
 
 

@@ -45,6 +45,8 @@ def test_the_checker_catches_incomplete_answers(soak):
     assert "finish reasons []" in soak.check_answer(body, 200, _stream(tok([5])))
     assert "3 tokens of 2" in soak.check_answer(body, 200, _stream(tok([5, 6, 7], "length")))
     assert "HTTP 500" in soak.check_answer(body, 500, b'{"error": {}}')
+    scored = {**body, "logprobs": 1}  # a token without its logprobs
+    assert "logprobs for 0 of 2" in soak.check_answer(scored, 200, _stream(tok([5]), tok([6], "length")))
     whole = {**body, "stream": False, "n": 2}
     one = json.dumps({"choices": [{"index": 0, "token_ids": [5], "finish_reason": "stop"}]})
     assert "choice 1" in soak.check_answer(whole, 200, one.encode())
