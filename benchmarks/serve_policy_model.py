@@ -23,9 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_models  # noqa: E402
-
-TINY = Path(__file__).resolve().parents[1] / "models" / "arx-tiny"
+import soak_serve  # noqa: E402
 
 
 def parse_args(argv):
@@ -118,10 +116,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from arx.runtime.decoder import DecoderSession
 
-    cache = Path(args.cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    bundle = bench_models.arx_bundle(TINY, cache / "arx-tiny-soak.arx", max_seq_len=512,
-                                     reuse=True)
+    bundle = soak_serve.tiny_bundle(args.cache_dir)
     print(f"{'chunk':>5} {'clients':>7} {'tok/s':>7} {'TTFT p50':>9} {'p99':>8} {'ITL p50':>8} "
           f"{'p99':>7}  ms   16 vs 1 client: tok/s, ITL p99")
     with DecoderSession(bundle) as session:

@@ -223,12 +223,18 @@ def failures(report: dict) -> list[str]:
     return out
 
 
+def tiny_bundle(cache_dir: str | Path) -> Path:
+    """models/arx-tiny exported into cache_dir once (reused after)."""
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    return bench_models.arx_bundle(TINY, cache / "arx-tiny-soak.arx", max_seq_len=512,
+                                   reuse=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cache = Path(args.cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    bundle = bench_models.arx_bundle(TINY, cache / "arx-tiny-soak.arx", max_seq_len=512,
-                                     reuse=True)
+    bundle = tiny_bundle(cache)
     server = argparse.Namespace(max_batch=args.max_batch, clients=[4 * args.clients],
                                 threads=args.threads, prefill_chunk=None, prefill_chunk_idle=None)
     with open(cache / "soak.log", "ab") as log:

@@ -19,9 +19,7 @@ def _run(model, tmp_path, clients, chunk):
 
     args = model.parse_args(["--requests", "2", "--prompt-len", "40", "--new-tokens", "12",
                              "--max-batch", "4", "--cache-dir", str(tmp_path)])
-    bundle = model.bench_models.arx_bundle(model.TINY, tmp_path / "tiny.arx", max_seq_len=512,
-                                           reuse=True)
-    with DecoderSession(bundle) as session:
+    with DecoderSession(model.soak_serve.tiny_bundle(tmp_path)) as session:
         return model.replay(session, args, clients, chunk)
 
 
