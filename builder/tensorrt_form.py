@@ -6,6 +6,8 @@
                                                    (local_window_size -> window), or with
                                                    attention "native": ONNX TensorScatter +
                                                    Attention (export/attention_rewrite.py)
+    com.microsoft MoE (--moe op bundles)     ──►   every expert in standard ops, as --moe dense
+                                                   exports them (export/moe_rewrite.py)
     cache (B, kv_heads, past, D), dynamic    ──►   static cache (B, kv_heads, S_max, D),
                                                    present.i.* aliased to past_key_values.i.*
     logits (B, S, V)                         ──►   last_logits (B, V) fp32 [or all / none]
@@ -40,6 +42,7 @@ from arx.errors import ArxError
 from arx.export.attention_rewrite import (GQA, NATIVE_OPSET, Bookkeeping, parse_gqa,
                                           rewrite_attention_native)
 from arx.export.graph_edit import GraphEditor, prune, topological_sort
+from arx.export.moe_rewrite import densify_moe
 from arx.manifest import Manifest, Stage, TensorSpec
 
 from .attention import rewrite_attention
@@ -130,6 +133,7 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
     if spec.s_max > manifest.kv.max_seq_len:
         raise ArxError(f"--max-seq-len {spec.s_max} exceeds the bundle's context of "
                        f"{manifest.kv.max_seq_len}; re-export with a larger --max-seq-len")
+    densify_moe(model)  # TensorRT has no MoE op: the experts in standard ops
     _check_ops(model)
     graph = model.graph
     ed = GraphEditor(graph)

@@ -28,6 +28,7 @@ from arx.calibration.data import Samples, load_samples
 from arx.calibration.options import CalibrateOptions
 from arx.calibration.report import AccuracyReport, percent, table, write
 from arx.errors import ArxError
+from arx.export.moe_rewrite import densify_moe
 from arx.export.step_graph import EXTENSION as STEP_EXTENSION
 from arx.export.step_graph import STEP_STAGE, build_step_graph, save_step_graph
 from arx.manifest import MANIFEST_NAME, Manifest, read_manifest
@@ -112,6 +113,7 @@ def check_source(bundle: Path, manifest: Manifest) -> None:
 def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cached, work: Path) -> _Quantized:
     q_opts = options.quant
     model = G.load_decoder(bundle, manifest)
+    moe = densify_moe(model)  # the MoE op's 3-D experts as the 2-D MatMuls quantized below
     if q_opts.lm_head:
         G.untie_lm_head(model)
     linears = G.linears(model)
@@ -119,6 +121,8 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
     info = {"version": cache_mod.VERSION, "scheme": q_opts.scheme,
             "model_fingerprint": cache_mod.fingerprint(bundle, manifest),
             "data": {**samples.source, "samples": len(samples.calib), "tokens_sha256": samples.fingerprint()}}
+    if moe:
+        info["moe_form"] = "dense"  # the quantized bundle runs every expert (docs/design.md)
     if q_opts.spec.activations:
         from arx.calibration.static import quantize_static_bundle
 

@@ -37,6 +37,7 @@ class ExportOptions:
     progress: bool = True
     seed: int = 0
     inputs_embeds: bool = False  # decoder takes (B, S, hidden) embeddings + an embedder stage
+    moe: str | None = None  # op | dense (--moe); None: op where ORT's MoE op fits (moe_graph.py)
     kv_dtype: str = "fp32"  # fp16 | int8: the cache is retyped after parity (export/kv_dtype.py)
     dtype: str = "float32"  # the decoder's weights and activations (--dtype); the cache follows
     num_layers: int | None = None  # the first N layers only: parity's truncated-depth check

@@ -66,6 +66,9 @@ class DecoderConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     moe_layers: tuple[bool, ...] = ()
+    # how the MoE layers are emitted: "op" (one com.microsoft MoE node) | "dense" (standard
+    # ops); set at export from --moe (export/moe_graph.py moe_form), "" without experts
+    moe_form: str = ""
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +14,7 @@ from arx.export.decoder_graph import build_decoder
 from arx.export.embedder import EMBEDDER_STAGE, build_embedder, save_embedder
 from arx.export.exporter import DecoderExport, ExportOptions, resolve_max_seq_len
 from arx.export.families import DecoderConfig
+from arx.export.moe_graph import moe_form
 from arx.export.external_data import ExternalDataWriter
 from arx.export.rotary_layout import reorder_layer, widen_tables
 from arx.export.sources import LoadedSource
@@ -31,6 +33,7 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions,
     the LM head (Janus' image generation head, export/janus.py)."""
     family = src.family
     cfg = family.read_config(src.module.config)
+    cfg = dataclasses.replace(cfg, moe_form=moe_form(cfg, options.moe))  # in model_info.config
     if cfg.head_dim % 16:
         raise ArxError(f"head_dim {cfg.head_dim} is not a multiple of 16, which onnxruntime's fused "
                        f"attention (GroupQueryAttention) requires; arx cannot export this model yet")

@@ -15,14 +15,56 @@ float: a 4-bit router flips the experts chosen.
 
 Routing follows the model: Mixtral and Qwen3-MoE both take the softmax over all experts, then
 the top k; Mixtral renormalises the k weights to sum to 1, Qwen3-MoE when `norm_topk_prob`.
+
+The "op" form (cfg.moe_form, `arx export --moe op`, the default for gated-SiLU experts) is one
+com.microsoft MoE node, which runs only the k chosen experts of each token:
+
+    h (B,S,H) ─Reshape─► (B*S,H) ─┐
+    router logits ─Reshape─► (B*S,E) ─MoE(k, swiglu, normalize_routing_weights)─Reshape─► (B,S,H)
+        fc1 (E, 2I, H): gate and up rows interleaved (swiglu_fusion=1), fc2 (E, H, I): (out, in)
+
+ORT 1.31 CPU takes the logits and does the top k and the softmax itself: normalize 1 is the
+softmax over the k chosen (= Mixtral's renormalised weights), normalize 0 the softmax over all
+E at the chosen (= Qwen3-MoE without norm_topk_prob); both checked against the dense form
+(tests/export/test_moe_op.py). Calibration and the TensorRT forms take the dense form, which
+export/moe_rewrite.py rebuilds from the node with the emitter below.
 """
 
 from __future__ import annotations
 
-import numpy as np
-from onnx import TensorProto
+from dataclasses import dataclass
 
-from arx.export.graph import GraphBuilder
+import numpy as np
+
+from arx.errors import ArxError
+from arx.export.graph import MS_DOMAIN, GraphBuilder
+
+MOE_FORMS = ("op", "dense")  # arx export --moe
+MOE_OP = (MS_DOMAIN, "MoE")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What the dense emitter reads of a DecoderConfig (also rebuilt from an MoE node)."""
+
+    num_experts: int
+    experts_per_token: int
+    norm_topk_prob: bool
+    activation: str = "silu"
+
+
+def moe_form(cfg, asked: str | None) -> str:
+    """The form a model's MoE layers take: "" without experts; `asked` (--moe) or, by default,
+    "op" where ORT's MoE op computes the experts (gated SiLU, no biases: its swiglu)."""
+    if asked is not None and asked not in MOE_FORMS:
+        raise ArxError(f"--moe must be one of {', '.join(MOE_FORMS)} (got {asked})")
+    if not cfg.num_experts:
+        return ""
+    fits = cfg.activation == "silu"
+    if asked == "op" and not fits:
+        raise ArxError(f"--moe op: onnxruntime's MoE op has no gated {cfg.activation} experts "
+                       f"(only SwiGLU); export with --moe dense")
+    return asked or ("op" if fits else "dense")
 
 
 def moe_mlp(g: GraphBuilder, cfg, i: int, lw, h: str, expert_mlp) -> str:
@@ -31,6 +73,14 @@ def moe_mlp(g: GraphBuilder, cfg, i: int, lw, h: str, expert_mlp) -> str:
     p = f"layers.{i}.mlp"
     table = g.weight(f"{p}.router.weight", lw.router)  # (E, H) as HF stores it
     logits = g.op("MatMul", h, g.op("Transpose", table, perm=[1, 0]), name=f"{p}.router")
+    if getattr(cfg, "moe_form", "") == "op":
+        return _moe_op(g, cfg, lw.experts, h, logits, p)
+    return dense_experts(g, cfg, logits, lw.experts, h, expert_mlp, p)
+
+
+def dense_experts(g, cfg, logits: str, experts, h: str, expert_mlp, p: str) -> str:
+    """Every expert on h (B,S,H), weighted by the routing of the logits (B,S,E); `g` is a
+    GraphBuilder or anything with its weight/const/op (export/moe_rewrite.py)."""
     probs = g.op("Softmax", logits, axis=-1, name=f"{p}.router_softmax")  # (B,S,E)
     chosen = g.op("Less", _rank(g, probs, cfg.num_experts, p),
                   g.const(float(cfg.experts_per_token), np.float32), name=f"{p}.topk")
@@ -39,13 +89,40 @@ def moe_mlp(g: GraphBuilder, cfg, i: int, lw, h: str, expert_mlp) -> str:
         routing = g.op("Div", routing, g.op("ReduceSum", routing, g.const([-1]), keepdims=1),
                        name=f"{p}.renormalise")
     out = ""
-    for e, weights in enumerate(lw.experts):
+    for e, weights in enumerate(experts):
         y = expert_mlp(g, cfg, f"{p}.experts.{e}", weights, h)  # (B,S,H)
         r = g.op("Gather", routing, g.const([e]), axis=-1, name=f"{p}.weight_{e}")  # (B,S,1)
         y = g.op("Mul", y, r)
         out = y if not out else g.op("Add", out, y)
     return out
 
+
+def _moe_op(g: GraphBuilder, cfg, experts, h: str, logits: str, p: str) -> str:
+    """One com.microsoft MoE node (module docstring): each expert's weights as (out, in)."""
+    fc1 = np.stack([_interleave(x.gate[0].T, x.up[0].T) for x in experts])  # (E, 2I, H)
+    fc2 = np.stack([x.down[0].T for x in experts])  # (E, H, I)
+    # token rows (B*S, H) in and out: ORT 1.31's CPU kernel given the (B,S,H) form computed
+    # wrong outputs inside the Qwen3-MoE decoder (right alone, and right as rows)
+    rows = g.op("Reshape", h, g.const([-1, fc1.shape[2]]), name=f"{p}.token_rows")
+    flat = g.op("Reshape", logits, g.const([-1, cfg.num_experts]), name=f"{p}.router_rows")
+    y = g.op("MoE", rows, flat, g.weight(f"{p}.experts.fc1", fc1), "",
+             g.weight(f"{p}.experts.fc2", fc2), domain=MS_DOMAIN, name=f"{p}.moe",
+             k=int(cfg.experts_per_token), activation_type="swiglu", swiglu_fusion=1,
+             activation_alpha=1.0, activation_beta=0.0, swiglu_limit=1e30,  # no clamp
+             normalize_routing_weights=int(bool(cfg.norm_topk_prob)))
+    return g.op("Reshape", y, g.op("Shape", h), name=f"{p}.moe_out")  # (B,S,H)
+
+
+def _interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """(I, H) gate and up -> (2I, H) rows g0, u0, g1, u1, ... (swiglu_fusion=1)."""
+    out = np.empty((2 * gate.shape[0], gate.shape[1]), gate.dtype)
+    out[0::2], out[1::2] = gate, up
+    return out
+
+
+def split_fc1(fc1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """_interleave's inverse: (2I, H) -> gate (I, H), up (I, H)."""
+    return fc1[0::2], fc1[1::2]
 
 
 def _rank(g: GraphBuilder, probs: str, experts: int, p: str) -> str:

@@ -21,6 +21,10 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                    help="the decoder's weights, activations and cache: fp32 (ORT on the CPU, the "
                         "default), fp16 (CPU and GPU), bf16 (CUDA and TensorRT only)")
+    p.add_argument("--moe", choices=("op", "dense"),
+                   help="mixture-of-experts layers: op (onnxruntime's MoE node, runs the chosen "
+                        "experts only; the default where it fits) or dense (standard ops, every "
+                        "expert)")
     p.add_argument("--kv-dtype", default="fp32", choices=("fp32", "fp16", "int8"),
                    help="KV cache dtype: fp16 halves it, int8 quarters it (static per-channel "
                         "scales from random ids here; arx calibrate --kv-dtype int8 measures "
@@ -39,7 +43,7 @@ def run(args) -> int:
     out = Path(args.output) if args.output else Path(Path(args.source).stem + ".arx")
     options = ExportOptions(max_seq_len=args.max_seq_len, atol=args.atol,
                             inputs_embeds=args.inputs_embeds, dtype=BUNDLE_DTYPES[args.dtype],
-                            kv_dtype=args.kv_dtype,
+                            kv_dtype=args.kv_dtype, moe=args.moe,
                             check_parity=not args.no_parity, overwrite=args.overwrite,
                             progress=not args.quiet)
     manifest = export_model(source=args.source, output=out, options=options)

@@ -32,6 +32,8 @@ def _logits(cfg, ids: torch.Tensor) -> torch.Tensor:
     ("olmo", dict(clip_qkv=None)),
     ("smollm3", dict(no_rope_layers=[1, 1])),
     ("qwen3_moe", dict(num_experts_per_tok=4)),  # top-2 routing, not all experts
+    ("qwen3_moe", dict(norm_topk_prob=True)),  # the k weights left unnormalised
+    ("mixtral", dict(num_experts_per_tok=4)),
 ])
 def test_tiny_config_features_bite(family, change):
     """Turning the feature off changes the tiny model's logits, so the exported graph must

@@ -1,0 +1,95 @@
+"""com.microsoft MoE nodes back into the dense standard-op form, for what cannot take the op.
+
+    MoE(h, router rows, fc1 (E,2I,H), -, fc2 (E,H,I))  ──►  export/moe_graph.py's dense_experts:
+                                                            softmax, top-k ranks, E gated MLPs
+
+TensorRT has no such op and `arx calibrate` quantizes 2-D MatMul weights, so `arx build` and
+`arx calibrate` rewrite an "op" bundle's experts to exactly the graph `arx export --moe dense`
+writes (same emitter, same weight names `layers.{i}.mlp.experts.{e}.*_proj.weight`), with the
+router MatMul left as it was. Only the node arx emits is understood (SwiGLU, interleaved fc1, no
+biases); anything else is refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from arx.errors import ArxError
+from arx.export.decoder_graph import _ffn
+from arx.export.graph_edit import GraphEditor, initializer, prune, topological_sort
+from arx.export.moe_graph import MOE_OP, Routing, dense_experts, split_fc1
+from arx.export.weights import Expert
+
+
+class _Emitter(GraphEditor):
+    """A GraphEditor that also has what the dense emitter asks of a GraphBuilder: weight(), and
+    float constants in the graph's float type (fp16/bf16 bundles)."""
+
+    def __init__(self, graph: onnx.GraphProto, float_dtype: np.dtype, float_type: int):
+        super().__init__(graph, prefix="moe")
+        self.float_dtype, self.float_type = float_dtype, float_type
+
+    def fresh(self, hint: str) -> str:  # the names --moe dense gives, where free
+        if hint in self._taken:
+            return super().fresh(hint)
+        self._taken.add(hint)
+        return hint
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        name = self.fresh(name)
+        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, value, dtype=np.int64) -> str:
+        return super().const(value, self.float_dtype if np.dtype(dtype).kind == "f" else dtype)
+
+
+def has_moe_op(model: onnx.ModelProto) -> bool:
+    return any((n.domain, n.op_type) == MOE_OP for n in model.graph.node)
+
+
+def densify_moe(model: onnx.ModelProto) -> int:
+    """Rewrite every MoE node of `model` (weights loaded) in place; returns how many."""
+    graph = model.graph
+    nodes = [n for n in graph.node if (n.domain, n.op_type) == MOE_OP]
+    ed = None
+    for n in nodes:
+        spec, experts = _parse(graph, n)
+        if ed is None:
+            fc1 = next(t for t in graph.initializer if t.name == n.input[2])
+            ed = _Emitter(graph, experts[0].up[0].dtype, fc1.data_type)
+        # on the node's token rows (N,H) and router rows (N,E): every dense op is per row
+        prefix = n.name.removesuffix(".moe") if n.name.endswith(".moe") else ed.fresh("mlp")
+        out = dense_experts(ed, spec, n.input[1], experts, n.input[0], _ffn, prefix)
+        ed.node("Identity", [out], [n.output[0]], name=f"{prefix}.experts_sum")
+        graph.node.remove(n)
+    if nodes:
+        topological_sort(graph)
+        prune(graph, keep_inputs=[i.name for i in graph.input])  # drops fc1/fc2, the rows
+    return len(nodes)
+
+
+def _parse(graph: onnx.GraphProto, n: onnx.NodeProto) -> tuple[Routing, list[Expert]]:
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+    act = attrs.get("activation_type", b"relu")
+    act = act.decode() if isinstance(act, bytes) else act
+    ins = list(n.input) + [""] * (8 - len(n.input))
+    plain = (act == "swiglu" and attrs.get("swiglu_fusion") == 1 and not ins[3] and not ins[5]
+             and not any(ins[6:]) and attrs.get("activation_alpha", 1.0) == 1.0
+             and attrs.get("activation_beta", 0.0) == 0.0 and attrs.get("swiglu_limit", 1e30) >= 1e30
+             and not attrs.get("use_sparse_mixer", 0))
+    fc1, fc2 = initializer(graph, ins[2]), initializer(graph, ins[4])
+    if not plain or fc1 is None or fc2 is None:
+        raise ArxError(f"MoE node {n.name!r} is not the form arx exports (SwiGLU experts, "
+                       f"interleaved fc1 weights, no biases); re-export the bundle with arx export "
+                       f"--moe dense")
+    experts = []
+    for e in range(fc1.shape[0]):
+        gate, up = split_fc1(fc1[e])  # (I, H) each: (out, in) -> MatMul's (in, out)
+        experts.append(Expert((np.ascontiguousarray(gate.T), None), (np.ascontiguousarray(up.T), None),
+                              (np.ascontiguousarray(fc2[e].T), None)))
+    spec = Routing(num_experts=fc1.shape[0], experts_per_token=int(attrs["k"]),
+                   norm_topk_prob=bool(attrs.get("normalize_routing_weights", 0)))
+    return spec, experts
