@@ -40,8 +40,9 @@ class Replica:
             raise RuntimeError("the scheduler is not running")
 
     def __del__(self):
-        self.server.scheduler.close()
-        self.session.__exit__(None, None, None)
+        if getattr(self, "server", None) is not None:  # not when __init__ failed
+            self.server.scheduler.close()
+            self.session.__exit__(None, None, None)
 
 
 def application(bundle: str | Path, *, replicas: int, options: dict, backend: dict,
