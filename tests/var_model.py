@@ -211,12 +211,14 @@ class TinyVAR(nn.Module):
         x = x + self.lvl_pos()[0][position_ids]
         return self.transformer(x, cond, past_key_values)
 
-    def forward_train(self, labels, ids, drop: float = 0.1):
-        """Teacher-forced logits (B, L, V) with VAR's block-causal mask and class dropout."""
+    def forward_train(self, labels, ids, drop: float = 0.1, x_in=None):
+        """Teacher-forced logits (B, L, V) with VAR's block-causal mask and class dropout;
+        x_in: ids_to_var_input(ids), when the caller has it (a frozen VQ-VAE)."""
         b = labels.shape[0]
         labels = torch.where(torch.rand(b) < drop, torch.full_like(labels, self.num_classes), labels)
         cond = self.class_emb(labels)[:, None]
-        x_in = self.vae.quantize.ids_to_var_input(ids, self.patch_nums[-1])
+        if x_in is None:
+            x_in = self.vae.quantize.ids_to_var_input(ids, self.patch_nums[-1])
         x = torch.cat([cond + self.pos_start, self.word_embed(x_in)], dim=1) + self.lvl_pos()
         bias = self.lvl_1L[:, None] >= self.lvl_1L[None, :]  # query level >= key level
         return self.transformer(x, cond, [None] * len(self.blocks), bias)[0]
