@@ -133,21 +133,26 @@ def _prod(dims) -> int:
     return out
 
 
-def _with_tokenizer(hf: Path, vocab: int) -> Path:
-    """The model builder insists on loading a tokenizer: a sibling folder with the same weights
-    (symlinks) plus a word-level tokenizer over the model's vocabulary."""
-    folder = hf.with_name(hf.name + "-tok")
-    if (folder / "tokenizer.json").is_file():
-        return folder
+def write_word_tokenizer(folder: Path, vocab: int) -> None:
+    """A word-level tokenizer over `vocab` ids saved into `folder` (the builder needs one)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab)}}
     tok = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    folder.mkdir(exist_ok=True)
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
                             eos_token="</s>").save_pretrained(folder)
+
+
+def _with_tokenizer(hf: Path, vocab: int) -> Path:
+    """The model builder insists on loading a tokenizer: a sibling folder with the same weights
+    (symlinks) plus a word-level tokenizer over the model's vocabulary."""
+    folder = hf.with_name(hf.name + "-tok")
+    if (folder / "tokenizer.json").is_file():
+        return folder
+    folder.mkdir(exist_ok=True)
+    write_word_tokenizer(folder, vocab)
     for name in ("config.json", "generation_config.json", "model.safetensors"):
         link = folder / name
         if not link.exists():

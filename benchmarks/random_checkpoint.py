@@ -40,7 +40,8 @@ def write_llama(folder: Path, shape: dict, *, dtype: str = "bfloat16", seed: int
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, dtype=dtype)
+    config = LlamaConfig(**shape, bos_token_id=1, eos_token_id=2, dtype=dtype,
+                         architectures=["LlamaForCausalLM"])  # as save_pretrained writes it
     with torch.device("meta"):
         names = {n: t.shape for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
     if config.tie_word_embeddings:

@@ -7,7 +7,6 @@ the ~300M one measures the export's peak resident memory in a subprocess."""
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,7 @@ def _import(folder: Path, name: str):
 
 
 checkpoints = _import(ROOT / "benchmarks", "random_checkpoint")
+bench_export = _import(ROOT / "benchmarks", "bench_export")  # peak_run: a child's ru_maxrss
 greedy = _import(ROOT / "tests" / "runtime", "test_generate_matches_hf")  # hf_greedy, arx_greedy
 
 
@@ -140,14 +140,9 @@ def test_missing_shard_is_named(bf16_folder, tmp_path):
 
 
 def _peak_export(folder: Path, out: Path, *flags: str) -> int:
-    """Peak resident bytes of `arx export` run in a child of a child (ru_maxrss of that one)."""
-    code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    proc = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "arx", "export",
-                           str(folder), "-o", str(out), "--max-seq-len", "256", "-q", *flags],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return int(proc.stdout.split()[-1]) * 1024  # kB on Linux
+    cmd = [sys.executable, "-m", "arx", "export", str(folder), "-o", str(out), "--max-seq-len",
+           "256", "-q", *flags]
+    return bench_export.peak_run(cmd)[1]
 
 
 @pytest.mark.slow
