@@ -65,14 +65,16 @@ class _Recorder:
 
     def run(self, feeds):
         self.feeds.append(dict(feeds))
-        b = feeds["input_ids"].shape[0]
+        b = feeds["past_lengths"].shape[0]
         return {trt_check.LOGITS: np.zeros((b, self.vocab_size), np.float32),
                 trt_check.TOKEN_IDS: np.zeros(b, np.int32)}
 
 
-def step_feeds(manifest: Manifest, io: dict, s_max: int, steps) -> list[dict[str, np.ndarray]]:
+def step_feeds(manifest: Manifest, io: dict, s_max: int, steps,
+               embeds: list | None = None) -> list[dict[str, np.ndarray]]:
     """The engine's feeds for `steps` minus the cache (the runner carries it): built by the
-    EngineSession that `arx generate --engine` runs, with greedy sampler inputs."""
+    EngineSession that `arx generate --engine` runs, with greedy sampler inputs; embeds: the
+    steps' ids embedded, for an engine that takes inputs_embeds (Janus)."""
     from arx.runtime.engine_session import TOKEN_IDS, EngineSession
     from arx.runtime.sampler import SamplingOptions
 
@@ -81,8 +83,9 @@ def step_feeds(manifest: Manifest, io: dict, s_max: int, steps) -> list[dict[str
                                        "max_batch": len(PROMPT_LENS)}, manifest)
     cache = session.new_cache(len(PROMPT_LENS))
     session.device_sampling(cache, SamplingOptions(seed=0), None)  # greedy: the seed is unused
-    for ids, lens in steps:
-        (session.step_tokens if TOKEN_IDS in session.outputs else session.step)(cache, ids, lens)
+    for (ids, lens), e in zip(steps, embeds or [None] * len(steps)):
+        (session.step_tokens if TOKEN_IDS in session.outputs else session.step)(
+            cache, ids, lens, inputs_embeds=e)
     pasts = {past for past, _ in manifest.kv.pairs()}
     return [{k: np.asarray(v) for k, v in f.items() if k not in pasts} for f in recorder.feeds]
 
@@ -110,7 +113,14 @@ def _host(buffer: Any) -> np.ndarray:
 def check_data(bundle: Path, manifest: Manifest, io: dict, s_max: int) -> tuple[list, list]:
     """(engine feeds, reference outputs) of the check steps."""
     steps = check_steps(manifest, s_max)
-    return step_feeds(manifest, io, s_max, steps), reference_outputs(bundle, manifest, steps, s_max)
+    embeds = None
+    if any(t["name"] == "inputs_embeds" for t in io["inputs"]):  # the ids the reference embeds
+        from arx.runtime.decoder import DecoderSession
+
+        with DecoderSession(bundle) as session:
+            embeds = [session.embed(ids) for ids, _ in steps]
+    return (step_feeds(manifest, io, s_max, steps, embeds),
+            reference_outputs(bundle, manifest, steps, s_max))
 
 
 def tolerance(precision: str, io: dict) -> float:

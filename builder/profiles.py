@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from arx.errors import ArxError
 from arx.manifest import Stage
 
+from .image_form import IMAGE_ROWS
 from .options import BuildOptions
 
 Range = tuple[int, int, int]  # (min, opt, max)
@@ -43,7 +44,13 @@ def _roles(stage: Stage) -> dict[str, str]:
     for dim, role in ((ids.shape[0], "batch"), (ids.shape[1], "new")):
         if isinstance(dim, str):
             roles[dim] = role
+    roles[IMAGE_ROWS] = "images"  # a guided image sampler's rows (builder/image_form.py)
     return roles
+
+
+def _with_images(ranges: dict[str, Range]) -> dict[str, Range]:
+    """An image engine's sampler has one row per [cond; null] pair of cache rows."""
+    return {**ranges, "images": tuple(max(1, n // 2) for n in ranges["batch"])}
 
 
 def block_widths(manifest) -> tuple[int, ...]:
@@ -76,6 +83,7 @@ def make_profiles(stage: Stage, options: BuildOptions, s_max: int,
     roles = _roles(stage)
     profiles = []
     for name, ranges in dim_ranges(options, s_max, widths).items():
+        ranges = _with_images(ranges)
         shapes = {}
         for t in stage.inputs:
             per_bound = []

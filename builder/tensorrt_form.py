@@ -46,6 +46,7 @@ from arx.export.moe_rewrite import densify_moe
 from arx.manifest import Manifest, Stage, TensorSpec
 
 from .attention import rewrite_attention
+from .image_form import IMAGE_ROWS, check_image_form, image_sampler, sampler_logits
 from .schemas import DOMAIN, OPSET, SAMPLE, has_plugin_nodes, plugin_attrs, register_schemas
 
 ONNX_OPSET = 23  # RMSNormalization; TensorRT 11's parser reads up to opset 25
@@ -98,12 +99,13 @@ def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
     inputs[1:1] = [TensorSpec(PAST_LENGTHS, "int64", (batch,)),
                    TensorSpec(NEW_LENGTHS, "int64", (batch,))]
     outputs: list[TensorSpec] = []
+    codebook = image_sampler(manifest)  # images: one sampler row per [cond; null] pair
+    v, rows = (codebook.size, IMAGE_ROWS) if codebook else (manifest.vocab_size, batch)
     if spec.sampler == "plugin":
-        v = manifest.vocab_size
         for name, (dtype, dims) in SAMPLER_INPUTS.items():
-            inputs.append(TensorSpec(name, dtype, (batch, *[v if d == "V" else d for d in dims])))
+            inputs.append(TensorSpec(name, dtype, (rows, *[v if d == "V" else d for d in dims])))
     if spec.sampler != "none":
-        outputs.append(TensorSpec(TOKEN_IDS, "int32", (batch,)))
+        outputs.append(TensorSpec(TOKEN_IDS, "int32", (rows,)))
     vocab = next(t for t in dec.outputs if t.name == LOGITS).shape[2]
     if spec.logits == "last":
         outputs.append(TensorSpec(LAST_LOGITS, "float32", (batch, vocab)))
@@ -116,13 +118,12 @@ def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
 def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec) -> onnx.ModelProto:
     """Rewrite `model` (the bundle's decoder, modified in place and returned) to the TRT form."""
     register_schemas()
-    if manifest.pipeline.kind == "image-tokens":  # a decoder-only kit could not draw images
-        raise ArxError("the TensorRT form of image-token bundles (the CFG rows in the static "
-                       "cache, the VQ decoder as its own engine) is not built yet; run the "
-                       "bundle on ONNX Runtime with arx generate --class N --image out.png")
     next_scale = manifest.pipeline.kind == "next-scale"
+    codebook = image_sampler(manifest)  # image-token bundles (builder/image_form.py)
     if next_scale:
         _check_next_scale(spec)
+    elif codebook:
+        check_image_form(spec.sampler, spec.logits)  # Janus' inputs_embeds decoder included
     elif manifest.decoder.input("input_ids") is None:
         raise ArxError("this bundle's decoder takes inputs_embeds (arx export --inputs-embeds), "
                        "whose TensorRT form arx does not build yet; export without "
@@ -151,7 +152,7 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
             rewrite_attention(ed, parse_gqa(n), manifest.kv.head_dim, bk, rope_cache, spec.aot)
         graph.node.remove(n)
     stage = tensorrt_io(manifest, spec)
-    _head(ed, bk, spec, manifest.decoder.inputs[0].name)
+    _head(ed, bk, spec, manifest.decoder.inputs[0].name, codebook)
     mask = [i for i in graph.input if i.name == MASK]  # still read by the bundle's dead
     _set_io(graph, stage)                               # bookkeeping until the prune below
     graph.input.extend(mask)
@@ -200,13 +201,16 @@ def _bookkeeping(ed: GraphEditor, s_max: int, tokens: str = "input_ids",
                        new_len64=new, past_len64=past, total64=total, block=rows)
 
 
-def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec, tokens: str = "input_ids") -> None:
+def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec, tokens: str = "input_ids",
+          codebook=None) -> None:
     """Which rows reach the LM head, each row's last valid logits, then the sampler.
 
         last:  logits_indices = new_len-1 (B,1) ─► logits (B,1,V) ─Squeeze─► last_logits (B,V)
         all:   logits_indices = Range(S) (B,S)  ─► logits (B,S,V) ─GatherND(new_len-1)─► last_logits
         last_logits, sampling_params, presence, seed, offset ─arx::sample─► token_ids (B,) int32
         (sampler "argmax": last_logits ─ArgMax─Cast─► token_ids, greedy, no plugin)
+        codebook (an image bundle): the sampler sees the codebook's columns of [cond; null]
+        rows and mixes them (guidance=1; builder/image_form.py)
     """
     last = ed.op("Unsqueeze", ed.op("Sub", bk.new_len64, ed.const(1)), ed.const([1]))  # (B, 1)
     if spec.logits == "all":
@@ -221,8 +225,9 @@ def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec, tokens: str = "input
         ed.node("Identity", [last], [LOGITS_INDICES], name="head/last_row")
         ed.node("Squeeze", [LOGITS, ed.const([1])], [LAST_LOGITS], name="head/last_logits")
     if spec.sampler == "plugin":
-        ed.node(SAMPLE, [LAST_LOGITS, *SAMPLER_INPUTS], [TOKEN_IDS], domain=DOMAIN,
-                name="head/sample", guidance=0, **plugin_attrs(aot=spec.aot))
+        picked = sampler_logits(ed, LAST_LOGITS, codebook) if codebook else LAST_LOGITS
+        ed.node(SAMPLE, [picked, *SAMPLER_INPUTS], [TOKEN_IDS], domain=DOMAIN,
+                name="head/sample", guidance=int(codebook is not None), **plugin_attrs(aot=spec.aot))
     elif spec.sampler == "argmax":  # ties: the first index, as the plugin's greedy mode
         ids = ed.op("ArgMax", LAST_LOGITS, axis=-1, keepdims=0, name="head/argmax")
         ed.node("Cast", [ids], [TOKEN_IDS], to=onnx.TensorProto.INT32, name="head/token_ids")

@@ -173,3 +173,13 @@ class OrtBackend:
                 self._returned.append(name)
         self._binding, self._held = io, buffers
         return io
+
+
+def open_stage(bundle_dir: str | Path, manifest, name: str,
+               options: BackendOptions = BackendOptions()) -> OrtBackend:
+    """An ONNX Runtime session of the bundle's stage `name` (one line if its file is gone)."""
+    stage = manifest.stages[name]
+    path = Path(bundle_dir) / stage.file
+    if not path.is_file():
+        raise ArxError(f"bundle {bundle_dir} lacks {stage.file}; re-export it")
+    return OrtBackend(path, options=options)

@@ -31,6 +31,9 @@ from arx.manifest import Manifest, read_manifest
 from arx.runtime.generate import Capacity
 from arx.runtime.sampler import SamplingOptions
 
+# An image engine's sampler row dim: one row per [cond; null] pair (builder/image_form.py)
+IMAGE_ROWS = "images"
+
 TOKEN_IDS, LAST_LOGITS, LOGITS = "token_ids", "last_logits", "logits"
 
 
@@ -85,12 +88,12 @@ class EngineSession:
     def device_sampling(self, cache: EngineCache, sampling: SamplingOptions,
                         seen: np.ndarray | None) -> bool:
         """Whether this engine picks the tokens itself for `sampling`; sets up its inputs."""
-        batch = cache.lengths.shape[0]
+        batch = self.sampler_rows(cache)
         if "sampling_params" in self.inputs:
             # without a repetition penalty presence is a zeroed device buffer bound as is, so
             # no (B, V) host array goes to the device every token
             presence = seen if seen is not None else self.backend.allocate(
-                (batch, self.manifest.vocab_size), "bool")
+                (batch, self.inputs["presence"]["shape"][1]), "bool")
             cache.sampler_feeds = {"sampling_params": np.tile(sampling.params().row(), (batch, 1)),
                                    "presence": presence,
                                    "seed": np.full(batch, sampling.seed, np.int64)}
@@ -103,12 +106,19 @@ class EngineSession:
                            "none); use --greedy, or rebuild with --sampler plugin or --logits last")
         return False
 
-    def step(self, cache: EngineCache, ids: np.ndarray, new_lens: np.ndarray,
-             logits: str = "last") -> np.ndarray:
+    def sampler_rows(self, cache: EngineCache) -> int:
+        """Rows arx::sample draws: one per cache row, or per [cond; null] pair in an image
+        engine, whose sampler mixes the two halves (builder/image_form.py)."""
+        batch = cache.lengths.shape[0]
+        seed = self.inputs.get("seed")
+        return batch // 2 if seed is not None and seed["shape"][0] == IMAGE_ROWS else batch
+
+    def step(self, cache: EngineCache, ids: np.ndarray | None, new_lens: np.ndarray,
+             logits: str = "last", inputs_embeds: np.ndarray | None = None) -> np.ndarray:
         """Logits (B, 1, V) of each row's last new token; "all": (B, S, V) at every position
         of the step (a speculative verify step), from an engine built with --logits all."""
         if logits == "all" and LOGITS in self.outputs:
-            return np.asarray(self._run(cache, ids, new_lens)[LOGITS])
+            return np.asarray(self._run(cache, ids, new_lens, inputs_embeds)[LOGITS])
         if logits not in ("last", "all") or LAST_LOGITS not in self.outputs:
             raise ArxError("this engine returns only each row's last logits (arx build "
                            "--logits last); ask for logits='last' or rebuild")
@@ -116,25 +126,30 @@ class EngineSession:
             raise ArxError("this engine returns only each row's last logits; verifying "
                            "speculated tokens needs every position: rebuild it with arx build "
                            "--logits all")
-        return np.asarray(self._run(cache, ids, new_lens)[LAST_LOGITS])[:, None]
+        return np.asarray(self._run(cache, ids, new_lens, inputs_embeds)[LAST_LOGITS])[:, None]
 
-    def step_tokens(self, cache: EngineCache, ids: np.ndarray, new_lens: np.ndarray) -> np.ndarray:
-        """(B,) the token the engine chose after each row's new tokens."""
-        return np.asarray(self._run(cache, ids, new_lens)[TOKEN_IDS], np.int64)
+    def step_tokens(self, cache: EngineCache, ids: np.ndarray | None, new_lens: np.ndarray,
+                    inputs_embeds: np.ndarray | None = None) -> np.ndarray:
+        """(B,) the token the engine chose after each row's new tokens (an image engine: (I,)
+        codebook ids, one per image)."""
+        return np.asarray(self._run(cache, ids, new_lens, inputs_embeds)[TOKEN_IDS], np.int64)
 
-    def _run(self, cache: EngineCache, ids: np.ndarray, new_lens: np.ndarray) -> dict:
+    def _run(self, cache: EngineCache, ids: np.ndarray | None, new_lens: np.ndarray,
+             inputs_embeds: np.ndarray | None = None) -> dict:
         new_lens = np.asarray(new_lens, np.int64)
         totals = cache.lengths + new_lens
         if totals.max() > self.s_max:
             raise ArxError(f"sequence of {int(totals.max())} tokens exceeds the engine's static "
                            f"cache of {self.s_max}; rebuild with a larger arx build --max-seq-len")
-        feeds: dict[str, Any] = {"input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+        tokens = ("input_ids", np.ascontiguousarray(ids, dtype=np.int64)) if inputs_embeds is None \
+            else ("inputs_embeds", np.ascontiguousarray(inputs_embeds, dtype=np.float32))
+        feeds: dict[str, Any] = {tokens[0]: tokens[1],
                                  "past_lengths": cache.lengths.copy(), "new_lengths": new_lens,
                                  **cache.buffers, **cache.sampler_feeds}
-        if "offset" in self.inputs:
-            feeds["offset"] = totals  # Philox counter = position of the drawn token
+        if "offset" in self.inputs:  # Philox counter = position of the drawn token (an image
+            feeds["offset"] = totals[:self.sampler_rows(cache)]  # engine: of its cond row)
         if "position_ids" in self.inputs:
-            pos = cache.lengths[:, None] + np.arange(ids.shape[1])[None]
+            pos = cache.lengths[:, None] + np.arange(tokens[1].shape[1])[None]
             feeds["position_ids"] = np.minimum(pos, self.s_max - 1).astype(np.int64)
         out = self.backend.run({k: v for k, v in feeds.items() if k in self.inputs})
         cache.lengths = totals

@@ -165,21 +165,24 @@ def grid_loop(session, info: ImageInfo, prefix: Prefix, conditions: list,
     cache = session.new_cache(rows, need)
     out = np.zeros((b, n), np.int64)
     result = ImageResult(out.reshape(b, *info.grid), list(conditions), seeds)
+    device = getattr(session, "draws", False)  # an engine's arx::sample (runtime/image_engine.py)
+
+    def token(k, ids, lens, embeds=None):  # (b,) ids of token k after this step
+        if device:
+            return session.draw(cache, ids, lens, options.scale_at(k, n), inputs_embeds=embeds)
+        logits = session.step(cache, ids, lens, logits="last", inputs_embeds=embeds)[:, 0]
+        return _choose(_codebook(logits, info), k, n, seeds, options, b, prefix.lengths[:b] + k)
     try:
+        if device:
+            session.start(cache, options.sampling, seeds)
         t0 = time.perf_counter()
-        logits = _codebook(session.step(cache, prefix.ids, prefix.lengths, logits="last",
-                                        inputs_embeds=prefix.embeds)[:, 0], info)  # (rows, V)
-        for k in range(n):
-            out[:, k] = _choose(logits, k, n, seeds, options, b, prefix.lengths[:b] + k)
-            if k == 0:
-                result.first_token_s = time.perf_counter() - t0
-            if k == n - 1:
-                break
+        out[:, 0] = token(0, prefix.ids, prefix.lengths, prefix.embeds)
+        result.first_token_s = time.perf_counter() - t0
+        for k in range(1, n):
             t = time.perf_counter()
             # the same token to both halves, as the id the model reads it by
-            feed = np.tile(out[:, k] + info.codebook_offset, rows // b)[:, None]
-            logits = _codebook(session.step(cache, feed, np.ones(rows, np.int64),
-                                            logits="last")[:, 0], info)
+            feed = np.tile(out[:, k - 1] + info.codebook_offset, rows // b)[:, None]
+            out[:, k] = token(k, feed, np.ones(rows, np.int64))
             result.step_s.append(time.perf_counter() - t)
         result.tokens_s = time.perf_counter() - t0
     finally:

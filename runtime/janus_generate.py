@@ -14,8 +14,6 @@ padding gives, so ragged prompts in one batch match it row for row.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
 from arx.errors import ArxError
@@ -67,11 +65,8 @@ def generate_images_from_prompts(session, prompts: list[list[int]],
 def _embed_text(session, stage_name: str, ids: np.ndarray) -> np.ndarray:
     """(R, L) prompt ids -> (R, L, H) through the bundle's text embedder stage (the session's
     own embed stage is image_embed, for the token feedback)."""
-    from arx.runtime.backend import OrtBackend
+    from arx.runtime.backend import open_stage
 
     stage = session.manifest.stages[stage_name]
-    path = Path(session.bundle_dir) / stage.file
-    if not path.is_file():
-        raise ArxError(f"bundle {session.bundle_dir} lacks {stage.file}; re-export it")
-    with OrtBackend(path, options=session.options) as embedder:
+    with open_stage(session.bundle_dir, session.manifest, stage_name, session.options) as embedder:
         return embedder.run({stage.inputs[0].name: ids})[stage.outputs[0].name]
