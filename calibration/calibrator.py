@@ -25,6 +25,7 @@ from arx.calibration import graph as G
 from arx.calibration import kv_quant
 from arx.calibration import remedies
 from arx.calibration.data import Samples, load_samples
+from arx.calibration.moe_quant import qmoe_fits, quantize_moe
 from arx.calibration.options import CalibrateOptions
 from arx.calibration.report import AccuracyReport, percent, table, write
 from arx.errors import ArxError
@@ -113,7 +114,10 @@ def check_source(bundle: Path, manifest: Manifest) -> None:
 def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cached, work: Path) -> _Quantized:
     q_opts = options.quant
     model = G.load_decoder(bundle, manifest)
-    moe = densify_moe(model)  # the MoE op's 3-D experts as the 2-D MatMuls quantized below
+    # w4/w8: an --moe op bundle's experts become QMoE (still only the chosen experts run);
+    # w8a8, or blocks QMoE cannot take: the dense form's 2-D MatMuls, quantized as any linear
+    qmoe = not q_opts.spec.activations and qmoe_fits(model, q_opts.group_size)
+    moe = "qmoe" if qmoe else "dense" if densify_moe(model) else ""
     if q_opts.lm_head:
         G.untie_lm_head(model)
     linears = G.linears(model)
@@ -122,7 +126,7 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
             "model_fingerprint": cache_mod.fingerprint(bundle, manifest),
             "data": {**samples.source, "samples": len(samples.calib), "tokens_sha256": samples.fingerprint()}}
     if moe:
-        info["moe_form"] = "dense"  # the quantized bundle runs every expert (docs/design.md)
+        info["moe_form"] = moe  # docs/design.md, "Mixture of experts"
     if q_opts.spec.activations:
         from arx.calibration.static import quantize_static_bundle
 
@@ -133,6 +137,9 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
 
         qm = quantize_weight_only(model, bits=q_opts.spec.weight_bits, group_size=q_opts.group_size,
                                   accuracy_level=q_opts.level, exclude=kept)
+        if qmoe:
+            quantize_moe(qm, bits=q_opts.spec.weight_bits, block=q_opts.group_size,
+                         accuracy_level=q_opts.level or 0)
         ref, calib = model, {**info, "weights": {"bits": q_opts.spec.weight_bits, "group_size": q_opts.group_size,
                                                  "symmetric": True}}
     by_name = {lin.node: lin for lin in linears}

@@ -46,20 +46,20 @@ class _Emitter(GraphEditor):
         return super().const(value, self.float_dtype if np.dtype(dtype).kind == "f" else dtype)
 
 
-def has_moe_op(model: onnx.ModelProto) -> bool:
-    return any((n.domain, n.op_type) == MOE_OP for n in model.graph.node)
+QMOE_OP = (MOE_OP[0], "QMoE")  # a calibrated bundle's (calibration/moe_quant.py)
 
 
 def densify_moe(model: onnx.ModelProto) -> int:
-    """Rewrite every MoE node of `model` (weights loaded) in place; returns how many."""
+    """Rewrite every MoE node of `model` (weights loaded) in place; returns how many. A w4/w8
+    bundle's QMoE nodes come back with their weights dequantized to float."""
     graph = model.graph
-    nodes = [n for n in graph.node if (n.domain, n.op_type) == MOE_OP]
+    nodes = [n for n in graph.node if (n.domain, n.op_type) in (MOE_OP, QMOE_OP)]
     ed = None
     for n in nodes:
         spec, experts = _parse(graph, n)
-        if ed is None:
-            fc1 = next(t for t in graph.initializer if t.name == n.input[2])
-            ed = _Emitter(graph, experts[0].up[0].dtype, fc1.data_type)
+        if ed is None:  # constants in the graph's float type: the node's output's
+            dtype = experts[0].up[0].dtype
+            ed = _Emitter(graph, dtype, helper.np_dtype_to_tensor_dtype(dtype))
         # on the node's token rows (N,H) and router rows (N,E): every dense op is per row
         prefix = n.name.removesuffix(".moe") if n.name.endswith(".moe") else ed.fresh("mlp")
         out = dense_experts(ed, spec, n.input[1], experts, n.input[0], _ffn, prefix)
@@ -75,12 +75,20 @@ def _parse(graph: onnx.GraphProto, n: onnx.NodeProto) -> tuple[Routing, list[Exp
     attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
     act = attrs.get("activation_type", b"relu")
     act = act.decode() if isinstance(act, bytes) else act
-    ins = list(n.input) + [""] * (8 - len(n.input))
-    plain = (act == "swiglu" and attrs.get("swiglu_fusion") == 1 and not ins[3] and not ins[5]
-             and not any(ins[6:]) and attrs.get("activation_alpha", 1.0) == 1.0
+    ins = list(n.input) + [""] * (20 - len(n.input))
+    quantized = n.op_type == QMOE_OP[1]
+    extra = [4, *range(7, 20)] if quantized else [3, 5, 6, 7]  # biases, fc3, zero points, ...
+    plain = (act == "swiglu" and attrs.get("swiglu_fusion") == 1 and not any(ins[i] for i in extra)
+             and attrs.get("activation_alpha", 1.0) == 1.0
              and attrs.get("activation_beta", 0.0) == 0.0 and attrs.get("swiglu_limit", 1e30) >= 1e30
-             and not attrs.get("use_sparse_mixer", 0))
-    fc1, fc2 = initializer(graph, ins[2]), initializer(graph, ins[4])
+             and not attrs.get("use_sparse_mixer", 0)
+             and attrs.get("quant_type", b"int") in (b"int", "int"))
+    if quantized and plain:
+        from arx.calibration.moe_quant import dequantize_qmoe
+
+        fc1, fc2 = dequantize_qmoe(graph, n)
+    else:
+        fc1, fc2 = initializer(graph, ins[2]), initializer(graph, ins[4])
     if not plain or fc1 is None or fc2 is None:
         raise ArxError(f"MoE node {n.name!r} is not the form arx exports (SwiGLU experts, "
                        f"interleaved fc1 weights, no biases); re-export the bundle with arx export "

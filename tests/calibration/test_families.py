@@ -40,16 +40,21 @@ def test_w4_calibrates_every_linear(family, exported_bundle, tmp_path):
                "--force", "-q", "-o", str(out)])
     assert rc == 0 and read_manifest(out).extensions["quantization"]["scheme"] == "w4"
     before = onnx.load(str(fp32 / "decoder.onnx"))
-    densify_moe(before)  # an --moe op bundle's experts are quantized as the dense form's MatMuls
     after = onnx.load(str(out / "decoder.onnx"), load_external_data=False)
+    moe = [n.name for n in before.graph.node if n.op_type == "MoE"]  # --moe op bundles
+    qmoe = [n.name for n in after.graph.node if n.op_type == "QMoE"]
+    if moe and not qmoe:  # the dense fallback: experts quantized as the dense form's MatMuls
+        densify_moe(before)
     inits = {t.name for t in before.graph.initializer}
     linears = {n.name for n in before.graph.node if n.op_type == "MatMul" and n.input[1] in inits}
     nbits = {n.name.removesuffix("_Q4") for n in after.graph.node if n.op_type == "MatMulNBits"}
     assert nbits == linears | {"lm_head"}  # qkv, o, every MLP or expert, lm_head (untied)
     routers = [n.name for n in after.graph.node if n.name.endswith(".router")]
     assert all(n.op_type == "MatMul" for n in after.graph.node if n.name in routers)
-    if read_manifest(fp32).model["config"]["num_experts"]:
-        assert routers and any(".experts.3.down_proj" in n for n in nbits)
+    config = read_manifest(fp32).model["config"]
+    if config["num_experts"]:  # QMoE where routing renormalises (Mixtral), else dense experts
+        assert routers and moe and qmoe == (moe if config["norm_topk_prob"] else [])
+        assert qmoe or any(".experts.3.down_proj" in n for n in nbits)
     ids = [1, 17, 33, 99, 5]
     ref, got = _last_logits(fp32, ids).ravel(), _last_logits(out, ids).ravel()
     cosine = float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got))

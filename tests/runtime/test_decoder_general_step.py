@@ -74,7 +74,8 @@ def _compare(got, ref, blocks):
 
 
 @pytest.mark.parametrize("mask", ["causal", "block"])
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
+# mixtral, qwen3_moe: the MoE node (arx export --moe op) passes through the step graph
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3", "mixtral", "qwen3_moe"])
 def test_ragged_steps_after_a_past_match_pytorch(family, mask, exported_bundle, hf_model_dir):
     steps = [(n, m or mask) for n, m in STEPS]
     blocks, masks = _blocks(np.random.default_rng(1), steps), [m for _, m in steps]
