@@ -136,3 +136,18 @@ def test_rewrite_refuses_a_node_it_does_not_know(both_forms):
     next(a for a in node.attribute if a.name == "activation_type").s = b"gelu"
     with pytest.raises(ArxError, match="not the form arx exports"):
         densify_moe(model)
+
+
+def test_cli_moe_option(hf_model_dir, tmp_path, capsys):
+    from arx.cli import main
+
+    out = tmp_path / "dense.arx"
+    assert main(["export", str(hf_model_dir("mixtral")[0]), "--moe", "dense", "-q", "-o",
+                 str(out)]) == 0
+    assert read_manifest(out).model["config"]["moe_form"] == "dense"
+    assert MOE_OP not in _ops(out)
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(hf_model_dir("mixtral")[0]), "--moe", "sparse", "-o",
+              str(tmp_path / "x.arx")])
+    assert e.value.code == 2 and "--moe" in capsys.readouterr().err
+    assert not (tmp_path / "x.arx").exists()
