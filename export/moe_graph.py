@@ -101,8 +101,8 @@ def _moe_op(g: GraphBuilder, cfg, experts, h: str, logits: str, p: str) -> str:
     """One com.microsoft MoE node (module docstring): each expert's weights as (out, in)."""
     fc1 = np.stack([_interleave(x.gate[0].T, x.up[0].T) for x in experts])  # (E, 2I, H)
     fc2 = np.stack([x.down[0].T for x in experts])  # (E, H, I)
-    # token rows (B*S, H) in and out: ORT 1.31's CPU kernel given the (B,S,H) form computed
-    # wrong outputs inside the Qwen3-MoE decoder (right alone, and right as rows)
+    # token rows (B*S, H) in and out: given the (B,S,H) form, ORT 1.31's CPU kernel returned
+    # wrong outputs inside the tiny Qwen3-MoE decoder, though the same inputs alone were right
     rows = g.op("Reshape", h, g.const([-1, fc1.shape[2]]), name=f"{p}.token_rows")
     flat = g.op("Reshape", logits, g.const([-1, cfg.num_experts]), name=f"{p}.router_rows")
     y = g.op("MoE", rows, flat, g.weight(f"{p}.experts.fc1", fc1), "",
