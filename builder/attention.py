@@ -9,11 +9,18 @@ general-step graph is written with them at export.
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
 from arx.errors import ArxError
 from arx.export.attention_rewrite import Bookkeeping, GqaNode, merge_heads, project_qkv
 from arx.export.graph_edit import GraphEditor
+from arx.export.kv_dtype import scale_name
 
 from .schemas import DOMAIN, KV_ATTENTION, plugin_attrs
+
+NO_SCALE = "arx/kv_attention/no_scale"  # the scale inputs of a float cache: (1,) 1.0, unread
 
 
 def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
@@ -24,6 +31,7 @@ def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeepin
             past_key_values.i.* (B,Hkv,S_max,D) ─────────────┤   past_len, new_len (B,) int32
                                                               ▼
                          arx::kv_attention(window = local_window_size) ──► present.i.* (aliased)
+                              ▲ k_scale, v_scale: attach_cache_scales, after the precision pass
                                                     │ (B,S,Hq,D)
                                                  Reshape ──► (B,S,Hq*D) = the GQA output
     """
@@ -41,3 +49,33 @@ def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeepin
             [out4, n.output[1], n.output[2]], domain=DOMAIN, name=f"{n.name}/kv_attention",
             mask="block" if bk.block else "causal", scale=g.scale, window=max(g.window, 0), **plugin_attrs(aot=aot))
     merge_heads(ed, n, out4, g.num_heads * head_dim)
+
+
+def attach_cache_scales(model: onnx.ModelProto, cache_dtype: str,
+                        scales: dict[str, np.ndarray] | None) -> None:
+    """Give every kv_attention node its k_scale/v_scale inputs (plugins/trt_contract.py):
+    an int8 cache's fp32 (Hkv, 1, D) scales of the layer (calibrate's, as the bundle's
+    GroupQueryAttention had them), else the shared (1,) placeholder. Run after apply_precision,
+    which lowers every fp32 initializer: the plugin takes its scales in fp32 in any precision,
+    so its codes are ORT's."""
+    graph = model.graph
+    have = {t.name for t in graph.initializer}
+
+    def initializer(name: str, value: np.ndarray) -> str:
+        if name not in have:
+            graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(value, dtype=np.float32), name))
+            have.add(name)
+        return name
+
+    for n in (n for n in graph.node if n.domain == DOMAIN and n.op_type == KV_ATTENTION):
+        if cache_dtype != "int8":
+            names = [initializer(NO_SCALE, np.ones(1, np.float32))] * 2
+        else:
+            missing = [p for p in n.input[3:5] if p not in (scales or {})]
+            if missing:
+                raise ArxError(f"an int8 cache needs a scale for {missing[0]}; calibrate the "
+                               f"cache scales (arx calibrate --kv-dtype int8 --data FILE)")
+            names = [initializer(scale_name(p), scales[p]) for p in n.input[3:5]]
+        del n.input[7:]
+        n.input.extend(names)

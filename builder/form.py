@@ -11,6 +11,7 @@ from arx.errors import ArxError
 from arx.export.kv_dtype import restore_decoder
 from arx.manifest import Manifest, Stage
 
+from .attention import attach_cache_scales
 from .kv_form import form_cache_dtype, retype_form_cache
 from .options import BuildOptions
 from .precision import apply_precision, check_int8_bundle, check_symmetric_qdq
@@ -36,7 +37,7 @@ class TensorRTForm:
 
 def form_spec(manifest: Manifest, options: BuildOptions) -> FormSpec:
     s_max = options.max_seq_len or manifest.kv.max_seq_len
-    cache = form_cache_dtype(manifest, options.precision, options.kv_dtype, options.attention)
+    cache = form_cache_dtype(manifest, options.precision, options.kv_dtype)
     return FormSpec(s_max=s_max, cache_dtype=cache,
                     sampler=options.sampler, logits=options.logits,
                     aot=options.plugin_impl == "aot", attention=options.attention)
@@ -76,6 +77,7 @@ def make_tensorrt_form(bundle: Path, manifest: Manifest, options: BuildOptions) 
     model = to_tensorrt_form(model, manifest, spec)
     retype_form_cache(model, manifest, spec.cache_dtype, options.precision, scales)
     apply_precision(model, options.precision, {x for pair in manifest.kv.pairs() for x in pair})
+    attach_cache_scales(model, spec.cache_dtype, scales)  # fp32 scales, so after the precision
     check_form(model)
     return TensorRTForm(model, tensorrt_io(manifest, spec), spec, qdq)
 

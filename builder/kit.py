@@ -69,10 +69,12 @@ def plugin_variants(form: TensorRTForm) -> list[tuple[str, dict]]:
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         t = types[n.input[0]]
         dtype = _PLUGIN_DTYPES[t.elem_type]
-        if n.op_type == "kv_attention":  # q (B, S, Hq, D)
+        if n.op_type == "kv_attention":  # q (B, S, Hq, D); the cache's dtype picks the PTX too
             mask = attrs["mask"].decode() if isinstance(attrs["mask"], bytes) else attrs["mask"]
+            cache = _PLUGIN_DTYPES[types[n.input[3]].elem_type]
             for phase in TACTICS.values():
-                spec = dict(dtype=dtype, head_dim=t.shape.dim[3].dim_value, mask=mask, phase=phase)
+                spec = dict(dtype=dtype, head_dim=t.shape.dim[3].dim_value, mask=mask, phase=phase,
+                            cache=cache)
                 out[attention_tag(**spec)] = dict(spec, op="kv_attention")
         elif n.op_type == "sample":
             spec = dict(dtype=dtype, guidance=bool(attrs.get("guidance", 0)))

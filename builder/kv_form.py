@@ -8,9 +8,9 @@
 
 The cache dtype: `arx build --kv-dtype`, else the bundle's `--kv-dtype` cache, else the
 precision's (fp16 for fp16 and int8 engines, bf16 for bf16, fp32 for fp32: builder/precision.py).
-The native form takes any of them. The plugin reads its cache in the engine's precision (q, k,
-v and cache of one dtype: plugins/trt_contract.py), so a cache of another dtype is refused for
-it in one line.
+Both forms take any of them: the native form through the step graph's encode/decode ops, the
+arx::kv_attention plugin natively (its cache inputs in that dtype, an int8 cache's scales as
+fp32 inputs: builder/attention.attach_cache_scales, plugins/trt_contract.CACHE_COMBOS).
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ def bundle_cache(manifest: Manifest) -> str:
     return manifest.extensions.get(EXTENSION, {}).get("dtype", "float32")
 
 
-def form_cache_dtype(manifest: Manifest, precision: str, kv_dtype: str | None,
-                     attention: str) -> str:
+def form_cache_dtype(manifest: Manifest, precision: str, kv_dtype: str | None) -> str:
     natural = CACHE_DTYPES[precision]
     bundle = bundle_cache(manifest)
     want = manifest_dtype(kv_dtype) if kv_dtype else (bundle if bundle != "float32" else natural)
@@ -41,16 +40,14 @@ def form_cache_dtype(manifest: Manifest, precision: str, kv_dtype: str | None,
     if want == "int8" and bundle != "int8":
         raise ArxError("an int8 cache needs the scales arx calibrate measures: run arx calibrate "
                        "BUNDLE --kv-dtype int8 --data FILE and build its output")
-    if want != natural and attention != "native":
-        raise ArxError(f"the arx::kv_attention plugin reads its cache in the engine's precision "
-                       f"({natural}); a {want} cache builds with --attention native "
-                       f"(TensorScatter + Attention)")
     return want
 
 
 def retype_form_cache(model: onnx.ModelProto, manifest: Manifest, cache_dtype: str,
                       precision: str, scales: dict[str, np.ndarray] | None) -> None:
-    """Give the native form's cache writes and reads `cache_dtype` (before apply_precision, which
-    then lowers the decoded values and the scales with the rest of the graph)."""
+    """Give the form's cache `cache_dtype` (before apply_precision): the native form's writes
+    and reads (apply_precision then lowers the decoded values and the scales with the rest of
+    the graph); for the plugin form, whose nodes read the cache inputs themselves, only the
+    cache IO is retyped (its scales come after the precision pass)."""
     if cache_dtype != CACHE_DTYPES[precision]:
         retype_step_graph(model, manifest.kv, cache_dtype, scales)

@@ -18,6 +18,7 @@ OPSET = 1
 KV_ATTENTION = "kv_attention"
 SAMPLE = "sample"
 FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+CACHES = [*FLOATS, "tensor(int8)"]  # which pairs with T: trt_contract.CACHE_COMBOS
 
 # TensorRT's reading of a plugin node: common attributes of every arx plugin node.
 _PLUGIN_ATTRS = (("plugin_namespace", "arx"), ("plugin_version", "1"), ("aot", 1))
@@ -37,18 +38,21 @@ def _common_attrs() -> list:
 
 def _kv_attention_schema() -> defs.OpSchema:
     # q (B,S_new,Hq,D)  k_new/v_new (B,S_new,Hkv,D)  k_cache/v_cache (B,Hkv,S_max,D)
-    # past_len/new_len (B,) int32  ->  out (B,S_new,Hq,D), k_cache, v_cache (aliased, in place)
+    # past_len/new_len (B,) int32  k_scale/v_scale (Hkv,1,D) f32 (int8 cache; else (1,), unread)
+    #   ->  out (B,S_new,Hq,D), k_cache, v_cache (aliased, in place)
     inputs = [_param("q", "T"), _param("k_new", "T"), _param("v_new", "T"),
-              _param("k_cache", "T"), _param("v_cache", "T"),
-              _param("past_len", "tensor(int32)"), _param("new_len", "tensor(int32)")]
-    outputs = [_param("out", "T"), _param("k_cache_out", "T"), _param("v_cache_out", "T")]
+              _param("k_cache", "C"), _param("v_cache", "C"),
+              _param("past_len", "tensor(int32)"), _param("new_len", "tensor(int32)"),
+              _param("k_scale", "tensor(float)"), _param("v_scale", "tensor(float)")]
+    outputs = [_param("out", "T"), _param("k_cache_out", "C"), _param("v_cache_out", "C")]
     attrs = [_attr("mask", "causal", "causal | block"),
              _attr("scale", 0.0, "0.0 = 1/sqrt(D)"),
              _attr("window", 0, "sliding window: query at p sees keys j > p - window; 0 = none"),
              *_common_attrs()]
     schema = defs.OpSchema(KV_ATTENTION, DOMAIN, OPSET, "arx fused attention over a KV cache",
                            inputs=inputs, outputs=outputs, attributes=attrs,
-                           type_constraints=[("T", FLOATS, "activations and cache")])
+                           type_constraints=[("T", FLOATS, "activations"),
+                                             ("C", CACHES, "the cache: T, float16 or int8")])
 
     def infer(ctx) -> None:
         for out_index, in_index in ((0, 0), (1, 3), (2, 4)):

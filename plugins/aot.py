@@ -11,6 +11,7 @@ no scratch (size 0, checked) the two trailing parameters are removed from the PT
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
@@ -107,20 +108,20 @@ def write_variant(compiled: CompiledVariant, out_dir: Path) -> tuple[Path, Path]
 
 
 def default_variants() -> list[tuple[str, dict]]:
-    """The small shipped set: attention fp16/bf16 x D {64, 128} x mask x tile phase, and the
-    sampler for fp32/fp16/bf16 logits with and without guidance."""
+    """The small shipped set: attention fp16/bf16 x cache (their own, int8) x D {64, 128} x
+    mask x tile phase, and the sampler for fp32/fp16/bf16 logits with and without guidance.
+    Other cache pairs (an fp16 cache in fp32/bf16 engines) compile as a kit needs them."""
     from .attention.triton_kernel import AttentionVariant
     from .attention.triton_kernel import aot_source as attention_source
     from .sampling.triton_kernel import aot_source as sample_source
     from .trt_contract import sample_tag
 
     out = []
-    for dtype in ("fp16", "bf16"):
-        for d in (64, 128):
-            for mask in ("causal", "block"):
-                for phase in ("decode", "prefill"):
-                    v = AttentionVariant(dtype=dtype, head_dim=d, mask=mask, phase=phase)
-                    out.append((v.tag, attention_source(v)))
+    for dtype, cache in itertools.product(("fp16", "bf16"), ("", "int8")):
+        for d, mask, phase in itertools.product((64, 128), ("causal", "block"),
+                                                ("decode", "prefill")):
+            v = AttentionVariant(dtype=dtype, head_dim=d, mask=mask, phase=phase, cache=cache)
+            out.append((v.tag, attention_source(v)))
     for dtype in ("fp32", "fp16", "bf16"):
         for guidance in (False, True):
             out.append((sample_tag(dtype, guidance), sample_source(dtype, guidance)))

@@ -16,13 +16,22 @@ Plugin IO (the ONNX nodes of builder/schemas.py have exactly this order; docs/pl
   arx::kv_attention
     inputs   0 q (B, S_new, Hq, D)  1 k_new (B, S_new, Hkv, D)  2 v_new (B, S_new, Hkv, D)
              3 k_cache (B, Hkv, S_max, D)  4 v_cache  5 past_len (B,) int32  6 new_len (B,) int32
+             7 k_scale (Hkv, 1, D) fp32  8 v_scale (Hkv, 1, D) fp32 (read for an int8 cache only)
     outputs  0 out (B, S_new, Hq, D)  1 k_cache (aliased to input 3)  2 v_cache (aliased to 4)
     attributes  mask: str, scale: float (0.0 = 1/sqrt(D)), window: int (0 = none)
+    dtypes   q/k_new/v_new/out one of fp32|fp16|bf16; the caches q's dtype, fp16 or int8
+             (CACHE_COMBOS); an int8 cache is quantized per channel with k_scale/v_scale
   arx::sample
     inputs   0 logits (R, V), R = B or 2B  1 params (B, 5) f32  2 presence (B, V) bool
              3 seed (B,) int64  4 offset (B,) int64
     outputs  0 ids (B,) int32
     attributes  guidance: int (0 | 1)
+
+The int8 cache scales are plugin inputs, not attributes: TensorRT's AOT launch passes a kernel
+only input/output pointers and int32 scalars, so an attribute array could reach a PTX only
+compiled into it (one PTX per model and layer), while an input is a device buffer TensorRT keeps
+with the weights (an initializer) and one PTX serves every model of a head dim. tensorrt.plugin
+has no optional inputs, so a float cache gets them too (a (1,) fp32 the kernel never reads).
 
 Scale and window are runtime scalars of the attention kernel, not compiled in: one PTX serves
 every scale and window. TensorRT's AOT launch passes only int32 scalars, so the scale travels
@@ -42,6 +51,12 @@ from typing import Callable, Tuple
 KV_ATTENTION = "arx::kv_attention"
 SAMPLE = "arx::sample"
 DTYPES = {"FLOAT": "fp32", "HALF": "fp16", "BF16": "bf16"}  # trt.DataType name -> PTX dtype
+CACHE_DTYPES = {**DTYPES, "INT8": "int8"}
+# (activation dtype, cache dtype) pairs kv_attention takes: the precision's own cache, an fp16
+# cache in an fp32/bf16 engine, an int8 cache in any (no fp32 cache under fp16: it saves nothing)
+CACHE_COMBOS = (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp32", "fp16"),
+                ("bf16", "fp16"), ("fp32", "int8"), ("fp16", "int8"), ("bf16", "int8"))
+_TRT_NAMES = {"fp32": "FP32", "fp16": "FP16", "bf16": "BF16", "int8": "INT8"}  # autotune types
 TACTICS = {1: "decode", 2: "prefill"}  # kv_attention tactic id -> tile phase (TILE_TABLE)
 # Scalar arguments of the AOT kernels, in kernel order (after the inputs, before the outputs).
 ATTENTION_SCALARS = ("S_NEW", "S_MAX", "HQ", "HKV", "WINDOW", "QK_SCALE")
@@ -52,9 +67,17 @@ LOG2E = 1.4426950408889634
 KernelSource = Callable[[str, dict], Tuple[str, str, dict]]
 
 
-def attention_tag(dtype: str, head_dim: int, mask: str, phase: str) -> str:
-    """PTX variant tag: everything an attention PTX is specialized on (scale/window are not)."""
-    return f"kv_attention_{dtype}_d{head_dim}_{mask}_{phase}"
+def attention_tag(dtype: str, head_dim: int, mask: str, phase: str, cache: str = "") -> str:
+    """PTX variant tag: everything an attention PTX is specialized on (scale/window are not);
+    a cache of the activations' dtype is not named (the tags of kits before int8 caches)."""
+    kv = f"_kv{cache}" if cache and cache != dtype else ""
+    return f"kv_attention_{dtype}{kv}_d{head_dim}_{mask}_{phase}"
+
+
+def check_cache(dtype: str, cache: str) -> None:
+    if (dtype, cache) not in CACHE_COMBOS:
+        raise ValueError(f"arx::kv_attention takes a {dtype} cache, fp16 or int8 with {dtype} "
+                         f"activations, not {cache}")
 
 
 def sample_tag(dtype: str, guidance: bool) -> str:
@@ -68,11 +91,12 @@ def qk_scale_bits(scale: float, head_dim: int) -> int:
     return struct.unpack("<i", struct.pack("<f", s * LOG2E))[0]
 
 
-def dtype_tag(trt_dtype) -> str:
+def dtype_tag(trt_dtype, table=DTYPES) -> str:
     name = getattr(trt_dtype, "name", str(trt_dtype)).split(".")[-1].upper()
-    if name not in DTYPES:
-        raise ValueError(f"arx plugins support fp32/fp16/bf16 activations, got {trt_dtype}")
-    return DTYPES[name]
+    if name not in table:
+        what = "/".join(table.values())
+        raise ValueError(f"arx plugins support {what} here, got {trt_dtype}")
+    return table[name]
 
 
 def import_tensorrt():
@@ -100,16 +124,23 @@ def _describe_attention(trtp) -> None:
 
     @trtp.register(KV_ATTENTION)
     def _describe(q: TD, k_new: TD, v_new: TD, k_cache: TD, v_cache: TD, past_len: TD,
-                  new_len: TD, mask: str, scale: float, window: int) -> Tuple[TD, TD, TD]:
+                  new_len: TD, k_scale: TD, v_scale: TD, mask: str, scale: float,
+                  window: int) -> Tuple[TD, TD, TD]:
         return q.like(), k_cache.aliased(), v_cache.aliased()  # the cache is written in place
 
     @trtp.autotune(KV_ATTENTION)
     def _autotune(q: TD, k_new: TD, v_new: TD, k_cache: TD, v_cache: TD, past_len: TD,
-                  new_len: TD, mask: str, scale: float, window: int,
+                  new_len: TD, k_scale: TD, v_scale: TD, mask: str, scale: float, window: int,
                   outputs: Tuple[TD]) -> list:
-        f = "FP32|FP16|BF16"
-        types = ", ".join([f] * 5 + ["INT32", "INT32"] + [f] * 3)
-        return [trtp.AutoTuneCombination(types, "LINEAR", list(TACTICS))]
+        return [trtp.AutoTuneCombination(attention_types(), "LINEAR", list(TACTICS))]
+
+
+def attention_types() -> str:
+    """kv_attention's io_types: '|' pairs the i-th type of every IO (tensorrt.plugin's
+    dependent combination), one alternative per CACHE_COMBOS row; one type is every row's."""
+    act = "|".join(_TRT_NAMES[a] for a, _ in CACHE_COMBOS)
+    cache = "|".join(_TRT_NAMES[c] for _, c in CACHE_COMBOS)
+    return ", ".join([act] * 3 + [cache] * 2 + ["INT32"] * 2 + ["FP32"] * 2 + [act] + [cache] * 2)
 
 
 def _describe_sample(trt, trtp) -> None:
@@ -134,8 +165,8 @@ def register_aot(trtp, kernel: KernelSource) -> None:
 
     @trtp.aot_impl(KV_ATTENTION)
     def _attention(q: TD, k_new: TD, v_new: TD, k_cache: TD, v_cache: TD, past_len: TD,
-                   new_len: TD, mask: str, scale: float, window: int, outputs: Tuple[TD],
-                   tactic: int):
+                   new_len: TD, k_scale: TD, v_scale: TD, mask: str, scale: float, window: int,
+                   outputs: Tuple[TD], tactic: int):
         return attention_launch(trtp, kernel, (q, k_new, k_cache), mask, scale, window, tactic)
 
     @trtp.aot_impl(SAMPLE)
@@ -160,7 +191,8 @@ def attention_launch(trtp, kernel: KernelSource, descs, mask, scale, window, tac
     if not d.is_constant:
         raise ValueError("arx::kv_attention needs a static head_dim (last dim of q)")
     spec = dict(dtype=dtype_tag(q.dtype), head_dim=d.constant_value, mask=mask,
-                phase=TACTICS.get(tactic, "prefill"))
+                phase=TACTICS.get(tactic, "prefill"), cache=dtype_tag(k_cache.dtype, CACHE_DTYPES))
+    check_cache(spec["dtype"], spec["cache"])
     tag = attention_tag(**spec)
     entry, ptx, meta = kernel(tag, dict(spec, op="kv_attention"))
     _checked(meta, tag, ATTENTION_SCALARS)

@@ -9,10 +9,18 @@ Layouts (row-major, contiguous; the Triton kernel and the TensorRT plugin use th
     v_cache  (B, Hkv, S_max, D)
     past_len (B,) int32              tokens already in the cache for each sequence
     new_len  (B,) int32              valid new tokens per sequence (<= S_new; right padding)
+    k_scale  (Hkv, 1, D) float32     int8 cache only: the per-channel step of each code
+    v_scale  (Hkv, 1, D) float32     (not read for a float cache)
     out      (B, S_new, Hq, D)       same dtype as q; rows t >= new_len[b] are zeros
 
+The cache holds q's dtype, float16 (in an fp32 or bf16 engine) or int8 codes. An int8 cache is
+the one `arx export/calibrate --kv-dtype int8` gives onnxruntime's GroupQueryAttention: a value
+x is written as clip(round_half_even(x / scale), -128, 127) with fp32 division, and read as
+code * scale in fp32 (export/kv_dtype.py). A float16 cache rounds x to nearest even.
+
 Per sequence b, with P = past_len[b], N = new_len[b]:
-  1. cache[b, :, P + t] = new[b, t] for t < N (padded new tokens are never written).
+  1. cache[b, :, P + t] = encode(new[b, t]) for t < N (padded new tokens are never written);
+     attention reads decode(cache), the new tokens included: they are attended as stored.
   2. query t < N of head h attends to kv head h // (Hq // Hkv) (GQA; MQA when Hkv == 1) over
      absolute key positions j in [0, P + N) where
        causal: j <= P + t              (prefill, decode, speculative verification)
@@ -81,12 +89,50 @@ def _check_lengths(past_len, new_len, s_new: int, s_max: int) -> None:
         raise ValueError("past_len + new_len exceeds the cache length S_max")
 
 
+def channel_scales(k_scale, hkv: int, d: int) -> np.ndarray:
+    """An int8 cache's scales as (Hkv, 1, D) float32 (the layout of GroupQueryAttention's
+    PER_CHANNEL k_scale/v_scale), refusing any other size or a non-positive step."""
+    if k_scale is None:
+        raise ValueError("an int8 cache needs k_scale and v_scale (Hkv, 1, D) float32")
+    s = np.asarray(k_scale)
+    if s.dtype != np.float32 or s.size != hkv * d:
+        raise ValueError(f"int8 cache scales must be float32 (Hkv, 1, D) = ({hkv}, 1, {d}), "
+                         f"got {s.dtype} {s.shape}")
+    s = s.reshape(hkv, 1, d)
+    if not np.all(s > 0) or not np.all(np.isfinite(s)):
+        raise ValueError("int8 cache scales must be finite and > 0")
+    return s
+
+
+def encode(x, cache_dtype, scale=None) -> np.ndarray:
+    """What the cache stores for values x (..., Hkv, n, D) cast as their layout: int8 codes
+    (scale (Hkv, 1, D)) or the cache's float type (round to nearest even)."""
+    if np.dtype(cache_dtype) == np.int8:
+        codes = np.rint(np.asarray(x, np.float32) / scale)  # np.rint: half to even, as ORT
+        return np.clip(codes, -128, 127).astype(np.int8)
+    return np.asarray(x).astype(cache_dtype)
+
+
+def decode(cached, scale=None) -> np.ndarray:
+    """fp32 values of cached entries (the int8 codes times their channel's scale)."""
+    cached = np.asarray(cached)
+    values = cached.astype(np.float32)
+    return values * scale if cached.dtype == np.int8 else values
+
+
 def kv_attention_reference(q, k_new, v_new, k_cache, v_cache, past_len, new_len=None,
-                           options: AttentionOptions = AttentionOptions()):
-    """Return out (B, S_new, Hq, D); writes k_new/v_new into k_cache/v_cache in place."""
+                           options: AttentionOptions = AttentionOptions(), k_scale=None,
+                           v_scale=None):
+    """Return out (B, S_new, Hq, D); writes k_new/v_new into k_cache/v_cache in place, encoded
+    in the caches' dtype (int8: k_scale/v_scale (Hkv, 1, D) float32, see the module doc)."""
     b, s_new, hq, hkv, s_max, d = check_shapes(q.shape, k_new.shape, k_cache.shape,
                                                np.shape(past_len), np.shape(new_len)
                                                if new_len is not None else np.shape(past_len))
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in (q.dtype, np.float16, np.int8):
+        raise ValueError(f"the caches hold q's dtype ({q.dtype}), float16 or int8 (both the "
+                         f"same), got {k_cache.dtype} and {v_cache.dtype}")
+    if k_cache.dtype == np.int8:
+        k_scale, v_scale = channel_scales(k_scale, hkv, d), channel_scales(v_scale, hkv, d)
     past_len = np.asarray(past_len, dtype=np.int64)
     new_len = np.full(b, s_new, np.int64) if new_len is None else np.asarray(new_len, np.int64)
     _check_lengths(past_len, new_len, s_new, s_max)
@@ -96,12 +142,14 @@ def kv_attention_reference(q, k_new, v_new, k_cache, v_cache, past_len, new_len=
     for i in range(b):
         p, n = int(past_len[i]), int(new_len[i])
         # (S_new, Hkv, D) -> (Hkv, n, D): the cache layout
-        k_cache[i, :, p:p + n] = np.transpose(k_new[i, :n], (1, 0, 2))
-        v_cache[i, :, p:p + n] = np.transpose(v_new[i, :n], (1, 0, 2))
+        k_cache[i, :, p:p + n] = encode(np.transpose(k_new[i, :n], (1, 0, 2)), k_cache.dtype,
+                                        k_scale)
+        v_cache[i, :, p:p + n] = encode(np.transpose(v_new[i, :n], (1, 0, 2)), v_cache.dtype,
+                                        v_scale)
         if n == 0:
             continue
-        keys = k_cache[i, :, :p + n].astype(np.float32)  # (Hkv, P+N, D)
-        vals = v_cache[i, :, :p + n].astype(np.float32)
+        keys = decode(k_cache[i, :, :p + n], k_scale)  # (Hkv, P+N, D) fp32
+        vals = decode(v_cache[i, :, :p + n], v_scale)
         keys = np.repeat(keys, group, axis=0)  # (Hq, P+N, D): query head h uses kv head h//group
         vals = np.repeat(vals, group, axis=0)
         qi = np.transpose(q[i, :n].astype(np.float32), (1, 0, 2))  # (Hq, n, D)

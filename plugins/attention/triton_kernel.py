@@ -12,6 +12,13 @@ Kernels:
 
 New keys are read from k_new/v_new, never from the cache, and the cache is read only over
 [0, past_len): the in-place cache write ([past_len, past_len + new_len)) cannot race the reads.
+
+Cache dtypes (trt_contract.CACHE_COMBOS), read from the cache pointers' element type: q's own,
+fp16 in an fp32/bf16 engine, or int8 codes with a per-channel fp32 scale (K_SCALE/V_SCALE
+(Hkv, 1, D), loaded once per program). Each key/value tile is decoded where it is loaded, inside
+the loop (int8: code * scale in fp32), never the whole cache; the new tokens are encoded as
+the cache stores them (int8: clip(round half to even(x / scale)), ORT's quantization) both for
+the write and for this step's own keys, so they are attended exactly as a later step reads them.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import os
 from dataclasses import dataclass
 
 from .._triton import next_pow2, require_triton
-from ..trt_contract import ATTENTION_SCALARS, TACTICS, attention_tag, qk_scale_bits
+from ..trt_contract import ATTENTION_SCALARS, TACTICS, attention_tag, check_cache, qk_scale_bits
 
 triton = require_triton()
 import triton.language as tl  # noqa: E402  (after the friendly import check)
@@ -30,6 +37,8 @@ import triton.language as tl  # noqa: E402  (after the friendly import check)
 # products of bf16 values are exact in fp32 and tl.dot accumulates in fp32 anyway, so the result
 # is the GPU's up to summation order. Compiled kernels (JIT on a GPU, AOT PTX) never take it.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+_TYPE_NAMES = {"torch.float32": "fp32", "torch.float16": "fp16", "torch.bfloat16": "bf16",
+               "torch.int8": "int8"}  # torch dtype -> trt_contract's dtype names
 
 
 @dataclass(frozen=True)
@@ -57,15 +66,61 @@ def tile_config(rows: int, block_d: int) -> TileConfig:
 
 
 @triton.jit
-def _attend(q, acc, m_i, l_i, k_ptrs, v_ptrs, key_ok, key_mask, qk_scale,
-            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def _round_half_even(y):
+    """rint in exact steps (floor, the fraction, the parity): libdevice.rint has no
+    interpreter form, and floor(y + 0.5) rounds the sum first (0.49999997 -> 1)."""
+    f = tl.math.floor(y)
+    frac = y - f  # exact: the fraction bits of y
+    odd = (f - 2.0 * tl.math.floor(f * 0.5)) == 1.0
+    return tl.where((frac > 0.5) | ((frac == 0.5) & odd), f + 1.0, f)
+
+
+@triton.jit
+def _encode(x, scale, CACHE):
+    """Values x as the cache CACHE stores them: its float type, or int8 codes
+    clip(round half to even(x / scale), -128, 127), with an IEEE division as ORT's."""
+    if CACHE.dtype.element_ty == tl.int8:
+        y = tl.math.div_rn(x.to(tl.float32), scale[None, :])
+        y = tl.minimum(tl.maximum(y, -128.0), 127.0)  # clip first: the same codes, a small range
+        return _round_half_even(y).to(tl.int8)
+    else:
+        return x.to(CACHE.dtype.element_ty)
+
+
+@triton.jit
+def _decode(c, scale, like):
+    """Cache entries c as values of `like`'s dtype (the dot's): int8 codes times their scale."""
+    if c.dtype == tl.int8:
+        return (c.to(tl.float32) * scale[None, :]).to(like.dtype)
+    else:
+        return c.to(like.dtype)
+
+
+@triton.jit
+def _channel_scale(SCALE, CACHE, kvh, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_D,) fp32 step of kv head kvh's channels; 1 for a float cache (SCALE unread)."""
+    d = tl.arange(0, BLOCK_D)
+    if CACHE.dtype.element_ty == tl.int8:
+        return tl.load(SCALE + kvh * HEAD_DIM + d, mask=d < HEAD_DIM, other=1.0)
+    else:
+        return tl.full((BLOCK_D,), 1.0, tl.float32)
+
+
+@triton.jit
+def _attend(q, acc, m_i, l_i, k_ptrs, v_ptrs, key_ok, key_mask, qk_scale, k_sc, v_sc,
+            K_CACHE, V_CACHE, FROM_NEW: tl.constexpr, HEAD_DIM: tl.constexpr,
+            BLOCK_D: tl.constexpr):
     """One online-softmax step over a (BLOCK_N, BLOCK_D) key/value tile (log2 domain).
 
     key_ok (BLOCK_N,): keys that exist; key_mask (BLOCK_M, BLOCK_N): which query sees which key.
+    FROM_NEW: the tile is k_new/v_new, encoded as the cache stores it before it is decoded.
     """
     d_ok = tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM
     k = tl.load(k_ptrs, mask=key_ok[:, None] & d_ok, other=0.0)  # (BLOCK_N, BLOCK_D)
     v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok, other=0.0)
+    if FROM_NEW:
+        k, v = _encode(k, k_sc, K_CACHE), _encode(v, v_sc, V_CACHE)
+    k, v = _decode(k, k_sc, q), _decode(v, v_sc, q)
     if INTERPRETED and q.dtype == tl.bfloat16:
         q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
     s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
@@ -91,7 +146,8 @@ def _window_lo(past, tok0, WINDOW):
 
 
 @triton.jit
-def _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past, n_new, lo, hi,
+def _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, K_SCALE, V_SCALE, b, kvh, m_start, past,
+                  n_new, lo, hi,
                   do_new, S_NEW, S_MAX, HQ, HKV, WINDOW, qk_scale, CAUSAL: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_D: tl.constexpr):
@@ -112,6 +168,10 @@ def _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past, n_ne
     q_off = ((b * S_NEW + tok).to(tl.int64) * HQ + head) * HEAD_DIM
     q = tl.load(Q + q_off[:, None] + d[None, :], mask=row_ok[:, None] & (d[None, :] < HEAD_DIM),
                 other=0.0)
+    if K_CACHE.dtype.element_ty == tl.float16 and Q.dtype.element_ty == tl.bfloat16:
+        q = q.to(tl.float32)  # fp16 values are not all bf16 values: that pair's dots in fp32
+    k_sc = _channel_scale(K_SCALE, K_CACHE, kvh, HEAD_DIM, BLOCK_D)
+    v_sc = _channel_scale(V_SCALE, V_CACHE, kvh, HEAD_DIM, BLOCK_D)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
@@ -122,7 +182,7 @@ def _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past, n_ne
         ptr = cache_base + j.to(tl.int64)[:, None] * HEAD_DIM + d[None, :]
         key_mask = row_ok[:, None] & (j < hi)[None, :] & (j[None, :] >= first[:, None])
         acc, m_i, l_i = _attend(q, acc, m_i, l_i, K_CACHE + ptr, V_CACHE + ptr, j < hi, key_mask,
-                                qk_scale, HEAD_DIM, BLOCK_D)
+                                qk_scale, k_sc, v_sc, K_CACHE, V_CACHE, False, HEAD_DIM, BLOCK_D)
     if do_new:
         # k_new/v_new (B, S_new, Hkv, D); causal: new key t2 visible to query tok iff t2 <= tok
         new_hi = n_new
@@ -137,14 +197,16 @@ def _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past, n_ne
             if CAUSAL:
                 key_mask = key_mask & (t2[None, :] <= tok[:, None])
             acc, m_i, l_i = _attend(q, acc, m_i, l_i, K_NEW + ptr, V_NEW + ptr, t2 < n_new, key_mask,
-                                    qk_scale, HEAD_DIM, BLOCK_D)
+                                    qk_scale, k_sc, v_sc, K_CACHE, V_CACHE, True, HEAD_DIM,
+                                    BLOCK_D)
     return acc, m_i, l_i
 
 
 @triton.jit
-def _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, b, kvh, m_start, past, n_new, S_NEW, S_MAX, HQ,
-                  HKV, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """cache[b, kvh, past + t] = new[b, t, kvh] for the tokens of this M tile (t < n_new)."""
+def _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, K_SCALE, V_SCALE, b, kvh, m_start, past, n_new,
+                  S_NEW, S_MAX, HQ, HKV, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """cache[b, kvh, past + t] = encode(new[b, t, kvh]) for the tokens of this M tile."""
     group = HQ // HKV
     tok_hi = (m_start + BLOCK_M - 1) // group
     t = m_start // group + tl.arange(0, BLOCK_M)
@@ -153,12 +215,14 @@ def _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, b, kvh, m_start, past, n_new, S_NE
     ok2 = ok[:, None] & (d[None, :] < HEAD_DIM)
     src = ((b * S_NEW + t).to(tl.int64) * HKV + kvh)[:, None] * HEAD_DIM + d[None, :]
     dst = ((b * HKV + kvh).to(tl.int64) * S_MAX + past + t)[:, None] * HEAD_DIM + d[None, :]
-    tl.store(K_OUT + dst, tl.load(K_NEW + src, mask=ok2), mask=ok2)
-    tl.store(V_OUT + dst, tl.load(V_NEW + src, mask=ok2), mask=ok2)
+    k_sc = _channel_scale(K_SCALE, K_OUT, kvh, HEAD_DIM, BLOCK_D)
+    v_sc = _channel_scale(V_SCALE, V_OUT, kvh, HEAD_DIM, BLOCK_D)
+    tl.store(K_OUT + dst, _encode(tl.load(K_NEW + src, mask=ok2), k_sc, K_OUT), mask=ok2)
+    tl.store(V_OUT + dst, _encode(tl.load(V_NEW + src, mask=ok2), v_sc, V_OUT), mask=ok2)
 
 
 @triton.jit
-def _kv_attention_fwd(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
+def _kv_attention_fwd(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN, K_SCALE, V_SCALE,
                       S_NEW, S_MAX, HQ, HKV, WINDOW, QK_SCALE,
                       OUT, K_OUT, V_OUT,
                       CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -173,11 +237,11 @@ def _kv_attention_fwd(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
     m_start = pid_m * BLOCK_M
     past = tl.load(PAST_LEN + b)
     n_new = tl.load(NEW_LEN + b)
-    _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, b, kvh, m_start, past, n_new, S_NEW, S_MAX, HQ,
-                  HKV, HEAD_DIM, BLOCK_M, BLOCK_D)
+    _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, K_SCALE, V_SCALE, b, kvh, m_start, past, n_new,
+                  S_NEW, S_MAX, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_D)
     lo = _window_lo(past, m_start // (HQ // HKV), WINDOW)
-    acc, m_i, l_i = _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past,
-                                  n_new, lo, past, True, S_NEW, S_MAX, HQ, HKV, WINDOW,
+    acc, m_i, l_i = _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, K_SCALE, V_SCALE, b, kvh,
+                                  m_start, past, n_new, lo, past, True, S_NEW, S_MAX, HQ, HKV, WINDOW,
                                   QK_SCALE.to(tl.float32, bitcast=True), CAUSAL, HEAD_DIM,
                                   BLOCK_M, BLOCK_N, BLOCK_D)
     group = HQ // HKV
@@ -192,7 +256,7 @@ def _kv_attention_fwd(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
 
 
 @triton.jit
-def _kv_attention_split(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
+def _kv_attention_split(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN, K_SCALE, V_SCALE,
                         S_NEW, S_MAX, HQ, HKV, WINDOW, QK_SCALE, ROWS,
                         K_OUT, V_OUT, ACC_PART, M_PART, L_PART,
                         CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -209,14 +273,14 @@ def _kv_attention_split(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, PAST_LEN, NEW_LEN,
     past = tl.load(PAST_LEN + b)
     n_new = tl.load(NEW_LEN + b)
     if split == 0:
-        _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, b, kvh, m_start, past, n_new, S_NEW, S_MAX,
-                      HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_D)
+        _write_new_kv(K_NEW, V_NEW, K_OUT, V_OUT, K_SCALE, V_SCALE, b, kvh, m_start, past,
+                      n_new, S_NEW, S_MAX, HQ, HKV, HEAD_DIM, BLOCK_M, BLOCK_D)
     win_lo = _window_lo(past, m_start // (HQ // HKV), WINDOW)
     chunk = tl.cdiv(tl.cdiv(past - win_lo, BLOCK_N), NUM_SPLITS) * BLOCK_N
     lo = tl.minimum(win_lo + split * chunk, past)
     hi = tl.minimum(lo + chunk, past)
-    acc, m_i, l_i = _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, b, kvh, m_start, past,
-                                  n_new, lo, hi, split == NUM_SPLITS - 1, S_NEW, S_MAX, HQ, HKV,
+    acc, m_i, l_i = _attend_range(Q, K_NEW, V_NEW, K_CACHE, V_CACHE, K_SCALE, V_SCALE, b, kvh,
+                                  m_start, past, n_new, lo, hi, split == NUM_SPLITS - 1, S_NEW, S_MAX, HQ, HKV,
                                   WINDOW, QK_SCALE.to(tl.float32, bitcast=True), CAUSAL,
                                   HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D)
     group = HQ // HKV
@@ -256,11 +320,31 @@ def _check(q, k_new, v_new, k_cache, v_cache, past_len, new_len):
     for name, t in dict(q=q, k_new=k_new, v_new=v_new, k_cache=k_cache, v_cache=v_cache).items():
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (the kernel derives strides from shapes)")
-        if t.dtype != q.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}, q has {q.dtype}: all must match")
+        if t.dtype != (k_cache.dtype if name.endswith("cache") else q.dtype):
+            raise ValueError(f"{name} has dtype {t.dtype}: k_new/v_new must be q's ({q.dtype}), "
+                             f"v_cache k_cache's ({k_cache.dtype})")
+    check_cache(_TYPE_NAMES.get(str(q.dtype), str(q.dtype)),
+                _TYPE_NAMES.get(str(k_cache.dtype), str(k_cache.dtype)))
     if v_cache.shape != k_cache.shape or v_new.shape != k_new.shape:
         raise ValueError("v_new/v_cache must have the shapes of k_new/k_cache")
     return dims
+
+
+def _scales(k_cache, k_scale, v_scale, hkv: int, d: int):
+    """The K_SCALE/V_SCALE arguments: an int8 cache's (Hkv, 1, D) fp32 scales, checked; for a
+    float cache a 1-element tensor the kernel never reads (trt_contract: always two inputs)."""
+    import torch
+
+    if k_cache.dtype != torch.int8:  # TensorRT's JIT impl passes its placeholders through
+        if k_scale is not None and v_scale is not None:
+            return k_scale, v_scale
+        one = torch.ones(1, dtype=torch.float32, device=k_cache.device)
+        return one, one
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t is None or t.dtype != torch.float32 or t.numel() != hkv * d or not t.is_contiguous():
+            raise ValueError(f"an int8 cache needs {name} as a contiguous float32 (Hkv, 1, D) = "
+                             f"({hkv}, 1, {d}) tensor")
+    return k_scale, v_scale
 
 
 def default_num_splits(batch: int, kv_heads: int, rows: int, s_max: int, window: int = 0) -> int:
@@ -276,11 +360,12 @@ def default_num_splits(batch: int, kv_heads: int, rows: int, s_max: int, window:
 
 
 def kv_attention(q, k_new, v_new, k_cache, v_cache, past_len, new_len=None, options=None,
-                 num_splits: int | None = None):
+                 num_splits: int | None = None, k_scale=None, v_scale=None):
     """Launch the kernel on torch tensors (CUDA, or CPU under TRITON_INTERPRET=1).
 
-    Layouts as in reference.py; k_cache/v_cache are updated in place; returns out
-    (B, S_new, Hq, D). num_splits > 1 uses the flash-decoding kernels (JIT only).
+    Layouts and cache dtypes as in reference.py; k_cache/v_cache are updated in place; returns
+    out (B, S_new, Hq, D). num_splits > 1 uses the flash-decoding kernels (JIT only). An int8
+    cache takes k_scale/v_scale (Hkv, 1, D) float32.
     """
     import torch
 
@@ -302,18 +387,19 @@ def kv_attention(q, k_new, v_new, k_cache, v_cache, past_len, new_len=None, opti
     meta = dict(CAUSAL=options.mask == "causal", HEAD_DIM=d,
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True)
-    lens = (past_len.to(torch.int32).contiguous(), new_len.to(torch.int32).contiguous())
+    tail = (past_len.to(torch.int32).contiguous(), new_len.to(torch.int32).contiguous(),
+            *_scales(k_cache, k_scale, v_scale, hkv, d))  # inputs 5-8, as in trt_contract
     # the same runtime scalars as the TensorRT AOT launch (trt_contract.ATTENTION_SCALARS)
     scalars = (s_new, s_max, hq, hkv, options.window, qk_scale_bits(options.scale, d))
     if splits == 1:
-        _kv_attention_fwd[(grid_m, b * hkv)](q, k_new, v_new, k_cache, v_cache, *lens,
+        _kv_attention_fwd[(grid_m, b * hkv)](q, k_new, v_new, k_cache, v_cache, *tail,
                                              *scalars, out, k_cache, v_cache, **meta)
         return out
     rows = b * s_new * hq
     acc = torch.empty((splits, rows, block_d), dtype=torch.float32, device=q.device)
     m_part = torch.empty((splits, rows), dtype=torch.float32, device=q.device)
     l_part = torch.empty((splits, rows), dtype=torch.float32, device=q.device)
-    _kv_attention_split[(grid_m, b * hkv, splits)](q, k_new, v_new, k_cache, v_cache, *lens,
+    _kv_attention_split[(grid_m, b * hkv, splits)](q, k_new, v_new, k_cache, v_cache, *tail,
                                                    *scalars, rows, k_cache, v_cache,
                                                    acc, m_part, l_part, NUM_SPLITS=splits, **meta)
     _kv_attention_combine[(rows,)](acc, m_part, l_part, out, rows, HEAD_DIM=d, BLOCK_D=block_d,
@@ -338,6 +424,7 @@ class AttentionVariant:
     head_dim: int = 128
     mask: str = "causal"
     phase: str = "decode"  # tile choice, see TILE_TABLE
+    cache: str = ""  # fp32 | fp16 | bf16 | int8 (trt_contract.CACHE_COMBOS); "" = dtype's
 
     def __post_init__(self):
         from .reference import MASK_MODES
@@ -345,10 +432,15 @@ class AttentionVariant:
         if (self.dtype not in ("fp32", "fp16", "bf16") or self.phase not in ("decode", "prefill")
                 or self.mask not in MASK_MODES):
             raise ValueError(f"unsupported attention variant {self}")
+        check_cache(self.dtype, self.cache_dtype)
+
+    @property
+    def cache_dtype(self) -> str:
+        return self.cache or self.dtype
 
     @property
     def tag(self) -> str:
-        return attention_tag(self.dtype, self.head_dim, self.mask, self.phase)
+        return attention_tag(self.dtype, self.head_dim, self.mask, self.phase, self.cache_dtype)
 
 
 def aot_source(variant: AttentionVariant) -> dict:
@@ -356,10 +448,11 @@ def aot_source(variant: AttentionVariant) -> dict:
     block_d = max(16, next_pow2(variant.head_dim))
     cfg = tile_config(1 if variant.phase == "decode" else 64, block_d)
     ptr = f"*{variant.dtype}"
-    signature = {"Q": ptr, "K_NEW": ptr, "V_NEW": ptr, "K_CACHE": ptr, "V_CACHE": ptr,
-                 "PAST_LEN": "*i32", "NEW_LEN": "*i32",
+    cache = "*" + {"int8": "i8"}.get(variant.cache_dtype, variant.cache_dtype)
+    signature = {"Q": ptr, "K_NEW": ptr, "V_NEW": ptr, "K_CACHE": cache, "V_CACHE": cache,
+                 "PAST_LEN": "*i32", "NEW_LEN": "*i32", "K_SCALE": "*fp32", "V_SCALE": "*fp32",
                  **{name: "i32" for name in AOT_SCALARS},
-                 "OUT": ptr, "K_OUT": ptr, "V_OUT": ptr}
+                 "OUT": ptr, "K_OUT": cache, "V_OUT": cache}
     constexprs = {"CAUSAL": variant.mask == "causal", "HEAD_DIM": variant.head_dim,
                   "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
     return dict(fn=_kv_attention_fwd, signature=signature, constexprs=constexprs,

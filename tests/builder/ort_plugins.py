@@ -3,7 +3,9 @@
 Each op calls its NumPy reference from arx.plugins, the specification the TensorRT plugins
 implement, so running the rewritten graph here checks the graph pass end to end on the CPU.
 PyOps live in onnxruntime-extensions' domain (ai.onnx.contrib) with fixed input types and no
-float16, so a copy of the model gets its arx nodes moved there, fp16 values cast around them.
+float16, so a copy of the model gets its arx nodes moved there, fp16 values cast around them;
+kv_attention has one op per cache dtype (an fp16 cache, widened on the way in, is narrowed back
+before the reference writes it, so it rounds what it stores as the plugin does).
 """
 
 from __future__ import annotations
@@ -18,23 +20,46 @@ _COMMON = {"plugin_namespace": _DT.dt_string, "plugin_version": _DT.dt_string, "
 _registered: set[str] = set()
 
 
+# cache elem type -> (op suffix, PyOp type of the cache IO, numpy dtype the reference holds)
+_CACHES = {onnx.TensorProto.FLOAT: ("f32", _DT.dt_float, np.float32),
+           onnx.TensorProto.FLOAT16: ("f32_c16", _DT.dt_float, np.float16),
+           onnx.TensorProto.INT8: ("f32_c8", _DT.dt_int8, np.int8)}
+
+
+def _register_attention(cache: int) -> str:
+    from arx.plugins import AttentionOptions, kv_attention_reference
+
+    suffix, ct, held = _CACHES[cache]
+    if f"kv_attention_{suffix}" in _registered:
+        return suffix
+    _registered.add(f"kv_attention_{suffix}")
+    ft = _DT.dt_float
+
+    @ort_ext.onnx_op(op_type=f"kv_attention_{suffix}",
+                     inputs=[ft] * 3 + [ct] * 2 + [_DT.dt_int32] * 2 + [ft] * 2,
+                     outputs=[ft] + [ct] * 2,
+                     attrs={"mask": _DT.dt_string, "scale": _DT.dt_float,
+                            "window": _DT.dt_int64, **_COMMON})
+    def kv_attention(q, k_new, v_new, k_cache, v_cache, past_len, new_len, k_scale, v_scale,
+                     **attrs):
+        # ORT gives no aliasing: return copies, in the dtype the plugin's cache holds
+        k_cache, v_cache = k_cache.astype(held), v_cache.astype(held)
+        scales = dict(k_scale=k_scale, v_scale=v_scale) if held == np.int8 else {}
+        out = kv_attention_reference(q, k_new, v_new, k_cache, v_cache, past_len, new_len,
+                                     AttentionOptions(mask=attrs["mask"], scale=attrs["scale"],
+                                                      window=int(attrs["window"])), **scales)
+        wide = np.float32 if held == np.float16 else held  # the PyOp's cache IO type
+        return out, k_cache.astype(wide), v_cache.astype(wide)
+
+    return suffix
+
+
 def _register(suffix: str, ft) -> None:
-    from arx.plugins import AttentionOptions, kv_attention_reference, sample_reference
+    from arx.plugins import sample_reference
 
     if suffix in _registered:
         return
     _registered.add(suffix)
-
-    @ort_ext.onnx_op(op_type=f"kv_attention_{suffix}", inputs=[ft] * 5 + [_DT.dt_int32] * 2,
-                     outputs=[ft] * 3,
-                     attrs={"mask": _DT.dt_string, "scale": _DT.dt_float,
-                            "window": _DT.dt_int64, **_COMMON})
-    def kv_attention(q, k_new, v_new, k_cache, v_cache, past_len, new_len, **attrs):
-        k_cache, v_cache = k_cache.copy(), v_cache.copy()  # ORT gives no aliasing: return copies
-        out = kv_attention_reference(q, k_new, v_new, k_cache, v_cache, past_len, new_len,
-                                     AttentionOptions(mask=attrs["mask"], scale=attrs["scale"],
-                                                      window=int(attrs["window"])))
-        return out, k_cache, v_cache
 
     @ort_ext.onnx_op(op_type=f"sample_{suffix}",
                      inputs=[ft, _DT.dt_float, _DT.dt_bool, _DT.dt_int64, _DT.dt_int64],
@@ -80,9 +105,12 @@ def ort_session(model: onnx.ModelProto):
     types = _elem_types(model)
     for node in list(model.graph.node):
         if node.domain == "arx":
+            suffix = "f32"
+            if node.op_type == "kv_attention":
+                suffix = _register_attention(types[node.input[3]])
             _widen_float16(model, node, types)
             _register("f32", _DT.dt_float)
-            node.op_type, node.domain = f"{node.op_type}_f32", CONTRIB
+            node.op_type, node.domain = f"{node.op_type}_{suffix}", CONTRIB
     topological_sort(model.graph)
     model.opset_import.append(onnx.helper.make_opsetid(CONTRIB, 1))
     so = ort.SessionOptions()

@@ -133,19 +133,19 @@ def test_kit_with_ptx_for_orin(exported_bundle, tmp_path, fake_trtp):
 
 def _check_kit_launches(kit, trt, trtp):
     """Register the kit's own kit_plugins.py (fake tensorrt.plugin) and check each AOT launch
-    against its PTX entry: 10 pointer parameters, then one .u32 per scalar passed."""
+    against its PTX entry: 12 pointer parameters, then one .u32 per scalar passed."""
     module = _load_kit_plugins(kit)
     module.register_descriptors(trt, trtp)
     module.register_aot(trtp, module.folder_kernels(str(kit / "plugins")))
     td = trtp.TensorDesc
     descs = [td((2, 3, 4, 32), "BF16"), td((2, 3, 2, 32), "BF16"), td((2, 3, 2, 32), "BF16"),
              td((2, 2, 32, 32), "BF16"), td((2, 2, 32, 32), "BF16"), td((2,), "INT32"),
-             td((2,), "INT32")]
+             td((2,), "INT32"), td((1,), "FLOAT"), td((1,), "FLOAT")]  # scales: placeholders
     for tactic, phase in module.TACTICS.items():
         entry, ptx, _, extra = trtp.plugins["arx::kv_attention"]["aot_impl"](
             *descs, "causal", 0.0, 24, (), tactic)
         head = re.search(r"\.entry " + entry + r"\((.*?)\)", ptx, re.S).group(1)
-        assert head.count(".param .u64") == 10  # 7 inputs + 3 outputs
+        assert head.count(".param .u64") == 12  # 9 inputs + 3 outputs
         assert head.count(".param .u32") == len(extra) == 6
         assert extra[4].value == 24  # the window reaches the kernel as a runtime scalar
 

@@ -42,10 +42,21 @@ CASES = [("int8", "fp32", "int8", 2e-3), ("fp16", "fp32", "float16", 5e-2),
          ("int8", "fp16", "int8", 1e-1), ("fp16", "fp16", "float16", 5e-2)]
 
 
+@pytest.mark.parametrize("attention", ["native", "plugin"])
 @pytest.mark.parametrize("flag,precision,cache,atol", CASES)
-def test_native_form_reads_the_bundles_cache(flag, precision, cache, atol, kv_bundle, ort_session):
+def test_forms_read_the_bundles_cache(flag, precision, cache, atol, attention, kv_bundle,
+                                      ort_session):
+    """Both forms, the plugin's run as its NumPy spec (PyOps): the plugin quantizes what it
+    writes as ORT does and decodes inside attention, so the same tolerances hold."""
     bundle = kv_bundle(flag)
-    form = form_for(bundle, precision=precision, **NATIVE)
+    if (flag, precision, attention) == ("int8", "fp16", "plugin"):
+        # the plugin quantizes the fp16 keys in fp32 with fp32 scales (the native form in fp16),
+        # so other codes land a step off where this random model amplifies the fp16 rounding
+        # (one prompt token: 69% of layer 1's key codes, the native form 22%): measured 0.139
+        # at worst (native 0.093; the fp32 forms are within 5e-5 of the bundle), inside the
+        # engine check's int8 tolerance (5e-2 of the largest logit, about 4 here)
+        atol = 1.5e-1
+    form = form_for(bundle, precision=precision, attention=attention, sampler="argmax")
     pasts = {p for p, _ in read_manifest(bundle).kv.pairs()}
     assert {t.dtype for t in form.stage.inputs if t.name in pasts} == {cache}
     steps = ragged_steps()
@@ -65,20 +76,35 @@ def test_fp16_cache_for_an_fp32_bundle_by_flag(exported_bundle, ort_session):
         np.testing.assert_allclose(last, ref, atol=5e-2, rtol=0)
 
 
-def test_plugin_form_keeps_the_precisions_cache(kv_bundle, ort_session):
-    """An fp16 cache is the fp16 plugin form's own: it builds and matches."""
-    bundle = kv_bundle("fp16")
-    form = form_for(bundle, precision="fp16")
-    steps = ragged_steps()
-    got = run_form(ort_session, form.model, read_manifest(bundle), steps)
-    for ref, (last, _) in zip(run_reference(bundle, steps), got):
-        np.testing.assert_allclose(last, ref, atol=5e-2, rtol=0)
+def test_plugin_nodes_take_the_cache_and_its_scales(kv_bundle):
+    """The plugin form of an int8 bundle: int8 cache IO on every node, the layer's calibrated
+    scales as fp32 inputs in an fp16 engine (not lowered with the weights); an fp16 cache in
+    an fp32 engine gets the (1,) placeholder."""
+    from onnx import TensorProto, numpy_helper
+
+    from arx.builder.attention import NO_SCALE
+    from arx.export.kv_dtype import scale_name
+
+    bundle = kv_bundle("int8")
+    kv = read_manifest(bundle).kv
+    form = form_for(bundle, precision="fp16", sampler="argmax")
+    inits = {t.name: t for t in form.model.graph.initializer}
+    nodes = [n for n in form.model.graph.node if n.op_type == "kv_attention"]
+    assert len(nodes) == kv.layers
+    for n in nodes:
+        assert list(n.input[7:]) == [scale_name(p) for p in n.input[3:5]]
+        for name in n.input[7:]:
+            assert inits[name].data_type == TensorProto.FLOAT
+            assert numpy_helper.to_array(inits[name]).shape == (kv.kv_heads, 1, kv.head_dim)
+    assert {t.dtype for t in form.stage.inputs if t.name.startswith("past_key")} == {"int8"}
+    fp16 = form_for(kv_bundle("fp16"), precision="fp32", sampler="argmax")
+    n = next(n for n in fp16.model.graph.node if n.op_type == "kv_attention")
+    assert list(n.input[7:]) == [NO_SCALE, NO_SCALE]
 
 
 @pytest.mark.parametrize("flag,kw,match", [
-    ("int8", {"precision": "fp16"}, "plugin reads its cache in the engine's precision"),
-    ("fp16", {"precision": "fp32"}, "a float16 cache builds with --attention native"),
     (None, {"kv_dtype": "int8", **NATIVE}, "needs the scales arx calibrate measures"),
+    (None, {"kv_dtype": "int8"}, "needs the scales arx calibrate measures"),  # plugin form too
     (None, {"kv_dtype": "fp32", "precision": "fp16"}, "must be one of|keeps a float16 cache"),
 ])
 def test_refusals_are_one_line(flag, kw, match, kv_bundle, exported_bundle, tmp_path):
@@ -89,12 +115,24 @@ def test_refusals_are_one_line(flag, kw, match, kv_bundle, exported_bundle, tmp_
     assert not (tmp_path / "kit").exists()
 
 
-def test_kit_records_the_cache(kv_bundle, tmp_path):
+@pytest.mark.parametrize("attention", ["native", "plugin"])
+def test_kit_records_the_cache(attention, kv_bundle, tmp_path):
     out = tmp_path / "kit"
     build_bundle(kv_bundle("int8"), BuildOptions(target="orin", kit=True, progress=False,
-                                                 output=out, precision="fp16", **NATIVE))
+                                                 output=out, precision="fp16", ptx=False,
+                                                 attention=attention, sampler="argmax"))
     kv = json.loads((out / "kit.json").read_text())["kv"]
     assert (kv["dtype"], kv["scales"]) == ("int8", "per_channel")
+
+
+def test_kit_asks_for_the_cache_variant(kv_bundle):
+    """The kit compiles the PTX of the cache's dtype (the tag TensorRT's AOT impl looks up)."""
+    from arx.builder.kit import plugin_variants
+
+    tags = [tag for tag, _ in plugin_variants(form_for(kv_bundle("int8"), precision="fp16"))]
+    assert {t for t in tags if t.startswith("kv_attention")} == {
+        f"kv_attention_fp16_kvint8_d{read_manifest(kv_bundle('int8')).kv.head_dim}_causal_{p}"
+        for p in ("decode", "prefill")}
 
 
 @pytest.mark.parametrize("flag,precision", [("int8", "fp32"), ("int8", "fp16"), ("fp16", "fp32")])

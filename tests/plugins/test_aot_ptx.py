@@ -16,7 +16,8 @@ EXPECTED_SM = {"sm_80": "sm_80", "sm_87": "sm_87", "sm_89": "sm_89", "sm_90a": "
 
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "compile_ptx.py"
-TAGS = ["kv_attention_fp16_d128_causal_decode", "sample_bf16_cfg"]
+TAGS = ["kv_attention_fp16_d128_causal_decode", "kv_attention_fp16_kvint8_d128_causal_decode",
+        "sample_bf16_cfg"]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,10 @@ def test_ptx_for_every_target(compiled, target):
         assert meta["scalars"] == list(scalars)
         assert [meta["signature"][n] for n in scalars] == ["i32"] * len(scalars)
         assert "SCALE" not in meta["constexprs"]  # scale is a runtime scalar: one PTX for all
+        if "kvint8" in tag:  # int8 codes in and out, the per-channel scales as fp32 inputs
+            sig = meta["signature"]
+            assert [sig[n] for n in ("K_CACHE", "V_CACHE", "K_OUT", "V_OUT")] == ["*i8"] * 4
+            assert [sig[n] for n in ("K_SCALE", "V_SCALE")] == ["*fp32"] * 2
 
 
 def test_one_attention_ptx_serves_every_scale_and_window():
@@ -88,3 +93,21 @@ def test_strip_refuses_used_params():
         strip_scratch_params(ptx, "k", 1)
     assert "k_param_1" not in strip_scratch_params(ptx.replace("[k_param_1]", "[k_param_0]"),
                                                    "k", 1)
+
+
+def test_fp16_cache_variants_compile(triton):
+    """The pairs kits compile on demand (an fp16 cache under fp32 and bf16 activations, the
+    latter's dots in fp32) assemble for the oldest and an arch-specific target."""
+    code = ("import os; os.environ.pop('TRITON_INTERPRET', None)\n"
+            "from arx.plugins.aot import compile_source, ptx_target_line\n"
+            "from arx.plugins.attention.triton_kernel import AttentionVariant, aot_source\n"
+            "for dtype in ('fp32', 'bf16'):\n"
+            "    v = AttentionVariant(dtype=dtype, head_dim=64, mask='block', phase='prefill',"
+            " cache='fp16')\n"
+            "    for target in ('sm_80', 'sm_90a'):\n"
+            "        c = compile_source(aot_source(v), target, v.tag)\n"
+            "        print(v.tag, ptx_target_line(c.ptx), c.meta['signature']['K_CACHE'])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.split("\n")
+    assert out[:4] == [f"kv_attention_{d}_kvfp16_d64_block_prefill {sm} *fp16"
+                       for d in ("fp32", "bf16") for sm in ("sm_80", "sm_90a")]

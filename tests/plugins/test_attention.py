@@ -3,6 +3,7 @@ against the reference. Tolerances: fp32 2e-5 (reference vs float64 naive: 1e-5),
 bf16 2e-2 absolute on outputs of magnitude ~1; cache writes must be exact."""
 
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -241,3 +242,160 @@ def test_triton_on_gpu(torch, triton, dtype):
         got = kv_attention(t["q"], t["k_new"], t["v_new"], t["k_cache"], t["v_cache"],
                            t["past_len"], t["new_len"], opts)
         np.testing.assert_allclose(got.float().cpu().numpy(), want, atol=TOL[dtype], rtol=0)
+
+
+# ------------------------------------------------------------------ fp16 and int8 caches
+def _gqa_int8_session(hq, hkv, d, s_max, scales):
+    """One onnxruntime GroupQueryAttention node with the int8 cache `arx export --kv-dtype int8`
+    gives it (export/kv_dtype.retype_decoder: PER_CHANNEL scales, quantized when written)."""
+    import onnxruntime as ort
+    from onnx import TensorProto as TP
+    from onnx import helper as h
+
+    from arx.export.kv_dtype import retype_decoder
+    from arx.manifest import KVLayout
+
+    kv = KVLayout(1, hkv, d, s_max)
+    (past, present), = [((kv.past_key.format(i=0), kv.past_value.format(i=0)),
+                         (kv.present_key.format(i=0), kv.present_value.format(i=0)))]
+    ins = [h.make_tensor_value_info(n, TP.FLOAT, ["B", "S", w * d])
+           for n, w in (("q", hq), ("k", hkv), ("v", hkv))]
+    ins += [h.make_tensor_value_info("seqlens_k", TP.INT32, ["B"]),
+            h.make_tensor_value_info("total", TP.INT32, [])]
+    ins += [h.make_tensor_value_info(p, TP.FLOAT, ["B", hkv, s_max, d]) for p in past]
+    node = h.make_node("GroupQueryAttention", ["q", "k", "v", *past, "seqlens_k", "total"],
+                       ["out", *present], domain="com.microsoft", num_heads=hq, kv_num_heads=hkv)
+    outs = [h.make_tensor_value_info(n, TP.FLOAT, None) for n in ("out", *present)]
+    m = h.make_model(h.make_graph([node], "gqa", ins, outs),
+                     opset_imports=[h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)])
+    m.ir_version = 10
+    retype_decoder(m, kv, "int8", dict(zip(past, scales)))
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]), past
+
+
+@pytest.mark.parametrize("b,s,pasts", [(2, 1, [5, 9]), (1, 3, [4])])
+def test_reference_int8_cache_is_onnxruntimes(b, s, pasts):
+    """The spec's int8 cache is the one the bundle runs on ORT: the same codes written
+    (ties to even, saturation included) and the same attention over the decoded cache."""
+    hq, hkv, d, s_max = 4, 2, 16, 20
+    rng = np.random.default_rng(0)
+    scales = [rng.uniform(0.01, 0.05, (hkv, 1, d)).astype(np.float32) for _ in range(2)]
+    session, past = _gqa_int8_session(hq, hkv, d, s_max, scales)
+    q, k, v = (rng.standard_normal((b, s, w * d)).astype(np.float32) for w in (hq, hkv, hkv))
+    k[0, 0, :4] = scales[0][0, 0, :4] * np.float32([0.5, 1.5, 2.5, 400])  # ties, saturation
+    caches = [rng.integers(-128, 128, (b, hkv, s_max, d)).astype(np.int8) for _ in range(2)]
+    pasts = np.array(pasts, np.int32)
+    out, *present = session.run(None, {"q": q, "k": k, "v": v, "seqlens_k": pasts + s - 1,
+                                       "total": np.array(pasts.max() + s, np.int32),
+                                       past[0]: caches[0], past[1]: caches[1]})
+    mine = [c.copy() for c in caches]
+    want = kv_attention_reference(q.reshape(b, s, hq, d), k.reshape(b, s, hkv, d),
+                                  v.reshape(b, s, hkv, d), *mine, pasts, np.full(b, s, np.int32),
+                                  k_scale=scales[0], v_scale=scales[1])
+    assert list(mine[0][0, 0, pasts[0], :4]) == [0, 2, 2, 127]
+    for i in range(b):
+        for got, ref in zip(present, mine):
+            np.testing.assert_array_equal(got[i, :, :pasts[i] + s], ref[i, :, :pasts[i] + s])
+    np.testing.assert_allclose(out.reshape(b, s, hq, d), want, atol=1e-5, rtol=0)
+
+
+def test_reference_cache_dtype_rules():
+    c = make_case(11, 1, 2, 2, 1, 8, 8)
+    half = {k: c[k].astype(np.float16) for k in ("q", "k_new", "v_new")}
+    with pytest.raises(ValueError, match="caches hold q's dtype"):  # fp32 cache, fp16 engine
+        kv_attention_reference(*half.values(), c["k_cache"], c["v_cache"], c["past_len"])
+    codes = np.zeros((1, 1, 8, 8), np.int8)
+    with pytest.raises(ValueError, match="needs k_scale"):
+        kv_attention_reference(c["q"], c["k_new"], c["v_new"], codes, codes.copy(), c["past_len"])
+    with pytest.raises(ValueError, match=r"\(1, 1, 8\)"):
+        kv_attention_reference(c["q"], c["k_new"], c["v_new"], codes, codes.copy(), c["past_len"],
+                               k_scale=np.ones(4, np.float32), v_scale=np.ones(8, np.float32))
+
+
+# (activation dtype, cache dtype) beside each precision's own cache (trt_contract.CACHE_COMBOS)
+CACHE_COMBOS = [("float32", "float16"), ("bfloat16", "float16"), ("float32", "int8"),
+                ("float16", "int8"), ("bfloat16", "int8")]
+# (B, S_new, Hq, Hkv, S_max, D, num_splits, mask, window): decode with the split kernels, GQA 4;
+# MQA prefill over M tiles; a block of 7 with the split kernels; causal window inside the past
+CACHE_SHAPES = [(3, 1, 8, 2, 100, 64, 4, "causal", 0), (2, 33, 2, 1, 70, 64, 1, "causal", 0),
+                (2, 7, 4, 2, 40, 64, 2, "block", 0), (2, 5, 4, 2, 60, 80, 1, "causal", 12)]
+
+
+def _cache_case(torch, seed, dims, act, cache):
+    """make_case with the caches in `cache` (int8: codes of random per-channel scales, the new
+    values reaching past 127 steps on some channels) and q/k_new/v_new in `act`; returns
+    (torch tensors, numpy copies for the reference: the activations' rounded values in fp32)."""
+    c = make_case(seed, *dims)
+    rng = np.random.default_rng(seed)
+    hkv, d = dims[3], dims[5]
+    scales = {}
+    for name in ("k", "v"):
+        if cache == "int8":
+            scales[f"{name}_scale"] = rng.uniform(0.01, 0.04, (hkv, 1, d)).astype(np.float32)
+            codes = np.rint(c[f"{name}_cache"] / scales[f"{name}_scale"])
+            c[f"{name}_cache"] = np.clip(codes, -128, 127).astype(np.int8)
+        else:
+            c[f"{name}_cache"] = c[f"{name}_cache"].astype(cache)
+    t = {k: torch.from_numpy(v.copy()) for k, v in {**c, **scales}.items()}
+    for k in ("q", "k_new", "v_new"):
+        t[k] = t[k].to(getattr(torch, act))
+    r = {k: v.to(torch.float32).numpy().copy() if k in ("q", "k_new", "v_new") else v.numpy().copy()
+         for k, v in t.items()}
+    return t, r
+
+
+@pytest.mark.parametrize("shape", CACHE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("act,cache", CACHE_COMBOS, ids=lambda x: x)
+def test_triton_reads_fp16_and_int8_caches(torch, triton, act, cache, shape):
+    """fp16 caches in fp32/bf16 engines and int8 caches in every precision, over ragged rows
+    (per-sequence past and new lengths), GQA/MQA, both masks, a window and the split kernels:
+    the written cache equals the reference's exactly (int8 codes included), outputs within the
+    activation dtype's tolerance."""
+    from arx.plugins.attention.triton_kernel import kv_attention
+
+    *dims, splits, mask, window = shape
+    t, r = _cache_case(torch, zlib.crc32(repr((shape, act, cache)).encode()), dims, act, cache)
+    opts = AttentionOptions(mask=mask, window=window)
+    scales = {k: r[k] for k in ("k_scale", "v_scale") if k in r}
+    want = kv_attention_reference(r["q"], r["k_new"], r["v_new"], r["k_cache"], r["v_cache"],
+                                  r["past_len"], r["new_len"], opts, **scales)
+    got = kv_attention(t["q"], t["k_new"], t["v_new"], t["k_cache"], t["v_cache"], t["past_len"],
+                       t["new_len"], opts, num_splits=splits,
+                       **{k: t[k] for k in ("k_scale", "v_scale") if k in t})
+    assert got.dtype == getattr(torch, act) and t["k_cache"].dtype == getattr(torch, cache)
+    # bf16 + int8: the decoded values are rounded to bf16 for the dots (the reference keeps
+    # them in fp32), on top of the output's own bf16 rounding (measured up to 1.8e-2)
+    tol = 3e-2 if (act, cache) == ("bfloat16", "int8") else TOL[act]
+    np.testing.assert_allclose(got.to(torch.float32).numpy(), want, atol=tol, rtol=0)
+    np.testing.assert_array_equal(t["k_cache"].numpy(), r["k_cache"])
+    np.testing.assert_array_equal(t["v_cache"].numpy(), r["v_cache"])
+
+
+def test_triton_int8_cache_is_dequantized(torch, triton):
+    """The int8 scales reach the attention: the same codes under doubled value scales give
+    doubled outputs (guards against codes read as values, or scales read for one side)."""
+    from arx.plugins.attention.triton_kernel import kv_attention
+
+    t, _ = _cache_case(torch, 5, (1, 1, 4, 2, 40, 32), "float32", "int8")
+    t["past_len"][:] = 30
+    t["v_new"].zero_()  # code 0 under any scale: only the cached values scale
+    outs = []
+    for factor in (1.0, 2.0):
+        c = {k: v.clone() for k, v in t.items()}
+        outs.append(kv_attention(c["q"], c["k_new"], c["v_new"], c["k_cache"], c["v_cache"],
+                                 c["past_len"], c["new_len"], k_scale=c["k_scale"],
+                                 v_scale=c["v_scale"] * factor))
+    np.testing.assert_allclose(outs[1].numpy(), 2 * outs[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_triton_cache_refusals(torch, triton):
+    from arx.plugins.attention.triton_kernel import kv_attention
+
+    t, _ = _cache_case(torch, 6, (1, 1, 2, 1, 8, 16), "float32", "int8")
+    args = [t[k] for k in ("q", "k_new", "v_new", "k_cache", "v_cache", "past_len", "new_len")]
+    with pytest.raises(ValueError, match="needs k_scale"):
+        kv_attention(*args)
+    args[3:5] = [torch.zeros(1, 1, 8, 16, dtype=torch.float32) for _ in range(2)]
+    args[0:3] = [a.to(torch.float16) for a in args[0:3]]
+    with pytest.raises(ValueError, match="fp16 cache, fp16 or int8 with fp16"):
+        kv_attention(*args)

@@ -30,11 +30,12 @@ def _kit_folder(path, scalars=tc.ATTENTION_SCALARS):
     return str(path)
 
 
-def _attention_descs(trtp, b=2, s=5, hq=8, hkv=2, s_max=300, d=128):
+def _attention_descs(trtp, b=2, s=5, hq=8, hkv=2, s_max=300, d=128, dtype="HALF", cache=None):
     td = trtp.TensorDesc
-    return (td((b, s, hq, d)), td((b, s, hkv, d)), td((b, s, hkv, d)),
-            td((b, hkv, s_max, d)), td((b, hkv, s_max, d)), td((b,), "INT32"),
-            td((b,), "INT32"))
+    cache = cache or dtype
+    return (td((b, s, hq, d), dtype), td((b, s, hkv, d), dtype), td((b, s, hkv, d), dtype),
+            td((b, hkv, s_max, d), cache), td((b, hkv, s_max, d), cache), td((b,), "INT32"),
+            td((b,), "INT32"), td((hkv, 1, d), "FLOAT"), td((hkv, 1, d), "FLOAT"))
 
 
 def test_module_needs_neither_arx_nor_triton():
@@ -62,7 +63,8 @@ def test_descriptors_alias_the_cache_and_list_tactics(fake_trtp):
     tc.register_descriptors(trt, trtp)
     tc.register_descriptors(trt, trtp)  # idempotent: the second call registers nothing
     p = trtp.plugins[tc.KV_ATTENTION]
-    assert p["tensors"] == ["q", "k_new", "v_new", "k_cache", "v_cache", "past_len", "new_len"]
+    assert p["tensors"] == ["q", "k_new", "v_new", "k_cache", "v_cache", "past_len", "new_len",
+                            "k_scale", "v_scale"]
     assert p["attrs"] == ["mask", "scale", "window"]
     descs = _attention_descs(trtp)
     out, k_out, v_out = p["describe"](*descs, "causal", 0.0, 0)
@@ -70,7 +72,7 @@ def test_descriptors_alias_the_cache_and_list_tactics(fake_trtp):
     assert k_out.alias and v_out.alias and k_out.shape_expr == descs[3].shape_expr
     combos = p["autotune"](*descs, "causal", 0.0, 0, ())
     assert combos[0].tactics == list(tc.TACTICS) == [1, 2]
-    assert combos[0].types.count(",") == 9  # 7 inputs + 3 outputs
+    assert combos[0].types.count(",") == 11  # 9 inputs + 3 outputs
     ids = trtp.plugins[tc.SAMPLE]["describe"](trtp.TensorDesc((3, 100), "FLOAT"),
                                               trtp.TensorDesc((3, 5), "FLOAT"), None, None, None, 0)
     assert ids[0].shape_expr == (3,)
@@ -123,3 +125,58 @@ def test_register_plugins_in_arx(fake_trtp, monkeypatch):
     assert register_plugins("sm_90a") == register_plugins("sm_90a") == PLUGIN_IDS
     for pid in PLUGIN_IDS:
         assert {"describe", "autotune", "impl", "aot_impl"} <= set(trtp.plugins[pid])
+
+
+def _trt_combinations(io_types: str) -> list:
+    """tensorrt.plugin 11.4's own expansion of an io_types string (_gen_onesided_combinations,
+    taken from the installed bindings' source: importing them needs the TensorRT libraries)."""
+    import ast
+    import builtins
+    import copy
+    from pathlib import Path
+
+    spec = pytest.importorskip("importlib.util").find_spec("tensorrt_bindings")
+    if spec is None:
+        pytest.skip("tensorrt_bindings not installed")
+    path = Path(spec.origin).parent / "plugin" / "_autotune.py"
+    tree = ast.parse(path.read_text())
+    fn = next(n for n in tree.body if getattr(n, "name", "") == "_gen_onesided_combinations")
+    scope = {"builtins": builtins, "copy": copy}
+    exec(compile(ast.Module([fn], []), str(path), "exec"), scope)
+    return scope["_gen_onesided_combinations"]([t.strip() for t in io_types.split(",")])
+
+
+def test_autotune_types_are_the_cache_combos():
+    """What TensorRT expands kv_attention's io_types to: one combination per CACHE_COMBOS row,
+    activations/cache/int32/fp32-scale positions as the contract says."""
+    names = {"FP32": "fp32", "FP16": "fp16", "BF16": "bf16", "INT8": "int8"}
+    combos = _trt_combinations(tc.attention_types())
+    got = {(names[c[0]], names[c[3]]) for c in combos}
+    assert got == set(tc.CACHE_COMBOS) and len(combos) == len(tc.CACHE_COMBOS)
+    for c in combos:
+        assert c[0:3] == [c[0]] * 3 and c[9] == c[0]  # q, k_new, v_new, out
+        assert c[3:5] == [c[3]] * 2 and c[10:12] == [c[3]] * 2  # caches in and out
+        assert c[5:7] == ["INT32"] * 2 and c[7:9] == ["FP32"] * 2
+
+
+@pytest.mark.parametrize("dtype,cache,tag", [
+    ("HALF", "INT8", "kv_attention_fp16_kvint8_d128_causal_decode"),
+    ("FLOAT", "HALF", "kv_attention_fp32_kvfp16_d128_causal_decode"),
+    ("BF16", "BF16", "kv_attention_bf16_d128_causal_decode")])
+def test_aot_launch_names_the_cache_variant(fake_trtp, dtype, cache, tag):
+    """The AOT impl asks its kernel source for the variant of the cache's dtype (the tag of a
+    cache in the activations' dtype is the one kits had before int8 caches)."""
+    trt, trtp = fake_trtp
+    tc.register_descriptors(trt, trtp)
+    asked = []
+
+    def kernel(t, spec):
+        asked.append((t, spec))
+        return "entry", "// ptx", _meta(t, tc.ATTENTION_SCALARS)
+
+    tc.register_aot(trtp, kernel)
+    aot = trtp.plugins[tc.KV_ATTENTION]["aot_impl"]
+    aot(*_attention_descs(trtp, dtype=dtype, cache=cache), "causal", 0.0, 0, (), 1)
+    assert asked[0][0] == tag and asked[0][1]["cache"] == tc.CACHE_DTYPES[cache]
+    with pytest.raises(ValueError, match="not fp32"):  # fp16 engine, fp32 cache: no variant
+        aot(*_attention_descs(trtp, dtype="HALF", cache="FLOAT"), "causal", 0.0, 0, (), 1)
