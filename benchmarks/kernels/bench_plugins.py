@@ -2,17 +2,25 @@
 """Time the arx Triton kernels on a CUDA GPU and print a table (medians over runs).
 
     python benchmarks/kernels/bench_plugins.py            # needs CUDA, TRITON_INTERPRET unset
+    python benchmarks/kernels/bench_plugins.py --caches fp16/fp16 fp16/int8 --no-sampling
 
-attention decode: achieved GB/s of KV read (2 * B * Hkv * past * D * bytes / time) next to the
-card's copy bandwidth (a device-to-device torch copy of 1 GiB: read + write bytes / time).
+attention decode: achieved GB/s of KV read (2 * B * Hkv * past * D * bytes of the cache dtype /
+time) next to the card's copy bandwidth (a device-to-device torch copy of 1 GiB: read + write
+bytes / time), per activation/cache pair (--caches, trt_contract.CACHE_COMBOS: an fp16 cache in
+fp32/bf16 engines, int8 in any); an int8 cache reads half the bytes of fp16, so the same GB/s
+is twice the tokens/s.
 sampling: latency at vocab 32k and 152k vs torch's own ops (softmax + topk + multinomial).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
+
+_TORCH = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
+DEFAULT_CACHES = ("fp16/fp16", "fp16/int8", "bf16/int8", "fp32/fp16")
 
 
 def _median_ms(fn, torch, warmup=5, runs=50) -> float:
@@ -38,21 +46,47 @@ def copy_bandwidth(torch) -> float:
     return 2 * src.numel() / ms / 1e6
 
 
-def bench_attention(torch, rows, copy_gbs):
+def parse_caches(values) -> list[tuple[str, str]]:
+    """'act/cache' strings -> pairs; ValueError naming the pairs for one the plugin lacks."""
+    from arx.plugins.trt_contract import CACHE_COMBOS
+
+    pairs = []
+    for v in values:
+        pair = tuple(v.split("/"))
+        if pair not in CACHE_COMBOS:
+            raise ValueError(f"--caches {v!r} is not an activation/cache pair of "
+                             f"arx::kv_attention; give some of "
+                             f"{' '.join('/'.join(c) for c in CACHE_COMBOS)}")
+        pairs.append(pair)
+    return pairs
+
+
+def _cache(torch, shape, cache: str):
+    """A random cache in `cache`'s dtype (int8: codes over the full range) and its scales."""
+    if cache != "int8":
+        return torch.randn(*shape, dtype=getattr(torch, _TORCH[cache]), device="cuda"), None
+    codes = torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda")
+    return codes, torch.full((shape[1], 1, shape[3]), 0.02, dtype=torch.float32, device="cuda")
+
+
+def bench_attention(torch, rows, copy_gbs, caches):
     from arx.plugins.attention.triton_kernel import kv_attention
 
-    for b, hq, hkv, past, d in [(1, 32, 8, 4096, 128), (8, 32, 8, 4096, 128),
-                                (1, 32, 8, 32768, 128), (16, 16, 16, 2048, 64)]:
-        s_max = past + 1
-        f = dict(dtype=torch.float16, device="cuda")
-        q, kn, vn = (torch.randn(b, 1, h, d, **f) for h in (hq, hkv, hkv))
-        kc, vc = (torch.randn(b, hkv, s_max, d, **f) for _ in range(2))
-        past_len = torch.full((b,), past, dtype=torch.int32, device="cuda")
-        new_len = torch.ones(b, dtype=torch.int32, device="cuda")
-        ms = _median_ms(lambda: kv_attention(q, kn, vn, kc, vc, past_len, new_len), torch)
-        gbs = 2 * b * hkv * past * d * 2 / ms / 1e6
-        rows.append(("attention decode fp16", f"B={b} Hq={hq} Hkv={hkv} past={past} D={d}",
-                     f"{ms * 1e3:.1f} us", f"{gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}% of copy)"))
+    for act, cache in caches:
+        for b, hq, hkv, past, d in [(1, 32, 8, 4096, 128), (8, 32, 8, 4096, 128),
+                                    (1, 32, 8, 32768, 128), (16, 16, 16, 2048, 64)]:
+            s_max = past + 1
+            f = dict(dtype=getattr(torch, _TORCH[act]), device="cuda")
+            q, kn, vn = (torch.randn(b, 1, h, d, **f) for h in (hq, hkv, hkv))
+            (kc, ks), (vc, vs) = (_cache(torch, (b, hkv, s_max, d), cache) for _ in range(2))
+            past_len = torch.full((b,), past, dtype=torch.int32, device="cuda")
+            new_len = torch.ones(b, dtype=torch.int32, device="cuda")
+            ms = _median_ms(lambda: kv_attention(q, kn, vn, kc, vc, past_len, new_len,
+                                                 k_scale=ks, v_scale=vs), torch)
+            gbs = 2 * b * hkv * past * d * kc.element_size() / ms / 1e6
+            rows.append((f"attention decode {act}, {cache} cache",
+                         f"B={b} Hq={hq} Hkv={hkv} past={past} D={d}", f"{ms * 1e3:.1f} us",
+                         f"{gbs:.0f} GB/s ({100 * gbs / copy_gbs:.0f}% of copy)"))
 
 
 def bench_sampling(torch, rows):
@@ -83,7 +117,23 @@ def bench_sampling(torch, rows):
             rows.append(("torch argmax", f"B={b} V={vocab}", f"{ms * 1e3:.1f} us", "torch"))
 
 
-def main() -> int:
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--caches", nargs="+", default=list(DEFAULT_CACHES), metavar="ACT/CACHE",
+                    help="activation/cache dtype pairs of the attention rows (default: "
+                         f"{' '.join(DEFAULT_CACHES)})")
+    ap.add_argument("--no-sampling", action="store_true", help="skip the sampler rows")
+    args = ap.parse_args(argv)
+    try:
+        args.caches = parse_caches(args.caches)
+    except ValueError as e:
+        print(f"bench_plugins: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)  # bad flags are refused before torch or CUDA is looked at
     try:
         import torch
     except ImportError:
@@ -96,8 +146,9 @@ def main() -> int:
         return 2
     copy_gbs = copy_bandwidth(torch)
     rows = [("device-to-device copy", torch.cuda.get_device_name(), "", f"{copy_gbs:.0f} GB/s")]
-    bench_attention(torch, rows, copy_gbs)
-    bench_sampling(torch, rows)
+    bench_attention(torch, rows, copy_gbs, args.caches)
+    if not args.no_sampling:
+        bench_sampling(torch, rows)
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows:
         print(" | ".join(c.ljust(w) for c, w in zip(r, widths)))

@@ -39,3 +39,24 @@ def test_benchmark_fails_clearly_without_cuda():
     if out.returncode == 0:
         pytest.skip("a CUDA GPU is present: the benchmark ran")
     assert out.returncode == 2 and "CUDA" in out.stderr
+
+
+def test_benchmark_parses_cache_pairs_without_cuda():
+    """bench_plugins' cache rows: every pair parses on the CPU (the script imports without
+    torch or CUDA), a pair the plugin lacks is refused in one line with exit 2."""
+    import importlib.util
+    from pathlib import Path
+
+    from arx.plugins.trt_contract import CACHE_COMBOS
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels" / "bench_plugins.py"
+    spec = importlib.util.spec_from_file_location("bench_plugins_under_test", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert set(bench.parse_args([]).caches) <= set(CACHE_COMBOS)
+    every = ["/".join(c) for c in CACHE_COMBOS]
+    assert bench.parse_args(["--caches", *every, "--no-sampling"]).caches == list(CACHE_COMBOS)
+    out = subprocess.run([sys.executable, str(script), "--caches", "fp16/fp32"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "fp16/int8" in out.stderr and "CUDA" not in out.stderr
