@@ -135,19 +135,22 @@ def test_kit_asks_for_the_cache_variant(kv_bundle):
         for p in ("decode", "prefill")}
 
 
+@pytest.mark.parametrize("attention", ["native", "plugin"])
 @pytest.mark.parametrize("flag,precision", [("int8", "fp32"), ("int8", "fp16"), ("fp16", "fp32")])
-def test_engine_check_passes_on_the_cache(flag, precision, kv_bundle):
-    """The engine check (ORT standing in for the engine) compares every layer's int8/fp16
-    cache with the bundle's own: it passes, the cache compared in its dtype's values."""
+def test_engine_check_passes_on_the_cache(flag, precision, attention, kv_bundle, ort_session):
+    """The engine check (ORT standing in for the engine, the plugin as its NumPy spec)
+    compares every layer's int8/fp16 cache with the bundle's own: it passes, the cache
+    compared in its dtype's values."""
     import onnxruntime as ort
     from polygraphy.backend.onnxrt import OnnxrtRunner
 
     from arx.builder import check
 
     bundle = kv_bundle(flag)
-    form = form_for(bundle, precision=precision, **NATIVE)
-    runner = OnnxrtRunner(ort.InferenceSession(form.model.SerializeToString(),
-                                               providers=["CPUExecutionProvider"]))
+    form = form_for(bundle, precision=precision, attention=attention, sampler="argmax")
+    session = (ort_session(form.model) if attention == "plugin" else ort.InferenceSession(
+        form.model.SerializeToString(), providers=["CPUExecutionProvider"]))
+    runner = OnnxrtRunner(session)
     report = check.check_runner(runner, bundle, read_manifest(bundle), form.stage.to_json(),
                                 form.spec.s_max, precision)
     assert report["passed"], report.get("message")

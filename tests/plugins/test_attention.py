@@ -399,3 +399,28 @@ def test_triton_cache_refusals(torch, triton):
     args[0:3] = [a.to(torch.float16) for a in args[0:3]]
     with pytest.raises(ValueError, match="fp16 cache, fp16 or int8 with fp16"):
         kv_attention(*args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act,cache", CACHE_COMBOS, ids=lambda x: x)
+def test_triton_caches_on_gpu(torch, triton, act, cache):
+    """On a CUDA GPU (without TRITON_INTERPRET): the cache pairs compiled, decode (split-K)
+    and prefill with a window, against the reference; the written caches exact."""
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs a CUDA GPU and TRITON_INTERPRET unset")
+    from arx.plugins.attention.triton_kernel import kv_attention
+
+    for dims, opts in [((4, 1, 32, 8, 1000, 128), AttentionOptions()),
+                       ((2, 65, 16, 4, 300, 64), AttentionOptions(window=40))]:
+        t, r = _cache_case(torch, 3, dims, act, cache)
+        t = {k: v.cuda() for k, v in t.items()}
+        scales = {k: r[k] for k in ("k_scale", "v_scale") if k in r}
+        want = kv_attention_reference(r["q"], r["k_new"], r["v_new"], r["k_cache"],
+                                      r["v_cache"], r["past_len"], r["new_len"], opts, **scales)
+        got = kv_attention(t["q"], t["k_new"], t["v_new"], t["k_cache"], t["v_cache"],
+                           t["past_len"], t["new_len"], opts,
+                           **{k: t[k] for k in ("k_scale", "v_scale") if k in t})
+        tol = 3e-2 if (act, cache) == ("bfloat16", "int8") else TOL[act]
+        tol = 5e-3 if act == "float32" else tol  # compiled fp32 dots are TF32 (Triton's default)
+        np.testing.assert_allclose(got.float().cpu().numpy(), want, atol=tol, rtol=0)
+        np.testing.assert_array_equal(t["k_cache"].cpu().numpy(), r["k_cache"])
