@@ -43,6 +43,8 @@ NEEDS = (
     # onnxruntime's own MatMulNBits quantizer imports onnx_ir, which onnxruntime does not declare
     Need("calibrate", (("scheme", ("w8", "w4")),), ("onnx_ir",), "calibrate",
          "arx calibrate --scheme w8/w4"),
+    Need("export", (("quantize", ("w8", "w4")),), ("onnx_ir",), "calibrate",
+         "arx export --quantize w8/w4"),
     Need("calibrate", (("no_plot", False),), ("matplotlib",), "calibrate",
          "the accuracy plot of arx calibrate (reports/accuracy.png)", "or pass --no-plot"),
     Need("profile", (("plot", True),), ("matplotlib",), "plot", "arx profile --plot"),

@@ -91,7 +91,7 @@ def calibrate_bundle(*, bundle: str | Path, output: str | Path,
             with steps.step("writing the report"):
                 text = table(report, options.layer_report)
                 files = write(report, tmp, options.layer_report, plot=options.plot)
-                _record_accuracy(out_manifest, report, files)
+                record_accuracy(out_manifest, report, files)
                 out_manifest.write(tmp)
                 _gate(report, options, text, q, tmp, manifest.decoder.file, samples, Path(work))
     return CalibrationResult(output, out_manifest, report, text)
@@ -157,7 +157,8 @@ def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, optio
     G.save_model(q.model, tmp / decoder)
     (tmp / cache_mod.FILE_NAME).write_text(json.dumps(q.calibration, indent=1) + "\n", encoding="utf-8")
     out = copy.deepcopy(manifest)
-    out.extensions[EXTENSION] = _extension(src, q, options)
+    source = {"bundle": str(src), "fingerprint": q.calibration["model_fingerprint"]}
+    out.extensions[EXTENSION] = extension(source, q.quantized, q.kept, options)
     if step is not None:
         out.extensions[STEP_EXTENSION] = _step_graph(tmp, manifest, step.file)
     out.provenance = {**manifest.provenance, "calibrated_from": str(src)}
@@ -173,12 +174,13 @@ def _step_graph(tmp: Path, manifest: Manifest, file: str) -> dict:
     return save_step_graph(step_model, stage, tmp, manifest.decoder)
 
 
-def _extension(src: Path, q: _Quantized, options: CalibrateOptions) -> dict:
+def extension(source: dict, quantized: list[str], kept: list[str], options: CalibrateOptions) -> dict:
+    """The manifest's quantization section (arx export --quantize writes the same)."""
     o = options.quant
     ext = {"scheme": o.scheme, "summary": o.spec.summary, "weight_bits": o.spec.weight_bits,
            "activation_bits": 8 if o.int8_activations else None, "symmetric": True,
-           "quantized": q.quantized, "float": q.kept, "calibration_file": cache_mod.FILE_NAME,
-           "source": {"bundle": str(src), "fingerprint": q.calibration["model_fingerprint"]}}
+           "quantized": quantized, "float": kept, "calibration_file": cache_mod.FILE_NAME,
+           "source": source}
     if o.spec.activations:
         ext.update(format="qdq", per_channel_weights=True, weight_axis=1, method=o.method,
                    smoothquant_alpha=o.smoothquant,
@@ -211,7 +213,7 @@ def _evaluate(src, tmp, manifest, samples: Samples, q: _Quantized, options, work
                           settings, kv)
 
 
-def _record_accuracy(manifest: Manifest, report: AccuracyReport, files: dict) -> None:
+def record_accuracy(manifest: Manifest, report: AccuracyReport, files: dict) -> None:
     # Recorded before the gate decides: a failing report only survives when --force wrote it.
     m = report.metrics
     manifest.extensions[EXTENSION]["accuracy"] = {

@@ -65,7 +65,7 @@ class _Sums:
     extra: dict = field(default_factory=dict)
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
@@ -85,21 +85,80 @@ def _batches(samples: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def _log_probs(session, ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    return _log_softmax(session.step(session.new_cache(len(ids), int(lens.max())), ids, lens))
+    return log_softmax(session.step(session.new_cache(len(ids), int(lens.max())), ids, lens))
+
+
+@dataclass
+class RefRows:
+    """What the metrics need of the reference's next-token distributions at T positions:
+    all V log-probs (`idx` None, exact KL), or only the top-k (`idx` (T, k)), the rest of the
+    vocabulary then one bucket in the KL (a lower bound of the full KL, by the log-sum
+    inequality) - `arx export --quantize` keeps those while the reference model is freed."""
+
+    target: np.ndarray  # (T,) log-prob of each target token
+    top1: np.ndarray  # (T,) argmax id
+    lp: np.ndarray  # (T, V) or (T, k) log-probs
+    idx: np.ndarray | None = None  # (T, k) ids of lp's columns
+
+    @classmethod
+    def of(cls, lp: np.ndarray, targets: np.ndarray, top_k: int | None = None) -> "RefRows":
+        rows = np.arange(len(targets))
+        target, top1 = lp[rows, targets], lp.argmax(-1)
+        if top_k is None or top_k >= lp.shape[-1]:
+            return cls(target, top1, lp)
+        idx = np.argpartition(-lp, top_k - 1, axis=-1)[:, :top_k]
+        return cls(target, top1, np.take_along_axis(lp, idx, -1), idx)
+
+    def kl(self, lp_q: np.ndarray) -> float:
+        """sum over positions of KL(p_ref || p_q)."""
+        if self.idx is None:
+            return float((np.exp(self.lp) * (self.lp - lp_q)).sum())
+        q = np.take_along_axis(lp_q, self.idx, -1)
+        p_top = np.exp(self.lp)
+        tail_p = np.clip(1.0 - p_top.sum(-1), 1e-300, 1.0)
+        tail_q = np.clip(1.0 - np.exp(q).sum(-1), 1e-300, 1.0)
+        return float((p_top * (self.lp - q)).sum() + (tail_p * np.log(tail_p / tail_q)).sum())
+
+
+def session_log_probs(session):
+    """(ids, lens) -> log-probs (B, S, V) of a DecoderSession: a reference or a candidate."""
+    return lambda ids, lens: _log_probs(session, ids, lens)
+
+
+def reference_rows(reference, samples: list[np.ndarray], top_k: int | None = None, *,
+                   progress: bool = False, label: str = "reference") -> list[RefRows]:
+    """RefRows of each sample under `reference` ((ids, lens) -> log-probs), in sample order."""
+    out = []
+    batches = _batches(samples)
+    for ids, lens in bar(batches, label, total=len(batches), enabled=progress):
+        lp = reference(ids, lens)
+        out.extend(RefRows.of(lp[b, : n - 1], ids[b, 1:n], top_k) for b, n in enumerate(lens))
+    return out
+
+
+def compare(reference, candidate, samples: list[np.ndarray], *, progress: bool,
+            rows: list[RefRows] | None = None) -> ModelMetrics:
+    """Metrics of `candidate` against `reference` (each (ids, lens) -> log-probs), or against
+    `rows` the reference left (reference_rows) when it no longer runs."""
+    sums = _Sums()
+    batches = _batches(samples)
+    at = 0
+    for ids, lens in bar(batches, "evaluating", total=len(batches), enabled=progress):
+        lp_ref = reference(ids, lens) if rows is None else None
+        lp_q = candidate(ids, lens)
+        for b, n in enumerate(lens):
+            ref = rows[at] if rows is not None else RefRows.of(lp_ref[b, : n - 1], ids[b, 1:n])
+            _accumulate(sums, ref, lp_q[b, : n - 1], ids[b, 1:n])
+            at += 1
+    return ModelMetrics(ppl_fp32=float(np.exp(sums.nll_fp / sums.n)), ppl_quant=float(np.exp(sums.nll_q / sums.n)),
+                        top1_agreement=sums.agree / sums.n, kl_mean=sums.kl / sums.n, tokens=sums.n)
 
 
 def model_metrics(fp_bundle: Path, q_bundle: Path, samples: list[np.ndarray], *, progress: bool) -> ModelMetrics:
     from arx.runtime.decoder import DecoderSession
 
-    sums = _Sums()
     with DecoderSession(fp_bundle) as fp, DecoderSession(q_bundle) as q:
-        batches = _batches(samples)
-        for ids, lens in bar(batches, "evaluating", total=len(batches), enabled=progress):
-            lp_fp, lp_q = _log_probs(fp, ids, lens), _log_probs(q, ids, lens)
-            for b, n in enumerate(lens):
-                _accumulate(sums, lp_fp[b, : n - 1], lp_q[b, : n - 1], ids[b, 1:n])
-    return ModelMetrics(ppl_fp32=float(np.exp(sums.nll_fp / sums.n)), ppl_quant=float(np.exp(sums.nll_q / sums.n)),
-                        top1_agreement=sums.agree / sums.n, kl_mean=sums.kl / sums.n, tokens=sums.n)
+        return compare(session_log_probs(fp), session_log_probs(q), samples, progress=progress)
 
 
 def perplexity(bundle: Path, samples: list[np.ndarray]) -> float:
@@ -116,13 +175,13 @@ def perplexity(bundle: Path, samples: list[np.ndarray]) -> float:
     return float(np.exp(nll / n))
 
 
-def _accumulate(sums: _Sums, lp_fp: np.ndarray, lp_q: np.ndarray, targets: np.ndarray) -> None:
-    """lp_* (T, V) log-probabilities predicting targets (T,)."""
+def _accumulate(sums: _Sums, ref: RefRows, lp_q: np.ndarray, targets: np.ndarray) -> None:
+    """lp_q (T, V) log-probabilities predicting targets (T,); ref the reference's rows."""
     rows = np.arange(len(targets))
-    sums.nll_fp -= float(lp_fp[rows, targets].sum())
+    sums.nll_fp -= float(ref.target.sum())
     sums.nll_q -= float(lp_q[rows, targets].sum())
-    sums.agree += int((lp_fp.argmax(-1) == lp_q.argmax(-1)).sum())
-    sums.kl += float((np.exp(lp_fp) * (lp_fp - lp_q)).sum())
+    sums.agree += int((ref.top1 == lp_q.argmax(-1)).sum())
+    sums.kl += ref.kl(lp_q)
     sums.n += len(targets)
 
 

@@ -12,6 +12,8 @@ from arx.errors import require
 REPORT_DIR = "reports"
 JSON_NAME = "accuracy.json"
 PLOT_NAME = "accuracy.png"
+LAYER_METHOD = ("relative L2 error of each quantized MatMul's input and output vs the fp32 "
+                "(SmoothQuant-folded) graph on held-out prefills; added = out - in")
 
 
 def percent(fraction: float) -> str:
@@ -49,8 +51,7 @@ class AccuracyReport:
                               "added": e.added} for e in self.worst(n_layers)],
             "all_layers": [{"name": e.name, "rel_err_in": e.err_in, "rel_err_out": e.err_out}
                            for e in self.layers],
-            "layer_error_method": "relative L2 error of each quantized MatMul's input and output vs the "
-                                  "fp32 (SmoothQuant-folded) graph on held-out prefills; added = out - in",
+            "layer_error_method": self.settings.get("per_layer") or LAYER_METHOD,  # export: skipped
             "data": self.data,
             "settings": self.settings,
             **({"kv_cache_only": _kv_json(self.kv, self.settings.get("kv_dtype"))} if self.kv else {}),

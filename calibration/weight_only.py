@@ -24,24 +24,53 @@ from onnx import TensorProto, helper, numpy_helper
 from arx.calibration.graph import initializers
 
 MIN_QDQ_OPSET = 21  # DequantizeLinear with block_size and int4
+SYMMETRIC = True  # no zero points: the TensorRT form below needs none
 
 
 def quantize_weight_only(model: onnx.ModelProto, *, bits: int, group_size: int, accuracy_level: int,
                          exclude: list[str]) -> onnx.ModelProto:
     """MatMulNBits form of `model` (a copy); MatMuls named in `exclude` stay float."""
-    import logging
-
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
-    # The quantizer logs one INFO line per node; keep the CLI quiet.
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    q = MatMulNBitsQuantizer(copy, bits=bits, block_size=group_size, is_symmetric=True,
+    _quiet()
+    q = MatMulNBitsQuantizer(copy, bits=bits, block_size=group_size, is_symmetric=SYMMETRIC,
                              accuracy_level=accuracy_level or None, nodes_to_exclude=list(exclude),
                              op_types_to_quantize=("MatMul",))
     q.process()
     return q.model.model
+
+
+class LinearQuantizer:
+    """The quantizer above, one MatMul at a time: `arx export --quantize` calls it on each weight
+    as it is emitted, so the float model is never whole. The node quantizer is the one
+    MatMulNBitsQuantizer drives (same config), so blobs, scales and node attributes are
+    byte-identical to `quantize_weight_only` on the same float weight."""
+
+    def __init__(self, *, bits: int, group_size: int, accuracy_level: int):
+        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                      DefaultWeightOnlyQuantizer)
+
+        config = DefaultWeightOnlyQuantConfig(block_size=group_size, is_symmetric=SYMMETRIC,
+                                              accuracy_level=accuracy_level or None,
+                                              op_types_to_quantize=("MatMul",), bits=bits)
+        self._quantizer = DefaultWeightOnlyQuantizer(config)
+        _quiet()
+
+    def quantize(self, node: onnx.NodeProto, weight: onnx.TensorProto
+                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+        """(nodes replacing `node`, their new initializers) for MatMul `node` reading `weight`."""
+        graph = helper.make_graph([node], "one_linear", [], [], initializer=[weight])
+        nodes = self._quantizer.quantize(node, [graph])
+        return nodes, [t for t in graph.initializer if t.name != weight.name]
+
+
+def _quiet() -> None:
+    """The quantizer logs one INFO line per node; keep the CLI quiet."""
+    import logging
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
 
 
 def _unpack(packed: np.ndarray, bits: int, k: int, n: int, k_blocks: int) -> np.ndarray:

@@ -31,47 +31,71 @@ def available_memory() -> int | None:
     return None
 
 
-def estimate(src, dtype: str, check_parity: bool) -> tuple[int, float]:
-    """(bundle bytes, peak resident bytes) of exporting `src` (a streamed source) in dtype."""
+def estimate(src, dtype: str, check_parity: bool, quantize=None) -> tuple[int, float]:
+    """(bundle bytes, peak resident bytes) of exporting `src` (a streamed source) in dtype, or
+    --quantize'd (`quantize`: its CalibrateOptions, or a scheme name: calibrate's defaults)."""
     shapes = [p.shape for p in src.module.parameters()]
     params = sum(s.numel() for s in shapes)
     largest = max((s.numel() for s in shapes), default=0)
     bundle = params * DTYPE_BYTES[dtype]
     emit = PROCESS_BYTES + IN_FLIGHT * 4 * largest
+    ckpt = src.tensors.nbytes()
+    if quantize is not None:
+        return _quantized(src, quantize, params, emit, ckpt)
     if not check_parity:
         return bundle, emit
-    ckpt = src.tensors.nbytes()
     full = full_depth_bytes(ckpt, bundle, params, dtype, "cpu")
     parity = full if full <= memory_budget(ckpt, bundle) and dtype != "bfloat16" else emit
     return bundle, max(emit, parity)
 
 
-def check_fits(src, output: Path, dtype: str, check_parity: bool) -> None:
+def _quantized(src, quantize, params: int, emit: float, ckpt: int) -> tuple[int, float]:
+    """A --quantize export: its bundle (export/quantized_export.quantized_bytes), and a peak of
+    the emission or the accuracy check's reference (the model in the checkpoint's dtype, loaded
+    while the checkpoint is mapped) and then the quantized bundle's session."""
+    from arx.calibration.options import QuantOptions
+    from arx.export.parity_run import checkpoint_dtype
+    from arx.export.quantized_export import quantized_bytes
+
+    quant = QuantOptions(scheme=quantize) if isinstance(quantize, str) else quantize.quant
+    embed = src.module.get_input_embeddings().weight.numel()
+    bundle = quantized_bytes(params, embed, quant.spec.weight_bits, quant.group_size)
+    check = full_depth_bytes(ckpt, bundle, params, checkpoint_dtype(src), "cpu")
+    return bundle, max(emit, check)
+
+
+def check_fits(src, output: Path, dtype: str, check_parity: bool, quantize=None) -> None:
     """Raise ArxError naming an option that fits when memory or disk is clearly too small."""
     if not src.streamed:
         return  # the model is loaded already: what it needed, it has
-    bundle, peak = estimate(src, dtype, check_parity)
+    bundle, peak = estimate(src, dtype, check_parity, quantize)
+    what = f"--quantize {quantize.quant.scheme}" if quantize is not None else dtype
     free_disk = shutil.disk_usage(_existing(output)).free
     if bundle > free_disk:
-        raise ArxError(f"the {dtype} bundle needs about {bundle / GB:.1f} GB of disk and "
+        raise ArxError(f"the {what} bundle needs about {bundle / GB:.1f} GB of disk and "
                        f"{_existing(output)} has {free_disk / GB:.1f} GB free; free space or "
-                       f"write it elsewhere (-o){_smaller(src, dtype, check_parity, 'disk')}")
+                       f"write it elsewhere (-o)"
+                       f"{_smaller(src, dtype, check_parity, 'disk', quantize, free_disk)}")
     free = available_memory()
     if free is not None and peak > free:
-        raise ArxError(f"exporting in {dtype} needs about {peak / GB:.1f} GB of memory and "
-                       f"{free / GB:.1f} GB is available; close other programs"
-                       f"{_smaller(src, dtype, check_parity, 'memory', free)}")
+        raise ArxError(f"exporting {'as' if quantize is not None else 'in'} {what} needs about "
+                       f"{peak / GB:.1f} GB of memory and {free / GB:.1f} GB is available; close "
+                       f"other programs{_smaller(src, dtype, check_parity, 'memory', quantize, free)}")
 
 
-def _smaller(src, dtype: str, check_parity: bool, what: str, free: float | None = None) -> str:
-    """', or use --dtype fp16 (about N GB)' where a smaller bundle dtype would fit."""
-    if dtype != "float32":
+def _smaller(src, dtype: str, check_parity: bool, what: str, quantize=None,
+             free: float | None = None) -> str:
+    """', or use --dtype fp16 (about N GB)' where a smaller bundle would fit: fp16, else w4."""
+    if quantize is not None and quantize.quant.scheme == "w4":
         return ""
-    bundle, peak = estimate(src, "float16", check_parity)
-    need = bundle if what == "disk" else peak
-    if what == "memory" and free is not None and need > free:
-        return ""
-    return f", or use --dtype fp16 (about {need / GB:.1f} GB of {what})"
+    options = [] if quantize is not None else [("--dtype fp16", "float16", None)] \
+        if dtype == "float32" else []
+    for flag, d, q in options + [("--quantize w4", "float32", "w4")]:
+        bundle, peak = estimate(src, d, check_parity, q)
+        need = bundle if what == "disk" else peak
+        if free is None or need <= free:
+            return f", or use {flag} (about {need / GB:.1f} GB of {what})"
+    return ""
 
 
 def _existing(path: Path) -> Path:

@@ -71,13 +71,13 @@ def decoder_io(cfg: DecoderConfig, kv: KVLayout, token_input: str = "input_ids"
 def build_decoder(cfg: DecoderConfig, w: DecoderWeights, kv: KVLayout,
                   rope: dict[str, tuple[np.ndarray, np.ndarray]] | None,
                   file: str = "decoder.onnx", token_input: str = "input_ids", head=None, *,
-                  writer=None, dtype: str = "float32"):
+                  writer=None, dtype: str = "float32", quantizer=None):
     """Return (ModelProto, Stage). `rope` maps each RoPE table a layer uses (cfg.rope_table)
     to (cos, sin), each (max_seq_len, rotary_dim/2). `head(g, rows)`, if given, writes
     `logits` from the (B, K, H) rows instead of the LM head (Janus' generation head).
     dtype: the weights' and activations' float type (logits leave as float32); writer: an
     ExternalDataWriter the weights stream to as they are emitted (export/external_data.py)."""
-    g = GraphBuilder("arx_decoder", float_dtype=dtype, writer=writer)
+    g = GraphBuilder("arx_decoder", float_dtype=dtype, writer=writer, quantizer=quantizer)
     inputs, outputs = decoder_io(cfg, kv, token_input)
     for t in inputs:
         g.input(t.name, t.dtype, t.shape)
@@ -97,10 +97,20 @@ def build_decoder(cfg: DecoderConfig, w: DecoderWeights, kv: KVLayout,
     if head is not None:
         head(g, x)
     else:
-        _logits(g, cfg, w, x, _lm_head(g, w))
+        _logits(g, cfg, w, x, None if g.quantizes("lm_head") else _lm_head(g, w))
     for t in outputs:  # logits above, present.* by the attention nodes
         g.output(t.name, t.dtype, t.shape)
     return g.model(), Stage(file, tuple(inputs), tuple(outputs))
+
+
+def _head_matmul(g: GraphBuilder, w: DecoderWeights, x: str, head: str | None,
+                 output: str | None = None) -> str:
+    """x @ the LM head: `head` emitted by _lm_head, or None where it is quantized as emitted
+    (a tied head then gets its own (H, V) copy, as arx calibrate unties it)."""
+    if head is not None:
+        return g.node("MatMul", [x, head], [output] if output else 1, name="lm_head")[0]
+    table = w.embed if w.lm_head is None else w.lm_head
+    return g.matmul(x, "lm_head.weight", np.ascontiguousarray(table.T), "lm_head", output)
 
 
 def _lm_head(g: GraphBuilder, w: DecoderWeights) -> str:
@@ -136,7 +146,8 @@ def _embed(g: GraphBuilder, cfg: DecoderConfig, w: DecoderWeights, token_input: 
     return x
 
 
-def _logits(g: GraphBuilder, cfg: DecoderConfig, w: DecoderWeights, x: str, head: str) -> None:
+def _logits(g: GraphBuilder, cfg: DecoderConfig, w: DecoderWeights, x: str,
+            head: str | None) -> None:
     """(B, K, H) -> logits (B, K, V): head MatMul, then bias, scale and soft-cap if any.
 
         x ─MatMul(head)─[Add(bias)]─[Mul(scale)]─[Div(c)─Tanh─Mul(c)]─► logits
@@ -147,9 +158,9 @@ def _logits(g: GraphBuilder, cfg: DecoderConfig, w: DecoderWeights, x: str, head
     if cfg.logits_scale != 1.0:
         steps.append(("Mul", g.const(cfg.logits_scale, np.float32)))
     if not steps and not cfg.final_softcap and g.float_dtype == "float32":
-        g.node("MatMul", [x, head], ["logits"], name="lm_head")
+        _head_matmul(g, w, x, head, "logits")
         return
-    y = g.op("MatMul", x, head, name="lm_head")
+    y = _head_matmul(g, w, x, head)
     for op, operand in steps:
         y = g.op(op, y, operand)
     if cfg.final_softcap:
@@ -191,7 +202,7 @@ def _norm(g: GraphBuilder, cfg: DecoderConfig, x: str, wb, name: str) -> str:
 
 def _linear(g: GraphBuilder, x: str, wb, name: str) -> str:
     weight, bias = wb
-    y = g.op("MatMul", x, g.weight(f"{name}.weight", weight), name=name)
+    y = g.matmul(x, f"{name}.weight", weight, name)
     return g.op("Add", y, g.weight(f"{name}.bias", bias)) if bias is not None else y
 
 

@@ -41,6 +41,7 @@ class ExportOptions:
     kv_dtype: str = "fp32"  # fp16 | int8: the cache is retyped after parity (export/kv_dtype.py)
     dtype: str = "float32"  # the decoder's weights and activations (--dtype); the cache follows
     num_layers: int | None = None  # the first N layers only: parity's truncated-depth check
+    quantize: object = None  # CalibrateOptions: --quantize w8|w4 (export/quantized_export.py)
 
     def __post_init__(self):
         if self.max_seq_len is not None and self.max_seq_len < 2:
@@ -57,6 +58,10 @@ class ExportOptions:
         if self.kv_dtype != "fp32" and self.dtype != "float32":  # before minutes of export
             raise ArxError(f"--kv-dtype rewrites an fp32 export's cache; a --dtype export's cache "
                            f"follows its weights ({self.dtype}): drop --kv-dtype or --dtype")
+        if self.quantize is not None:
+            from arx.export.quantized_export import check_request
+
+            check_request(self.quantize, self)
 
 
 def export_model(*, source: str | Path, output: str | Path,
@@ -64,13 +69,16 @@ def export_model(*, source: str | Path, output: str | Path,
     output = Path(output)
     check_source_path(source)  # both checks before minutes of work
     check_writable_output(output, overwrite=options.overwrite)
-    steps = Steps(5, enabled=options.progress)
+    steps = Steps(5 if options.quantize is None else 6, enabled=options.progress)
     with steps.step(f"loading {source}"):
         src = load_source(source, options.num_layers)
+    if options.quantize is not None and src.kind != "hf":
+        raise ArxError("--quantize is for Hugging Face checkpoint folders; export this source "
+                       "without it, then run arx calibrate --scheme w4|w8")
     if src.kind == "hf":  # before anything is read or written: one line if it cannot fit
         from arx.export.budget import check_fits
 
-        check_fits(src, output, options.dtype, options.check_parity)
+        check_fits(src, output, options.dtype, options.check_parity, options.quantize)
     with atomic_bundle(output, overwrite=options.overwrite) as tmp:
         if src.kind == "hf":
             from arx.export.hf_decoder import export_hf_decoder
@@ -121,6 +129,11 @@ def export_model(*, source: str | Path, output: str | Path,
                 manifest.parity = _parity(src, tmp, manifest, decoder, options)
             else:
                 manifest.parity = {"passed": None, "skipped": "--no-parity"}
+        if options.quantize is not None:  # the gate: nothing is written over it
+            from arx.export.quantized_export import finish
+
+            with steps.step("evaluating against the unquantized model"):
+                manifest = finish(src, tmp, manifest, options)
         with steps.step(f"writing {output}"):
             if options.kv_dtype != "fp32":  # parity above ran on the fp32 cache
                 from arx.export.kv_dtype import convert_export

@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from arx.export.external_data import ExternalDataWriter, tensor_proto, to_proto_array
 
@@ -34,8 +34,9 @@ class GraphBuilder:
     then holds references only), None to keep them in the proto."""
 
     def __init__(self, name: str, float_dtype: str = "float32",
-                 writer: ExternalDataWriter | None = None):
+                 writer: ExternalDataWriter | None = None, quantizer=None):
         self.name, self.float_dtype, self.writer = name, float_dtype, writer
+        self.quantizer = quantizer  # export/quantized_export.EmitQuantizer: linears as MatMulNBits
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -70,6 +71,27 @@ class GraphBuilder:
         self.initializers.append(self.writer.add(name, array, data_type) if self.writer
                                  else tensor_proto(name, array, data_type))
         return name
+
+    def quantizes(self, name: str) -> bool:
+        """Whether MatMul `name` is emitted quantized (--quantize)."""
+        return self.quantizer is not None and self.quantizer.takes(name)
+
+    def matmul(self, x: str, weight_name: str, array: np.ndarray, name: str,
+               output: str | None = None) -> str:
+        """x @ array (K, N) as MatMul `name`; where the quantizer takes it, the weight is
+        quantized now (MatMulNBits) and its float bytes are never written."""
+        if not self.quantizes(name):
+            w = self.weight(weight_name, array)
+            return self.node("MatMul", [x, w], [output] if output else 1, name=name)[0]
+        out = output or self.fresh(f"{name}/out")  # the names node() would give
+        node = helper.make_node("MatMul", [x, weight_name], [out], name=self.fresh(name))
+        weight = numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), weight_name)
+        nodes, tensors = self.quantizer.quantize(node, weight)
+        for t in tensors:
+            self.initializers.append(self.writer.add(t.name, numpy_helper.to_array(t), t.data_type)
+                                     if self.writer else t)
+        self.nodes.extend(nodes)
+        return out
 
     def const(self, value, dtype=np.int64) -> str:
         """A small constant initializer, shared between uses of the same value."""

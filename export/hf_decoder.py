@@ -38,6 +38,12 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions,
         raise ArxError(f"head_dim {cfg.head_dim} is not a multiple of 16, which onnxruntime's fused "
                        f"attention (GroupQueryAttention) requires; arx cannot export this model yet")
     max_seq_len = resolve_max_seq_len(options, cfg.max_position_embeddings)
+    quantizer = None
+    if options.quantize is not None:  # each linear quantized as it is emitted
+        from arx.export.quantized_export import EmitQuantizer, check_moe
+
+        check_moe(cfg)
+        quantizer = EmitQuantizer(options.quantize.quant)
     # src.tensors: the safetensors files read tensor by tensor (or a loaded state dict);
     # partial rotary widths GQA refuses (export/rotary_layout.py) reordered per layer as read
     tensors = src.tensors if src.tensors is not None else StateDictSource(src.module.state_dict())
@@ -53,7 +59,7 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions,
     # each weight goes to decoder.onnx.data as it is emitted (export/external_data.py)
     with ExternalDataWriter(bundle / (DECODER_FILE + ".data"), DECODER_FILE + ".data") as data:
         model, stage = build_decoder(cfg, weights, kv, rope, DECODER_FILE, token_input, head,
-                                     writer=data, dtype=options.dtype)
+                                     writer=data, dtype=options.dtype, quantizer=quantizer)
     onnx.save_model(model, str(bundle / DECODER_FILE))
     # `model`'s tensors point into decoder.onnx.data: the step graph shares them
     step_model, step_stage = build_step_graph(model, stage, kv)
@@ -63,6 +69,8 @@ def export_hf_decoder(src: LoadedSource, bundle: Path, options: ExportOptions,
             "parameters": n_params, "dtype": options.dtype, "config": cfg.__dict__}
     out = DecoderExport(cfg.family, cfg.vocab_size, kv, stage, info, family.atol,
                         extra_stages={STEP_STAGE: step_stage}, extensions={EXTENSION: step_ext})
+    if quantizer is not None:  # export/quantized_export.finish completes the section
+        out.extensions["quantization"] = quantizer.section()
     if options.inputs_embeds:
         embed_model, embed_stage, shared = build_embedder(weights.embed, model)
         save_embedder(embed_model, embed_stage, bundle, shared)

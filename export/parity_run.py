@@ -31,6 +31,8 @@ PROCESS_BYTES = GB // 2  # torch, transformers and onnxruntime imported
 TRUNCATED_LAYERS = 2
 BF16_CPU = ("onnxruntime's CPU provider has no bfloat16 MatMul and this machine has no CUDA "
             "provider: the same export in float32 was checked instead")
+QUANTIZED = ("the bundle is quantized (--quantize): its accuracy against the unquantized model "
+             "is the gate's report; this float export of the first layers checks the emitter")
 # max abs error on logits as a fraction of max |logit|, by the bundle's or reference's dtype
 RELATIVE_ATOL = {"float16": 2e-2, "bfloat16": 5e-2}
 
@@ -44,7 +46,7 @@ def run_parity(src, bundle: Path, manifest: Manifest, decoder, options) -> dict:
 
     dtype = manifest.model.get("dtype", "float32")
     device = "cuda" if dtype == "bfloat16" and _has_cuda() else "cpu"
-    why = truncate_reason(src, bundle, manifest, device)
+    why = QUANTIZED if options.quantize else truncate_reason(src, bundle, manifest, device)
     if why:
         return truncated_parity(src, manifest, options, why)
     kv = manifest.kv
@@ -114,7 +116,7 @@ def truncated_parity(src, manifest: Manifest, options, why: str) -> dict:
     depth = min(TRUNCATED_LAYERS, manifest.kv.layers)
     checked = "float32" if why == BF16_CPU else dtype
     sub = dataclasses.replace(options, num_layers=depth, dtype=checked, progress=False,
-                              overwrite=True)
+                              overwrite=True, quantize=None)
     with tempfile.TemporaryDirectory(prefix="arx-parity-") as work:
         report = export_model(source=src.path, output=Path(work) / "truncated.arx",
                               options=sub).parity
@@ -150,6 +152,13 @@ def reference_dtype(src, bundle_dtype: str) -> str:
     model (twice the checkpoint) would exceed the memory the export itself needs."""
     if bundle_dtype == "float32" or not src.streamed or src.num_layers is not None:
         return "float32"  # (a truncated check is small: its reference can be exact)
+    return checkpoint_dtype(src)
+
+
+def checkpoint_dtype(src) -> str:
+    """The torch dtype name a streamed checkpoint is stored in (float32 if mixed or loaded)."""
+    if not src.streamed:
+        return "float32"
     codes = {src.tensors.dtype(n) for n in src.tensors.keys()}
     return {"BF16": "bfloat16", "F16": "float16"}.get(codes.pop(), "float32") \
         if len(codes) == 1 else "float32"

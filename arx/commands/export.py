@@ -29,6 +29,18 @@ def register(sub) -> None:
                    help="KV cache dtype: fp16 halves it, int8 quarters it (static per-channel "
                         "scales from random ids here; arx calibrate --kv-dtype int8 measures "
                         "them on text behind the accuracy gate). Default fp32")
+    q = p.add_argument_group("direct quantized export (the bundle arx calibrate makes, no float "
+                             "bundle on the way)")
+    q.add_argument("--quantize", choices=("w8", "w4", "w8a8"),
+                   help="quantize each linear's weights as they are emitted, as arx calibrate "
+                        "--scheme w8|w4 does, then gate its accuracy against the unquantized "
+                        "model (w8a8 needs arx calibrate)")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="weight block size along K (default 128), as arx calibrate's")
+    q.add_argument("--data", help="text for the accuracy report and gate (.txt, one sample a "
+                                  "line, or .jsonl); default: random token ids, flagged as such")
+    q.add_argument("--force", action="store_true",
+                   help="write the quantized bundle even when it fails the accuracy gate")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output bundle")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.set_defaults(run=run)
@@ -45,11 +57,38 @@ def run(args) -> int:
                             inputs_embeds=args.inputs_embeds, dtype=BUNDLE_DTYPES[args.dtype],
                             kv_dtype=args.kv_dtype, moe=args.moe,
                             check_parity=not args.no_parity, overwrite=args.overwrite,
-                            progress=not args.quiet)
+                            progress=not args.quiet, quantize=_quantize(args))
     manifest = export_model(source=args.source, output=out, options=options)
     parity = manifest.parity.get("outputs", {})
     worst = max((v["max_abs"] for v in parity.values()), default=None)
     note = f", parity max abs err {worst:.2e}" if worst is not None else ""
+    accuracy = manifest.extensions.get("quantization", {}).get("accuracy")
+    if accuracy:  # the report's line; the per-layer analysis is arx calibrate's
+        from arx.calibration.report import percent
+
+        note += (f", {args.quantize} perplexity {accuracy['ppl_increase']:+.2%} vs the "
+                 f"unquantized model (gate {percent(accuracy['gate'])}"
+                 f"{'' if accuracy['passed'] else ': FAILED, written because of --force'}), top-1 "
+                 f"{accuracy['top1_agreement']:.1%}; reports/accuracy.json")
     print(f"wrote {out} ({manifest.family}, {manifest.model.get('parameters', 0) / 1e6:.1f}M "
           f"parameters, context {manifest.kv.max_seq_len}{note})")
     return 0
+
+
+def _quantize(args):
+    """--quantize as arx calibrate's options (its defaults: scheme table, gate, data split)."""
+    if args.quantize is None:
+        for flag, given in (("--group-size", args.group_size != 128), ("--data", args.data),
+                            ("--force", args.force)):
+            if given:
+                from arx.errors import ArxError
+
+                raise ArxError(f"{flag} is an option of --quantize: add --quantize w4|w8 or "
+                               f"drop {flag}")
+        return None
+    from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
+
+    return CalibrateOptions(quant=QuantOptions(scheme=args.quantize, group_size=args.group_size),
+                            data=DataOptions(path=args.data, random=not args.data),
+                            force=args.force, overwrite=args.overwrite,
+                            progress=not args.quiet, plot=False)

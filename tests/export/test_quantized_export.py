@@ -1,0 +1,189 @@
+"""arx export --quantize w8|w4 (issue 15, item 3): each linear quantized as it is emitted gives
+the bundle arx export + arx calibrate give (same nodes, same initializer bytes), calibrate's
+manifest section, and the accuracy report and gate against the unquantized PyTorch model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from arx.calibration.calibrator import calibrate_bundle
+from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
+from arx.errors import ArxError
+from arx.export.exporter import ExportOptions, export_model
+from arx.manifest import read_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "models" / "arx-tiny"  # the embedded default: trained, tied lm_head
+BF16_SHAPE = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+
+
+def _options(scheme: str, data: DataOptions, **kw) -> CalibrateOptions:
+    return CalibrateOptions(quant=QuantOptions(scheme=scheme, group_size=kw.pop("group_size", 128)),
+                            data=data, progress=False, plot=False, **kw)
+
+
+def _both(src: Path, work: Path, scheme: str, data: DataOptions, **kw) -> tuple[Path, Path]:
+    """(export + calibrate, export --quantize) bundles of `src`."""
+    export_model(source=src, output=work / "fp32.arx", options=ExportOptions(progress=False))
+    calibrated = work / "calibrated.arx"
+    calibrate_bundle(bundle=work / "fp32.arx", output=calibrated,
+                     options=_options(scheme, data, **kw))
+    direct = work / "direct.arx"
+    export_model(source=src, output=direct,
+                 options=ExportOptions(progress=False, quantize=_options(scheme, data, **kw)))
+    return calibrated, direct
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """arx-tiny through both paths, w4, on 40 lines of its held-out text (10 evaluated); the
+    gate set to 0 with --force, so the direct path's forced write is covered too."""
+    work = tmp_path_factory.mktemp("quantized-tiny")
+    text = work / "text.txt"
+    lines = (TINY / "eval.txt").read_text(encoding="utf-8").splitlines()[:40]
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    data = DataOptions(path=str(text), seq_len=64)
+    return _both(TINY, work, "w4", data, max_ppl_increase=0.0, force=True) + (data,)
+
+
+def _graph(path: Path) -> tuple[list[bytes], dict]:
+    model = onnx.load(str(path))
+    tensors = {t.name: (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
+               for t in model.graph.initializer}
+    return [n.SerializeToString() for n in model.graph.node], tensors
+
+
+def _assert_same_graphs(calibrated: Path, direct: Path) -> None:
+    """Same nodes in the same order, same initializers byte for byte. What differs: the
+    initializers' order in the file (calibrate appends the quantized ones at the end, export
+    writes each where it is emitted), so decoder.onnx.data's offsets and the step graph's
+    sha256 in the manifest."""
+    for file in ("decoder.onnx", "decoder_step.onnx"):
+        nodes_c, tensors_c = _graph(calibrated / file)
+        nodes_d, tensors_d = _graph(direct / file)
+        assert nodes_c == nodes_d, file
+        assert tensors_c.keys() == tensors_d.keys(), file
+        assert [k for k in tensors_c if tensors_c[k] != tensors_d[k]] == [], file
+    assert any(n.op_type == "MatMulNBits" for n in onnx.load(str(direct / "decoder.onnx")).graph.node)
+
+
+def _assert_same_section(calibrated: Path, direct: Path) -> None:
+    qc = read_manifest(calibrated).extensions["quantization"]
+    qd = read_manifest(direct).extensions["quantization"]
+    assert qc.keys() == qd.keys() and qc["accuracy"].keys() == qd["accuracy"].keys()
+    assert {k: v for k, v in qc.items() if k not in ("source", "accuracy")} == \
+        {k: v for k, v in qd.items() if k not in ("source", "accuracy")}
+    assert qd["source"]["checkpoint"] and qd["source"]["exported_directly"]
+    for name in ("calibration.json", "reports/accuracy.json"):
+        assert json.loads((calibrated / name).read_text()).keys() == \
+            json.loads((direct / name).read_text()).keys(), name
+
+
+def test_w4_of_the_tied_default_model_equals_calibrate(tiny_pair):
+    calibrated, direct, _ = tiny_pair
+    _assert_same_graphs(calibrated, direct)  # lm_head untied and quantized by both
+    _assert_same_section(calibrated, direct)
+    assert not (direct / "decoder.onnx.data").stat().st_size > \
+        (calibrated / "decoder.onnx.data").stat().st_size + 4096 * 64  # alignment padding only
+
+
+def test_w8_group_32_with_biases_and_an_untied_head_equals_calibrate(tmp_path):
+    from tiny_models import make_hf_model
+
+    make_hf_model("qwen2", tmp_path / "qwen2")  # q/k/v biases, own lm_head
+    data = DataOptions(random=True, samples=1, eval_samples=2, seq_len=16)
+    calibrated, direct = _both(tmp_path / "qwen2", tmp_path, "w8", data, group_size=32)
+    _assert_same_graphs(calibrated, direct)
+    _assert_same_section(calibrated, direct)
+    q = read_manifest(direct).extensions["quantization"]
+    assert q["weight_bits"] == 8 and q["group_size"] == 32 and "lm_head" in q["quantized"]
+
+
+def test_report_measures_what_calibrate_measures(tiny_pair):
+    """Against the PyTorch model instead of the fp32 bundle, on the same held-out tokens: the
+    same quantized perplexity, a reference perplexity equal to the fp32 bundle's within float
+    rounding, the same top-1 agreement, and a KL no larger than calibrate's exact one (the tail
+    beyond the reference's top-64 is one bucket)."""
+    calibrated, direct, _ = tiny_pair
+    c = read_manifest(calibrated).extensions["quantization"]["accuracy"]
+    d = read_manifest(direct).extensions["quantization"]["accuracy"]
+    assert d["tokens"] == c["tokens"] > 100
+    assert d["ppl_quantized"] == pytest.approx(c["ppl_quantized"], rel=1e-6)
+    assert d["ppl_fp32"] == pytest.approx(c["ppl_fp32"], rel=1e-4)
+    assert d["top1_agreement"] == pytest.approx(c["top1_agreement"], abs=2 / c["tokens"])
+    assert 0.8 * c["kl_mean"] <= d["kl_mean"] <= c["kl_mean"] * (1 + 1e-6)
+    report = json.loads((direct / "reports" / "accuracy.json").read_text())
+    assert "run arx calibrate for the per-layer analysis" in report["layer_error_method"]
+    assert report["settings"]["reference"]["framework"] == "torch"
+    # the gate was 0 and w4 raised perplexity: written only because of --force
+    assert d["ppl_increase"] > 0 and d["passed"] is False and d["forced"] is True
+
+
+def test_over_the_gate_nothing_is_written(tiny_pair, tmp_path):
+    *_, data = tiny_pair
+    out = tmp_path / "w4.arx"
+    with pytest.raises(ArxError, match="over the 0% gate.*nothing was written"):
+        export_model(source=TINY, output=out, options=ExportOptions(
+            progress=False, check_parity=False,
+            quantize=_options("w4", data, max_ppl_increase=0.0)))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--quantize", "w8a8"], "arx calibrate --scheme w8a8"),
+    (["--quantize", "w4", "--dtype", "fp16"], "drop --dtype"),
+    (["--quantize", "w4", "--group-size", "100"], "--group-size must be one of"),
+    (["--data", "x.txt"], "--data is an option of --quantize"),
+])
+def test_refusals_in_one_line(tmp_path, capsys, flags, says):
+    from arx.cli import main
+
+    out = tmp_path / "b.arx"
+    assert main(["export", str(TINY), "-o", str(out), "-q", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("arx: error:") and says in err[0], err
+    assert not out.exists()
+
+
+def test_moe_is_refused_before_any_work(tmp_path):
+    from tiny_models import make_hf_model
+
+    make_hf_model("mixtral", tmp_path / "mixtral")
+    with pytest.raises(ArxError, match="mixture-of-experts.*arx calibrate"):
+        export_model(source=tmp_path / "mixtral", output=tmp_path / "m.arx", options=ExportOptions(
+            progress=False, quantize=_options("w4", DataOptions(random=True))))
+    assert not (tmp_path / "m.arx").exists()
+
+
+def test_budget_names_w4_where_fp16_does_not_fit(tmp_path, monkeypatch, capsys):
+    """A bf16 checkpoint: the w4 bundle and peak are below fp16's; with memory between the two
+    the refusal names --quantize w4, and that export runs (its reference in bf16)."""
+    import arx.export.budget as budget
+    from arx.cli import main
+    from arx.export.sources import load_source
+    from bench_scripts import load_script
+
+    folder = tmp_path / "bf16"  # a 3-layer bf16 Llama in shards, as test_streamed_export's
+    load_script("random_checkpoint").write_llama(folder, BF16_SHAPE, shard_bytes=64 << 10)
+    src = load_source(folder)
+    fp16_bundle, fp16 = budget.estimate(src, "float16", True)
+    w4_bundle, w4 = budget.estimate(src, "float32", True, "w4")
+    assert w4_bundle < fp16_bundle and w4 < fp16
+    monkeypatch.setattr(budget, "available_memory", lambda: int(w4) + 1)
+    assert main(["export", str(folder), "-o", str(tmp_path / "b.arx"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--quantize w4" in err[0] and "--dtype fp16" not in err[0], err
+    assert main(["export", str(folder), "-o", str(tmp_path / "b.arx"), "-q", "--quantize", "w4",
+                 "--no-parity"]) == 0
+    m = read_manifest(tmp_path / "b.arx")
+    assert m.extensions["quantization"]["accuracy"]["data"] == "random token ids"
+    report = json.loads((tmp_path / "b.arx" / "reports" / "accuracy.json").read_text())
+    assert report["settings"]["reference"]["dtype"] == "bfloat16"
+    assert np.isfinite(m.extensions["quantization"]["accuracy"]["ppl_quantized"])
