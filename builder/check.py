@@ -137,10 +137,12 @@ def check_runner(runner, bundle: Path, manifest: Manifest, io: dict, s_max: int,
                  precision: str) -> dict:
     """Check a Polygraphy runner of the engine (TrtRunner; ORT in the tests) against ONNX
     Runtime on the bundle's graph; returns the report (trt_check.compare)."""
+    from .image_form import check_codebook
+
     feeds, reference = check_data(bundle, manifest, io, s_max)
     aliases = {present: past for past, present in manifest.kv.pairs()}
     return trt_check.run_check(trt_check.cache_carrier(runner, aliases), feeds, reference,
-                               precision, tolerance(precision, io))
+                               precision, tolerance(precision, io), check_codebook(manifest))
 
 
 def check_engine_file(engine: Path, bundle: Path, manifest: Manifest, io: dict, s_max: int,

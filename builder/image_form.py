@@ -70,3 +70,10 @@ def sampler_logits(ed, last_logits: str, codebook: ImageSampler) -> str:
     return ed.op("Slice", last_logits, ed.const([codebook.offset]),
                  ed.const([codebook.offset + codebook.size]), ed.const([1]),
                  name="head/codebook")
+
+
+def check_codebook(manifest: Manifest) -> list[int] | None:
+    """[offset, size] of the columns an image engine's ids index, for the engine check (and
+    kit.json "codebook"); None where ids are logit columns."""
+    codebook = image_sampler(manifest)
+    return [codebook.offset, codebook.size] if codebook and codebook.sliced else None

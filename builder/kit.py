@@ -14,6 +14,8 @@
                                 cannot load Python plugins; see README)
       (a plugin-free form, --no-plugins, has no plugins/ and no kit_plugins.py)
       kit.json                  target, versions, IO, profiles, build plan, files
+      vq_decoder.onnx, build_vq_decoder.sh   image-token bundles: the VQ decoder's own engine
+                                (builder/image_kit.py; kit.json "stages" lists both)
       README.md                 minimum TensorRT/JetPack versions and how to run
 """
 
@@ -133,7 +135,17 @@ def write_kit(folder: Path, bundle: Path, manifest: Manifest, form: TensorRTForm
     engine_check = write_kit_check(folder, bundle, manifest, form.stage.to_json(), form.spec.s_max,
                                    options.precision, form.uses_plugins)
     files += ["build_engine.py", *engine_check["files"], "build_trtexec.sh", "README.md", "kit.json"]
+    stages = None
+    if manifest.pipeline.kind == "image-tokens":  # the VQ decoder's engine (builder/image_kit.py)
+        from .image_kit import write_image_stages
+
+        more, stages = write_image_stages(folder, bundle, manifest, options)
+        files += more
     kit = kit_manifest(manifest, form, options, sm, profiles, files, engine_check)
+    if stages:
+        from .image_form import check_codebook
+
+        kit["stages"], kit["codebook"] = stages, check_codebook(manifest)
     (folder / "build_trtexec.sh").write_text(trtexec_script(kit, merged_profile(profiles)))
     (folder / "build_trtexec.sh").chmod(0o755)
     (folder / "README.md").write_text(readme(kit, options))
@@ -194,7 +206,7 @@ and {DECODE_STEPS} decode steps against ONNX Runtime's outputs on the bundle's o
 the last) within {kit['check']['tolerance']:g} of its largest value ({kit['precision']}). Over that,
 the engine is renamed decoder.engine.rejected, the worst output is named and the errors go into
 build_report.json "check"; `--force` keeps it, `--no-check` skips the check.
-{_trtexec_note(kit)}
+{_trtexec_note(kit)}{_stages_note(kit)}
 ## Engine IO (see kit.json "io")
 - inputs: {", ".join(t["name"] for t in kit["io"]["inputs"] if not t["name"].startswith("past_key"))},
   and the KV cache past_key_values.i.key/value (B,kv_heads,S_max={kit['max_seq_len']},D).
@@ -204,6 +216,15 @@ build_report.json "check"; `--force` keeps it, `--no-check` skips the check.
   and present.i.* (aliased: bind each to the same device address as its past_key_values.i.*
   input; the cache is written in place)
 """
+
+
+def _stages_note(kit: dict) -> str:
+    if not kit.get("stages"):
+        return ""
+    return ("\nAn image-token kit has a second engine, the VQ decoder (tokens -> pixels; no arx\n"
+            "plugins): `./build_vq_decoder.sh` builds vq_decoder.engine with trtexec, one\n"
+            "profile over the images of a batch (kit.json \"stages\"). The decoder engine's rows\n"
+            "are [cond; null]: two cache rows per image.\n")
 
 
 def _trtexec_note(kit: dict) -> str:

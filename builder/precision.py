@@ -97,8 +97,11 @@ def apply_precision(model: onnx.ModelProto, precision: str, cache_names: set[str
 
 
 def _norm_params(graph: onnx.GraphProto) -> set[str]:
-    """Scale/bias initializers of the norms: they stay fp32 with the fp32 norm."""
-    return {i for n in graph.node if n.op_type in KEEP_FP32_OPS for i in n.input[1:] if i}
+    """Scale/bias initializers of the norms: they stay fp32 with the fp32 norm; and Resize's
+    scales, which ONNX types float32 whatever the data's type (a VQ decoder's upsampling)."""
+    resize = {n.input[2] for n in graph.node if n.op_type == "Resize" and len(n.input) > 2}
+    return {i for n in graph.node if n.op_type in KEEP_FP32_OPS for i in n.input[1:] if i} | \
+        (resize - {""})
 
 
 def _convert_initializers(graph: onnx.GraphProto, low: int, keep: set[str]) -> None:

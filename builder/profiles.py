@@ -48,7 +48,7 @@ def _roles(stage: Stage) -> dict[str, str]:
     return roles
 
 
-def _with_images(ranges: dict[str, Range]) -> dict[str, Range]:
+def with_images(ranges: dict[str, Range]) -> dict[str, Range]:
     """An image engine's sampler has one row per [cond; null] pair of cache rows."""
     return {**ranges, "images": tuple(max(1, n // 2) for n in ranges["batch"])}
 
@@ -83,7 +83,7 @@ def make_profiles(stage: Stage, options: BuildOptions, s_max: int,
     roles = _roles(stage)
     profiles = []
     for name, ranges in dim_ranges(options, s_max, widths).items():
-        ranges = _with_images(ranges)
+        ranges = with_images(ranges)
         shapes = {}
         for t in stage.inputs:
             per_bound = []

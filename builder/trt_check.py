@@ -83,7 +83,7 @@ def cache_carrier(runner, aliases, name=ENGINE):
 
         def infer_impl(self, feed_dict):
             if not self.cache or not np.any(feed_dict["past_lengths"]):
-                batch = feed_dict["input_ids"].shape[0]
+                batch = feed_dict["past_lengths"].shape[0]  # input_ids or inputs_embeds
                 self.cache = {n: np.zeros((batch, *shape[1:]), dtype)
                               for n, (dtype, shape) in self.cache_meta.items()}
             out = runner.infer({**feed_dict, **self.cache})
@@ -112,14 +112,19 @@ def _atols(reference, tolerance):
     return {name: tolerance * s for name, s in scale.items()}
 
 
-def _token_mismatches(reference, engine, atol):
+def _token_mismatches(reference, engine, atol, codebook=None):
     """Steps x rows whose engine token is not the reference's argmax by more than `atol` of
-    the reference logits (a near tie may flip in low precision and is no error)."""
+    the reference logits (a near tie may flip in low precision and is no error). An image
+    engine draws one id per [cond; null] pair (the check's guidance scale is 1: the cond row),
+    over the codebook's columns when `codebook` = [offset, size] says where they lie."""
     wrong, ties, total = 0, 0, 0
     for ref, eng in zip(reference, engine):
         if TOKEN_IDS not in eng:
             continue
-        logits, ids = ref[LOGITS], np.asarray(eng[TOKEN_IDS]).reshape(-1).astype(np.int64)
+        ids = np.asarray(eng[TOKEN_IDS]).reshape(-1).astype(np.int64)
+        logits = ref[LOGITS][:len(ids)]
+        if codebook:
+            logits = logits[:, codebook[0]:codebook[0] + codebook[1]]
         gap = logits.max(axis=-1) - logits[np.arange(len(ids)), ids]
         wrong += int((gap > atol).sum())
         ties += int(((gap > 0) & (gap <= atol)).sum())
@@ -127,7 +132,7 @@ def _token_mismatches(reference, engine, atol):
     return {"mismatches": wrong, "near_ties": ties, "tokens": total} if total else None
 
 
-def compare(results, precision, tolerance):
+def compare(results, precision, tolerance, codebook=None):
     """The check's report from RunResults holding the reference, then the engine: per output
     the worst max/mean absolute error over the steps and its allowed error; passed; worst."""
     from polygraphy.comparator import Comparator, SimpleCompareFunc
@@ -147,7 +152,7 @@ def compare(results, precision, tolerance):
                                  "atol": atol[name], "step": step, "passed": bool(r)}
     report = {"precision": precision, "tolerance": tolerance, "steps": len(reference),
               "reference": REFERENCE, "outputs": outputs}
-    tokens = _token_mismatches(reference, engine, atol.get(LOGITS, 0.0))
+    tokens = _token_mismatches(reference, engine, atol.get(LOGITS, 0.0), codebook)
     if tokens:
         report[TOKEN_IDS] = tokens
     return _verdict(report)
@@ -176,7 +181,7 @@ def _verdict(report):
     return report
 
 
-def run_check(engine_runner, feeds, reference, precision, tolerance):
+def run_check(engine_runner, feeds, reference, precision, tolerance, codebook=None):
     """Run `engine_runner` (a cache_carrier named ENGINE) over `feeds` (a list of step feed
     dicts) and compare it with `reference`, a list of per-step output dicts of ONNX Runtime."""
     from polygraphy.comparator import Comparator, RunResults
@@ -187,7 +192,7 @@ def run_check(engine_runner, feeds, reference, precision, tolerance):
     results = RunResults()
     results.add(reference, runner_name=REFERENCE)
     results.append((ENGINE, engine[ENGINE]))
-    return compare(results, precision, tolerance)
+    return compare(results, precision, tolerance, codebook)
 
 
 def parser():
@@ -218,10 +223,11 @@ def main(argv=None):
 
         kit_plugins.register(args.plugins)
     with open(args.kit_json, encoding="utf-8") as f:
-        aliases = json.load(f)["kv"]["aliases"]
-    runner = cache_carrier(TrtRunner(EngineFromBytes(BytesFromPath(args.engine))), aliases)
+        kit = json.load(f)
+    runner = cache_carrier(TrtRunner(EngineFromBytes(BytesFromPath(args.engine))),
+                           kit["kv"]["aliases"])
     report = run_check(runner, load_steps(args.inputs), load_steps(args.reference),
-                       args.precision, args.tolerance)
+                       args.precision, args.tolerance, kit.get("codebook"))
     report["forced"] = bool(args.force and not report["passed"])
     if args.report:
         with open(args.report, encoding="utf-8") as f:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import sys
 import time
+from contextlib import contextmanager
 
 from arx.errors import ArxError
 
@@ -41,7 +42,7 @@ def run_image(args, manifest, generate_options) -> int:
     from arx.runtime.image_speculative import parse_jacobi
 
     info = image_info(manifest, args.bundle)
-    _refuse_text_flags(args)
+    _refuse_text_flags(args, allowed=("engine",))  # the image loop runs on an engine session
     window = parse_jacobi(args.speculate)
     if args.class_ is None and not info.text:
         raise ArxError(f"{args.bundle} is class-conditional: give --class N "
@@ -82,15 +83,16 @@ def check_output_flags(args) -> None:
 
 
 # text-generation flags with no meaning for an image (a fixed grid, no EOS, no draft model:
-# images speculate with Jacobi guesses) or not wired for images yet (the TensorRT engine):
-# refused rather than ignored
+# images speculate with Jacobi guesses) or not wired for a kind of image bundle yet (the
+# TensorRT engine of next-scale bundles): refused rather than ignored
 TEXT_ONLY = {"max_new_tokens": "--max-new-tokens", "no_eos_stop": "--no-eos-stop",
              "repetition_penalty": "--repetition-penalty", "engine": "--engine",
              "draft": "--draft", "lookup": "--lookup"}
 
 
-def _refuse_text_flags(args) -> None:
-    given = [flag for name, flag in TEXT_ONLY.items() if getattr(args, name, None) not in (None, False)]
+def _refuse_text_flags(args, allowed: tuple[str, ...] = ()) -> None:
+    given = [flag for name, flag in TEXT_ONLY.items()
+             if name not in allowed and getattr(args, name, None) not in (None, False)]
     if given:
         raise ArxError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to an "
                        f"image-token bundle (a fixed grid of tokens, run on ONNX Runtime); drop "
@@ -107,24 +109,47 @@ def _paths(image: str | None, n: int) -> list[str]:
 
 def _generate(args, manifest, info, classes, options, window):
     from arx.runtime.backend import BackendOptions
-    from arx.runtime.decoder import DecoderSession
     from arx.runtime.image_generate import decode_pixels, generate_images
     from arx.runtime.image_speculative import generate_images_jacobi
 
     backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
                              spin_wait=not args.no_spin)
-    if info.text:
-        from arx.commands.generate_janus import generate_from_prompts
+    if window is not None and args.engine:
+        raise ArxError("--speculate jacobi runs on ONNX Runtime (it verifies every guessed "
+                       "position); drop --engine or the speculation")
+    with _session(args, manifest, backend) as session:
+        if info.text:
+            from arx.commands.generate_janus import generate_from_prompts
 
-        result = generate_from_prompts(args, manifest, classes, options, backend, window)
-    else:
-        with DecoderSession(args.bundle, backend, manifest) as session:
+            result = generate_from_prompts(args, session, classes, options, window)
+        else:
             result = (generate_images(session, classes, options) if window is None else
                       generate_images_jacobi(session, classes, options, window))
     t = time.perf_counter()
     result.pixels = decode_pixels(args.bundle, info, manifest, result.tokens, backend)
     result.vq_s = time.perf_counter() - t
     return result
+
+
+@contextmanager
+def _session(args, manifest, backend):
+    """The bundle's decoder on ONNX Runtime, or with --engine the TensorRT engine `arx build`
+    made for it (runtime/image_engine.py; the VQ decoder stays on ONNX Runtime)."""
+    from arx.runtime.decoder import DecoderSession
+
+    if not args.engine:
+        with DecoderSession(args.bundle, backend, manifest) as session:
+            yield session
+        return
+    from arx.runtime.engine_session import open_engine
+    from arx.runtime.image_engine import ImageEngineSession
+
+    with open_engine(args.bundle, args.engine) as engine:
+        session = ImageEngineSession(engine, args.bundle, backend)
+        try:
+            yield session
+        finally:
+            session.close()
 
 
 def _write(paths, result, info, zoom) -> None:

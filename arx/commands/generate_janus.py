@@ -32,15 +32,14 @@ def prompt_ids(args, manifest, condition: dict) -> list[list[int]]:
     return [image_prompt(ids, condition) for ids in raw for _ in range(args.batch or 1)]
 
 
-def generate_from_prompts(args, manifest, prompts, options, backend, window=None):
-    from arx.runtime.decoder import DecoderSession
+def generate_from_prompts(args, session, prompts, options, window=None):
+    """On `session`: the bundle's decoder on ORT, or its engine (runtime/image_engine.py)."""
     from arx.runtime.janus_generate import generate_images_from_prompts
 
     if window is not None:
         raise ArxError("--speculate jacobi is built for class-conditional image bundles; drop "
                        "it for a text-to-image bundle")
-    with DecoderSession(args.bundle, backend, manifest) as session:
-        result = generate_images_from_prompts(session, prompts, options)
+    result = generate_images_from_prompts(session, prompts, options)
     texts = args.prompt if args.prompt is not None else args.prompt_ids
     result.classes = [t for t in texts for _ in range(args.batch or 1)]  # what --json shows
     return result

@@ -148,3 +148,171 @@ def test_janus_greedy_cfg_grids_equal_the_bundle(form, ort_session, backends, tm
     assert len(set(want.ravel().tolist())) > 3
     np.testing.assert_array_equal(got, want)
     engine.close()
+
+
+def _kit(bundle, out, **kw):
+    from arx.builder.build import build_bundle
+    from arx.builder.options import BuildOptions
+
+    return build_bundle(bundle, BuildOptions(target="orin", kit=True, output=out, ptx=False,
+                                             progress=False, max_seq_len=S_MAX, max_batch=8, **kw))
+
+
+def test_kit_has_the_vq_decoder_engine_and_lists_both_stages(c2i, tmp_path):
+    import json
+    import py_compile
+    import subprocess
+
+    kit = _kit(c2i, tmp_path / "kit").path
+    meta = json.loads((kit / "kit.json").read_text())
+    assert [s["name"] for s in meta["stages"]] == ["decoder", "vq_decoder"]
+    vq = meta["stages"][1]
+    assert (vq["onnx"], vq["engine"], vq["build"]) == ("vq_decoder.onnx", "vq_decoder.engine",
+                                                       "./build_vq_decoder.sh")
+    assert vq["profiles"][0]["shapes"]["tokens"] == {"min": [1, 16], "opt": [2, 16],
+                                                     "max": [4, 16]}  # 8 rows: 4 images
+    assert {"vq_decoder.onnx", "build_vq_decoder.sh", "decoder.trt.onnx"} <= set(meta["files"])
+    assert all((kit / f).is_file() for f in meta["files"])
+    sampler = {t["name"]: t["shape"] for t in meta["io"]["inputs"]}["sampling_params"]
+    assert sampler == ["images", 5]
+    for script in ("build_engine.py", "check_engine.py"):
+        py_compile.compile(str(kit / script), doraise=True)
+    for script in ("build_vq_decoder.sh", "build_trtexec.sh"):
+        subprocess.run(["bash", "-n", str(kit / script)], check=True)
+    assert "tokens:1x16" in (kit / "build_vq_decoder.sh").read_text()
+    assert "VQ decoder" in (kit / "README.md").read_text()
+
+
+@pytest.mark.parametrize("precision,atol", [("fp32", 1e-6), ("fp16", 2e-2)])
+def test_vq_decoder_form_gives_the_bundle_pixels(c2i, precision, atol):
+    """The kit's VQ decoder ONNX (at the kit's precision) = the bundle's stage on ORT."""
+    import onnxruntime as ort
+
+    from arx.builder.image_kit import vq_form
+    from arx.runtime.image_generate import decode_pixels, image_info
+
+    manifest = read_manifest(c2i)
+    tokens = np.random.default_rng(0).integers(0, CODEBOOK, (3, 4, 4))
+    want = decode_pixels(c2i, image_info(manifest), manifest, tokens)
+    model, _ = vq_form(c2i, manifest, precision)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"tokens": tokens.reshape(3, -1)})[0]
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+
+
+def test_kit_of_a_host_sampling_image_engine(c2i, tmp_path):
+    import json
+
+    kit = _kit(c2i, tmp_path / "kit", sampler="none", attention="native").path
+    meta = json.loads((kit / "kit.json").read_text())
+    assert [t["name"] for t in meta["io"]["outputs"]][0] == "last_logits"
+    assert not (kit / "kit_plugins.py").exists() and len(meta["stages"]) == 2
+
+
+@pytest.fixture
+def image_cli(monkeypatch, ort_session, backends):
+    """`arx generate BUNDLE --engine h100` with open_engine serving the ORT-run form."""
+    from contextlib import contextmanager
+
+    from arx.runtime import engine_session
+
+    def use(bundle, s_max=S_MAX, **form):
+        @contextmanager
+        def fake_open(path, target):
+            assert str(path) == str(bundle) and target == "h100"
+            yield _engine(bundle, ort_session, backends, s_max=s_max, **form).engine
+
+        monkeypatch.setattr(engine_session, "open_engine", fake_open)
+
+    return use
+
+
+def _cli_tokens(args, capsys) -> list:
+    import json
+
+    from arx.cli import main
+
+    capsys.readouterr()
+    assert main(args) == 0
+    return [i["tokens"] for i in json.loads(capsys.readouterr().out)["images"]]
+
+
+def test_cli_generate_class_images_on_the_engine(c2i, image_cli, tmp_path, capsys):
+    image_cli(c2i)
+    args = ["generate", str(c2i), "--class", "1", "--class", "3", "--greedy", "--cfg", "4",
+            "--json", "--image", str(tmp_path / "grid.png")]
+    on_engine = _cli_tokens(args + ["--engine", "h100"], capsys)
+    assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert on_engine == _cli_tokens(args, capsys)
+
+
+def test_cli_generate_janus_on_the_engine(image_cli, tmp_path_factory, capsys):
+    pytest.importorskip("transformers")
+    from janus_models import exported_janus
+
+    _, bundle, _ = exported_janus("small", tmp_path_factory.getbasetemp())
+    image_cli(bundle, s_max=24)
+    args = ["generate", str(bundle), "--prompt-ids", "1,10,11,12", "--prompt-ids", "1,20",
+            "--greedy", "--cfg", "5", "--json"]
+    assert _cli_tokens(args + ["--engine", "h100"], capsys) == _cli_tokens(args, capsys)
+
+
+@pytest.mark.parametrize("extra,match", [(["--cfg", "1"], "--cfg 1"),
+                                         (["--speculate", "jacobi"], "drop --engine")])
+def test_cli_engine_refusals_in_one_line(c2i, image_cli, tmp_path, capsys, extra, match):
+    from arx.cli import main
+
+    image_cli(c2i)
+    out = tmp_path / "x.png"
+    code = main(["generate", str(c2i), "--class", "1", "--engine", "h100", "--image", str(out),
+                 *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("arx: error:") and match in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("which", ["c2i", "janus"])
+def test_engine_check_passes_on_image_forms(which, c2i, ort_session, tmp_path_factory):
+    """arx build's engine check (ragged prefill + decode steps against the bundle on ORT) over
+    the guided sampler's half-batch feeds, and over embedded ids for Janus' inputs_embeds."""
+    pytest.importorskip("polygraphy")
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    from arx.builder.check import check_runner
+
+    bundle, s_max = c2i, S_MAX
+    if which == "janus":
+        pytest.importorskip("transformers")
+        from janus_models import exported_janus
+
+        bundle, s_max = exported_janus("small", tmp_path_factory.getbasetemp())[1], 24
+    form = form_for(bundle, max_seq_len=s_max)
+    report = check_runner(OnnxrtRunner(ort_session(form.model)), bundle, read_manifest(bundle),
+                          form.stage.to_json(), s_max, "fp32")
+    assert report["passed"], report["message"]
+
+
+def test_shared_vocabulary_engine_samples_the_codebook_only(ort_session, backends, tmp_path):
+    """Logits over text + codebook: the form slices the codebook before arx::sample (presence
+    is (images, codebook)), its greedy and seeded grids are the ORT run's restricted one (an
+    unrestricted argmax would pick text ids), and the engine check reads ids as codebook ids."""
+    pytest.importorskip("polygraphy")
+    from image_bundle import export_shared_vocab_c2i
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    from arx.builder.check import check_runner
+
+    _, bundle = export_shared_vocab_c2i(tmp_path, text=24, codebook=16, grid=4)
+    form = form_for(bundle, max_seq_len=S_MAX)
+    assert {t.name: t.shape for t in form.stage.inputs}["presence"] == ("images", 16)
+    labels = [0, 2]
+    for options in (GREEDY, ImageOptions(cfg_scale=3.0, sampling=SamplingOptions(
+            do_sample=True, seed=4, top_k=8))):
+        got = generate_images(_engine(bundle, ort_session, backends), labels, options).tokens
+        want = _ort(bundle, labels, options)
+        n = 1 if options.sampling.do_sample else 2  # seeded: image 0 (row 0 on both faces)
+        np.testing.assert_array_equal(got[:n], want[:n])
+    report = check_runner(OnnxrtRunner(ort_session(form.model)), bundle, read_manifest(bundle),
+                          form.stage.to_json(), S_MAX, "fp32")
+    assert report["passed"], report["message"]

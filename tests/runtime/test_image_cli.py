@@ -107,9 +107,14 @@ def test_image_on_a_text_bundle_is_refused(exported_bundle, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_arx_build_refuses_an_image_bundle_and_writes_nothing(bundle, capsys):
-    code = main(["build", str(bundle), "--target", "orin", "--kit"])
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("arx: error:")]
-    assert code == 2 and len(lines) == 1 and "image-token bundles" in lines[0], err
-    assert not (bundle / "kits").exists() and not (bundle / "engines").exists()
+def test_arx_build_kit_of_an_image_bundle_has_both_engines(bundle, tmp_path, capsys):
+    """The kit builds the decoder and the VQ decoder (tests/builder/test_image_form.py checks
+    the forms); --sampler argmax is refused in one line, writing nothing."""
+    out = tmp_path / "kit"
+    code = main(["build", str(bundle), "--target", "orin", "--kit", "--no-ptx", "--sampler",
+                 "argmax", "-o", str(out)])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("arx: error:")]
+    assert code == 2 and len(lines) == 1 and "--sampler plugin" in lines[0] and not out.exists()
+    assert main(["build", str(bundle), "--target", "orin", "--kit", "--no-ptx", "-o", str(out)]) == 0
+    kit = json.loads((out / "kit.json").read_text())
+    assert [s["engine"] for s in kit["stages"]] == ["decoder.engine", "vq_decoder.engine"]

@@ -10,8 +10,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from arx.export.exporter import ExportOptions, export_model  # noqa: E402
-from arx.export.image_modules import ClassToImageDecoder, VQDecoder, generate_cfg  # noqa: E402
+from image_bundle import export_shared_vocab_c2i  # noqa: E402
+
+from arx.export.image_modules import generate_cfg  # noqa: E402
 from arx.manifest import read_manifest  # noqa: E402
 from arx.plugins.sampling.reference import SamplingParams, sample_reference  # noqa: E402
 from arx.runtime.decoder import DecoderSession  # noqa: E402
@@ -23,17 +24,7 @@ TEXT, CODEBOOK, GRID, LABELS = 24, 16, 3, [0, 2, 1]
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("shared")
-    torch.manual_seed(0)
-    module = ClassToImageDecoder(num_classes=3, codebook=CODEBOOK, grid=GRID, text_vocab=TEXT,
-                                 vq=VQDecoder(CODEBOOK, GRID, upsamples=1)).eval()
-    with torch.no_grad():  # text columns louder than image ones: unrestricted, text would win
-        module.output.weight.mul_(8.0)
-        module.output.weight[:TEXT] *= 4.0
-    torch.save(module, folder / "model.pt")
-    export_model(source=folder / "model.pt", output=folder / "c2i.arx",
-                 options=ExportOptions(progress=False))
-    return module, folder / "c2i.arx"
+    return export_shared_vocab_c2i(tmp_path_factory.mktemp("shared"), TEXT, CODEBOOK, GRID)
 
 
 def _cfg(logits, scale):
