@@ -56,7 +56,9 @@ def run(args) -> int:
             for s in _collapse(specs):
                 print(f"  {kind} {s}")
     quant = m.extensions.get("quantization")
-    _print_parity(m.parity, "of the fp32 source" if quant else "")
+    depth = (m.parity or {}).get("depth")  # a truncated check (big or --quantize exports)
+    _print_parity(m.parity, f"first {depth['layers']} of {depth['of']} layers in {depth['dtype']}"
+                  if depth else "of the fp32 source" if quant else "")
     if quant:
         _print_quantization(quant)
     for target, b in m.builds.items():

@@ -126,6 +126,18 @@ def test_report_measures_what_calibrate_measures(tiny_pair):
     assert d["ppl_increase"] > 0 and d["passed"] is False and d["forced"] is True
 
 
+def test_inspect_says_what_parity_checked(tiny_pair, capsys):
+    from arx.cli import main
+
+    calibrated, direct, _ = tiny_pair
+    assert main(["inspect", str(direct)]) == 0
+    out = capsys.readouterr().out
+    assert "parity     passed (first 2 of 4 layers in float32)" in out, out
+    assert "quantized  w4" in out and "gate 0% FORCED past" in out, out
+    assert main(["inspect", str(calibrated)]) == 0
+    assert "parity     passed (of the fp32 source)" in capsys.readouterr().out
+
+
 def test_over_the_gate_nothing_is_written(tiny_pair, tmp_path):
     *_, data = tiny_pair
     out = tmp_path / "w4.arx"
