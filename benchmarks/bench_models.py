@@ -190,9 +190,11 @@ def arx_bundle(hf: Path, out: Path, *, max_seq_len: int, reuse: bool) -> Path:
     return out
 
 
-def arx_quantized(fp32: Path, out: Path, scheme: str, *, reuse: bool, kv_dtype: str = "fp32") -> Path:
+def arx_quantized(fp32: Path, out: Path, scheme: str, *, reuse: bool, kv_dtype: str = "fp32",
+                  **quant) -> Path:
     """A weight-only variant (w8, w4) made by arx.calibration, the path `arx calibrate` takes;
-    kv_dtype fp16/int8 gives it that KV cache (`arx calibrate --kv-dtype`)."""
+    kv_dtype fp16/int8 gives it that KV cache (`arx calibrate --kv-dtype`), `quant` other
+    QuantOptions (group_size, accuracy_level, quantize_lm_head)."""
     if reuse and (out / "arx.json").is_file():
         return out
     try:
@@ -206,7 +208,7 @@ def arx_quantized(fp32: Path, out: Path, scheme: str, *, reuse: bool, kv_dtype: 
     # weight-only schemes need no calibration data; the few random samples only feed the
     # accuracy report, which says nothing for random weights (hence force=True)
     seq_len = min(32, read_manifest(fp32).kv.max_seq_len)
-    options = CalibrateOptions(quant=QuantOptions(scheme=scheme),
+    options = CalibrateOptions(quant=QuantOptions(scheme=scheme, **quant),
                                data=DataOptions(random=True, samples=4, eval_samples=2, seq_len=seq_len),
                                force=True, overwrite=True, progress=False, plot=False,
                                kv_dtype=kv_dtype)
