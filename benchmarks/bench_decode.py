@@ -1,13 +1,17 @@
-"""Decode speed: arx vs Hugging Face eager vs onnxruntime-genai, on the same random weights.
+"""Decode speed: arx vs HF eager vs onnxruntime-genai vs llama.cpp, on the same random weights.
 
     python benchmarks/bench_decode.py                         # fp32, ~125M Llama, prompt 128, 128 new
     python benchmarks/bench_decode.py --variants fp32,w8,w4   # + arx w8/w4 and ort-genai int4
     python benchmarks/bench_decode.py --json out.json --plot out.png
+    ARX_LLAMA_CPP_SRC=DIR python benchmarks/bench_decode.py --variants fp32,w4,w4-kv8 --prompt-len 1900
 
 Issue 2 item 10 and issue 3's speed goals: CPU, batch 1, greedy, EOS disabled; time to first
 token and decode tokens/s, medians over --runs runs after --warmup runs, all engines in one
 run (interleaved run by run, so drifting machine load hits each the same), the same intra-op
 thread count everywhere. It also checks that arx's greedy tokens equal HF's.
+llama.cpp (llama_cpp_engine.py, the `llamacpp` extra) runs f16 always, q8_0 for w8 and q4_0 with
+an f16 and a q8_0 cache (q4_0, q4_0-kv8) for any w4 variant; it is skipped, with a line saying
+so, where llama_cpp does not import.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_models  # noqa: E402
 import decode_engines  # noqa: E402
+import llama_cpp_engine  # noqa: E402
 
 VARIANTS = ("fp32", "w8", "w4", "w4-kv16", "w4-kv8")  # -kvN: w4 with an fp16 / int8 KV cache
 KV_VARIANTS = {"16": "fp16", "8": "int8"}
@@ -36,7 +41,9 @@ GOALS = (
     ("arx fp32", "hf-eager fp32", 2.0),
     ("arx w4", "ort-genai int4", 1.0),
     ("arx w8", "arx fp32", 2.5),
+    ("arx w4", "llama.cpp q4_0", 1.5),  # issue 16 sets it at prompt 1900, llama.cpp's default cache
 )
+QUANTIZED = ("w8", "w4", "int4", "q8_0", "q4_0")  # variant prefixes: greedy tokens may differ
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,8 @@ class BenchConfig:
     warmup: int = 1
     threads: int = 0  # 0: the CPUs this process may run on
     variants: tuple[str, ...] = ("fp32",)
-    engines: tuple[str, ...] = ("arx", "hf-eager", "ort-genai")
+    engines: tuple[str, ...] = ("arx", "hf-eager", "ort-genai", "llama.cpp")
+    llama_cpp_src: str = ""  # llama.cpp's converter (llama_cpp_engine.converter_dir)
     cache_dir: str = str(Path.home() / ".cache" / "arx-bench")
     reuse_bundles: bool = False
     seed: int = 0
@@ -80,6 +88,7 @@ class Target:
     engine: str
     variant: str
     path: Path
+    options: dict = field(default_factory=dict)  # the engine's keyword arguments
     ttft_s: list[float] = field(default_factory=list)
     decode_tps: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
@@ -104,12 +113,19 @@ def prepare(cfg: BenchConfig, log: Path) -> tuple[list[Target], dict]:
     cache = Path(cfg.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
     want_og = "ort-genai" in cfg.engines
+    llama, _ = llama_plan(cfg)
     n_steps = (1 + ("arx" in cfg.engines) * len(cfg.variants)
-               + want_og * (1 + _int4(cfg)))
+               + want_og * (1 + _int4(cfg)) + bool(llama))
     steps = Steps(n_steps, enabled=cfg.progress)
     with steps.step(f"random {cfg.shape} {shape.family} weights (cached in {cache})"):
         hf = bench_models.hf_folder(shape, cache, cfg.seed)
     max_seq = cfg.prompt_len + cfg.new_tokens
+    gguf = {}
+    if llama:  # first: a missing converter stops the run before the exports
+        weights = sorted({llama_cpp_engine.VARIANTS[v][0] for v in llama})
+        with steps.step(f"llama.cpp GGUF {', '.join(weights)} (converted and quantized, cached)"):
+            gguf = llama_cpp_engine.gguf_files(hf, weights, shape.vocab, src=cfg.llama_cpp_src,
+                                               log=log, threads=cfg.n_threads)
     targets: list[Target] = []
     if "arx" in cfg.engines:
         with steps.step("arx export (fp32, parity vs PyTorch)"):
@@ -132,8 +148,30 @@ def prepare(cfg: BenchConfig, log: Path) -> tuple[list[Target], dict]:
             with steps.step(f"onnxruntime-genai model builder -p {precision} (cached)"):
                 og = bench_models.ort_genai_folder(hf, shape.vocab, precision, log)
             targets.append(Target("ort-genai", precision, og))
+    for v in llama:
+        w, kv = llama_cpp_engine.VARIANTS[v]
+        targets.append(Target("llama.cpp", v, gguf[w], {"kv_cache": kv, "n_ctx": max_seq}))
     model = {"shape": cfg.shape, **asdict(shape), "parameters": bench_models.parameter_count(hf)}
     return targets, model
+
+
+def llama_plan(cfg: BenchConfig) -> tuple[list[str], list[str]]:
+    """(llama.cpp variants to run, a line for each one skipped and why)."""
+    if "llama.cpp" not in cfg.engines:
+        return [], []
+    if not llama_cpp_engine.available():
+        return [], ["llama.cpp: skipped, llama_cpp does not import (pip install 'arx[llamacpp]' "
+                    "with the CMAKE_ARGS of README, Install)"]
+    shape = bench_models.SHAPES[cfg.shape]
+    head_dim = shape.hidden // shape.heads
+    run, skipped = [], []
+    for v in llama_cpp_engine.variants_for(cfg.variants):
+        if llama_cpp_engine.VARIANTS[v][1] == "q8_0" and head_dim % 32:
+            skipped.append(f"llama.cpp {v}: skipped, a q8_0 cache needs a head dim that is a "
+                           f"multiple of 32 (shape {cfg.shape}: {head_dim})")
+        else:
+            run.append(v)
+    return run, skipped
 
 
 def _int4(cfg: BenchConfig) -> bool:
@@ -152,7 +190,7 @@ def measure(cfg: BenchConfig, targets: list[Target]) -> None:
     prompt = rng.integers(3, vocab, cfg.prompt_len).tolist()  # 0..2: pad/bos/eos
     engines = {}
     for t in targets:
-        engines[t.label] = decode_engines.ENGINES[t.engine](t.path, cfg.n_threads)
+        engines[t.label] = decode_engines.ENGINES[t.engine](t.path, cfg.n_threads, **t.options)
     try:
         total = len(targets) * (cfg.warmup + cfg.runs)
         # each round starts one target later, so no engine always follows the same neighbour
@@ -183,17 +221,25 @@ def ratios(results: dict[str, dict]) -> list[dict]:
 
 
 def token_check(targets: list[Target]) -> dict:
-    """arx's greedy tokens vs HF's (the reference); other engines reported for information."""
+    """Each target's greedy tokens vs the reference's (HF eager fp32, else arx fp32): float
+    ones should be equal, llama.cpp f16 for most tokens (its f16 weights, cache and products),
+    so the count of equal positions is given; quantized ones are reported with their weights
+    named, as they may differ (arx w8/w4 and ort-genai int4 are left out, as before)."""
     by = {t.label: t.tokens for t in targets}
-    ref = by.get("hf-eager fp32")
+    ref_label = next((x for x in ("hf-eager fp32", "arx fp32") if x in by), None)
     out = {}
-    if ref is None:
+    if ref_label is None:
         return out
+    ref = by[ref_label]
     for label, toks in by.items():
-        if label == "hf-eager fp32" or label.split()[-1].startswith(("w8", "w4", "int4")):
+        variant = label.split()[-1]
+        quantized = variant.startswith(QUANTIZED)
+        if label == ref_label or (quantized and not label.startswith("llama.cpp")):
             continue
         first = next((i for i, (a, b) in enumerate(zip(toks, ref)) if a != b), None)
-        out[label] = {"equal": toks == ref, "first_difference": first, "compared": len(ref)}
+        out[label] = {"equal": toks == ref, "first_difference": first, "compared": len(ref),
+                      "matches": sum(a == b for a, b in zip(toks, ref)), "reference": ref_label,
+                      "weights": variant.split("-")[0] if quantized else None}
     return out
 
 
@@ -208,7 +254,7 @@ def machine(cfg: BenchConfig) -> dict:
         pass
     import onnxruntime
     versions = {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
-    for mod in ("torch", "transformers", "onnxruntime_genai"):
+    for mod in ("torch", "transformers", "onnxruntime_genai", "llama_cpp"):
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError:
@@ -232,6 +278,7 @@ def run_benchmark(cfg: BenchConfig) -> dict:
                          "after_timing": os.getloadavg()},
         "timing_wall_s": time.perf_counter() - t,
         "results": results, "ratios": ratios(results), "tokens_vs_hf": token_check(targets),
+        "skipped": llama_plan(cfg)[1],
     }
 
 
@@ -255,13 +302,22 @@ def format_table(report: dict) -> str:
             lines.append(f"{q['numerator'] + ' / ' + q['denominator']:<36}{q['ratio']:>8.2f}x"
                          f"{'>= ' + format(q['goal'], '.1f') + 'x':>9}  {'met' if q['met'] else 'NOT met'}")
     for label, chk in report["tokens_vs_hf"].items():
-        verdict = ("equal" if chk["equal"] else f"differ from token {chk['first_difference']}")
-        lines.append(f"greedy tokens {label} vs hf-eager fp32: {verdict} ({chk['compared']} tokens)")
+        lines.append(f"greedy tokens {label} vs {chk.get('reference', 'hf-eager fp32')}: "
+                     + _verdict(chk))
+    lines += report.get("skipped", [])
     la = report["load_average"]
     lines.append("load average (1/5/15 min) before timing: "
                  + " ".join(f"{x:.2f}" for x in la["before_timing"])
                  + "; after: " + " ".join(f"{x:.2f}" for x in la["after_timing"]))
     return "\n".join(lines)
+
+
+def _verdict(chk: dict) -> str:
+    n, first = chk["compared"], chk["first_difference"]
+    if chk["equal"]:
+        return f"equal ({n} tokens)"
+    why = f"differs, {chk['weights']} weights" if chk["weights"] else f"differ from token {first}"
+    return f"{why} ({chk['matches']}/{n} equal, first difference at {first})"
 
 
 def plot(report: dict, path: str) -> None:
@@ -272,8 +328,8 @@ def plot(report: dict, path: str) -> None:
 
     rows = list(report["results"].values())
     labels = [f"{r['engine']} {r['variant']}" for r in rows]
-    colors = ["tab:blue" if r["engine"] == "arx" else "tab:gray" if r["engine"] == "hf-eager"
-              else "tab:orange" for r in rows]
+    palette = {"arx": "tab:blue", "hf-eager": "tab:gray", "llama.cpp": "tab:green"}
+    colors = [palette.get(r["engine"], "tab:orange") for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2.2))
     y = range(len(rows))
     a.barh(y, [r["decode_tokens_per_s"] for r in rows], color=colors)
@@ -304,7 +360,9 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: usable CPUs)")
     p.add_argument("--variants", default="fp32", help="comma list of fp32,w8,w4,w4-kv16,w4-kv8")
-    p.add_argument("--engines", default="arx,hf-eager,ort-genai")
+    p.add_argument("--engines", default=",".join(BenchConfig.engines))
+    p.add_argument("--llama-cpp-src", default="", help="llama-cpp-python's unpacked sdist, for "
+                   f"llama.cpp's converter (default: ${llama_cpp_engine.SRC_ENV})")
     p.add_argument("--cache-dir", default=BenchConfig.cache_dir)
     p.add_argument("--reuse-bundles", action="store_true", help="do not re-export the arx bundles")
     p.add_argument("--json", help="write the full report here")
@@ -315,6 +373,7 @@ def parse_args(argv: list[str] | None) -> tuple[BenchConfig, argparse.Namespace]
     cfg = BenchConfig(shape=a.shape, prompt_len=a.prompt_len, new_tokens=a.new_tokens, runs=a.runs,
                       warmup=a.warmup, threads=a.threads, variants=split(a.variants),
                       engines=split(a.engines), cache_dir=a.cache_dir,
+                      llama_cpp_src=a.llama_cpp_src,
                       reuse_bundles=a.reuse_bundles, progress=not a.quiet)
     return cfg, a
 

@@ -1,4 +1,4 @@
-"""The three decode loops the benchmark compares, timed the same way.
+"""The decode loops the benchmark compares, timed the same way.
 
 Every engine runs one greedy generation of `new_tokens` tokens after a `prompt` (batch 1, EOS
 disabled) and reports timestamps taken as each token becomes available to the caller:
@@ -7,8 +7,8 @@ disabled) and reports timestamps taken as each token becomes available to the ca
     ttft = token 1 - t0        decode tokens/s = (N - 1) / (token N - token 1)
 
 so prefill, per-step overheads (feeds, sampling, Python) and the graph all count the same way
-for arx, Hugging Face eager and onnxruntime-genai. Threads: the same intra-op thread count for
-both ONNX Runtime sessions and for torch.
+for arx, Hugging Face eager, onnxruntime-genai and llama.cpp (llama_cpp_engine.py). Threads: the
+same intra-op thread count for the ONNX Runtime sessions, torch and llama.cpp.
 """
 
 from __future__ import annotations
@@ -138,4 +138,13 @@ class OrtGenaiEngine:
         self.model = None
 
 
-ENGINES = {"arx": ArxEngine, "hf-eager": HfEngine, "ort-genai": OrtGenaiEngine}
+def _llama_cpp(path: Path, threads: int, **options):
+    """llama_cpp_engine.LlamaCppEngine, imported when made (it imports this module for
+    RunTiming, and llama_cpp only when an engine is made)."""
+    from llama_cpp_engine import LlamaCppEngine
+
+    return LlamaCppEngine(path, threads, **options)
+
+
+ENGINES = {"arx": ArxEngine, "hf-eager": HfEngine, "ort-genai": OrtGenaiEngine,
+           "llama.cpp": _llama_cpp}
