@@ -5,6 +5,7 @@
     python benchmarks/bench_serve.py --shape tiny --clients 1,2 --prompt-len 8 --new-tokens 6
     python benchmarks/bench_serve.py --clients 1,4,16 --requests 2 --prefill-chunk 64   # a policy
     python benchmarks/bench_serve.py --step-shapes      # ms per step of each shape the policy picks
+    python benchmarks/bench_serve.py --llama-cpp q4_0   # + llama.cpp's server, same clients, same weights
 
 Issue 11's figures: each client sends --requests streamed completions one after the other
 (--prompt-len random token ids, --new-tokens new tokens, greedy, EOS ignored); per client count
@@ -12,13 +13,19 @@ it reports requests/s, output tokens/s, time to first token and inter-token late
 and checks the goals (tokens/s at 16 clients >= 4x one client; p99 inter-token latency at 16
 clients < 3x one client's). The server runs as `arx serve` in its own process, so the clients'
 Python does not share its GIL. Run it on a quiet machine: the 125M run takes ~10-20 minutes on
-a few cores. llama.cpp's server is not compared: it is not installed on these machines.
+a few cores. --llama-cpp f16|q8_0|q4_0 then runs llama-cpp-python's server (the `llamacpp`
+extra, [server]) on the GGUF of the same weights (llama_cpp_engine.py) through the same client
+levels: text prompts of the same ids (it takes no ids), one chunk per token, min_tokens =
+max_tokens so EOS cannot end a request, requests queued rather than interrupted. That server
+runs one request at a time (no batching); llama.cpp's C++ llama-server, which batches, is not
+in the wheel.
 """
 
 from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import os
 import socket
@@ -33,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_models  # noqa: E402
+import llama_cpp_engine  # noqa: E402
 
 GOALS = ((16, "output_tokens_per_s", ">=", 4.0), (16, "itl_p99_ms", "<", 3.0))
 
@@ -50,6 +58,12 @@ def parse_args(argv):
     p.add_argument("--prefill-chunk-idle", type=int, help="the server's (default: arx serve's)")
     p.add_argument("--step-shapes", action="store_true",
                    help="no server: time the steps a prefill policy can pick, on the bundle")
+    p.add_argument("--llama-cpp", choices=llama_cpp_engine.WEIGHTS,
+                   help="also load-test llama.cpp's server on this GGUF of the same weights")
+    p.add_argument("--llama-cpp-kv", default="f16", choices=("f16", "q8_0"),
+                   help="its KV cache type (default f16, llama.cpp's own)")
+    p.add_argument("--llama-cpp-src", default="", help="llama-cpp-python's unpacked sdist, for "
+                   f"llama.cpp's converter (default: ${llama_cpp_engine.SRC_ENV})")
     p.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "arx-bench"))
     p.add_argument("--json")
     p.add_argument("--quiet", action="store_true")
@@ -74,25 +88,60 @@ def start_server(bundle: Path, args, log) -> tuple[subprocess.Popen, int]:
     for flag in ("prefill_chunk", "prefill_chunk_idle"):
         if getattr(args, flag) is not None:
             cmd += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    return _launch(cmd, port, "/health", log, "arx serve")
+
+
+def start_llama_server(gguf: Path, args, log) -> tuple[subprocess.Popen, int]:
+    """llama-cpp-python's server on `gguf`, one context of prompt + new tokens."""
+    port = _free_port()
+    threads = args.threads or len(os.sched_getaffinity(0))
+    cmd = llama_cpp_engine.server_command(gguf, port, threads, args.prompt_len + args.new_tokens,
+                                          args.llama_cpp_kv)
+    return _launch(cmd, port, "/v1/models", log, "llama.cpp's server")
+
+
+def _launch(cmd: list[str], port: int, ready: str, log, name: str) -> tuple[subprocess.Popen, int]:
+    """Start `cmd` and wait until GET `ready` answers 200 (5 minutes at most)."""
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while True:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
+            conn.request("GET", ready)
             if conn.getresponse().status == 200:
                 return proc, port
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"arx serve did not start (exit {proc.poll()}); see {log.name}")
+            proc.kill()
+            raise RuntimeError(f"{name} did not start (exit {proc.poll()}); see {log.name}")
         time.sleep(0.2)
 
 
-def one_request(port: int, prompt: list[int], new_tokens: int) -> dict:
+def request_body(peer: str, prompt: list[int], new_tokens: int) -> dict:
+    """A greedy streamed completion of `new_tokens` that EOS cannot end, as each server takes it:
+    arx takes the ids; llama.cpp's server takes text only (the same ids as the benchmark
+    tokenizer's words) and ignores EOS through min_tokens."""
+    if peer == "llama.cpp":
+        return {"model": "bench", "prompt": llama_cpp_engine.prompt_text(prompt),
+                "max_tokens": new_tokens, "min_tokens": new_tokens, "temperature": 0,
+                "stream": True}
+    return {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+
+
+def chunk_tokens(peer: str, chunk: dict) -> int:
+    """Tokens a streamed chunk carries: arx lists their ids; llama.cpp's server sends one
+    chunk per token and a last one, with the finish reason, that carries none."""
+    choice = chunk["choices"][0]
+    if peer == "llama.cpp":
+        return int(choice["finish_reason"] is None)
+    return len(choice["token_ids"])
+
+
+def one_request(port: int, prompt: list[int], new_tokens: int, peer: str = "arx") -> dict:
     """A streamed completion: (time to first token, gaps between tokens, tokens) of one request."""
-    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": new_tokens,
-                       "temperature": 0, "ignore_eos": True, "stream": True})
+    body = json.dumps(request_body(peer, prompt, new_tokens))
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     t0 = time.perf_counter()
     conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
@@ -102,14 +151,14 @@ def one_request(port: int, prompt: list[int], new_tokens: int) -> dict:
     stamps = []
     for line in resp:
         if line.startswith(b"data: {"):
-            n = len(json.loads(line[6:])["choices"][0]["token_ids"])
+            n = chunk_tokens(peer, json.loads(line[6:]))
             stamps += [time.perf_counter()] * n
     conn.close()
     return {"ttft": stamps[0] - t0, "gaps": [b - a for a, b in zip(stamps, stamps[1:])],
             "tokens": len(stamps), "total": time.perf_counter() - t0}
 
 
-def run_level(port: int, clients: int, args, vocab: int) -> dict:
+def run_level(port: int, clients: int, args, vocab: int, peer: str = "arx") -> dict:
     import random
 
     results, errors = [], []
@@ -119,7 +168,7 @@ def run_level(port: int, clients: int, args, vocab: int) -> dict:
         for _ in range(args.requests):
             prompt = [rng.randrange(3, vocab) for _ in range(args.prompt_len)]
             try:
-                results.append(one_request(port, prompt, args.new_tokens))
+                results.append(one_request(port, prompt, args.new_tokens, peer))
             except Exception as e:  # noqa: BLE001 - counted and reported, the run goes on
                 errors.append(str(e))
 
@@ -135,6 +184,7 @@ def run_level(port: int, clients: int, args, vocab: int) -> dict:
     pct = lambda xs, q: xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3 if xs else float("nan")  # noqa: E731
     return {"clients": clients, "requests": len(results), "errors": errors,
             "requests_per_s": len(results) / wall,
+            "output_tokens": sum(r["tokens"] for r in results),
             "output_tokens_per_s": sum(r["tokens"] for r in results) / wall,
             "ttft_p50_ms": pct(ttft, 0.5), "ttft_p99_ms": pct(ttft, 0.99),
             "itl_p50_ms": pct(gaps, 0.5), "itl_p99_ms": pct(gaps, 0.99),
@@ -211,32 +261,78 @@ def main(argv=None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return 0
-    with open(cache / "serve.log", "ab") as log:
-        proc, port = start_server(bundle, args, log)
+    # the GGUF first: a missing converter stops the run before the arx load test
+    peer = llama_gguf(args, hf, shape)
+    levels = load_test(lambda log: start_server(bundle, args, log), args, shape.vocab, "arx")
+    if isinstance(peer, Path):
+        theirs = load_test(lambda log: start_llama_server(peer, args, log), args, shape.vocab,
+                           "llama.cpp")
+        peer = {"weights": args.llama_cpp, "kv_cache": args.llama_cpp_kv, "gguf": str(peer),
+                "levels": list(theirs.values()), "goals": goals(theirs)}
+    report = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "max_batch": args.max_batch, "cpus": os.cpu_count(), "levels": list(levels.values()),
+              "goals": goals(levels), "llama_cpp": peer}
+    print_levels("arx serve", levels)
+    if isinstance(peer, dict):
+        theirs = {lv["clients"]: lv for lv in peer["levels"]}
+        print_levels(f"llama.cpp's server ({peer['weights']} weights, {peer['kv_cache']} cache)",
+                     theirs)
+        for n in (n for n in levels if n in theirs):
+            ratio = levels[n]["output_tokens_per_s"] / theirs[n]["output_tokens_per_s"]
+            print(f"arx / llama.cpp output tokens/s at {n} clients: {ratio:.2f}x")
+    else:
+        print(f"llama.cpp: {peer}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    errors = [r["errors"] for r in levels.values()]
+    errors += [r["errors"] for r in peer["levels"]] if isinstance(peer, dict) else []
+    return 1 if any(errors) else 0
+
+
+def load_test(start, args, vocab: int, peer: str) -> dict[int, dict]:
+    """Every client level against one server process, `start(log)` -> (process, port)."""
+    with open(Path(args.cache_dir) / "serve.log", "ab") as log:
+        proc, port = start(log)
         try:
             levels = {}
             for clients in args.clients:
-                levels[clients] = run_level(port, clients, args, shape.vocab)
+                levels[clients] = run_level(port, clients, args, vocab, peer)
                 if not args.quiet:
-                    print(json.dumps(levels[clients]), file=sys.stderr, flush=True)
+                    print(json.dumps({"server": peer, **levels[clients]}), file=sys.stderr,
+                          flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    report = {"shape": args.shape, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "max_batch": args.max_batch, "cpus": os.cpu_count(), "levels": list(levels.values()),
-              "goals": goals(levels), "llama_cpp": "not run: llama.cpp is not installed here"}
-    print(f"{'clients':>7} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'p99':>8} "
+    return levels
+
+
+LLAMA_SERVER_MODULES = ("llama_cpp", "sse_starlette", "starlette_context", "pydantic_settings")
+
+
+def llama_gguf(args, hf: Path, shape) -> Path | str:
+    """The GGUF of the same weights for llama.cpp's server, or why it is not run."""
+    if args.llama_cpp is None:
+        return "not run (--llama-cpp f16|q8_0|q4_0 runs its server on the same weights)"
+    missing = [m for m in LLAMA_SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        return (f"not run: {', '.join(missing)} not installed (pip install 'arx[llamacpp]' with "
+                "the CMAKE_ARGS of README, Install)")
+    threads = args.threads or len(os.sched_getaffinity(0))
+    return llama_cpp_engine.gguf_files(hf, [args.llama_cpp], shape.vocab, src=args.llama_cpp_src,
+                                       log=Path(args.cache_dir) / "serve.log",
+                                       threads=threads)[args.llama_cpp]
+
+
+def print_levels(title: str, levels: dict[int, dict]) -> None:
+    print(f"{title}\n{'clients':>7} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} {'p99':>8} "
           f"{'ITL p50':>8} {'p99':>8}  ms, errors")
     for r in levels.values():
         print(f"{r['clients']:>7} {r['requests_per_s']:>7.2f} {r['output_tokens_per_s']:>10.1f} "
               f"{r['ttft_p50_ms']:>9.1f} {r['ttft_p99_ms']:>8.1f} {r['itl_p50_ms']:>8.1f} "
               f"{r['itl_p99_ms']:>8.1f}  {len(r['errors'])}")
-    for g in report["goals"]:
+    for g in goals(levels):
         print(f"goal: {g['figure']} at {g['clients']} clients / 1 client = {g['ratio_vs_1']:.2f} "
               f"({g['goal']}): {'met' if g['met'] else 'NOT met'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return 1 if any(r["errors"] for r in levels.values()) else 0
 
 
 if __name__ == "__main__":

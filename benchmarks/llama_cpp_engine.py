@@ -214,12 +214,15 @@ class LlamaCppEngine:
 
 def server_command(path: Path, port: int, threads: int, n_ctx: int,
                    kv_cache: str = "f16") -> list[str]:
-    """llama-cpp-python's OpenAI server (the [server] extra) on the GGUF, on 127.0.0.1."""
+    """llama-cpp-python's OpenAI server (the [server] extra) on the GGUF, on 127.0.0.1. It runs
+    one request at a time; --interrupt_requests false queues the others (its default ends the
+    streaming request when another arrives)."""
     kv = {"f16": 1, "q8_0": 8}[kv_cache]  # GGML_TYPE_F16 / _Q8_0, without importing llama_cpp
     return [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--host", "127.0.0.1",
             "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
             "--n_threads_batch", str(threads), "--flash_attn", "true", "--type_k", str(kv),
-            "--type_v", str(kv), "--model_alias", "bench", "--verbose", "false"]
+            "--type_v", str(kv), "--model_alias", "bench", "--verbose", "false",
+            "--interrupt_requests", "false"]
 
 
 if __name__ == "__main__":  # the conversion child: convert MODEL_DIR OUT LLAMA_SRC

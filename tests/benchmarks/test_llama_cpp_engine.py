@@ -74,6 +74,7 @@ def test_engine_arguments(eng, tmp_path):
     opt = dict(zip(cmd[3::2], cmd[4::2]))
     assert opt["--host"] == "127.0.0.1" and opt["--type_k"] == opt["--type_v"] == "8"
     assert opt["--n_ctx"] == "256" and opt["--n_threads"] == "2"
+    assert opt["--interrupt_requests"] == "false"  # queued, not cut off by the next request
 
 
 def test_bench_plan_skips_with_a_line(bench, monkeypatch):
