@@ -16,7 +16,8 @@ runtime binds it, at past lengths 128/1024/1900:
 Prints the 10th percentile of the step times in ms (a shared machine's noise is one-sided),
 the paths interleaved run by run.
 Decode tokens/s of whole models per cache dtype: benchmarks/bench_decode.py on bundles made
-with arx export/calibrate --kv-dtype.
+with arx export/calibrate --kv-dtype (--variants w4,w4-kv16,w4-kv8), beside llama.cpp q4_0 with
+its f16 and q8_0 caches (llama_cpp_engine.py) in the same run.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ only where llama-cpp-python is installed and $ARX_LLAMA_CPP_SRC names its conver
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -156,3 +157,23 @@ def test_f16_greedy_equals_hf_and_caches_run(eng, hd32):
         assert again.tokens == first.tokens  # a second run is not fed the first one's cache
         if (weights, kv) == ("f16", "f16"):
             assert first.tokens == ref
+
+
+def test_bench_decode_runs_llama_cpp(eng, bench, tmp_path, capsys):
+    """bench_decode with engine llama.cpp on the tiny shape: the f16 row, its token check, and
+    the q4_0-kv8 skip line (head dim 16)."""
+    pytest.importorskip("llama_cpp")
+    _src(eng)
+    rc = bench.main(["--shape", "tiny", "--runs", "1", "--warmup", "0", "--prompt-len", "8",
+                     "--new-tokens", "6", "--threads", "1", "--engines", "hf-eager,llama.cpp",
+                     "--variants", "fp32,w4-kv8", "--cache-dir", str(tmp_path), "--quiet",
+                     "--json", str(tmp_path / "b.json")])
+    assert rc == 0
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert set(report["results"]) == {"hf-eager fp32", "llama.cpp f16", "llama.cpp q4_0"}
+    assert report["results"]["llama.cpp q4_0"]["decode_tokens_per_s"] > 0
+    assert report["tokens_vs_hf"]["llama.cpp f16"]["compared"] == 6
+    assert report["tokens_vs_hf"]["llama.cpp q4_0"]["weights"] == "q4_0"
+    assert any("q4_0-kv8: skipped" in line for line in report["skipped"])
+    out = capsys.readouterr().out
+    assert "greedy tokens llama.cpp f16 vs hf-eager fp32" in out and "q4_0-kv8: skipped" in out
