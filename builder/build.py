@@ -21,7 +21,6 @@ from functools import partial
 from pathlib import Path
 
 from arx.bundle import atomic_bundle
-from arx.errors import ArxError
 from arx.manifest import MANIFEST_NAME, Manifest, read_manifest
 from arx.progress import Steps
 
@@ -42,11 +41,6 @@ class BuildResult:
 def build_bundle(bundle: str | Path, options: BuildOptions) -> BuildResult:
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    if manifest.pipeline.kind == "next-scale":  # before minutes of work
-        raise ArxError("arx build of a next-scale (VAR) bundle is not finished: its TensorRT "
-                       "form and per-scale profiles exist, the engine check over block steps of "
-                       "embeddings does not; run it on ONNX Runtime (arx generate --class N "
-                       "--image out.png)")
     log = partial(print, file=sys.stderr, flush=True) if options.progress else (lambda *a, **k: None)
     reason = None if options.kit else engine_unavailable_reason()
     if reason:

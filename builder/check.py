@@ -112,6 +112,10 @@ def _host(buffer: Any) -> np.ndarray:
 
 def check_data(bundle: Path, manifest: Manifest, io: dict, s_max: int) -> tuple[list, list]:
     """(engine feeds, reference outputs) of the check steps."""
+    if manifest.pipeline.kind == "next-scale":  # whole scales of embeddings (var_check.py)
+        from .var_check import var_check_data
+
+        return var_check_data(bundle, manifest, io, s_max)
     steps = check_steps(manifest, s_max)
     embeds = None
     if any(t["name"] == "inputs_embeds" for t in io["inputs"]):  # the ids the reference embeds

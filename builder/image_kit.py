@@ -32,11 +32,13 @@ from .profiles import Profile, dim_ranges, trtexec_shapes, with_images
 VQ_ONNX, VQ_ENGINE, VQ_SCRIPT = "vq_decoder.onnx", "vq_decoder.engine", "build_vq_decoder.sh"
 
 
-def vq_form(bundle: Path, manifest: Manifest, precision: str) -> tuple[onnx.ModelProto, str]:
-    """(the vq_decoder stage at `precision`, its stage name)."""
+def vq_form(bundle: Path, manifest: Manifest, precision: str,
+            name: str | None = None) -> tuple[onnx.ModelProto, str]:
+    """(the vq_decoder stage at `precision`, its stage name); name: the stage (a next-scale
+    bundle's), else the image-token bundle's VQ stage."""
     from arx.runtime.image_generate import image_info
 
-    name = image_info(manifest, bundle).vq_stage
+    name = name or image_info(manifest, bundle).vq_stage
     path = Path(bundle) / manifest.stages[name].file
     if not path.is_file():
         raise ArxError(f"bundle {bundle} lacks {path.name}; re-export it with arx export")
@@ -47,11 +49,12 @@ def vq_form(bundle: Path, manifest: Manifest, precision: str) -> tuple[onnx.Mode
 
 
 def vq_profile(manifest: Manifest, stage: str, options: BuildOptions) -> Profile:
-    """Images 1 .. max, as the decoder engine's sampler rows (one per [cond; null] pair)."""
+    """Images 1 .. max, as the decoder engine's sampler rows (one per [cond; null] pair); the
+    input's other dims are static: tokens (I, N), or a next-scale f_hat (I, Cvae, h, w)."""
     tokens = manifest.stages[stage].inputs[0]
-    n = int(tokens.shape[1])
+    dims = tuple(int(d) for d in tokens.shape[1:])
     images = with_images(dim_ranges(options, manifest.kv.max_seq_len)["decode"])["images"]
-    return Profile("images", {tokens.name: tuple((i, n) for i in images)})
+    return Profile("images", {tokens.name: tuple((i, *dims) for i in images)})
 
 
 def write_image_stages(folder: Path, bundle: Path, manifest: Manifest,
@@ -59,18 +62,25 @@ def write_image_stages(folder: Path, bundle: Path, manifest: Manifest,
     """Write the VQ decoder's ONNX and build script; (files, kit.json "stages" entries)."""
     from .form import FORM_FILE
 
-    model, name = vq_form(bundle, manifest, options.precision)
+    files, vq = write_vq_engine(folder, bundle, manifest, options)
+    return files, [{"name": "decoder", "onnx": FORM_FILE, "engine": "decoder.engine",
+                    "build": "python3 build_engine.py"}, vq]
+
+
+def write_vq_engine(folder: Path, bundle: Path, manifest: Manifest, options: BuildOptions,
+                    name: str | None = None) -> tuple[list[str], dict]:
+    """The VQ decoder's ONNX and build script (stage `name`, vq_form's default else); (files,
+    its kit.json "stages" entry)."""
+    model, name = vq_form(bundle, manifest, options.precision, name)
     onnx.save_model(model, str(folder / VQ_ONNX), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=f"{VQ_ONNX}.data", size_threshold=1024)
     files = [f.name for f in sorted(folder.glob(f"{VQ_ONNX}*"))]
     profile = vq_profile(manifest, name, options)
     (folder / VQ_SCRIPT).write_text(vq_script(profile))
     (folder / VQ_SCRIPT).chmod(0o755)
-    stages = [{"name": "decoder", "onnx": FORM_FILE, "engine": "decoder.engine",
-               "build": "python3 build_engine.py"},
-              {"name": name, "onnx": VQ_ONNX, "engine": VQ_ENGINE, "build": f"./{VQ_SCRIPT}",
-               "io": manifest.stages[name].to_json(), "profiles": [profile.to_json()]}]
-    return [*files, VQ_SCRIPT], stages
+    return [*files, VQ_SCRIPT], {"name": name, "onnx": VQ_ONNX, "engine": VQ_ENGINE,
+                                 "build": f"./{VQ_SCRIPT}", "io": manifest.stages[name].to_json(),
+                                 "profiles": [profile.to_json()]}
 
 
 def vq_script(profile: Profile) -> str:

@@ -39,6 +39,9 @@ from .profiles import Profile, block_widths, make_profiles, merged_profile, trte
 from .targets import PORTABLE_SM, Target
 
 KIT_FORMAT = "arx-build-kit"
+_TEXT_STEPS = (f"a ragged prefill and {DECODE_STEPS} decode steps against ONNX Runtime's outputs "
+               f"on the bundle's own graph (check_reference.npz, made by arx): each output "
+               f"(last_logits per step, every layer's cache after the last)")  # the kit's README
 _HERE = Path(__file__).parent
 # kit_plugins.py is a verbatim copy of the plugins' TensorRT contract (descriptors + AOT launch),
 # as build_engine.py is of trt_build.py: arx and the kits register the very same code.
@@ -141,11 +144,19 @@ def write_kit(folder: Path, bundle: Path, manifest: Manifest, form: TensorRTForm
 
         more, stages = write_image_stages(folder, bundle, manifest, options)
         files += more
+    elif manifest.pipeline.kind == "next-scale":  # VQ engine + ORT stages (builder/var_kit.py)
+        from .var_check import describe
+        from .var_kit import write_var_stages
+
+        more, stages = write_var_stages(folder, bundle, manifest, options)
+        files += more
+        engine_check["steps"] = describe(manifest)
     kit = kit_manifest(manifest, form, options, sm, profiles, files, engine_check)
     if stages:
         from .image_form import check_codebook
 
         kit["stages"], kit["codebook"] = stages, check_codebook(manifest)
+        kit["pipeline"] = manifest.pipeline.kind  # which stages note the README gives
     (folder / "build_trtexec.sh").write_text(trtexec_script(kit, merged_profile(profiles)))
     (folder / "build_trtexec.sh").chmod(0o755)
     (folder / "README.md").write_text(readme(kit, options))
@@ -200,10 +211,9 @@ Precision {kit['precision']}, max batch {kit['max_batch']}, static KV cache of
 ## Build
     python3 build_engine.py          # writes decoder.engine, timing.cache, build_report.json
 
-then checks the engine (check_engine.py, the command line in kit.json "check"): a ragged prefill
-and {DECODE_STEPS} decode steps against ONNX Runtime's outputs on the bundle's own graph
-(check_reference.npz, made by arx): each output (last_logits per step, every layer's cache after
-the last) within {kit['check']['tolerance']:g} of its largest value ({kit['precision']}). Over that,
+then checks the engine (check_engine.py, the command line in kit.json "check"):
+{kit['check'].get('steps', _TEXT_STEPS)}
+within {kit['check']['tolerance']:g} of its largest value ({kit['precision']}). Over that,
 the engine is renamed decoder.engine.rejected, the worst output is named and the errors go into
 build_report.json "check"; `--force` keeps it, `--no-check` skips the check.
 {_trtexec_note(kit)}{_stages_note(kit)}
@@ -221,6 +231,10 @@ build_report.json "check"; `--force` keeps it, `--no-check` skips the check.
 def _stages_note(kit: dict) -> str:
     if not kit.get("stages"):
         return ""
+    if kit.get("pipeline") == "next-scale":
+        from .var_kit import STAGES_NOTE
+
+        return STAGES_NOTE
     return ("\nAn image-token kit has a second engine, the VQ decoder (tokens -> pixels; no arx\n"
             "plugins): `./build_vq_decoder.sh` builds vq_decoder.engine with trtexec, one\n"
             "profile over the images of a batch (kit.json \"stages\"). The decoder engine's rows\n"

@@ -20,6 +20,8 @@ from arx.manifest import Manifest
 
 from arx.export.graph_edit import GraphEditor, producers, topological_sort
 
+from .schemas import DOMAIN as PLUGIN_DOMAIN
+
 LOW_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16, "int8": TensorProto.FLOAT16}
 CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float16"}
 _NUMPY = {TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
@@ -69,7 +71,8 @@ def apply_precision(model: onnx.ModelProto, precision: str, cache_names: set[str
     """Rewrite a fp32 TensorRT-form graph to `precision` (in place). See the module docstring.
 
     cache_names: the past_key_values.* inputs and present.* outputs; they take the low type.
-    Other float inputs (sampling_params) keep their declared fp32.
+    Other float inputs keep their declared fp32: the network's (inputs_embeds, a VQ decoder's
+    f_hat) are cast down on entry, those only a plugin reads (sampling_params) stay fp32.
     """
     if precision == "fp32":
         return
@@ -83,6 +86,7 @@ def apply_precision(model: onnx.ModelProto, precision: str, cache_names: set[str
         if n.op_type == "Cast" and _attr(n, "to") == TensorProto.FLOAT:
             _set_attr(n, "to", low)
     _wrap_norms(ed, low)
+    _cast_inputs_down(ed, low, cache_names)
     for vi in graph.input:
         if vi.name in cache_names and vi.type.tensor_type.elem_type == TensorProto.FLOAT:
             vi.type.tensor_type.elem_type = low
@@ -122,6 +126,22 @@ def _wrap_norms(ed: GraphEditor, low: int) -> None:
         y32 = ed.fresh(f"{n.name}/fp32")
         n.output[0] = y32
         ed.node("Cast", [y32], [y], to=low, name=f"{n.name}/to_low")
+
+
+def _cast_inputs_down(ed: GraphEditor, low: int, cache_names: set[str]) -> None:
+    """x (fp32 input) ─Cast low─► every standard-op reader: the engine's boundary keeps the
+    type the runtime feeds, the weights it meets are low. An input an arx plugin reads is left
+    alone (arx::sample takes its sampling_params in fp32)."""
+    graph = ed.graph
+    for vi in graph.input:
+        if vi.name in cache_names or vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        readers = [n for n in graph.node if vi.name in n.input]
+        if not readers or any(n.domain == PLUGIN_DOMAIN for n in readers):
+            continue
+        low_name = ed.op("Cast", vi.name, to=low, name=f"{vi.name}/to_low")
+        for n in readers:
+            n.input[:] = [low_name if x == vi.name else x for x in n.input]
 
 
 def _cast_output_up(ed: GraphEditor, name: str) -> None:

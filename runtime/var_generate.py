@@ -131,6 +131,33 @@ class VarStages:
         return self._open[self.info.vq_stage].run({"f_hat": f_hat})["pixels"]
 
 
+class VarEngineSession:
+    """A next-scale TensorRT engine (runtime/engine_session.py) behind generate_var's session
+    API. The form (builder/tensorrt_form.py) bakes the block mask into every row and returns
+    every position's logits, so a step asking for anything else is refused rather than run."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def new_cache(self, rows: int, max_len: int | None = None):
+        if rows > self.engine.max_batch:
+            raise ArxError(f"{rows} cache rows (the images, twice with guidance) exceed the "
+                           f"engine's max batch of {self.engine.max_batch}; generate fewer "
+                           f"images or rebuild with a larger arx build --max-batch")
+        if (max_len or 0) > self.engine.s_max:
+            raise ArxError(f"the scale schedule's {max_len} tokens exceed the engine's static "
+                           f"cache of {self.engine.s_max}; rebuild with arx build "
+                           f"--max-seq-len {max_len}")
+        return self.engine.new_cache(rows)
+
+    def step(self, cache, ids, new_lens, logits: str = "all", mask: str = "block",
+             inputs_embeds: np.ndarray | None = None) -> np.ndarray:
+        if mask != "block" or logits != "all":
+            raise ArxError("a next-scale engine steps whole scales (block mask, every "
+                           "position's logits)")
+        return self.engine.step(cache, ids, new_lens, "all", inputs_embeds=inputs_embeds)
+
+
 def generate_var(session, stages: VarStages, classes: list[int], options: VarOptions) -> VarResult:
     """Token maps of every scale and f_hat's pixels for `classes`; see the module docstring."""
     info = stages.info

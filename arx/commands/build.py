@@ -35,14 +35,16 @@ def register(sub) -> None:
                    help="the engine's KV cache (default: the bundle's --kv-dtype cache, else the "
                         "precision's); int8 takes the scales of arx calibrate --kv-dtype int8, "
                         "and a cache unlike the precision's needs --attention native")
-    p.add_argument("--sampler", default="plugin", choices=("plugin", "argmax", "none"),
+    p.add_argument("--sampler", choices=("plugin", "argmax", "none"),
                    help="token ids from the arx::sample plugin (default: all sampling modes), a "
-                        "native ArgMax (greedy), or none (return logits only)")
+                        "native ArgMax (greedy), or none (return logits only; the default of "
+                        "next-scale bundles)")
     p.add_argument("--no-plugins", action="store_true",
                    help="shorthand for --attention native --sampler argmax: an engine with no "
                         "arx plugin, which trtexec builds directly")
-    p.add_argument("--logits", default="last", choices=("last", "all", "none"),
-                   help="logits returned beside the token ids (default: last token)")
+    p.add_argument("--logits", choices=("last", "all", "none"),
+                   help="logits returned beside the token ids (default: last token; next-scale "
+                        "bundles: all, every position of a scale)")
     p.add_argument("--plugin-impl", default="aot", choices=("aot", "jit"),
                    help="plugin kernels: AOT PTX in the engine (default) or JIT Triton")
     p.add_argument("--no-ptx", action="store_true", help="kit without plugin PTX (no Triton here)")
@@ -70,13 +72,13 @@ def run(args) -> int:
     from arx.builder.options import BuildOptions
 
     attention = "native" if args.no_plugins else args.attention
-    sampler = "argmax" if args.no_plugins and args.sampler == "plugin" else args.sampler
+    sampler, logits = _head(args)
     needs.check("build", args, uses_plugins="plugin" in (attention, sampler))
     options = BuildOptions(
         target=args.target, precision=args.precision, max_batch=args.max_batch,
         max_seq_len=args.max_seq_len, opt_batch=args.opt_batch, opt_prompt_len=args.opt_prompt_len,
         decode_tokens=args.decode_tokens, kit=args.kit, output=args.output,
-        portable=args.portable, attention=attention, sampler=sampler, logits=args.logits,
+        portable=args.portable, attention=attention, sampler=sampler, logits=logits,
         plugin_impl=args.plugin_impl, ptx=not args.no_ptx, timing_cache=args.timing_cache,
         workspace_gb=args.workspace_gb, overwrite=args.overwrite, force=args.force,
         progress=not args.quiet, kv_dtype=args.kv_dtype)
@@ -84,3 +86,15 @@ def run(args) -> int:
     what = "engine" if result.kind == "engine" else "build kit"
     print(f"wrote {what} {result.path}")
     return 0
+
+
+def _head(args) -> tuple[str, str]:
+    """--sampler and --logits, defaulted by the bundle: a next-scale engine returns every
+    position's logits for the host sampler (builder/tensorrt_form.py), any other samples."""
+    from arx.manifest import read_manifest
+
+    next_scale = read_manifest(args.bundle).pipeline.kind == "next-scale"
+    sampler = args.sampler or ("none" if next_scale else "plugin")
+    if args.no_plugins and sampler == "plugin":  # --no-plugins: no arx::sample either
+        sampler = "argmax"
+    return sampler, args.logits or ("all" if next_scale else "last")

@@ -83,8 +83,7 @@ def check_output_flags(args) -> None:
 
 
 # text-generation flags with no meaning for an image (a fixed grid, no EOS, no draft model:
-# images speculate with Jacobi guesses) or not wired for a kind of image bundle yet (the
-# TensorRT engine of next-scale bundles): refused rather than ignored
+# images speculate with Jacobi guesses): refused rather than ignored
 TEXT_ONLY = {"max_new_tokens": "--max-new-tokens", "no_eos_stop": "--no-eos-stop",
              "repetition_penalty": "--repetition-penalty", "engine": "--engine",
              "draft": "--draft", "lookup": "--lookup"}

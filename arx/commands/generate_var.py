@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from contextlib import contextmanager
 
 from arx.errors import ArxError
 
@@ -21,7 +22,7 @@ def run_var(args, manifest, generate_options, speculation=None) -> int:
     from arx.runtime.var_generate import VarOptions, var_info
 
     info = var_info(manifest, args.bundle)
-    _refuse_text_flags(args)
+    _refuse_text_flags(args, allowed=("engine",))
     refused = [flag for flag, given in (("--speculate", args.speculate), ("--draft/--lookup",
                speculation), ("--cfg-schedule", args.cfg_schedule), ("a prompt", args.prompt),
                ("--prompt-ids", args.prompt_ids)) if given is not None]
@@ -58,14 +59,30 @@ def run_var(args, manifest, generate_options, speculation=None) -> int:
 
 def _generate(args, manifest, info, classes, options):
     from arx.runtime.backend import BackendOptions
-    from arx.runtime.decoder import DecoderSession
     from arx.runtime.var_generate import VarStages, generate_var
 
     backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
                              spin_wait=not args.no_spin)
-    with DecoderSession(args.bundle, backend, manifest) as session, \
+    with _session(args, manifest, backend) as session, \
             VarStages(args.bundle, manifest, info, backend) as stages:
         return generate_var(session, stages, classes, options)
+
+
+@contextmanager
+def _session(args, manifest, backend):
+    """The decoder on ONNX Runtime, or with --engine the engine `arx build` made for the
+    bundle (its transformer; var_class, the next-input stages and the VQ decoder stay on ORT)."""
+    if not args.engine:
+        from arx.runtime.decoder import DecoderSession
+
+        with DecoderSession(args.bundle, backend, manifest) as session:
+            yield session
+        return
+    from arx.runtime.engine_session import open_engine
+    from arx.runtime.var_generate import VarEngineSession
+
+    with open_engine(args.bundle, args.engine) as engine:
+        yield VarEngineSession(engine)
 
 
 def _as_json(result, info, paths) -> dict:
