@@ -66,10 +66,10 @@ def _kv_attention_schema() -> defs.OpSchema:
 
 def _sample_schema() -> defs.OpSchema:
     # logits (R,V) with R = B or 2B (guidance)  params (B,5) f32  presence (B,V) bool
-    # seed/offset (B,) int64  ->  ids (B,) int32
+    # seed/offset/row (B,) int64  ->  ids (B,) int32
     inputs = [_param("logits", "T"), _param("params", "tensor(float)"),
               _param("presence", "tensor(bool)"), _param("seed", "tensor(int64)"),
-              _param("offset", "tensor(int64)")]
+              _param("offset", "tensor(int64)"), _param("row", "tensor(int64)")]
     attrs = [_attr("guidance", 0, "1: logits rows are [cond; uncond]"), *_common_attrs()]
     schema = defs.OpSchema(SAMPLE, DOMAIN, OPSET, "arx token sampler",
                            inputs=inputs, outputs=[_param("ids", "tensor(int32)")],

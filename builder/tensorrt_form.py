@@ -61,6 +61,7 @@ SAMPLER_INPUTS = {
     "presence": ("bool", ("V",)),  # tokens seen so far (repetition penalty)
     "seed": ("int64", ()),  # Philox key per row
     "offset": ("int64", ()),  # Philox counter per row, bumped by the runtime every step
+    "row": ("int64", ()),  # Philox row term per row: arange (text), zeros (images drawn alone)
 }
 _TYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
           "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64,
@@ -207,7 +208,7 @@ def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec, tokens: str = "input
 
         last:  logits_indices = new_len-1 (B,1) ─► logits (B,1,V) ─Squeeze─► last_logits (B,V)
         all:   logits_indices = Range(S) (B,S)  ─► logits (B,S,V) ─GatherND(new_len-1)─► last_logits
-        last_logits, sampling_params, presence, seed, offset ─arx::sample─► token_ids (B,) int32
+        last_logits, sampling_params, presence, seed, offset, row ─arx::sample─► token_ids (B,)
         (sampler "argmax": last_logits ─ArgMax─Cast─► token_ids, greedy, no plugin)
         codebook (an image bundle): the sampler sees the codebook's columns of [cond; null]
         rows and mixes them (guidance=1; builder/image_form.py)

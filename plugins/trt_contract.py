@@ -23,9 +23,13 @@ Plugin IO (the ONNX nodes of builder/schemas.py have exactly this order; docs/pl
              (CACHE_COMBOS); an int8 cache is quantized per channel with k_scale/v_scale
   arx::sample
     inputs   0 logits (R, V), R = B or 2B  1 params (B, 5) f32  2 presence (B, V) bool
-             3 seed (B,) int64  4 offset (B,) int64
+             3 seed (B,) int64  4 offset (B,) int64  5 row (B,) int64 (Philox row term)
     outputs  0 ids (B,) int32
     attributes  guidance: int (0 | 1)
+
+The sampler's `row` is the last word of its Philox counter, an input rather than the program
+id, so the caller chooses what a row's draws depend on: arange(B) (distinct rows of one seed),
+or zeros for loops that draw each row as the host draws it alone (image i with seed + i).
 
 The int8 cache scales are plugin inputs, not attributes: TensorRT's AOT launch passes a kernel
 only input/output pointers and int32 scalars, so an attribute array could reach a PTX only
@@ -147,14 +151,14 @@ def _describe_sample(trt, trtp) -> None:
     TD = trtp.TensorDesc
 
     @trtp.register(SAMPLE)
-    def _describe(logits: TD, params: TD, presence: TD, seed: TD, offset: TD,
+    def _describe(logits: TD, params: TD, presence: TD, seed: TD, offset: TD, row: TD,
                   guidance: int) -> Tuple[TD]:
         return (trtp.from_shape_expr((params.shape_expr[0],), dtype=trt.int32),)
 
     @trtp.autotune(SAMPLE)
-    def _autotune(logits: TD, params: TD, presence: TD, seed: TD, offset: TD, guidance: int,
-                  outputs: Tuple[TD]) -> list:
-        return [trtp.AutoTuneCombination("FP32|FP16|BF16, FP32, BOOL, INT64, INT64, INT32",
+    def _autotune(logits: TD, params: TD, presence: TD, seed: TD, offset: TD, row: TD,
+                  guidance: int, outputs: Tuple[TD]) -> list:
+        return [trtp.AutoTuneCombination("FP32|FP16|BF16, FP32, BOOL, INT64, INT64, INT64, INT32",
                                          "LINEAR")]
 
 
@@ -170,8 +174,8 @@ def register_aot(trtp, kernel: KernelSource) -> None:
         return attention_launch(trtp, kernel, (q, k_new, k_cache), mask, scale, window, tactic)
 
     @trtp.aot_impl(SAMPLE)
-    def _sample(logits: TD, params: TD, presence: TD, seed: TD, offset: TD, guidance: int,
-                outputs: Tuple[TD], tactic: int):
+    def _sample(logits: TD, params: TD, presence: TD, seed: TD, offset: TD, row: TD,
+                guidance: int, outputs: Tuple[TD], tactic: int):
         return sample_launch(trtp, kernel, logits, params, guidance)
 
 
@@ -216,6 +220,10 @@ def sample_launch(trtp, kernel: KernelSource, logits, params, guidance):
     tag = sample_tag(**spec)
     entry, ptx, meta = kernel(tag, dict(spec, op="sample"))
     _checked(meta, tag, SAMPLE_SCALARS)
+    # a PTX from before the row input has the same scalars and one input pointer fewer
+    if "ROW" not in meta.get("signature", {"ROW": "*i64"}):
+        raise ValueError(f"PTX {tag} takes no row input, this registration passes one: "
+                         f"recompile the PTX (rebuild the kit)")
     b, v = params.shape_expr[0], logits.shape_expr[1]
     launch = trtp.KernelLaunchParams()
     launch.grid_x = b

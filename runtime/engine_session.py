@@ -8,9 +8,11 @@
               exact; decode steps have fixed shapes and addresses, and the backend replays one
               CUDA graph per token
     tokens    engine with arx::sample: sampling_params (B,5), presence (B,V), seed, offset (the
-              position of the drawn token) in, token_ids out; engine with ArgMax: token_ids
-              (greedy); otherwise `last_logits`, which the loop samples on the host with the
-              same arx::sample definition and offsets, so the same seed gives the same tokens
+              position of the drawn token), row (the Philox row term: arange(B) as the host
+              Sampler's; the image loop sets zeros) in, token_ids out; engine with ArgMax:
+              token_ids (greedy); otherwise `last_logits`, which the loop samples on the host
+              with the same arx::sample definition and offsets, so the same seed gives the
+              same tokens
 
 The IO, S_max and the max batch come from the manifest's `builds[target]` entry that
 `arx build` wrote. `backend` is anything with allocate(shape, dtype), release(buffer) and
@@ -96,7 +98,8 @@ class EngineSession:
                 (batch, self.inputs["presence"]["shape"][1]), "bool")
             cache.sampler_feeds = {"sampling_params": np.tile(sampling.params().row(), (batch, 1)),
                                    "presence": presence,
-                                   "seed": np.full(batch, sampling.seed, np.int64)}
+                                   "seed": np.full(batch, sampling.seed, np.int64),
+                                   "row": np.arange(batch, dtype=np.int64)}  # as Sampler's
             return True
         greedy = not sampling.do_sample and sampling.repetition_penalty == 1.0
         if greedy and TOKEN_IDS in self.outputs:

@@ -7,14 +7,13 @@
               Runtime (a gather and a 2-layer MLP per token, cheaper than an engine of its own)
     tokens    an engine with arx::sample (guidance=1, builder/image_form.py) draws them itself:
               sampling_params (I, 5) with token k's guidance scale in column 4, seed + i per
-              image, offset = the token's position; an engine built with --sampler none
-              --logits last returns last_logits and the host samples them as on ONNX Runtime
+              image, offset = the token's position, row = 0; an engine built with --sampler
+              none --logits last returns last_logits and the host samples them as on ONNX
+              Runtime
 
-The device sampler draws image i as row i of its batch (arx::sample's Philox counter holds the
-row), the host loop each image as row 0 (an image does not depend on the batch). So greedy
-grids are the same on both, and so are seeded ones of a single image; with several images,
-seeded grids past the first are the plugin's own draws (the reference's, row i), not the ORT
-run's. A host-sampling engine gives the ORT run's grids at any batch.
+Row 0 for every image is the host loop's rule (image_generate._choose draws each image alone,
+so an image does not depend on the batch it is in): with arx::sample's row term at zero the
+device batch draws exactly the host's ids, so seeded grids equal the ORT run's at any batch.
 """
 
 from __future__ import annotations
@@ -64,6 +63,7 @@ class ImageEngineSession:
                            "engine built with --sampler none --logits last")
         self.engine.device_sampling(cache, replace(sampling, seed=0), None)  # seeds below
         cache.sampler_feeds["seed"] = np.array([s or 0 for s in seeds], np.int64)
+        cache.sampler_feeds["row"] = np.zeros(len(seeds), np.int64)  # each image alone
 
     def draw(self, cache, ids, new_lens, scale: float, inputs_embeds=None) -> np.ndarray:
         """(I,) codebook ids of the next token of each image, guided by `scale`."""

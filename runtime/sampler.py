@@ -73,16 +73,19 @@ class Sampler:
         self.seed = resolve_seed(options.seed)
         self._row = options.params().row()
 
-    def __call__(self, logits: np.ndarray, seen: np.ndarray | None, offsets: np.ndarray) -> np.ndarray:
+    def __call__(self, logits: np.ndarray, seen: np.ndarray | None, offsets: np.ndarray,
+                 rows: np.ndarray | None = None) -> np.ndarray:
         """logits (B, V) (or (2B, V): conditional rows then unconditional ones, mixed by the
         guidance scale); seen (B, V) bool tokens already in each row (None: no penalty);
-        offsets (B,) int64 position of the token being drawn. -> (B,) int64."""
+        offsets (B,) int64 position of the token being drawn; rows (B,) int64 the Philox row
+        term of each (arx::sample's `row`; None: arange(B)). -> (B,) int64."""
         offsets = np.asarray(offsets, np.int64)
         x = self._processed(logits, seen, offsets.shape[0])
         if not self.options.do_sample:
             return x.argmax(axis=-1).astype(np.int64)
         ids = np.empty(offsets.shape[0], np.int64)
-        u = uniforms(self.seed, offsets, np.arange(offsets.shape[0]), x.shape[-1])  # (B, V)
+        rows = np.arange(offsets.shape[0]) if rows is None else rows
+        u = uniforms(self.seed, offsets, rows, x.shape[-1])  # (B, V)
         with np.errstate(divide="ignore"):
             gumbel = -np.log(-np.log(u))
         for b in range(offsets.shape[0]):

@@ -51,7 +51,8 @@ def run_form(ort_session, model, manifest, steps, s_max=S_MAX,
                  "new_lengths": np.asarray(lens, np.int64),
                  "sampling_params": np.tile(np.float32([0, 0, 1, 1, 1]), (b, 1)),  # greedy
                  "presence": np.zeros((b, manifest.vocab_size), bool),
-                 "seed": np.zeros(b, np.int64), "offset": np.zeros(b, np.int64)}
+                 "seed": np.zeros(b, np.int64), "offset": np.zeros(b, np.int64),
+                 "row": np.arange(b, dtype=np.int64)}
         if "position_ids" in types:
             feeds["position_ids"] = (lengths[:, None] + np.arange(ids.shape[1])[None]).astype(np.int64)
         names = [o.name for o in session.get_outputs()]

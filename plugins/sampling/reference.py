@@ -8,6 +8,7 @@ Inputs (R = B, or R = 2B with classifier-free guidance):
     presence (B, V) bool             tokens seen so far: they get the repetition penalty
     seed     (B,) int64              Philox key per row
     offset   (B,) int64              Philox counter per row; the runtime bumps it every step
+    row      (B,) int64              Philox row term per row (default arange(B): row b is b)
 Output:
     ids      (B,) int32
 
@@ -21,11 +22,17 @@ Per row b, all in float32, in this order (Hugging Face's processor order):
      sum(softmax(kept)[x >= t]) >= top_p (the smallest head of the distribution with mass >=
      top_p; HF's rule, at least one token always kept)
   7. ids[b] = argmax over kept i of x_i + g_i (Gumbel-max: an exact draw from softmax(x) over
-     the kept set), g_i = -log(-log(u_i)), u_i = philox_uniform(seed[b], offset[b], b, i).
+     the kept set), g_i = -log(-log(u_i)), u_i = philox_uniform(seed[b], offset[b], row[b], i).
 
 The random numbers are Philox-4x32-10 (Triton's `tl.philox`, the generator behind `tl.rand`)
-with key = seed and counter = (i, offset_lo, offset_hi, b), converted to [0, 1) like
+with key = seed and counter = (i, offset_lo, offset_hi, row[b]), converted to [0, 1) like
 `tl.rand`; `philox_uniform` reproduces it bit for bit, so both faces draw the same ids.
+
+The row term is an input, not the row's index, because the caller decides what a draw may
+depend on: rows of one seed in one batch need distinct terms (arange, the default) or they
+would draw the same noise, while a loop whose outputs must not depend on the batch they share
+(the image loop: each image as row 0 with seed + i; a serving slot) passes zeros, so a device
+batch draws exactly what the host draws one row at a time.
 """
 
 from __future__ import annotations
@@ -143,11 +150,12 @@ def kept_threshold(x: np.ndarray, top_k: int, top_p: float) -> np.float32:
     return np.float32(thr)
 
 
-def sample_reference(logits, params, presence, seed, offset) -> np.ndarray:
-    """ids (B,) int32 following steps 1-7 of the module docstring."""
+def sample_reference(logits, params, presence, seed, offset, row=None) -> np.ndarray:
+    """ids (B,) int32 following steps 1-7 of the module docstring (row None: arange(B))."""
     params = np.asarray(params, np.float32)
     x = processed_logits(logits, params, presence)
     ids = np.zeros(params.shape[0], np.int32)
+    row = np.arange(params.shape[0]) if row is None else np.asarray(row, np.int64)
     for b in range(params.shape[0]):
         temperature, top_k, top_p = params[b, 0], int(params[b, 1]), float(params[b, 2])
         if temperature <= 0:
@@ -155,7 +163,7 @@ def sample_reference(logits, params, presence, seed, offset) -> np.ndarray:
             continue
         xb = (x[b] / temperature).astype(np.float32)
         keep = xb >= kept_threshold(xb, top_k, top_p)
-        u = philox_uniform(int(seed[b]), int(offset[b]), b, xb.size)
+        u = philox_uniform(int(seed[b]), int(offset[b]), int(row[b]), xb.size)
         with np.errstate(divide="ignore"):
             gumbel = -np.log(-np.log(u))
         ids[b] = int(np.argmax(np.where(keep, xb + gumbel, -np.inf)))

@@ -13,13 +13,14 @@ def register_jit(trtp) -> None:
     """The JIT implementation (tensorrt.plugin keeps the last one registered)."""
 
     @trtp.impl(PLUGIN_ID)
-    def _jit(logits, params, presence, seed, offset, guidance: int, outputs,
+    def _jit(logits, params, presence, seed, offset, row, guidance: int, outputs,
              stream: int) -> None:
         import torch
 
         from .triton_kernel import sample
 
-        t = [torch.as_tensor(x, device="cuda") for x in (logits, params, presence, seed, offset)]
+        t = [torch.as_tensor(x, device="cuda")
+             for x in (logits, params, presence, seed, offset, row)]
         ids = torch.as_tensor(outputs[0], device="cuda")
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
             ids.copy_(sample(*t))

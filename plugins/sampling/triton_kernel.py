@@ -7,8 +7,9 @@ count or a softmax-mass sum over the row. Rows that disable a filter skip its pa
 rows need a single pass. The draw is Gumbel-max with Philox uniforms, so the sampled id is the
 one the NumPy reference draws.
 
-Layouts: logits (R, V), params (B, 5) f32, presence (B, V) bool, seed/offset (B,) i64,
-ids (B,) i32; R = 2B when GUIDANCE (rows [0,B) cond, [B,2B) uncond).
+Layouts: logits (R, V), params (B, 5) f32, presence (B, V) bool, seed/offset/row (B,) i64,
+ids (B,) i32; R = 2B when GUIDANCE (rows [0,B) cond, [B,2B) uncond). Program b reads row b of
+every input; the Philox counter's last word is ROW[b] (an input), not b.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def _max_argmax(LOGITS, PRESENCE, b, B, V, penalty, cfg, temp, GUIDANCE: tl.cons
 
 
 @triton.jit
-def _sample_kernel(LOGITS, PARAMS, PRESENCE, SEED, OFFSET, B, V, IDS,
+def _sample_kernel(LOGITS, PARAMS, PRESENCE, SEED, OFFSET, ROW, B, V, IDS,
                    GUIDANCE: tl.constexpr, BLOCK_V: tl.constexpr):
     """grid (B,). Argument order is TensorRT's AOT order: inputs, int32 scalars, outputs."""
     b = tl.program_id(0)
@@ -118,25 +119,27 @@ def _sample_kernel(LOGITS, PARAMS, PRESENCE, SEED, OFFSET, B, V, IDS,
                                x_max, True, GUIDANCE, BLOCK_V)
             key_lo = _bisect(LOGITS, PRESENCE, b, B, V, penalty, cfg, temp, key_lo, key_hi,
                              top_p * z, x_max, True, GUIDANCE, BLOCK_V)
-        best_i = _gumbel_argmax(LOGITS, PRESENCE, SEED, OFFSET, b, B, V, penalty, cfg, temp,
-                                key_lo, GUIDANCE, BLOCK_V)
+        best_i = _gumbel_argmax(LOGITS, PRESENCE, SEED, OFFSET, ROW, b, B, V, penalty, cfg,
+                                temp, key_lo, GUIDANCE, BLOCK_V)
     tl.store(IDS + b, best_i.to(tl.int32))
 
 
 @triton.jit
-def _gumbel_argmax(LOGITS, PRESENCE, SEED, OFFSET, b, B, V, penalty, cfg, temp, key_lo,
+def _gumbel_argmax(LOGITS, PRESENCE, SEED, OFFSET, ROW, b, B, V, penalty, cfg, temp, key_lo,
                    GUIDANCE: tl.constexpr, BLOCK_V: tl.constexpr):
-    """argmax over kept tokens of x + Gumbel(Philox(seed, (i, offset_lo, offset_hi, b))))."""
+    """argmax over kept tokens of x + Gumbel(Philox(seed, (i, offset_lo, offset_hi, row))))."""
     seed = tl.load(SEED + b)
     off = tl.load(OFFSET + b)
     off_lo = (off & 0xFFFFFFFF).to(tl.uint32)
     off_hi = ((off >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    row = (tl.load(ROW + b) & 0xFFFFFFFF).to(tl.uint32)  # the reference keeps the low 32 bits
     best = float("-inf")
     best_i = 0
     for start in range(0, V, BLOCK_V):
         i = start + tl.arange(0, BLOCK_V)
         x = _values(LOGITS, PRESENCE, b, B, V, start, penalty, cfg, temp, GUIDANCE, BLOCK_V)
-        r0, _, _, _ = tl.philox(seed, i, off_lo + i.to(tl.uint32) * 0, off_hi, i * 0 + b)
+        r0, _, _, _ = tl.philox(seed, i, off_lo + i.to(tl.uint32) * 0, off_hi,
+                                row + i.to(tl.uint32) * 0)
         bits = r0.to(tl.int32, bitcast=True)
         u = tl.where(bits < 0, ~bits, bits) * 4.6566127342e-10  # tl.rand's uint -> [0, 1)
         score = tl.where((_key(x) >= key_lo) & (i < V), x - tl.log(-tl.log(u)), float("-inf"))
@@ -147,21 +150,24 @@ def _gumbel_argmax(LOGITS, PRESENCE, SEED, OFFSET, b, B, V, penalty, cfg, temp, 
     return best_i
 
 
-def sample(logits, params, presence, seed, offset, block_v: int = BLOCK_V):
-    """Launch on torch tensors (CUDA, or CPU under TRITON_INTERPRET=1); returns ids (B,) int32."""
+def sample(logits, params, presence, seed, offset, row=None, block_v: int = BLOCK_V):
+    """Launch on torch tensors (CUDA, or CPU under TRITON_INTERPRET=1); returns ids (B,) int32.
+    row None: arange(B), each row's own index (the reference's default)."""
     import torch
 
     b, v = params.shape[0], logits.shape[1]
+    if row is None:
+        row = torch.arange(b, device=logits.device)
     if params.shape != (b, 5) or logits.shape[0] not in (b, 2 * b):
         raise ValueError(f"need params (B, 5) and logits (B or 2B, V); got {tuple(params.shape)}"
                          f" and {tuple(logits.shape)}")
-    if presence.shape != (b, v) or seed.shape != (b,) or offset.shape != (b,):
-        raise ValueError("need presence (B, V), seed (B,), offset (B,)")
+    if presence.shape != (b, v) or any(t.shape != (b,) for t in (seed, offset, row)):
+        raise ValueError("need presence (B, V), seed (B,), offset (B,), row (B,)")
     ids = torch.empty(b, dtype=torch.int32, device=logits.device)
     # fp fusion off: an FMA in the guidance mix would round differently from the reference
     _sample_kernel[(b,)](logits.contiguous(), params.to(torch.float32).contiguous(),
                          presence.to(torch.bool).contiguous(), seed.to(torch.int64),
-                         offset.to(torch.int64), b, v, ids,
+                         offset.to(torch.int64), row.to(torch.int64), b, v, ids,
                          GUIDANCE=logits.shape[0] == 2 * b, BLOCK_V=block_v,
                          num_warps=NUM_WARPS, enable_fp_fusion=False)
     return ids
@@ -177,7 +183,7 @@ def aot_source(dtype: str = "fp16", guidance: bool = False) -> dict:
     if dtype not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"unsupported logits dtype {dtype!r}")
     signature = {"LOGITS": f"*{dtype}", "PARAMS": "*fp32", "PRESENCE": "*i1", "SEED": "*i64",
-                 "OFFSET": "*i64", "B": "i32", "V": "i32", "IDS": "*i32"}
+                 "OFFSET": "*i64", "ROW": "*i64", "B": "i32", "V": "i32", "IDS": "*i32"}
     return dict(fn=_sample_kernel, signature=signature,
                 constexprs={"GUIDANCE": bool(guidance), "BLOCK_V": BLOCK_V},
                 options=dict(num_warps=NUM_WARPS, num_stages=1, enable_fp_fusion=False),

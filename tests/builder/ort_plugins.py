@@ -62,10 +62,11 @@ def _register(suffix: str, ft) -> None:
     _registered.add(suffix)
 
     @ort_ext.onnx_op(op_type=f"sample_{suffix}",
-                     inputs=[ft, _DT.dt_float, _DT.dt_bool, _DT.dt_int64, _DT.dt_int64],
+                     inputs=[ft, _DT.dt_float, _DT.dt_bool, _DT.dt_int64, _DT.dt_int64,
+                             _DT.dt_int64],
                      outputs=[_DT.dt_int32], attrs={"guidance": _DT.dt_int64, **_COMMON})
-    def sample(logits, params, presence, seed, offset, **attrs):
-        return sample_reference(logits, params, presence, seed, offset).astype(np.int32)
+    def sample(logits, params, presence, seed, offset, row, **attrs):
+        return sample_reference(logits, params, presence, seed, offset, row).astype(np.int32)
 
 
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:

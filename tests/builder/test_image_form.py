@@ -4,12 +4,14 @@ The engine here is the form on ORT through IO binding (test_engine_session.py's 
 cache written in place), behind runtime/image_engine.py's session, driven by the same image loop
 as the ORT run: greedy CFG grids equal the bundle's (class-conditional module at batch 3, a tiny
 Janus with ragged prompts) in the plugin form (the CFG mix inside arx::sample) and the native
-form with host sampling; seeded, arx::sample's ids are the reference's on the form's own logits.
+form with host sampling; seeded, arx::sample's ids are the reference's on the form's own logits
+and, each image drawn as row 0 (the `row` input at zeros), the ORT run's at batch 3.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -81,14 +83,14 @@ def test_seeded_host_sampling_engine_equals_the_bundle(c2i, ort_session, backend
 def test_device_sampler_draws_the_reference_ids(c2i, ort_session, backends):
     """Every step: token_ids = arx::sample's reference on the form's own last logits (the
     codebook's columns of the [cond; null] rows) with the loop's feeds: seed + i per image, the
-    token's position as offset, the linear schedule's scale; image 0 = the ORT run's."""
+    token's position as offset, row 0 for every image, the linear schedule's scale."""
     calls = []
 
     class Recording(backends):
         def run(self, feeds):
             out = super().run(feeds)
             calls.append(({k: np.array(v) for k, v in feeds.items()
-                           if k in ("sampling_params", "seed", "offset")}, out))
+                           if k in ("sampling_params", "seed", "offset", "row")}, out))
             return out
 
     engine = _engine(c2i, ort_session, backends, backend_type=Recording)
@@ -96,13 +98,27 @@ def test_device_sampler_draws_the_reference_ids(c2i, ort_session, backends):
     assert len(calls) == 16
     for k, (feeds, out) in enumerate(calls):
         assert feeds["seed"].tolist() == [11, 12, 13] and feeds["offset"].tolist() == [1 + k] * 3
+        assert feeds["row"].tolist() == [0, 0, 0]
         assert feeds["sampling_params"][0, 4] == pytest.approx(SEEDED.scale_at(k, 16))
         want = sample_reference(out["last_logits"][:, :CODEBOOK], feeds["sampling_params"],
-                                np.zeros((3, CODEBOOK), bool), feeds["seed"], feeds["offset"])
+                                np.zeros((3, CODEBOOK), bool), feeds["seed"], feeds["offset"],
+                                feeds["row"])
         np.testing.assert_array_equal(out["token_ids"], want)
-    np.testing.assert_array_equal(got[0], _ort(c2i, LABELS, SEEDED)[0])  # drawn as row 0 both
     again = generate_images(_engine(c2i, ort_session, backends), LABELS, SEEDED).tokens
     np.testing.assert_array_equal(got, again)
+
+
+def test_seeded_device_sampler_grids_equal_the_bundle_batch_3(c2i, ort_session, backends):
+    """arx::sample on the engine draws every image as the host loop does (row 0, seed + i), so
+    the seeded batch is the ORT run's, and an image alone is the same image in the batch."""
+    engine = _engine(c2i, ort_session, backends)
+    got = generate_images(engine, LABELS, SEEDED).tokens
+    want = _ort(c2i, LABELS, SEEDED)
+    assert len({g.tobytes() for g in want}) == 3  # three different images, not one repeated
+    np.testing.assert_array_equal(got, want)
+    # image 2 of the batch used seed 11 + 2: alone with that seed it is the same image
+    alone = replace(SEEDED, sampling=replace(SEEDED.sampling, seed=13))
+    np.testing.assert_array_equal(generate_images(engine, LABELS[2:], alone).tokens[0], got[2])
 
 
 def test_sampler_feeds_are_per_image(c2i):
@@ -310,9 +326,7 @@ def test_shared_vocabulary_engine_samples_the_codebook_only(ort_session, backend
     for options in (GREEDY, ImageOptions(cfg_scale=3.0, sampling=SamplingOptions(
             do_sample=True, seed=4, top_k=8))):
         got = generate_images(_engine(bundle, ort_session, backends), labels, options).tokens
-        want = _ort(bundle, labels, options)
-        n = 1 if options.sampling.do_sample else 2  # seeded: image 0 (row 0 on both faces)
-        np.testing.assert_array_equal(got[:n], want[:n])
+        np.testing.assert_array_equal(got, _ort(bundle, labels, options))
     report = check_runner(OnnxrtRunner(ort_session(form.model)), bundle, read_manifest(bundle),
                           form.stage.to_json(), S_MAX, "fp32")
     assert report["passed"], report["message"]

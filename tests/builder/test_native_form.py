@@ -27,7 +27,7 @@ def test_native_form_has_no_plugin_nodes(family, exported_bundle):
     assert {o.domain: o.version for o in form.model.opset_import} == {"": 24}
     assert ops.count("Attention") == layers and ops.count("TensorScatter") == 2 * layers
     onnx.checker.check_model(form.model, full_check=True)
-    assert not any(t.name in ("sampling_params", "presence", "seed", "offset")
+    assert not any(t.name in ("sampling_params", "presence", "seed", "offset", "row")
                    for t in form.stage.inputs)
     assert [t.name for t in form.stage.outputs][:2] == ["token_ids", "last_logits"]
 

@@ -51,7 +51,7 @@ def test_io_derived_from_manifest(family, exported_bundle):
         assert present in [t.name for t in form.stage.outputs]
     assert "attention_mask" not in graph_inputs  # per-row lengths instead (ragged steps)
     for name in ("input_ids", "past_lengths", "new_lengths", "sampling_params", "presence",
-                 "seed", "offset"):
+                 "seed", "offset", "row"):
         assert name in graph_inputs
     out = {t.name: t for t in form.stage.outputs}
     assert out["token_ids"].dtype == "int32" and out["last_logits"].dtype == "float32"

@@ -79,6 +79,24 @@ def test_seed_and_offset_reproducible():
     assert 0.0 <= a.min() and a.max() < 1.0 and abs(a.mean() - 0.5) < 0.03
 
 
+def test_row_term_replaces_the_row_index():
+    """row[b] is the counter's last word: the default is b; zeros draw each row as it draws
+    alone (row 0 of a batch of one), whatever its place in the batch."""
+    x = np.random.default_rng(2).standard_normal((3, 200)).astype(np.float32)
+    p = rows(*[SamplingParams(1.0, top_k=50)] * 3)
+    seeds, offsets, zeros = np.array([4, 5, 6]), np.array([2, 2, 9]), np.zeros(3, np.int64)
+    presence = np.zeros((3, 200), bool)
+    alone = [int(draw(x[b:b + 1], p[b:b + 1], seeds=seeds[b:b + 1], offsets=offsets[b:b + 1])[0])
+             for b in range(3)]
+    assert sample_reference(x, p, presence, seeds, offsets, zeros).tolist() == alone
+    np.testing.assert_array_equal(draw(x, p, seeds=seeds, offsets=offsets),
+                                  sample_reference(x, p, presence, seeds, offsets, np.arange(3)))
+    same = np.tile(x[:1], (3, 1))  # one seed, one offset: only the row term tells rows apart
+    ids = [sample_reference(same, p, presence, np.full(3, 7), np.full(3, n), np.arange(3))
+           for n in range(10)]
+    assert any(len(set(i.tolist())) > 1 for i in ids)
+
+
 def test_philox_matches_triton(torch, triton):
     import triton.language as tl
 
@@ -111,10 +129,12 @@ def test_triton_matches_reference(torch, triton, dtype, guidance):
     logits = t_logits.to(torch.float32).numpy()  # the reference sees the same rounded values
     params = SamplingParams.table(SETTINGS)
     presence = rng.random((b, v)) < 0.05
-    for step in range(2):
+    # step 0: the default row term (the row index); step 1: zeros, a repeat, a 64-bit one
+    for step, row in enumerate([None, np.array([0, 0, 3, 2**32 + 1])]):
         seeds, offsets = np.array([1, 2, 3, 2**40 + 7]), np.array([0, 5, 2**33, 9]) + step
-        want = sample_reference(logits, params, presence, seeds, offsets)
+        want = sample_reference(logits, params, presence, seeds, offsets, row)
         got = sample(t_logits, *(torch.from_numpy(a) for a in (params, presence, seeds,
-                                                               offsets)))
+                                                               offsets)),
+                     row=None if row is None else torch.from_numpy(row))
         assert got.dtype == torch.int32
         np.testing.assert_array_equal(got.numpy(), want)

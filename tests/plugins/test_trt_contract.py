@@ -73,9 +73,15 @@ def test_descriptors_alias_the_cache_and_list_tactics(fake_trtp):
     combos = p["autotune"](*descs, "causal", 0.0, 0, ())
     assert combos[0].tactics == list(tc.TACTICS) == [1, 2]
     assert combos[0].types.count(",") == 11  # 9 inputs + 3 outputs
-    ids = trtp.plugins[tc.SAMPLE]["describe"](trtp.TensorDesc((3, 100), "FLOAT"),
-                                              trtp.TensorDesc((3, 5), "FLOAT"), None, None, None, 0)
+    sample = trtp.plugins[tc.SAMPLE]
+    assert sample["tensors"] == ["logits", "params", "presence", "seed", "offset", "row"]
+    descs = (trtp.TensorDesc((3, 100), "FLOAT"), trtp.TensorDesc((3, 5), "FLOAT"),
+             *(trtp.TensorDesc((3,), "INT64") for _ in range(3)))
+    ids = sample["describe"](descs[0], descs[1], None, *descs[2:], 0)
     assert ids[0].shape_expr == (3,)
+    types = [t.strip() for t in sample["autotune"](descs[0], descs[1], None, *descs[2:], 0,
+                                                   ())[0].types.split(",")]
+    assert types[3:] == ["INT64"] * 3 + ["INT32"]  # seed, offset, row; ids
 
 
 @pytest.mark.parametrize("tactic,phase,block_m", [(1, "decode", 16), (2, "prefill", 64)])
@@ -94,7 +100,7 @@ def test_aot_launch_from_kit_folder(fake_trtp, tmp_path, tactic, phase, block_m)
     assert all(isinstance(e, trtp.SymInt32) for e in extra)
     logits, params_in = trtp.TensorDesc((3, 1000), "FLOAT"), trtp.TensorDesc((3, 5), "FLOAT")
     entry, _, launch, extra = trtp.plugins[tc.SAMPLE]["aot_impl"](logits, params_in, None, None,
-                                                                  None, 0, (), 0)
+                                                                  None, None, 0, (), 0)
     assert entry == "sample_fp32_entry" and launch.grid_x == 3
     assert [e.value for e in extra] == [3, 1000]
 
@@ -111,6 +117,25 @@ def test_aot_refuses_stale_or_missing_ptx(fake_trtp, tmp_path):
         aot(*_attention_descs(trtp), "block", 0.0, 0, (), 1)
     with pytest.raises(FileNotFoundError):
         tc.folder_kernels(str(tmp_path / "empty"))
+
+
+def test_aot_refuses_a_sampler_ptx_without_the_row_input(fake_trtp):
+    """A sampler PTX compiled before the row input has the same scalars, one pointer fewer."""
+    trt, trtp = fake_trtp
+    tc.register_descriptors(trt, trtp)
+    old = {"LOGITS": "*fp32", "PARAMS": "*fp32", "PRESENCE": "*i1", "SEED": "*i64",
+           "OFFSET": "*i64", "B": "i32", "V": "i32", "IDS": "*i32"}
+
+    def kernel(tag, spec, signature=old):
+        return "entry", "// ptx", dict(_meta(tag, tc.SAMPLE_SCALARS), signature=signature)
+
+    descs = (trtp.TensorDesc((3, 1000), "FLOAT"), trtp.TensorDesc((3, 5), "FLOAT"))
+    tc.register_aot(trtp, kernel)
+    with pytest.raises(ValueError, match="no row input.*recompile the PTX"):
+        trtp.plugins[tc.SAMPLE]["aot_impl"](*descs, None, None, None, None, 0, (), 0)
+    tc.register_aot(trtp, lambda tag, spec: kernel(tag, spec, {**old, "ROW": "*i64"}))
+    assert trtp.plugins[tc.SAMPLE]["aot_impl"](*descs, None, None, None, None, 0, (), 0)[0] \
+        == "entry"
 
 
 def test_register_plugins_in_arx(fake_trtp, monkeypatch):

@@ -90,6 +90,24 @@ def test_sampling_is_seeded_by_seed_and_position():
     assert len({tuple(d) for d in draws}) > 1
 
 
+def test_row_terms_choose_what_a_draw_depends_on():
+    """rows = the Philox row term per row, as arx::sample's `row` input: zeros draw every row
+    as it draws alone (a batch of one, row 0); the default is each row's index."""
+    x = logits(4, batch=3)
+    sampler = Sampler(SamplingOptions(do_sample=True, seed=8), V)
+    offsets = np.array([3, 9, 4], np.int64)
+    alone = [int(sampler(x[b:b + 1], None, offsets[b:b + 1])[0]) for b in range(3)]
+    zeros = np.zeros(3, np.int64)
+    assert sampler(x, None, offsets, rows=zeros).tolist() == alone
+    params = np.tile(sampler.options.params().row(), (3, 1))
+    want = sample_reference(x, params, np.zeros((3, V), bool), np.full(3, 8), offsets, zeros)
+    np.testing.assert_array_equal(sampler(x, None, offsets, rows=zeros), want)
+    np.testing.assert_array_equal(sampler(x, None, offsets),
+                                  sampler(x, None, offsets, rows=np.arange(3)))
+    draws = [sampler(np.tile(x[:1], (3, 1)), None, at(n, 3)) for n in range(20)]
+    assert any(len(set(d.tolist())) > 1 for d in draws)  # arange: one seed, distinct noise
+
+
 def test_fresh_seed_when_none_given():
     opts = SamplingOptions(do_sample=True)
     assert Sampler(opts, V).seed != Sampler(opts, V).seed
