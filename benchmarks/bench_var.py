@@ -11,6 +11,13 @@ and 8, the median of --runs runs each, after one warm-up run. Greedy, so both si
 same tokens (checked), which keeps the comparison on the same work. Reported per engine and
 batch: seconds per image, and where the time goes (each scale's step + sampling + next input,
 the VQ decoder).
+
+Beside it, the raster row: a class-conditional image-token model (export/image_modules.py, the
+protocol of "Image-token generation": LlamaGen c2i, one token per step) of about the same size
+(15 blocks of width 768 = 113M against VAR's 112M; tiny: 2 of width 64) and the same grid and
+codebook (16x16 = 256 raster steps, 4096 codes), random weights, exported and run by arx on ONNX
+Runtime with the same CFG and greedy selection: seconds per image, arx next-scale vs arx raster.
+Its VQ decoder is the image protocol's small one, not VAR's, so its share is reported apart.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (width, depth, heads, codebook, Cvae, patch_nums)
 SHAPES = {"100m": (768, 10, 12, 4096, 32, (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
           "tiny": (64, 2, 4, 64, 8, (1, 2, 3, 4, 6))}
+RASTER_LAYERS = {"100m": 15, "tiny": 2}  # a raster model of VAR's size at the same width
 
 
 def var_model(shape: str, seed: int = 0):
@@ -70,6 +78,52 @@ def time_arx(bundle: Path, batch: int, cfg: float, threads: int) -> dict:
             "vq_decoder_s": r.vq_s, "tokens": [x.reshape(batch, -1).tolist() for x in r.tokens]}
 
 
+def raster_model(shape: str, seed: int = 0):
+    """The class-conditional raster model of the same width, grid (VAR's last scale) and
+    codebook; full multi-head attention, as VAR's."""
+    import torch
+
+    from arx.export.image_modules import ClassToImageDecoder, VQDecoder
+
+    width, _, heads, codebook, _, pns = SHAPES[shape]
+    torch.manual_seed(seed)
+    grid = pns[-1]
+    return ClassToImageDecoder(num_classes=1000, codebook=codebook, grid=grid, dim=width,
+                               heads=heads, kv_heads=heads, layers=RASTER_LAYERS[shape],
+                               vq=VQDecoder(codebook, grid, upsamples=1)).eval()
+
+
+def time_raster(bundle: Path, batch: int, cfg: float, threads: int) -> dict:
+    """arx's image-token loop (one token per step over [cond; null]) and its VQ decoder."""
+    from arx.runtime.backend import BackendOptions
+    from arx.runtime.decoder import DecoderSession
+    from arx.runtime.image_generate import ImageOptions, decode_pixels, generate_images, image_info
+    from arx.runtime.sampler import SamplingOptions
+
+    backend = BackendOptions(intra_op_threads=threads)
+    options = ImageOptions(cfg_scale=cfg, sampling=SamplingOptions(do_sample=False))
+    with DecoderSession(bundle, backend) as session:
+        info = image_info(session.manifest, bundle)
+        generate_images(session, list(range(batch)), options)  # warm-up: graphs opened
+        r = generate_images(session, list(range(batch)), options)
+        t = time.perf_counter()
+        decode_pixels(bundle, info, session.manifest, r.tokens, backend)
+        vq = time.perf_counter() - t
+    return {"seconds_per_image": (r.tokens_s + vq) / batch, "vq_decoder_s": vq,
+            "steps": int(r.tokens[0].size)}  # tokens (B, g, g)
+
+
+def _export(model, folder: Path, name: str) -> Path:
+    import torch
+
+    from arx.export.exporter import ExportOptions, export_model
+
+    torch.save(model, folder / f"{name}.pt")
+    export_model(source=folder / f"{name}.pt", output=folder / f"{name}.arx",
+                 options=ExportOptions(progress=False))
+    return folder / f"{name}.arx"
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", choices=sorted(SHAPES), default="100m")
@@ -85,19 +139,17 @@ def main(argv=None) -> int:
     args = parse(argv)
     import torch
 
-    from arx.export.exporter import ExportOptions, export_model
-
     torch.set_num_threads(args.threads)
-    model = var_model(args.shape)
+    model, raster = var_model(args.shape), raster_model(args.shape)
     params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vae."))
+    raster_params = sum(p.numel() for n, p in raster.named_parameters() if not n.startswith("vq."))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        torch.save(model, Path(tmp) / "model.pt")
-        export_model(source=Path(tmp) / "model.pt", output=Path(tmp) / "var.arx",
-                     options=ExportOptions(progress=False))
+        bundle, raster_bundle = _export(model, Path(tmp), "var"), _export(raster, Path(tmp), "raster")
         for batch in args.batch or [1, 8]:
             eager = [time_eager(model, batch, args.cfg) for _ in range(args.runs + 1)][1:]
-            arx = [time_arx(Path(tmp) / "var.arx", batch, args.cfg, args.threads)
+            arx = [time_arx(bundle, batch, args.cfg, args.threads) for _ in range(args.runs)]
+            ras = [time_raster(raster_bundle, batch, args.cfg, args.threads)
                    for _ in range(args.runs)]
             if eager[0]["tokens"] != arx[0]["tokens"]:
                 raise SystemExit(f"batch {batch}: arx and eager PyTorch drew different tokens")
@@ -106,6 +158,10 @@ def main(argv=None) -> int:
                    "arx_s_per_image": statistics.median(r["seconds_per_image"] for r in arx),
                    "arx_scale_step_s": arx[0]["scale_step_s"], "arx_vq_s": arx[0]["vq_decoder_s"]}
             row["speedup"] = row["eager_s_per_image"] / row["arx_s_per_image"]
+            row.update(raster_parameters=raster_params, raster_steps=ras[0]["steps"],
+                       raster_s_per_image=statistics.median(r["seconds_per_image"] for r in ras),
+                       raster_vq_s=ras[0]["vq_decoder_s"])
+            row["vs_raster"] = row["raster_s_per_image"] / row["arx_s_per_image"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:

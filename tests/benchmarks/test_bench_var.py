@@ -1,6 +1,6 @@
 """Smoke test of benchmarks/bench_var.py on the tiny VAR shape (one run): the script cannot
 rot, and arx's greedy CFG tokens of every scale equal the eager module's (the script refuses
-otherwise). Timings mean nothing here."""
+otherwise); the raster row beside it runs. Timings mean nothing here."""
 
 from __future__ import annotations
 
@@ -26,3 +26,6 @@ def test_smoke_tiny_shape(tmp_path):
     (row,) = json.loads(out.read_text())
     assert row["batch"] == 2 and len(row["arx_scale_step_s"]) == 5
     assert row["eager_s_per_image"] > 0 and row["arx_s_per_image"] > 0 and row["speedup"] > 0
+    # the raster row: the image-token model of the same grid (6x6 = 36 steps), run by arx
+    assert row["raster_steps"] == 36 and row["raster_s_per_image"] > 0 and row["vs_raster"] > 0
+    assert row["raster_parameters"] > 0
