@@ -47,7 +47,7 @@ _HERE = Path(__file__).parent
 # as build_engine.py is of trt_build.py: arx and the kits register the very same code.
 KIT_PLUGINS_SOURCE = Path(trt_contract.__file__)
 _PLUGIN_DTYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16",
-                  onnx.TensorProto.BFLOAT16: "bf16"}
+                  onnx.TensorProto.BFLOAT16: "bf16", onnx.TensorProto.INT8: "int8"}  # int8: caches
 
 
 def build_plan(form: TensorRTForm, profiles: list[Profile], options: BuildOptions) -> dict:
