@@ -71,11 +71,11 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def _batches(samples: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(ids (B, S) right-padded, lens (B,)) for prefills of BATCH sequences."""
+def _batches(samples: list[np.ndarray], size: int = BATCH) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids (B, S) right-padded, lens (B,)) for prefills of `size` sequences."""
     out = []
-    for i in range(0, len(samples), BATCH):
-        batch = samples[i: i + BATCH]
+    for i in range(0, len(samples), size):
+        batch = samples[i: i + size]
         lens = np.array([len(s) for s in batch], dtype=np.int64)
         ids = np.zeros((len(batch), int(lens.max())), dtype=np.int64)
         for b, s in enumerate(batch):
@@ -103,11 +103,13 @@ class RefRows:
     @classmethod
     def of(cls, lp: np.ndarray, targets: np.ndarray, top_k: int | None = None) -> "RefRows":
         rows = np.arange(len(targets))
-        target, top1 = lp[rows, targets], lp.argmax(-1)
+        target, top1 = lp[rows, targets].astype(np.float64), lp.argmax(-1)
         if top_k is None or top_k >= lp.shape[-1]:
             return cls(target, top1, lp)
-        idx = np.argpartition(-lp, top_k - 1, axis=-1)[:, :top_k]
-        return cls(target, top1, np.take_along_axis(lp, idx, -1), idx)
+        # a copy: the slice alone would keep the whole (T, V) argpartition alive
+        idx = np.argpartition(-lp, top_k - 1, axis=-1)[:, :top_k].copy()
+        # float64 for the tail bucket's 1 - sum(p), which float32 leaves at ~1e-7 noise
+        return cls(target, top1, np.take_along_axis(lp, idx, -1).astype(np.float64), idx)
 
     def kl(self, lp_q: np.ndarray) -> float:
         """sum over positions of KL(p_ref || p_q)."""
@@ -126,10 +128,12 @@ def session_log_probs(session):
 
 
 def reference_rows(reference, samples: list[np.ndarray], top_k: int | None = None, *,
-                   progress: bool = False, label: str = "reference") -> list[RefRows]:
-    """RefRows of each sample under `reference` ((ids, lens) -> log-probs), in sample order."""
+                   progress: bool = False, label: str = "reference", batch: int = BATCH
+                   ) -> list[RefRows]:
+    """RefRows of each sample under `reference` ((ids, lens) -> log-probs), in sample order;
+    `batch` sequences a call (fewer: smaller (B, S, V) log-probs in flight)."""
     out = []
-    batches = _batches(samples)
+    batches = _batches(samples, batch)
     for ids, lens in bar(batches, label, total=len(batches), enabled=progress):
         lp = reference(ids, lens)
         out.extend(RefRows.of(lp[b, : n - 1], ids[b, 1:n], top_k) for b, n in enumerate(lens))
@@ -137,11 +141,11 @@ def reference_rows(reference, samples: list[np.ndarray], top_k: int | None = Non
 
 
 def compare(reference, candidate, samples: list[np.ndarray], *, progress: bool,
-            rows: list[RefRows] | None = None) -> ModelMetrics:
+            rows: list[RefRows] | None = None, batch: int = BATCH) -> ModelMetrics:
     """Metrics of `candidate` against `reference` (each (ids, lens) -> log-probs), or against
     `rows` the reference left (reference_rows) when it no longer runs."""
     sums = _Sums()
-    batches = _batches(samples)
+    batches = _batches(samples, batch)
     at = 0
     for ids, lens in bar(batches, "evaluating", total=len(batches), enabled=progress):
         lp_ref = reference(ids, lens) if rows is None else None

@@ -28,6 +28,9 @@ from arx.manifest import Manifest
 EXTENSION = "quantization"  # = calibration.calibrator.EXTENSION (imported lazily there)
 LM_HEAD = "lm_head"  # = calibration.graph.LM_HEAD
 TOP_K = 64  # reference log-probs kept per position for the KL (the rest is one bucket)
+# Sequences a forward: the (B, S, V) logits and their log-softmax copies are the largest
+# arrays the check holds beside the model (a 128k vocabulary: 65 MB a sequence in fp32).
+BATCH = 1
 PER_LAYER_SKIPPED = ("skipped on export (it compares every MatMul against the float graph, "
                      "which arx export --quantize never writes): run arx calibrate for the "
                      "per-layer analysis")
@@ -136,7 +139,7 @@ def _metrics(src, tmp: Path, manifest: Manifest, samples: list[np.ndarray], prog
     dtype = checkpoint_dtype(src)
     module = src.torch_module(getattr(torch, dtype))
     rows = reference_rows(_torch_log_probs(module), samples, TOP_K, progress=progress,
-                          label="reference (PyTorch)")
+                          label="reference (PyTorch)", batch=BATCH)
     reference = {"framework": "torch", "model": type(module).__name__, "dtype": dtype,
                  "kl": f"top-{TOP_K} of the reference per position, the rest one bucket "
                        f"(a lower bound of the full KL)"}
@@ -146,7 +149,7 @@ def _metrics(src, tmp: Path, manifest: Manifest, samples: list[np.ndarray], prog
     # differently at accuracy level 4): the same bundle gives calibrate's numbers
     with DecoderSession(tmp, manifest=manifest) as session:
         metrics = compare(None, session_log_probs(session), samples, rows=rows,
-                          progress=progress)
+                          progress=progress, batch=BATCH)
     return metrics, reference
 
 
@@ -154,14 +157,13 @@ def _torch_log_probs(module):
     """(ids (B, S) right-padded, lens (B,)) -> log-probs (B, S, V) of the Hugging Face model."""
     import torch
 
-    from arx.calibration.evaluate import log_softmax
-
     def run(ids: np.ndarray, lens: np.ndarray) -> np.ndarray:
         mask = (np.arange(ids.shape[1])[None, :] < lens[:, None]).astype(np.int64)
         with torch.no_grad():
             out = module(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
                          use_cache=False)
-        return log_softmax(out.logits.float().numpy())
+            # in torch, one fp32 copy (numpy's float64 log_softmax makes four of 2x the size)
+            return torch.log_softmax(out.logits.float(), dim=-1).numpy()
 
     return run
 

@@ -138,6 +138,25 @@ def test_inspect_says_what_parity_checked(tiny_pair, capsys):
     assert "parity     passed (of the fp32 source)" in capsys.readouterr().out
 
 
+def test_reference_rows_keep_top_k_only_and_bound_the_kl():
+    """What export keeps of the reference per position: O(k), not O(V) (a view of the (T, V)
+    argpartition kept 32 MB a sequence alive on a 32k vocabulary); its KL is the exact one
+    with the tail merged, so never above it, and exact when k covers the vocabulary."""
+    from arx.calibration.evaluate import RefRows, log_softmax
+
+    rng = np.random.default_rng(0)
+    lp_ref = log_softmax(rng.normal(size=(127, 2048)) * 3)
+    lp_q = log_softmax(np.log(np.exp(lp_ref) + 1e-4 * rng.random((127, 2048))))
+    targets = rng.integers(0, 2048, 127)
+    rows = RefRows.of(lp_ref, targets, 64)
+    held = sum((a.base if a.base is not None else a).nbytes
+               for a in (rows.target, rows.top1, rows.lp, rows.idx))
+    assert held <= 127 * (64 * 16 + 16)
+    exact = RefRows.of(lp_ref, targets).kl(lp_q)
+    assert 0 < rows.kl(lp_q) <= exact
+    assert RefRows.of(lp_ref, targets, 2048).kl(lp_q) == pytest.approx(exact, rel=1e-9)
+
+
 def test_over_the_gate_nothing_is_written(tiny_pair, tmp_path):
     *_, data = tiny_pair
     out = tmp_path / "w4.arx"
