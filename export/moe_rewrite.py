@@ -45,6 +45,13 @@ class _Emitter(GraphEditor):
     def const(self, value, dtype=np.int64) -> str:
         return super().const(value, self.float_dtype if np.dtype(dtype).kind == "f" else dtype)
 
+    def matmul(self, x: str, weight_name: str, array: np.ndarray, name: str,
+               output: str | None = None) -> str:
+        """x @ array (K, N), as GraphBuilder.matmul emits an unquantized linear: the dense
+        experts stay float here (arx build's precision pass and calibrate take them from there)."""
+        w = self.weight(weight_name, array)
+        return self.node("MatMul", [x, w], [output] if output else 1, name=name)[0]
+
 
 QMOE_OP = (MOE_OP[0], "QMoE")  # a calibrated bundle's (calibration/moe_quant.py)
 
