@@ -50,12 +50,21 @@ def quiet_torch() -> Iterator[None]:
 
     What matters reaches the user through the exception (see error_summary); Python warnings
     are left to the caller (arx.progress.Steps prints them after the step's line).
+
+    Stack traces are not taken meanwhile: torch symbolizes a traceback for every traced node
+    (FX) and every symbol its structured trace log records (torch.__trace, which always has a
+    lazy handler), none of which arx reads, and that native symbolizer crashed the whole
+    process (SIGSEGV) in a long test run after onnxruntime, Triton and Ray had loaded.
     """
-    torch_log = logging.getLogger("torch")
-    level = torch_log.level
+    import torch.fx.config as fx_config
+
+    torch_log, trace_log = logging.getLogger("torch"), logging.getLogger("torch.__trace")
+    level, traces, handlers = torch_log.level, fx_config.do_not_emit_stack_traces, trace_log.handlers
     torch_log.setLevel(logging.CRITICAL)  # torch.export logs its errors too; they are raised
+    fx_config.do_not_emit_stack_traces, trace_log.handlers = True, []
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         torch_log.setLevel(level)
+        fx_config.do_not_emit_stack_traces, trace_log.handlers = traces, handlers
