@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from tiny_models import FAMILIES, make_hf_model
+
+
+@pytest.fixture(autouse=True)
+def _collect_cycles_after_each_test():
+    """Free each test's reference cycles before the next test starts.
+
+    The whole suite in one process died with SIGSEGV inside a garbage collection that a torch
+    export in tests/builder/test_var_form.py happened to trigger, after the rest of
+    tests/builder had run (each file alone, and any half of the folder, passed). Collecting
+    after every test makes each test's leftovers (ONNX Runtime sessions with Python custom ops,
+    TensorRT and CUDA stand-ins) go while that test's objects still exist; with it the folder
+    passes. The object whose finalizer crashes was not found (docs/design.md, "Known limits").
+    """
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
