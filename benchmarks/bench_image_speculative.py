@@ -57,6 +57,34 @@ def _classified(bundle: Path, manifest, info, tokens, classes) -> float | None:
     return float(((hidden @ w2 + b2).argmax(1) == np.array(classes)).mean())
 
 
+OTHER_SEEDS = "plain, other seeds"  # plain decoding again with other seeds: the noise floor
+
+
+def _measure(session, args, base, classes, window) -> tuple[np.ndarray, dict]:
+    """--runs passes over `classes` with one method (None: plain, W: jacobi:W, OTHER_SEEDS)
+    -> (the (N, T) codes drawn, the row of the table without the quality columns)."""
+    times, grids, stats = [], [], []
+    w = None if window == OTHER_SEEDS else window
+    for r in range(args.runs):
+        seed = (10_000 if window == OTHER_SEEDS else 0) + 1000 * r
+        total = 0.0
+        for start in range(0, len(classes), args.batch):
+            opts = replace(base, sampling=replace(base.sampling, seed=seed + start))
+            result, dt = _run(session, classes[start: start + args.batch], opts, w)
+            total += dt
+            grids.append(result.tokens.reshape(len(result.classes), -1))
+            stats.append(getattr(result, "speculation", None))
+        times.append(total / len(classes))
+    spec = [s for s in stats if s is not None]
+    row_steps, proposed = sum(s.row_steps for s in spec), sum(s.proposed for s in spec)
+    name = "plain" if window is None else window if isinstance(window, str) else f"jacobi:{window}"
+    return np.concatenate(grids), {
+        "method": name, "s_per_image": statistics.median(times),
+        "spread": max(times) - min(times),
+        "tokens_per_step": sum(s.produced for s in spec) / row_steps if row_steps else 1.0,
+        "acceptance": sum(s.accepted for s in spec) / proposed if proposed else None}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, default=ROOT / "models" / "arx-digits")
@@ -77,38 +105,16 @@ def main(argv=None) -> int:
         do_sample=True, top_k=info.top_k, temperature=info.temperature, seed=0))
     configs = [None] + [int(w) for w in args.windows.split(",")]
     classes = [i % info.num_classes for i in range(args.images)]
-    rows = []
     with DecoderSession(args.bundle, manifest=manifest) as session:
         _run(session, classes[: args.batch], base, None)  # warm-up
-        samples = {}
-        for window in configs + ["plain, other seeds"]:
-            times, grids, stats = [], [], []
-            for r in range(args.runs):
-                seed = (10_000 if window == "plain, other seeds" else 0) + 1000 * r
-                w = None if window == "plain, other seeds" else window
-                total = 0.0
-                for start in range(0, len(classes), args.batch):
-                    opts = replace(base, sampling=replace(base.sampling, seed=seed + start))
-                    result, dt = _run(session, classes[start: start + args.batch], opts, w)
-                    total += dt
-                    grids.append(result.tokens.reshape(len(result.classes), -1))
-                    stats.append(getattr(result, "speculation", None))
-                times.append(total / len(classes))
-            tokens = np.concatenate(grids)
+        samples, rows = {}, []
+        for window in configs + [OTHER_SEEDS]:
+            tokens, row = _measure(session, args, base, classes, window)
+            row["classified"] = _classified(args.bundle, manifest, info, tokens,
+                                            classes * args.runs)
             samples[window] = tokens
-            spec = [s for s in stats if s is not None]
-            produced = sum(s.produced for s in spec)
-            row_steps = sum(s.row_steps for s in spec)
-            proposed = sum(s.proposed for s in spec)
-            rows.append({
-                "method": "plain" if window is None else str(window) if isinstance(window, str)
-                else f"jacobi:{window}",
-                "s_per_image": statistics.median(times), "spread": max(times) - min(times),
-                "tokens_per_step": produced / row_steps if row_steps else 1.0,
-                "acceptance": sum(s.accepted for s in spec) / proposed if proposed else None,
-                "classified": _classified(args.bundle, manifest, info, tokens,
-                                          classes * args.runs)})
-        for row, window in zip(rows, configs + ["plain, other seeds"]):
+            rows.append(row)
+        for row, window in zip(rows, configs + [OTHER_SEEDS]):
             row["tv_vs_plain"] = _tv(samples[window], samples[None], manifest.vocab_size)
     plain = rows[0]["s_per_image"]
     print(f"{'method':20s} {'ms/image':>9s} {'spread':>7s} {'vs plain':>8s} {'tok/step':>8s} "

@@ -80,36 +80,7 @@ def export_model(*, source: str | Path, output: str | Path,
 
         check_fits(src, output, options.dtype, options.check_parity, options.quantize)
     with atomic_bundle(output, overwrite=options.overwrite) as tmp:
-        if src.kind == "hf":
-            from arx.export.hf_decoder import export_hf_decoder
-
-            with steps.step("emitting decoder.onnx"):
-                decoder = export_hf_decoder(src, tmp, options)
-        elif src.kind == "janus":
-            from arx.export.janus import export_janus
-
-            with steps.step("emitting the Janus decoder, image embedder and VQ decoder"):
-                decoder = export_janus(src, tmp, options)
-        else:
-            from arx.export.protocol import export_protocol_decoder
-
-            if options.inputs_embeds:
-                raise ArxError("--inputs-embeds is for Hugging Face checkpoints; a decoder-protocol "
-                               "module takes what its forward takes: export it without the flag")
-            if options.dtype != "float32":
-                raise ArxError("--dtype is for Hugging Face checkpoints; a decoder-protocol module "
-                               "exports as traced (float32): export it without --dtype")
-
-            from arx.export.image_protocol import export_image_decoder, image_spec
-
-            from arx.export.var_protocol import export_var, var_spec
-
-            # an image-token module (arx_image) adds its VQ decoder stage and pipeline, a
-            # next-scale one (arx_var) its class, next-input and VQ stages
-            export = export_var if var_spec(src.module) else \
-                export_image_decoder if image_spec(src.module) else export_protocol_decoder
-            with steps.step("tracing the decoder-protocol module to decoder.onnx"):
-                decoder = export(src, tmp, options)
+        decoder = _emit_decoder(src, tmp, options, steps)
         with steps.step("exporting the tokenizer"):
             tokenizer = _export_tokenizer(src, tmp)
         space = decoder.pipeline.token_space
@@ -141,6 +112,37 @@ def export_model(*, source: str | Path, output: str | Path,
                 manifest = convert_export(tmp, manifest, options.kv_dtype, options.seed)
             manifest.write(tmp)
     return manifest
+
+
+def _emit_decoder(src: LoadedSource, tmp: Path, options: ExportOptions, steps: Steps):
+    """The source kind's emitter (Hugging Face, Janus, or a traced protocol module: plain,
+    image-token or next-scale) -> its DecoderExport."""
+    if src.kind == "hf":
+        from arx.export.hf_decoder import export_hf_decoder
+
+        with steps.step("emitting decoder.onnx"):
+            return export_hf_decoder(src, tmp, options)
+    if src.kind == "janus":
+        from arx.export.janus import export_janus
+
+        with steps.step("emitting the Janus decoder, image embedder and VQ decoder"):
+            return export_janus(src, tmp, options)
+    if options.inputs_embeds:
+        raise ArxError("--inputs-embeds is for Hugging Face checkpoints; a decoder-protocol "
+                       "module takes what its forward takes: export it without the flag")
+    if options.dtype != "float32":
+        raise ArxError("--dtype is for Hugging Face checkpoints; a decoder-protocol module "
+                       "exports as traced (float32): export it without --dtype")
+    from arx.export.image_protocol import export_image_decoder, image_spec
+    from arx.export.protocol import export_protocol_decoder
+    from arx.export.var_protocol import export_var, var_spec
+
+    # an image-token module (arx_image) adds its VQ decoder stage and pipeline, a next-scale
+    # one (arx_var) its class, next-input and VQ stages
+    export = export_var if var_spec(src.module) else \
+        export_image_decoder if image_spec(src.module) else export_protocol_decoder
+    with steps.step("tracing the decoder-protocol module to decoder.onnx"):
+        return export(src, tmp, options)
 
 
 @dataclass
