@@ -13,13 +13,15 @@ tokens (checked), which keeps the comparison on the same work.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from image_bench_args import parse_image_bench  # noqa: E402
 
 # (hidden, layers, heads, kv heads, intermediate, text vocab, codebook, grid side, VQ base, mult)
 SHAPES = {"100m": (768, 12, 12, 4, 2048, 32000, 4096, 16, 64, [1, 1, 2, 2]),
@@ -115,14 +117,8 @@ def _median(runs: list[dict], batch: int, n: int) -> dict:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="100m")
-    p.add_argument("--batch", type=int, action="append", help="default: 1 and 4")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--cfg", type=float, default=5.0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, help="write the results here too")
-    return p.parse_args(argv)
+    return parse_image_bench(argv, __doc__.splitlines()[0], SHAPES, batches="1 and 4",
+                             runs=5, cfg=5.0)
 
 
 def main(argv=None) -> int:

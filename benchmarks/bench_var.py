@@ -22,13 +22,15 @@ Its VQ decoder is the image protocol's small one, not VAR's, so its share is rep
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from image_bench_args import parse_image_bench  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # (width, depth, heads, codebook, Cvae, patch_nums)
@@ -125,14 +127,8 @@ def _export(model, folder: Path, name: str) -> Path:
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", choices=sorted(SHAPES), default="100m")
-    p.add_argument("--batch", type=int, action="append", help="default: 1 and 8")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", type=Path, help="write the results here too")
-    return p.parse_args(argv)
+    return parse_image_bench(argv, __doc__.splitlines()[0], SHAPES, batches="1 and 8",
+                             runs=3, cfg=4.0)
 
 
 def main(argv=None) -> int:
