@@ -2,13 +2,14 @@
 
     python benchmarks/bench_export.py --shape llama-3.2-1b      # ~2.5 GB checkpoint, ~20 min
     python benchmarks/bench_export.py --shape llama-3.1-8b      # ~16 GB checkpoint, long
+    python benchmarks/bench_export.py --shape llama-300m        # 291M, 582 MB: README's table
     python benchmarks/bench_export.py --shape tiny              # the smoke test's shape
 
 For each shape a random bf16 checkpoint is written shard by shard (random_checkpoint.py,
 never whole in memory), then every run exports it in a child process whose peak resident
 memory is its ru_maxrss (read through getrusage(RUSAGE_CHILDREN) of a wrapper), each output
 is deleted after it is measured, the checkpoint at the end. Free disk is checked before each
-step. Runs: arx fp32 (the 1B shape only), arx fp16; the builder fp32 (1B only, -e cpu),
+step. Runs: arx fp32 (not at 8B), arx fp16; the builder fp32 (not at 8B, -e cpu),
 fp16 (-e cuda: the graph is the one a GPU runs, no GPU is needed to write it) and int4
 (-e cpu); arx w4 is `arx export --quantize w4` (straight to int4, its accuracy gate on random
 token ids included, as the builder has none).
@@ -34,7 +35,8 @@ from bench_models import write_word_tokenizer  # noqa: E402
 GB = 1 << 30
 TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-SHAPES = {"tiny": TINY, "llama-3.2-1b": rc.LLAMA_3_2_1B, "llama-3.1-8b": rc.LLAMA_3_1_8B}
+SHAPES = {"tiny": TINY, "llama-300m": rc.LLAMA_300M, "llama-3.2-1b": rc.LLAMA_3_2_1B,
+          "llama-3.1-8b": rc.LLAMA_3_1_8B}
 BUILDER = {"fp32": "cpu", "fp16": "cuda", "int4": "cpu"}  # precision -> builder's -e
 
 
@@ -81,7 +83,9 @@ def bench(shape: str, work: Path, max_seq_len: int = 2048) -> list[dict]:
     _need_disk(work, params_bytes, f"the {shape} checkpoint")
     rows = []
     try:
-        ckpt_bytes = rc.write_llama(ckpt, cfg, shard_bytes=2 * GB if shape != "tiny" else 1 << 20)
+        # at least two shards from 300M up, as real checkpoints come: the export streams them
+        shards = max(1 << 20, min(2 * GB, params_bytes // 2))
+        ckpt_bytes = rc.write_llama(ckpt, cfg, shard_bytes=shards)
         write_word_tokenizer(ckpt, cfg["vocab_size"])  # the builder insists on one
         env = {**os.environ, "TQDM_DISABLE": "1"}
         for tool, precision in runs(shape):
