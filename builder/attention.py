@@ -15,7 +15,7 @@ from onnx import numpy_helper
 
 from arx.errors import ArxError
 from arx.export.attention_rewrite import Bookkeeping, GqaNode, merge_heads, project_qkv
-from arx.export.graph_edit import GraphEditor
+from arx.export.graph_ir import Editor
 from arx.export.kv_dtype import scale_name
 
 from .schemas import DOMAIN, KV_ATTENTION, plugin_attrs
@@ -23,7 +23,7 @@ from .schemas import DOMAIN, KV_ATTENTION, plugin_attrs
 NO_SCALE = "arx/kv_attention/no_scale"  # the scale inputs of a float cache: (1,) 1.0, unread
 
 
-def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
+def rewrite_attention(ed: Editor, g: GqaNode, head_dim: int, bk: Bookkeeping,
                       rope_cache: dict, aot: bool) -> None:
     """Replace one GroupQueryAttention node (removed by the caller) with the plugin form.
 
@@ -45,8 +45,8 @@ def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeepin
     # GroupQueryAttention's local_window_size = W and the plugin's window = W mean the same
     # keys: j > p - W for the query at position p (checked against onnxruntime's own op in
     # tests/builder/test_attention_window.py); its "no window" is -1, the plugin's is 0.
-    ed.node(KV_ATTENTION, [q4, k4, v4, n.input[3], n.input[4], bk.past_len, bk.new_len],
-            [out4, n.output[1], n.output[2]], domain=DOMAIN, name=f"{n.name}/kv_attention",
+    ed.node(KV_ATTENTION, [q4, k4, v4, n.inputs[3], n.inputs[4], bk.past_len, bk.new_len],
+            [out4, n.outputs[1].name, n.outputs[2].name], domain=DOMAIN, name=f"{n.name}/kv_attention",
             mask="block" if bk.block else "causal", scale=g.scale, window=max(g.window, 0), **plugin_attrs(aot=aot))
     merge_heads(ed, n, out4, g.num_heads * head_dim)
 
