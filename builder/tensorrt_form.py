@@ -41,7 +41,7 @@ from arx.errors import ArxError
 from arx.export.attention_rewrite import (GQA, NATIVE_OPSET, Bookkeeping, parse_gqa,
                                           rewrite_attention_native)
 from arx.export.graph_ir import Editor, from_proto, sort_and_prune, to_proto
-from arx.export.moe_rewrite import densify_moe
+from arx.export.moe_rewrite import densify_ir
 from arx.manifest import Manifest, Stage, TensorSpec
 
 from .attention import rewrite_attention
@@ -134,10 +134,10 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
     if spec.s_max > manifest.kv.max_seq_len:
         raise ArxError(f"--max-seq-len {spec.s_max} exceeds the bundle's context of "
                        f"{manifest.kv.max_seq_len}; re-export with a larger --max-seq-len")
-    densify_moe(model)  # TensorRT has no MoE op: the experts in standard ops
-    _check_ops(model)
     ir_model = from_proto(model)
     graph = ir_model.graph
+    densify_ir(ir_model)  # TensorRT has no MoE op: the experts in standard ops
+    _check_ops(graph)
     ed = Editor(graph)
     stage = tensorrt_io(manifest, spec)
     _set_inputs(ed, stage)
@@ -161,8 +161,8 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
     return to_proto(ir_model)
 
 
-def _check_ops(model: onnx.ModelProto) -> None:
-    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+def _check_ops(graph: ir.Graph) -> None:
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in graph
                       if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) != GQA})
     if foreign:
         raise ArxError(f"the decoder uses ops TensorRT cannot read: {', '.join(foreign)}; "
