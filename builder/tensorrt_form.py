@@ -40,7 +40,7 @@ import onnx_ir as ir
 from arx.errors import ArxError
 from arx.export.attention_rewrite import (GQA, NATIVE_OPSET, Bookkeeping, parse_gqa,
                                           rewrite_attention_native)
-from arx.export.graph_ir import Editor, from_proto, sort_and_prune, to_proto
+from arx.export.graph_ir import Editor, sort_and_prune
 from arx.export.moe_rewrite import densify_ir
 from arx.manifest import Manifest, Stage, TensorSpec
 
@@ -115,8 +115,8 @@ def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
     return Stage("decoder.trt.onnx", tuple(inputs), tuple(outputs))
 
 
-def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec) -> onnx.ModelProto:
-    """Rewrite `model` (the bundle's decoder, modified in place and returned) to the TRT form."""
+def to_tensorrt_form(model: ir.Model, manifest: Manifest, spec: FormSpec) -> None:
+    """Rewrite `model` (the bundle's decoder, in place) to the TRT form."""
     register_schemas()
     next_scale = manifest.pipeline.kind == "next-scale"
     codebook = image_sampler(manifest)  # image-token bundles (builder/image_form.py)
@@ -134,9 +134,8 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
     if spec.s_max > manifest.kv.max_seq_len:
         raise ArxError(f"--max-seq-len {spec.s_max} exceeds the bundle's context of "
                        f"{manifest.kv.max_seq_len}; re-export with a larger --max-seq-len")
-    ir_model = from_proto(model)
-    graph = ir_model.graph
-    densify_ir(ir_model)  # TensorRT has no MoE op: the experts in standard ops
+    graph = model.graph
+    densify_ir(model)  # TensorRT has no MoE op: the experts in standard ops
     _check_ops(graph)
     ed = Editor(graph)
     stage = tensorrt_io(manifest, spec)
@@ -156,9 +155,8 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
         graph.remove(n, safe=True)  # its readers read the rewrite's outputs now
     _head(ed, bk, spec, manifest.decoder.inputs[0].name, codebook)
     _set_outputs(ed, stage)
-    sort_and_prune(ir_model, keep_inputs=[t.name for t in stage.inputs])  # attention_mask goes
-    _set_opsets(ir_model, spec)
-    return to_proto(ir_model)
+    sort_and_prune(model, keep_inputs=[t.name for t in stage.inputs])  # attention_mask goes
+    _set_opsets(model, spec)
 
 
 def _check_ops(graph: ir.Graph) -> None:

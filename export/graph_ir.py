@@ -15,7 +15,7 @@ Value.producer()), replace_all_uses_with, the topological sort and dead-code rem
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence, Union
+from typing import Callable, Iterable, Sequence, TypeVar, Union
 
 import numpy as np
 import onnx
@@ -23,6 +23,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 ValueLike = Union[ir.Value, str, None]  # a value, its name, or "" / None for a missing input
+T = TypeVar("T")
 
 
 def from_proto(model: onnx.ModelProto) -> ir.Model:
@@ -37,6 +38,14 @@ def to_proto(model: ir.Model) -> onnx.ModelProto:
         if value not in inputs:
             value.type, value.shape = None, None
     return ir.to_proto(model)
+
+
+def edit_proto(model: onnx.ModelProto, edit: Callable[[ir.Model], T]) -> T:
+    """edit(the IR of `model`), written back into `model` (for callers that hold a proto)."""
+    ir_model = from_proto(model)
+    result = edit(ir_model)
+    model.CopyFrom(to_proto(ir_model))
+    return result
 
 
 def sort_and_prune(model: ir.Model, keep_inputs: Iterable[str] = ()) -> None:

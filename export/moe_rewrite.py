@@ -18,8 +18,7 @@ import onnx_ir as ir
 
 from arx.errors import ArxError
 from arx.export.decoder_graph import _ffn
-from arx.export.graph_ir import (Editor, from_proto, initializer_array, sort_and_prune,
-                                 to_proto)
+from arx.export.graph_ir import Editor, edit_proto, initializer_array, sort_and_prune
 from arx.export.moe_graph import MOE_OP, Routing, dense_experts, split_fc1
 from arx.export.weights import Expert
 
@@ -57,11 +56,9 @@ QMOE_OP = (MOE_OP[0], "QMoE")  # a calibrated bundle's (calibration/moe_quant.py
 
 def densify_moe(model: onnx.ModelProto) -> int:
     """densify_ir on a ModelProto (arx calibrate's), rewritten in place; returns how many."""
-    ir_model = from_proto(model)
-    count = densify_ir(ir_model)
-    if count:
-        model.CopyFrom(to_proto(ir_model))
-    return count
+    if not any((n.domain, n.op_type) in (MOE_OP, QMOE_OP) for n in model.graph.node):
+        return 0  # nothing to rewrite: no round trip through the IR (a copy of every weight)
+    return edit_proto(model, densify_ir)
 
 
 def densify_ir(model: ir.Model) -> int:

@@ -60,3 +60,48 @@ def test_prune_keeps_named_inputs():
     out = to_proto(model)
     assert [i.name for i in out.graph.input] == ["x", "dead"]
     assert [n.name for n in out.graph.node] == ["add", "relu"]
+
+
+def _decode_step(model: onnx.ModelProto, kv) -> list[np.ndarray]:
+    """One decode step of a bundle decoder (fp32 cache) on fixed feeds, every output."""
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": np.array([[5], [9]], np.int64),
+             "attention_mask": np.ones((2, 4), np.int64),
+             "logits_indices": np.zeros((2, 1), np.int64)}
+    for past, _ in kv.pairs():
+        feeds[past] = rng.standard_normal((2, kv.kv_heads, 3, kv.head_dim)).astype(np.float32)
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {i.name: feeds[i.name] for i in s.get_inputs()})
+
+
+def test_kv_retype_then_restore_gives_the_decoder_back(exported_bundle):
+    """export/kv_dtype: the fp16 casts and int8 scales retype_decoder adds, found again through
+    the IR's use lists by restore_decoder (arx build's first pass), leave the fp32 decoder's
+    outputs bit for bit; the int8 scales come back as given."""
+    from arx.export.kv_dtype import restore_decoder, retype_decoder
+    from arx.manifest import read_manifest
+
+    bundle = exported_bundle("llama")
+    kv = read_manifest(bundle).kv
+    original = onnx.load(str(bundle / "decoder.onnx"))
+    want = _decode_step(original, kv)
+    scales = {past: np.full((kv.kv_heads, 1, kv.head_dim), 0.01 * (i + 1), np.float32)
+              for i, (past, _) in enumerate(kv.pairs())}
+    for dtype in ("float16", "int8"):
+        model = onnx.ModelProto.FromString(original.SerializeToString())
+        retype_decoder(model, kv, dtype, scales)
+        assert model.SerializeToString() != original.SerializeToString()
+        ir_model = from_proto(model)
+        got_scales = restore_decoder(ir_model, kv)
+        back = to_proto(ir_model)
+        assert sorted(n.op_type for n in back.graph.node) == sorted(
+            n.op_type for n in original.graph.node)
+        assert {t.name for t in back.graph.initializer} == {t.name for t in original.graph.initializer}
+        for a, b in zip(_decode_step(back, kv), want):
+            assert a.tobytes() == b.tobytes()
+        if dtype == "int8":
+            assert got_scales.keys() == scales.keys()
+            for past in scales:
+                np.testing.assert_array_equal(got_scales[past], scales[past])
+        else:
+            assert got_scales is None
