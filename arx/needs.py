@@ -1,10 +1,11 @@
 """Which optional packages each command and option needs: one table, checked before any work.
 
-`pip install arx` is what an edge device gets: numpy, onnx, onnxruntime, tokenizers. That runs
-`arx generate`, `arx profile`, `arx inspect`, plugin-free build kits and `arx calibrate --scheme
-w8a8 --no-plot`. Everything else comes from an extra, and a command that needs one says which
-in one line (exit 2) before it loads, times or writes anything, instead of failing minutes later
-or in a traceback. `arx inspect --env` prints the same table with what is installed here.
+`pip install arx` is what an edge device gets: numpy, onnx, onnx-ir (the graph passes),
+onnxruntime, tokenizers. That runs `arx generate`, `arx profile`, `arx inspect`, plugin-free
+build kits and `arx calibrate --scheme w8a8 --no-plot`. Everything else comes from an extra,
+and a command that needs one says which in one line (exit 2) before it loads, times or writes
+anything, instead of failing minutes later or in a traceback. `arx inspect --env` prints the
+same table with what is installed here.
 
 Modules are found with importlib's finder, not imported: the check costs nothing, and the
 commands still import through `arx.errors.require` (which also reports a broken install).
@@ -40,11 +41,6 @@ NEEDS = (
          "arx export"),
     Need("export", (), ("onnxruntime_extensions",), "export", "tokenizer.onnx in exported bundles",
          "without it arx export writes tokenizer.json only", optional=True),
-    # onnxruntime's own MatMulNBits quantizer imports onnx_ir, which onnxruntime does not declare
-    Need("calibrate", (("scheme", ("w8", "w4")),), ("onnx_ir",), "calibrate",
-         "arx calibrate --scheme w8/w4"),
-    Need("export", (("quantize", ("w8", "w4")),), ("onnx_ir",), "calibrate",
-         "arx export --quantize w8/w4"),
     Need("calibrate", (("no_plot", False),), ("matplotlib",), "calibrate",
          "the accuracy plot of arx calibrate (reports/accuracy.png)", "or pass --no-plot"),
     Need("profile", (("plot", True),), ("matplotlib",), "plot", "arx profile --plot"),

@@ -10,12 +10,11 @@ general-step graph is written with them at export.
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
 
 from arx.errors import ArxError
 from arx.export.attention_rewrite import Bookkeeping, GqaNode, merge_heads, project_qkv
-from arx.export.graph_edit import GraphEditor
+from arx.export.graph_ir import Editor
 from arx.export.kv_dtype import scale_name
 
 from .schemas import DOMAIN, KV_ATTENTION, plugin_attrs
@@ -23,7 +22,7 @@ from .schemas import DOMAIN, KV_ATTENTION, plugin_attrs
 NO_SCALE = "arx/kv_attention/no_scale"  # the scale inputs of a float cache: (1,) 1.0, unread
 
 
-def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
+def rewrite_attention(ed: Editor, g: GqaNode, head_dim: int, bk: Bookkeeping,
                       rope_cache: dict, aot: bool) -> None:
     """Replace one GroupQueryAttention node (removed by the caller) with the plugin form.
 
@@ -45,13 +44,13 @@ def rewrite_attention(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeepin
     # GroupQueryAttention's local_window_size = W and the plugin's window = W mean the same
     # keys: j > p - W for the query at position p (checked against onnxruntime's own op in
     # tests/builder/test_attention_window.py); its "no window" is -1, the plugin's is 0.
-    ed.node(KV_ATTENTION, [q4, k4, v4, n.input[3], n.input[4], bk.past_len, bk.new_len],
-            [out4, n.output[1], n.output[2]], domain=DOMAIN, name=f"{n.name}/kv_attention",
+    ed.node(KV_ATTENTION, [q4, k4, v4, n.inputs[3], n.inputs[4], bk.past_len, bk.new_len],
+            [out4, n.outputs[1].name, n.outputs[2].name], domain=DOMAIN, name=f"{n.name}/kv_attention",
             mask="block" if bk.block else "causal", scale=g.scale, window=max(g.window, 0), **plugin_attrs(aot=aot))
     merge_heads(ed, n, out4, g.num_heads * head_dim)
 
 
-def attach_cache_scales(model: onnx.ModelProto, cache_dtype: str,
+def attach_cache_scales(model: ir.Model, cache_dtype: str,
                         scales: dict[str, np.ndarray] | None) -> None:
     """Give every kv_attention node its k_scale/v_scale inputs (plugins/trt_contract.py):
     an int8 cache's fp32 (Hkv, 1, D) scales of the layer (calibrate's, as the bundle's
@@ -59,23 +58,23 @@ def attach_cache_scales(model: onnx.ModelProto, cache_dtype: str,
     which lowers every fp32 initializer: the plugin takes its scales in fp32 in any precision,
     so its codes are ORT's."""
     graph = model.graph
-    have = {t.name for t in graph.initializer}
+    ed = Editor(graph)
 
-    def initializer(name: str, value: np.ndarray) -> str:
-        if name not in have:
-            graph.initializer.append(numpy_helper.from_array(
-                np.ascontiguousarray(value, dtype=np.float32), name))
-            have.add(name)
-        return name
+    def initializer(name: str, value: np.ndarray) -> ir.Value:
+        if name not in graph.initializers:
+            ed.initializer(name, np.asarray(value, dtype=np.float32))
+        return graph.initializers[name]
 
-    for n in (n for n in graph.node if n.domain == DOMAIN and n.op_type == KV_ATTENTION):
+    for n in [n for n in graph if n.domain == DOMAIN and n.op_type == KV_ATTENTION]:
         if cache_dtype != "int8":
-            names = [initializer(NO_SCALE, np.ones(1, np.float32))] * 2
+            values = [initializer(NO_SCALE, np.ones(1, np.float32))] * 2
         else:
-            missing = [p for p in n.input[3:5] if p not in (scales or {})]
+            pasts = [p.name for p in n.inputs[3:5]]
+            missing = [p for p in pasts if p not in (scales or {})]
             if missing:
                 raise ArxError(f"an int8 cache needs a scale for {missing[0]}; calibrate the "
                                f"cache scales (arx calibrate --kv-dtype int8 --data FILE)")
-            names = [initializer(scale_name(p), scales[p]) for p in n.input[3:5]]
-        del n.input[7:]
-        n.input.extend(names)
+            values = [initializer(scale_name(p), scales[p]) for p in pasts]
+        n.resize_inputs(9)
+        for j, value in enumerate(values, 7):
+            n.replace_input_with(j, value)

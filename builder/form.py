@@ -8,6 +8,7 @@ from pathlib import Path
 import onnx
 
 from arx.errors import ArxError
+from arx.export.graph_ir import from_proto, to_proto
 from arx.export.kv_dtype import restore_decoder
 from arx.manifest import Manifest, Stage
 
@@ -69,15 +70,17 @@ def make_tensorrt_form(bundle: Path, manifest: Manifest, options: BuildOptions) 
         raise ArxError(f"bundle {bundle} lacks {decoder_file}; re-export it with arx export")
     model = onnx.load(str(path))  # with external data: the form is written as a new file
     spec = form_spec(manifest, options)  # its cache dtype refused here, before any rewrite
-    scales = restore_decoder(model, manifest.kv)  # --kv-dtype: back to the fp32-cache GQA
     if options.precision == "int8":
         qdq = check_symmetric_qdq(model)
     model, blocks = weight_only_to_qdq(model, manifest)
     qdq += blocks
-    model = to_tensorrt_form(model, manifest, spec)
-    retype_form_cache(model, manifest, spec.cache_dtype, options.precision, scales)
-    apply_precision(model, options.precision, {x for pair in manifest.kv.pairs() for x in pair})
-    attach_cache_scales(model, spec.cache_dtype, scales)  # fp32 scales, so after the precision
+    ir_model = from_proto(model)  # one IR for every pass of the form, one proto at the end
+    scales = restore_decoder(ir_model, manifest.kv)  # --kv-dtype: back to the fp32-cache GQA
+    to_tensorrt_form(ir_model, manifest, spec)
+    retype_form_cache(ir_model, manifest, spec.cache_dtype, options.precision, scales)
+    apply_precision(ir_model, options.precision, {x for pair in manifest.kv.pairs() for x in pair})
+    attach_cache_scales(ir_model, spec.cache_dtype, scales)  # fp32 scales: after the precision
+    model = to_proto(ir_model)
     check_form(model)
     return TensorRTForm(model, tensorrt_io(manifest, spec), spec, qdq)
 

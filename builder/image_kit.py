@@ -22,6 +22,7 @@ from pathlib import Path
 import onnx
 
 from arx.errors import ArxError
+from arx.export.graph_ir import from_proto, to_proto
 from arx.manifest import Manifest
 
 from .form import check_form
@@ -42,8 +43,9 @@ def vq_form(bundle: Path, manifest: Manifest, precision: str,
     path = Path(bundle) / manifest.stages[name].file
     if not path.is_file():
         raise ArxError(f"bundle {bundle} lacks {path.name}; re-export it with arx export")
-    model = onnx.load(str(path))
-    apply_precision(model, precision, set())
+    ir_model = from_proto(onnx.load(str(path)))
+    apply_precision(ir_model, precision, set())
+    model = to_proto(ir_model)
     check_form(model)
     return model, name
 

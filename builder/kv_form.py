@@ -3,7 +3,7 @@
     bundle decoder (GQA with the fp16 casts / int8 scales of export/kv_dtype.py)
         ─restore_decoder─► the fp32-cache GQA the form rewrites, + the int8 scales
         ─to_tensorrt_form─► TensorScatter + Attention (native) or arx::kv_attention (plugin)
-        ─retype_step_graph (native)─► each cache write encoded (Cast, or Div/Round/Clip/Cast),
+        ─retype_step_ir (native)─► each cache write encoded (Cast, or Div/Round/Clip/Cast),
                                       Attention reading the decoded cache (Cast, Cast x scale)
 
 The cache dtype: `arx build --kv-dtype`, else the bundle's `--kv-dtype` cache, else the
@@ -16,10 +16,10 @@ fp32 inputs: builder/attention.attach_cache_scales, plugins/trt_contract.CACHE_C
 from __future__ import annotations
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from arx.errors import ArxError
-from arx.export.kv_dtype import EXTENSION, manifest_dtype, retype_step_graph
+from arx.export.kv_dtype import EXTENSION, manifest_dtype, retype_step_ir
 from arx.manifest import Manifest
 
 from .precision import CACHE_DTYPES
@@ -43,11 +43,11 @@ def form_cache_dtype(manifest: Manifest, precision: str, kv_dtype: str | None) -
     return want
 
 
-def retype_form_cache(model: onnx.ModelProto, manifest: Manifest, cache_dtype: str,
+def retype_form_cache(model: ir.Model, manifest: Manifest, cache_dtype: str,
                       precision: str, scales: dict[str, np.ndarray] | None) -> None:
     """Give the form's cache `cache_dtype` (before apply_precision): the native form's writes
     and reads (apply_precision then lowers the decoded values and the scales with the rest of
     the graph); for the plugin form, whose nodes read the cache inputs themselves, only the
     cache IO is retyped (its scales come after the precision pass)."""
     if cache_dtype != CACHE_DTYPES[precision]:
-        retype_step_graph(model, manifest.kv, cache_dtype, scales)
+        retype_step_ir(model, manifest.kv, cache_dtype, scales)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
+from onnx import TensorProto, numpy_helper
+from onnx_ir.passes.common import TopologicalSortPass
 
 from arx.errors import ArxError
 from arx.manifest import Manifest
 
-from arx.export.graph_edit import GraphEditor, producers, topological_sort
+from arx.export.graph_ir import Editor, set_tensor
 
 from .schemas import DOMAIN as PLUGIN_DOMAIN
 
@@ -67,7 +69,7 @@ def check_symmetric_qdq(model: onnx.ModelProto) -> int:
     return count
 
 
-def apply_precision(model: onnx.ModelProto, precision: str, cache_names: set[str]) -> None:
+def apply_precision(model: ir.Model, precision: str, cache_names: set[str]) -> None:
     """Rewrite a fp32 TensorRT-form graph to `precision` (in place). See the module docstring.
 
     cache_names: the past_key_values.* inputs and present.* outputs; they take the low type.
@@ -78,93 +80,72 @@ def apply_precision(model: onnx.ModelProto, precision: str, cache_names: set[str
         return
     low = LOW_TYPES[precision]
     graph = model.graph
-    del graph.value_info[:]  # intermediate types recorded by an exporter go stale here
-    ed = GraphEditor(graph, prefix="precision")
+    for node in graph:  # intermediate types recorded by an exporter go stale here
+        for value in node.outputs:
+            if not value.is_graph_output():
+                value.type, value.shape = None, None
+    ed = Editor(graph, prefix="precision")
     keep = _norm_params(graph)
     _convert_initializers(graph, low, keep)
-    for n in list(graph.node):
-        if n.op_type == "Cast" and _attr(n, "to") == TensorProto.FLOAT:
-            _set_attr(n, "to", low)
+    for n in graph:
+        to = n.attributes.get("to")
+        if n.op_type == "Cast" and to is not None and to.value == TensorProto.FLOAT:
+            n.attributes["to"] = ir.convenience.convert_attribute("to", low)
     _wrap_norms(ed, low)
     _cast_inputs_down(ed, low, cache_names)
-    for vi in graph.input:
-        if vi.name in cache_names and vi.type.tensor_type.elem_type == TensorProto.FLOAT:
-            vi.type.tensor_type.elem_type = low
-    for vi in graph.output:
-        if vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+    for value in graph.inputs:
+        if value.name in cache_names and value.dtype == ir.DataType.FLOAT:
+            value.dtype = ir.DataType(low)
+    for value in list(graph.outputs):
+        if value.dtype != ir.DataType.FLOAT:
             continue
-        if vi.name in cache_names:
-            vi.type.tensor_type.elem_type = low
+        if value.name in cache_names:
+            value.dtype = ir.DataType(low)
         else:
-            _cast_output_up(ed, vi.name)
-    topological_sort(graph)
+            _cast_output_up(ed, value)
+    TopologicalSortPass()(model)
 
 
-def _norm_params(graph: onnx.GraphProto) -> set[str]:
+def _norm_params(graph: ir.Graph) -> set[str]:
     """Scale/bias initializers of the norms: they stay fp32 with the fp32 norm; and Resize's
     scales, which ONNX types float32 whatever the data's type (a VQ decoder's upsampling)."""
-    resize = {n.input[2] for n in graph.node if n.op_type == "Resize" and len(n.input) > 2}
-    return {i for n in graph.node if n.op_type in KEEP_FP32_OPS for i in n.input[1:] if i} | \
-        (resize - {""})
+    resize = [n.inputs[2] for n in graph if n.op_type == "Resize" and len(n.inputs) > 2]
+    norms = [i for n in graph if n.op_type in KEEP_FP32_OPS for i in n.inputs[1:]]
+    return {v.name for v in resize + norms if v is not None}
 
 
-def _convert_initializers(graph: onnx.GraphProto, low: int, keep: set[str]) -> None:
-    for i, t in enumerate(graph.initializer):
-        if t.data_type != TensorProto.FLOAT or t.name in keep:
+def _convert_initializers(graph: ir.Graph, low: int, keep: set[str]) -> None:
+    for value in graph.initializers.values():
+        if value.const_value.dtype != ir.DataType.FLOAT or value.name in keep:
             continue
-        arr = numpy_helper.to_array(t).astype(_NUMPY[low])
-        graph.initializer[i].CopyFrom(numpy_helper.from_array(arr, t.name))
+        set_tensor(value, value.const_value.numpy().astype(_NUMPY[low]))
 
 
-def _wrap_norms(ed: GraphEditor, low: int) -> None:
+def _wrap_norms(ed: Editor, low: int) -> None:
     """x (low) ─Cast fp32─► Norm (fp32 params) ─Cast low─► y (low)."""
-    graph = ed.graph
-    for n in [n for n in graph.node if n.op_type in KEEP_FP32_OPS]:
-        up = ed.op("Cast", n.input[0], to=TensorProto.FLOAT, name=f"{n.name}/to_fp32")
-        n.input[0] = up
-        y = n.output[0]
-        y32 = ed.fresh(f"{n.name}/fp32")
-        n.output[0] = y32
-        ed.node("Cast", [y32], [y], to=low, name=f"{n.name}/to_low")
+    for n in [n for n in ed.graph if n.op_type in KEEP_FP32_OPS]:
+        n.replace_input_with(0, ed.op("Cast", n.inputs[0], to=TensorProto.FLOAT,
+                                      name=f"{n.name}/to_fp32"))
+        ed.insert_after(n.outputs[0], "Cast", name=f"{n.name}/to_low", rename=f"{n.name}/fp32",
+                        to=low)
 
 
-def _cast_inputs_down(ed: GraphEditor, low: int, cache_names: set[str]) -> None:
+def _cast_inputs_down(ed: Editor, low: int, cache_names: set[str]) -> None:
     """x (fp32 input) ─Cast low─► every standard-op reader: the engine's boundary keeps the
     type the runtime feeds, the weights it meets are low. An input an arx plugin reads is left
     alone (arx::sample takes its sampling_params in fp32)."""
-    graph = ed.graph
-    for vi in graph.input:
-        if vi.name in cache_names or vi.type.tensor_type.elem_type != TensorProto.FLOAT:
+    for value in list(ed.graph.inputs):
+        if value.name in cache_names or value.dtype != ir.DataType.FLOAT:
             continue
-        readers = [n for n in graph.node if vi.name in n.input]
-        if not readers or any(n.domain == PLUGIN_DOMAIN for n in readers):
+        readers = list(value.uses())
+        if not readers or any(u.node.domain == PLUGIN_DOMAIN for u in readers):
             continue
-        low_name = ed.op("Cast", vi.name, to=low, name=f"{vi.name}/to_low")
-        for n in readers:
-            n.input[:] = [low_name if x == vi.name else x for x in n.input]
+        ed.feed(readers, ed.op("Cast", value, to=low, name=f"{value.name}/to_low"))
 
 
-def _cast_output_up(ed: GraphEditor, name: str) -> None:
-    """Graph output `name` in fp32: its producer writes a low-precision value, Cast brings it up.
-
-    Consumers inside the graph (the sampler reads last_logits) read the fp32 value too.
-    """
-    graph = ed.graph
-    producer = producers(graph)[name]
-    low_name = ed.fresh(f"{name}/low")
-    producer.output[list(producer.output).index(name)] = low_name
-    ed.node("Cast", [low_name], [name], to=TensorProto.FLOAT, name=f"{name}/to_fp32")
-
-
-def _attr(node: onnx.NodeProto, name: str):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return None
-
-
-def _set_attr(node: onnx.NodeProto, name: str, value) -> None:
-    for a in node.attribute:
-        if a.name == name:
-            a.CopyFrom(helper.make_attribute(name, value))
-
+def _cast_output_up(ed: Editor, value: ir.Value) -> None:
+    """Graph output `value` in fp32: its producer writes a low-precision value, Cast brings it
+    up. Readers inside the graph (the sampler reads last_logits) read the fp32 value too."""
+    name = value.name
+    ed.insert_after(value, "Cast", name=f"{name}/to_fp32", rename=f"{name}/low",
+                    to=TensorProto.FLOAT)

@@ -34,20 +34,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from arx.errors import ArxError
 from arx.export.attention_rewrite import (GQA, NATIVE_OPSET, Bookkeeping, parse_gqa,
                                           rewrite_attention_native)
-from arx.export.graph_edit import GraphEditor, prune, topological_sort
-from arx.export.moe_rewrite import densify_moe
+from arx.export.graph_ir import Editor, sort_and_prune
+from arx.export.moe_rewrite import densify_ir
 from arx.manifest import Manifest, Stage, TensorSpec
 
 from .attention import rewrite_attention
 from .image_form import IMAGE_ROWS, check_image_form, image_sampler, sampler_logits
-from .schemas import DOMAIN, OPSET, SAMPLE, has_plugin_nodes, plugin_attrs, register_schemas
+from .schemas import DOMAIN, OPSET, SAMPLE, plugin_attrs, register_schemas
 
 ONNX_OPSET = 23  # RMSNormalization; TensorRT 11's parser reads up to opset 25
 TOKEN_IDS, LAST_LOGITS, LOGITS = "token_ids", "last_logits", "logits"
@@ -116,8 +115,8 @@ def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
     return Stage("decoder.trt.onnx", tuple(inputs), tuple(outputs))
 
 
-def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec) -> onnx.ModelProto:
-    """Rewrite `model` (the bundle's decoder, modified in place and returned) to the TRT form."""
+def to_tensorrt_form(model: ir.Model, manifest: Manifest, spec: FormSpec) -> None:
+    """Rewrite `model` (the bundle's decoder, in place) to the TRT form."""
     register_schemas()
     next_scale = manifest.pipeline.kind == "next-scale"
     codebook = image_sampler(manifest)  # image-token bundles (builder/image_form.py)
@@ -135,12 +134,14 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
     if spec.s_max > manifest.kv.max_seq_len:
         raise ArxError(f"--max-seq-len {spec.s_max} exceeds the bundle's context of "
                        f"{manifest.kv.max_seq_len}; re-export with a larger --max-seq-len")
-    densify_moe(model)  # TensorRT has no MoE op: the experts in standard ops
-    _check_ops(model)
     graph = model.graph
-    ed = GraphEditor(graph)
+    densify_ir(model)  # TensorRT has no MoE op: the experts in standard ops
+    _check_ops(graph)
+    ed = Editor(graph)
+    stage = tensorrt_io(manifest, spec)
+    _set_inputs(ed, stage)
     bk = _bookkeeping(ed, spec.s_max, manifest.decoder.inputs[0].name, block=next_scale)
-    gqa_nodes = [n for n in graph.node if (n.domain, n.op_type) == GQA]
+    gqa_nodes = [n for n in graph if (n.domain, n.op_type) == GQA]
     if not gqa_nodes:
         raise ArxError("the decoder has no GroupQueryAttention node to replace; is this an arx "
                        "export? re-export it with arx export")
@@ -151,20 +152,15 @@ def to_tensorrt_form(model: onnx.ModelProto, manifest: Manifest, spec: FormSpec)
             rewrite_attention_native(ed, parse_gqa(n), manifest.kv.head_dim, bk, rope_cache, masks)
         else:
             rewrite_attention(ed, parse_gqa(n), manifest.kv.head_dim, bk, rope_cache, spec.aot)
-        graph.node.remove(n)
-    stage = tensorrt_io(manifest, spec)
+        graph.remove(n, safe=True)  # its readers read the rewrite's outputs now
     _head(ed, bk, spec, manifest.decoder.inputs[0].name, codebook)
-    mask = [i for i in graph.input if i.name == MASK]  # still read by the bundle's dead
-    _set_io(graph, stage)                               # bookkeeping until the prune below
-    graph.input.extend(mask)
-    topological_sort(graph)  # appended nodes first, so that pruning sees every consumer
-    prune(graph, keep_inputs=[t.name for t in stage.inputs])
+    _set_outputs(ed, stage)
+    sort_and_prune(model, keep_inputs=[t.name for t in stage.inputs])  # attention_mask goes
     _set_opsets(model, spec)
-    return model
 
 
-def _check_ops(model: onnx.ModelProto) -> None:
-    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+def _check_ops(graph: ir.Graph) -> None:
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in graph
                       if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) != GQA})
     if foreign:
         raise ArxError(f"the decoder uses ops TensorRT cannot read: {', '.join(foreign)}; "
@@ -179,7 +175,7 @@ def _check_next_scale(spec: FormSpec) -> None:
                        "of a scale for the host sampler: build it with --sampler none --logits all")
 
 
-def _bookkeeping(ed: GraphEditor, s_max: int, tokens: str = "input_ids",
+def _bookkeeping(ed: Editor, s_max: int, tokens: str = "input_ids",
                  block: bool = False) -> Bookkeeping:
     """Per-sequence lengths and positions from the two length inputs (module docstring).
 
@@ -202,7 +198,7 @@ def _bookkeeping(ed: GraphEditor, s_max: int, tokens: str = "input_ids",
                        new_len64=new, past_len64=past, total64=total, block=rows)
 
 
-def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec, tokens: str = "input_ids",
+def _head(ed: Editor, bk: Bookkeeping, spec: FormSpec, tokens: str = "input_ids",
           codebook=None) -> None:
     """Which rows reach the LM head, each row's last valid logits, then the sampler.
 
@@ -234,21 +230,30 @@ def _head(ed: GraphEditor, bk: Bookkeeping, spec: FormSpec, tokens: str = "input
         ed.node("Cast", [ids], [TOKEN_IDS], to=onnx.TensorProto.INT32, name="head/token_ids")
 
 
-def _value_info(t: TensorSpec) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(t.name, _TYPES[t.dtype], list(t.shape))
+def _typed(ed: Editor, t: TensorSpec) -> ir.Value:
+    return ed.typed(t.name, _TYPES[t.dtype], t.shape)
 
 
-def _set_io(graph: onnx.GraphProto, stage: Stage) -> None:
-    del graph.input[:]
-    graph.input.extend(_value_info(t) for t in stage.inputs)
-    del graph.output[:]
-    graph.output.extend(_value_info(t) for t in stage.outputs)
+def _set_inputs(ed: Editor, stage: Stage) -> None:
+    """The form's inputs, in the stage's order, before the rewrites read them. The bundle's
+    attention_mask stays until the prune drops it with the bookkeeping that read it."""
+    mask = [v for v in ed.graph.inputs if v.name == MASK]
+    typed = [_typed(ed, t) for t in stage.inputs]
+    ed.graph.inputs.clear()
+    ed.graph.inputs.extend(typed + mask)
 
 
-def _set_opsets(model: onnx.ModelProto, spec: FormSpec) -> None:
-    kept = [o for o in model.opset_import if o.domain not in ("", "ai.onnx", "com.microsoft", DOMAIN)]
-    del model.opset_import[:]
-    model.opset_import.append(helper.make_opsetid("", spec.opset))
-    if has_plugin_nodes(model.graph):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, OPSET))
-    model.opset_import.extend(kept)
+def _set_outputs(ed: Editor, stage: Stage) -> None:
+    typed = [_typed(ed, t) for t in stage.outputs]
+    ed.graph.outputs.clear()
+    ed.graph.outputs.extend(typed)
+
+
+def _set_opsets(model: ir.Model, spec: FormSpec) -> None:
+    kept = {d: v for d, v in model.opset_imports.items()
+            if d not in ("", "ai.onnx", "com.microsoft", DOMAIN)}
+    model.opset_imports.clear()
+    model.opset_imports[""] = spec.opset
+    if any(n.domain == DOMAIN for n in model.graph):
+        model.opset_imports[DOMAIN] = OPSET
+    model.opset_imports.update(kept)

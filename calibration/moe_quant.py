@@ -83,15 +83,15 @@ def _block_quant(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.n
     return packed.reshape(n, -1), scales
 
 
-def dequantize_qmoe(graph: onnx.GraphProto, node: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray]:
-    """A QMoE node's fc1 (E,2I,H) and fc2 (E,H,I) back in float (the TensorRT forms)."""
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+def dequantize_qmoe(node) -> tuple[np.ndarray, np.ndarray]:
+    """A QMoE node's (an onnx_ir Node, its weights initializers) fc1 (E,2I,H) and fc2 (E,H,I)
+    back in float (the TensorRT forms: export/moe_rewrite.py)."""
+    attrs = {name: a.value for name, a in node.attributes.items()}
     bits, block = int(attrs.get("expert_weight_bits", 4)), int(attrs["block_size"])
-    inits = {t.name: t for t in graph.initializer}
     out = []
     for w_in, s_in in ((2, 3), (5, 6)):
-        codes = numpy_helper.to_array(inits[node.input[w_in]])
-        scales = numpy_helper.to_array(inits[node.input[s_in]]).astype(np.float32)
+        codes = node.inputs[w_in].const_value.numpy()
+        scales = node.inputs[s_in].const_value.numpy().astype(np.float32)
         e, n, blocks = scales.shape
         k = blocks * block
         w = np.stack([_unpack(codes[x], bits, k, n, blocks) for x in range(e)]).astype(np.float32)

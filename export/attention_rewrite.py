@@ -31,11 +31,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
+import onnx_ir as ir
 
 from arx.errors import ArxError
 
-from .graph_edit import GraphEditor
+from .graph_ir import Editor, ValueLike
 
 GQA = ("com.microsoft", "GroupQueryAttention")
 NATIVE_OPSET = 24  # TensorScatter; Attention's nonpad_kv_seqlen input
@@ -49,22 +49,22 @@ _NEUTRAL = {"softcap": 0.0, "smooth_softmax": 0, "qk_output": 0, "local_window_s
 
 @dataclass(frozen=True)
 class Bookkeeping:
-    """Per-step sequence values shared by every layer (names of graph values)."""
+    """Per-step sequence values shared by every layer (graph values, or their names)."""
 
-    past_len: str  # (B,) int32: tokens already in each sequence's cache
-    new_len: str  # (B,) int32: valid new tokens of each row (right padding after)
-    positions: str  # (B, S) int64: absolute position of each new token, clamped to the cache
+    past_len: ValueLike  # (B,) int32: tokens already in each sequence's cache
+    new_len: ValueLike  # (B,) int32: valid new tokens of each row (right padding after)
+    positions: ValueLike  # (B, S) int64: absolute position of each new token, clamped to the cache
     s_max: int  # static cache length (the RoPE tables must cover it)
-    new_len64: str = ""  # (B,) int64 copy of new_len (index arithmetic)
-    past_len64: str = ""  # (B,) int64: the cache write position of each row (TensorScatter)
-    total64: str = ""  # (B,) int64: valid cache entries after this step (past + new)
-    keys: str = ""  # (T,) int64 key positions 0..T-1 when the cache length is dynamic
-    block: str = ""  # (B,) bool: rows whose new block is bidirectional (mask "block")
+    new_len64: ValueLike = ""  # (B,) int64 copy of new_len (index arithmetic)
+    past_len64: ValueLike = ""  # (B,) int64: the cache write position of each row (TensorScatter)
+    total64: ValueLike = ""  # (B,) int64: valid cache entries after this step (past + new)
+    keys: ValueLike = ""  # (T,) int64 key positions 0..T-1 when the cache length is dynamic
+    block: ValueLike = ""  # (B,) bool: rows whose new block is bidirectional (mask "block")
 
 
 @dataclass(frozen=True)
 class GqaNode:
-    node: onnx.NodeProto
+    node: ir.Node
     num_heads: int
     kv_heads: int
     scale: float
@@ -73,8 +73,8 @@ class GqaNode:
     softcap: float = 0.0  # scores -> c * tanh(scores / c) before the mask (Gemma 2); 0 = none
 
 
-def parse_gqa(node: onnx.NodeProto) -> GqaNode:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+def parse_gqa(node: ir.Node) -> GqaNode:
+    attrs = {name: a.value for name, a in node.attributes.items()}
     for name, value in attrs.items():
         if name not in _KNOWN_ATTRS and _NEUTRAL.get(name) != value:
             raise ArxError(f"attention node {node.name} sets {name}={value!r}, which arx's "
@@ -87,8 +87,8 @@ def parse_gqa(node: onnx.NodeProto) -> GqaNode:
                    int(attrs.get("local_window_size", -1)), float(attrs.get("softcap", 0.0)))
 
 
-def project_qkv(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
-                rope_cache: dict) -> tuple[str, str, str]:
+def project_qkv(ed: Editor, g: GqaNode, head_dim: int, bk: Bookkeeping,
+                rope_cache: dict) -> tuple[ir.Value, ir.Value, ir.Value]:
     """The GQA node's q, k, v as (B,S,H,D) with RoPE applied (every rewrite starts here).
 
         packed qkv (B,S,(Hq+2Hkv)*D) ─Split─┐          (or q, k, v given separately)
@@ -98,8 +98,8 @@ def project_qkv(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
     """
     n = g.node
     hq, hkv, d = g.num_heads, g.kv_heads, head_dim
-    q, k, v = n.input[0], n.input[1], n.input[2]
-    if not k:  # packed QKV
+    q, k, v = n.inputs[0], n.inputs[1], n.inputs[2]
+    if k is None:  # packed QKV
         q, k, v = ed.node("Split", [q, ed.const([hq * d, hkv * d, hkv * d])], 3, axis=-1,
                           name=f"{n.name}/split_qkv")
     q4 = ed.op("Reshape", q, ed.const([0, 0, hq, d]), name=f"{n.name}/q4")
@@ -112,19 +112,20 @@ def project_qkv(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
     return q4, k4, v4
 
 
-def merge_heads(ed: GraphEditor, n: onnx.NodeProto, out4: str, width: int) -> None:
-    """(B,S,Hq,D) -> (B,S,Hq*D): the replaced node's output."""
-    ed.node("Reshape", [out4, ed.const([0, 0, width])], [n.output[0]], name=f"{n.name}/merge")
+def merge_heads(ed: Editor, n: ir.Node, out4, width: int) -> None:
+    """(B,S,Hq,D) -> (B,S,Hq*D): the replaced node's output (its readers read this one)."""
+    ed.node("Reshape", [out4, ed.const([0, 0, width])], [n.outputs[0].name], name=f"{n.name}/merge")
 
 
-def rewrite_attention_native(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Bookkeeping,
+def rewrite_attention_native(ed: Editor, g: GqaNode, head_dim: int, bk: Bookkeeping,
                              rope_cache: dict, masks: dict) -> None:
     """Replace one GroupQueryAttention node (removed by the caller) with the native form."""
     n = g.node
     q4, k4, v4 = project_qkv(ed, g, head_dim, bk, rope_cache)
     q = ed.op("Transpose", q4, perm=_BHSD, name=f"{n.name}/q_bhsd")
-    for new, past, present, what in ((k4, n.input[3], n.output[1], "key"),
-                                     (v4, n.input[4], n.output[2], "value")):
+    presents = [n.outputs[1].name, n.outputs[2].name]  # the new writes take these names
+    for new, past, present, what in ((k4, n.inputs[3], presents[0], "key"),
+                                     (v4, n.inputs[4], presents[1], "value")):
         ed.node("TensorScatter", [past, ed.op("Transpose", new, perm=_BHSD), bk.past_len64],
                 [present], axis=2, mode="linear", name=f"{n.name}/write_{what}")
     attrs = {"softmax_precision": onnx.TensorProto.FLOAT}
@@ -132,13 +133,13 @@ def rewrite_attention_native(ed: GraphEditor, g: GqaNode, head_dim: int, bk: Boo
         attrs["scale"] = g.scale
     if g.softcap:  # Attention-24 caps the scaled scores before mask and softmax, as GQA does
         attrs["softcap"] = g.softcap
-    out = ed.op("Attention", q, n.output[1], n.output[2], attention_mask(ed, bk, g.window, masks),
+    out = ed.op("Attention", q, *presents, attention_mask(ed, bk, g.window, masks),
                 "", "", bk.total64, name=f"{n.name}/attention", **attrs)
     merge_heads(ed, n, ed.op("Transpose", out, perm=_BHSD, name=f"{n.name}/attn"),
                 g.num_heads * head_dim)
 
 
-def attention_mask(ed: GraphEditor, bk: Bookkeeping, window: int, masks: dict) -> str:
+def attention_mask(ed: Editor, bk: Bookkeeping, window: int, masks: dict) -> ir.Value:
     """(B,1,S,T) bool over the cache (see the module docstring), within `window` keys when > 0."""
     window = max(window, 0)
     if window not in masks:
@@ -159,26 +160,27 @@ def attention_mask(ed: GraphEditor, bk: Bookkeeping, window: int, masks: dict) -
     return masks[window]
 
 
-def _rope_tables(ed: GraphEditor, n: onnx.NodeProto, bk: Bookkeeping, cache: dict):
+def _rope_tables(ed: Editor, n: ir.Node, bk: Bookkeeping, cache: dict):
     """cos/sin (B,S,1,R/2) at each new token's position; computed once, shared by all layers."""
-    key = (n.input[7], n.input[8])
+    cos_table, sin_table = n.inputs[7], n.inputs[8]
+    key = (cos_table.name, sin_table.name)
     if key not in cache:
-        # dims only: the table's data may already live in an external file
-        table = next((t for t in ed.graph.initializer if t.name == n.input[7]), None)
-        if table is None:
-            raise ArxError(f"attention node {n.name}: the cos cache {n.input[7]} is not a "
+        # dims only: the table's data may still be in an external file
+        if not cos_table.is_initializer():
+            raise ArxError(f"attention node {n.name}: the cos cache {cos_table.name} is not a "
                            f"constant; re-export the bundle")
-        if table.dims[0] < bk.s_max:
-            raise ArxError(f"the RoPE tables cover {table.dims[0]} positions, fewer than the "
+        dims = cos_table.const_value.shape
+        if dims[0] < bk.s_max:
+            raise ArxError(f"the RoPE tables cover {dims[0]} positions, fewer than the "
                            f"cache length {bk.s_max}; lower --max-seq-len")
         axes = ed.const([2])
-        cos = ed.op("Unsqueeze", ed.op("Gather", n.input[7], bk.positions, name="rope/cos"), axes)
-        sin = ed.op("Unsqueeze", ed.op("Gather", n.input[8], bk.positions, name="rope/sin"), axes)
-        cache[key] = (cos, sin, int(table.dims[1]) * 2)
+        cos = ed.op("Unsqueeze", ed.op("Gather", cos_table, bk.positions, name="rope/cos"), axes)
+        sin = ed.op("Unsqueeze", ed.op("Gather", sin_table, bk.positions, name="rope/sin"), axes)
+        cache[key] = (cos, sin, int(dims[1]) * 2)
     return cache[key]
 
 
-def _rotate(ed: GraphEditor, x: str, tables, d: int, name: str) -> str:
+def _rotate(ed: Editor, x: ir.Value, tables, d: int, name: str) -> ir.Value:
     """Rotate-half RoPE on the first R dims of x (B,S,H,D); dims past R pass through.
 
         x ─Split─► x1 (..,R/2), x2 (..,R/2)[, rest (..,D-R)]

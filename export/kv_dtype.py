@@ -30,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
+from onnx import TensorProto
+from onnx_ir.passes.common import TopologicalSortPass
 
 from arx.errors import ArxError
-from arx.export.graph_edit import GraphEditor, consumers, topological_sort
+from arx.export.graph_ir import Editor, edit_proto
 from arx.manifest import KVLayout, Manifest, TensorSpec
 
 KV_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}  # flag -> manifest dtype
@@ -45,7 +47,7 @@ RANDOM_SAMPLES, RANDOM_TOKENS = 16, 128  # export's int8 scales (no text there)
 # the fp32 cache: 0.8x 8.7e-5, 1x 4.5e-6, 1.25x 2.0e-6)
 HEADROOM = 1.25
 _GQA = ("com.microsoft", "GroupQueryAttention")
-_ONNX = {"float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
+_ONNX = {"float16": TensorProto.FLOAT16, "int8": TensorProto.INT8, "float32": TensorProto.FLOAT}
 _SCALE_INPUTS = 12  # GroupQueryAttention's k_scale, v_scale are inputs 12 and 13
 _QUANT_ATTRS = ("k_quant_type", "v_quant_type", "kv_cache_bit_width")
 
@@ -67,102 +69,105 @@ def retype_layout(kv: KVLayout, dtype: str) -> KVLayout:
 def retype_decoder(model: onnx.ModelProto, kv: KVLayout, dtype: str,
                    scales: dict[str, np.ndarray] | None = None) -> None:
     """Rewrite every GroupQueryAttention node of an fp32-cache decoder for a `dtype` cache."""
+    edit_proto(model, lambda m: _retype_decoder(m, kv, dtype, scales))
+
+
+def _retype_decoder(model: ir.Model, kv: KVLayout, dtype: str,
+                    scales: dict[str, np.ndarray] | None) -> None:
     graph = model.graph
-    ed = GraphEditor(graph, prefix="kv")
-    casts: dict[str, str] = {}  # fp32 value -> its fp16 cast (the RoPE tables are shared)
+    ed = Editor(graph, prefix="kv")
+    casts: dict[str, ir.Value] = {}  # fp32 value -> its fp16 cast (the RoPE tables are shared)
 
-    def half(name: str) -> str:
-        if name and name not in casts:
-            casts[name] = ed.op("Cast", name, to=TensorProto.FLOAT16, name="kv/fp16")
-        return casts.get(name, name)
+    def half(value: ir.Value) -> ir.Value:
+        if value.name not in casts:
+            casts[value.name] = ed.op("Cast", value, to=TensorProto.FLOAT16, name="kv/fp16")
+        return casts[value.name]
 
-    for n in [n for n in graph.node if (n.domain, n.op_type) == _GQA]:
+    for n in [n for n in graph if (n.domain, n.op_type) == _GQA]:
         if dtype == "float16":
             for j in (0, 1, 2, 7, 8):  # q, k, v (new tokens only), cos, sin
-                if j < len(n.input):
-                    n.input[j] = half(n.input[j])
-            out = n.output[0]
-            n.output[0] = ed.fresh(f"{n.name}/out_fp16")
-            ed.node("Cast", [n.output[0]], [out], to=TensorProto.FLOAT, name=f"{n.name}/out_fp32")
+                if j < len(n.inputs) and n.inputs[j] is not None:
+                    n.replace_input_with(j, half(n.inputs[j]))
+            ed.insert_after(n.outputs[0], "Cast", name=f"{n.name}/out_fp32",
+                            rename=f"{n.name}/out_fp16", to=TensorProto.FLOAT)
         else:
-            names = [_scale(ed, scales, n.input[3]), _scale(ed, scales, n.input[4])]
-            inputs = list(n.input) + [""] * (_SCALE_INPUTS - len(n.input))
-            del n.input[:]
-            n.input.extend(inputs[:_SCALE_INPUTS] + names)
-            n.attribute.extend([helper.make_attribute(_QUANT_ATTRS[0], "PER_CHANNEL"),
-                                helper.make_attribute(_QUANT_ATTRS[1], "PER_CHANNEL"),
-                                helper.make_attribute(_QUANT_ATTRS[2], 8)])
+            names = [_scale(ed, scales, n.inputs[3].name), _scale(ed, scales, n.inputs[4].name)]
+            n.resize_inputs(_SCALE_INPUTS + 2)  # missing optional inputs in between stay empty
+            for j, value in enumerate(names, _SCALE_INPUTS):
+                n.replace_input_with(j, value)
+            n.attributes.update({a.name: a for a in (
+                ir.convenience.convert_attribute(_QUANT_ATTRS[0], "PER_CHANNEL"),
+                ir.convenience.convert_attribute(_QUANT_ATTRS[1], "PER_CHANNEL"),
+                ir.convenience.convert_attribute(_QUANT_ATTRS[2], 8))})
     _retype_io(graph, kv, dtype)
-    topological_sort(graph)
+    TopologicalSortPass()(model)
 
 
-def restore_decoder(model: onnx.ModelProto, kv: KVLayout) -> dict[str, np.ndarray] | None:
+def restore_decoder(model: ir.Model, kv: KVLayout) -> dict[str, np.ndarray] | None:
     """Undo retype_decoder on a loaded decoder (the TensorRT forms rewrite the fp32-cache
     GroupQueryAttention, then give their own cache ops the dtype); return the int8 scales per
     past name (None for an fp16 or fp32 cache)."""
     graph = model.graph
-    made = {o: n for n in graph.node for o in n.output if n.name.startswith("kv/")}
-    inits = {t.name: t for t in graph.initializer}
     scales: dict[str, np.ndarray] = {}
-    dead: set[str] = set()
-    users = consumers(graph)
-    for n in [n for n in graph.node if (n.domain, n.op_type) == _GQA]:
-        for j, name in enumerate(n.input):  # q/k/v/cos/sin through "kv/fp16" casts
-            if name in made and made[name].op_type == "Cast":
-                n.input[j] = made[name].input[0]
-                dead.add(made[name].name)
-        if len(n.input) > _SCALE_INPUTS:
-            for past, scale in zip(n.input[3:5], n.input[_SCALE_INPUTS:]):
-                scales[past] = numpy_helper.to_array(inits[scale])
-            kept = list(n.input[:_SCALE_INPUTS])
-            while kept and not kept[-1]:
+    dead: dict[str, ir.Node] = {}
+    for n in [n for n in graph if (n.domain, n.op_type) == _GQA]:
+        for j, value in enumerate(n.inputs):  # q/k/v/cos/sin through "kv/fp16" casts
+            made = value.producer() if value is not None else None
+            if made is not None and made.name.startswith("kv/") and made.op_type == "Cast":
+                n.replace_input_with(j, made.inputs[0])
+                dead[made.name] = made
+        if len(n.inputs) > _SCALE_INPUTS:
+            for past, scale in zip(n.inputs[3:5], n.inputs[_SCALE_INPUTS:]):
+                scales[past.name] = scale.const_value.numpy()
+            kept = list(n.inputs[:_SCALE_INPUTS])
+            while kept and kept[-1] is None:
                 kept.pop()
-            del n.input[:]
-            n.input.extend(kept)
-            attrs = [a for a in n.attribute if a.name not in _QUANT_ATTRS]
-            del n.attribute[:]
-            n.attribute.extend(attrs)
-        back = [c for c in users.get(n.output[0], []) if c.name.startswith("kv/")]
+            n.resize_inputs(len(kept))
+            for name in _QUANT_ATTRS:
+                n.attributes.pop(name, None)
+        back = [u.node for u in n.outputs[0].uses() if u.node.name.startswith("kv/")]
         if back:  # the fp16 output's Cast back to fp32 goes with the node's fp16
-            back = back[0]
-            n.output[0] = back.output[0]
-            dead.add(back.name)
-    nodes = [n for n in graph.node if n.name not in dead]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    kept_inits = [t for t in graph.initializer if t.name in used or t.name not in
-                  {scale_name(p) for p in scales}]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_inits)
-    names = {name for pair in kv.pairs() for name in pair}
-    for value in (*graph.input, *graph.output):
-        if value.name in names:
-            value.type.tensor_type.elem_type = TensorProto.FLOAT
+            _bypass(back[0], n.outputs[0])
+            dead[back[0].name] = back[0]
+    graph.remove(list(dead.values()), safe=True)
+    for name in {scale_name(p) for p in scales}:
+        if name in graph.initializers and not graph.initializers[name].uses():
+            del graph.initializers[name]
+    _retype_io(graph, kv, "float32")
     return scales or None
+
+
+def _bypass(cast: ir.Node, source: ir.Value) -> None:
+    """cast's readers (and graph output slot, name, type) go back to the value it casts."""
+    out = cast.outputs[0]
+    name, source.type = out.name, out.type
+    out.replace_all_uses_with(source, replace_graph_outputs=True)
+    out.name, source.name = None, name
 
 
 def retype_step_graph(model: onnx.ModelProto, kv: KVLayout, dtype: str,
                       scales: dict[str, np.ndarray] | None = None) -> None:
+    """retype_step_ir on a ModelProto (a saved bundle's step graph), rewritten in place."""
+    edit_proto(model, lambda m: retype_step_ir(m, kv, dtype, scales))
+
+
+def retype_step_ir(model: ir.Model, kv: KVLayout, dtype: str,
+                   scales: dict[str, np.ndarray] | None = None) -> None:
     """Encode each TensorScatter's new block into the cache dtype; decode what Attention reads."""
     graph = model.graph
-    ed = GraphEditor(graph, prefix="kv")
+    ed = Editor(graph, prefix="kv")
     pasts = {past for past, _ in kv.pairs()}
-    users = consumers(graph)
-    for n in [n for n in graph.node if n.op_type == "TensorScatter" and n.input[0] in pasts]:
-        scale = _scale(ed, scales, n.input[0]) if dtype == "int8" else ""
-        n.input[1] = _encode(ed, n.input[1], dtype, scale)
-        present = n.output[0]
-        decoded = _decode(ed, present, dtype, scale)
-        for user in users.get(present, []):
-            for j, name in enumerate(user.input):
-                if name == present:
-                    user.input[j] = decoded
+    for n in [n for n in graph if n.op_type == "TensorScatter" and n.inputs[0].name in pasts]:
+        scale = _scale(ed, scales, n.inputs[0].name) if dtype == "int8" else None
+        n.replace_input_with(1, _encode(ed, n.inputs[1], dtype, scale))
+        present = n.outputs[0]
+        readers = list(present.uses())  # the present output itself stays the encoded cache
+        ed.feed(readers, _decode(ed, present, dtype, scale))
     _retype_io(graph, kv, dtype)
-    topological_sort(graph)
+    TopologicalSortPass()(model)
 
 
-def _encode(ed: GraphEditor, x: str, dtype: str, scale: str) -> str:
+def _encode(ed: Editor, x: ir.Value, dtype: str, scale: ir.Value | None) -> ir.Value:
     if dtype == "float16":
         return ed.op("Cast", x, to=TensorProto.FLOAT16, name="kv/encode")
     q = ed.op("Round", ed.op("Div", x, scale, name="kv/quantize"))  # Round: half to even, as GQA
@@ -170,27 +175,26 @@ def _encode(ed: GraphEditor, x: str, dtype: str, scale: str) -> str:
     return ed.op("Cast", q, to=TensorProto.INT8, name="kv/encode")
 
 
-def _decode(ed: GraphEditor, x: str, dtype: str, scale: str) -> str:
+def _decode(ed: Editor, x: ir.Value, dtype: str, scale: ir.Value | None) -> ir.Value:
     y = ed.op("Cast", x, to=TensorProto.FLOAT, name="kv/decode")
     return ed.op("Mul", y, scale, name="kv/dequantize") if dtype == "int8" else y
 
 
-def _scale(ed: GraphEditor, scales: dict[str, np.ndarray] | None, past: str) -> str:
+def _scale(ed: Editor, scales: dict[str, np.ndarray] | None, past: str) -> ir.Value:
     name = scale_name(past)
-    if not any(t.name == name for t in ed.graph.initializer):
+    if name not in ed.graph.initializers:
         if scales is None or past not in scales:
             raise ArxError(f"an int8 cache needs a scale for {past}; calibrate the cache scales "
                            f"(arx calibrate --kv-dtype int8 --data FILE)")
-        ed.graph.initializer.append(numpy_helper.from_array(
-            np.ascontiguousarray(scales[past], dtype=np.float32), name))
-    return name
+        ed.initializer(name, np.ascontiguousarray(scales[past], dtype=np.float32))
+    return ed.graph.initializers[name]
 
 
-def _retype_io(graph: onnx.GraphProto, kv: KVLayout, dtype: str) -> None:
+def _retype_io(graph: ir.Graph, kv: KVLayout, dtype: str) -> None:
     names = {name for pair in kv.pairs() for name in pair}
-    for value in (*graph.input, *graph.output):
+    for value in (*graph.inputs, *graph.outputs):
         if value.name in names:
-            value.type.tensor_type.elem_type = _ONNX[dtype]
+            value.dtype = ir.DataType(_ONNX[dtype])
 
 
 def measure_scales(bundle: Path, samples: list[np.ndarray]) -> dict[str, np.ndarray]:

@@ -22,12 +22,11 @@ import hashlib
 from pathlib import Path
 
 import onnx
-from onnx import helper
 
 from arx.export.attention_rewrite import (GQA, NATIVE_OPSET, Bookkeeping, parse_gqa,
                                           rewrite_attention_native)
 from arx.export.graph import DTYPES
-from arx.export.graph_edit import GraphEditor, prune, topological_sort
+from arx.export.graph_ir import Editor, from_proto, sort_and_prune, to_proto
 from arx.manifest import KVLayout, Stage, TensorSpec
 from arx.runtime.decoder import LENGTH_INPUTS  # the feeds the runtime builds for this graph
 from arx.runtime.decoder import STEP_GRAPH as EXTENSION
@@ -47,33 +46,31 @@ def step_io(decoder: Stage) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 def build_step_graph(decoder_model: onnx.ModelProto, decoder: Stage, kv: KVLayout,
                      file: str = STEP_FILE) -> tuple[onnx.ModelProto, Stage]:
-    """Rewrite a copy of the (saved, weights-external) decoder into the general-step graph."""
-    model = onnx.ModelProto()
-    model.CopyFrom(decoder_model)
+    """Rewrite the (saved, weights-external) decoder into the general-step graph; the decoder's
+    proto is left as it was (its weights stay external references into its data file)."""
+    model = from_proto(decoder_model)
     graph = model.graph
-    ed = GraphEditor(graph, prefix="step")
+    ed = Editor(graph, prefix="step")
     inputs, outputs = step_io(decoder)
+    graph.inputs.extend(ed.typed(n, DTYPES["int64"], ["batch_size"]) for n in LENGTH_INPUTS)
     bk = _bookkeeping(ed, kv, decoder.inputs[0].name)
     masks: dict = {}
     rope: dict = {}
-    for n in [n for n in graph.node if (n.domain, n.op_type) == GQA]:
+    for n in [n for n in graph if (n.domain, n.op_type) == GQA]:
         rewrite_attention_native(ed, parse_gqa(n), kv.head_dim, bk, rope, masks)
-        graph.node.remove(n)
-    graph.input.extend(helper.make_tensor_value_info(n, DTYPES["int64"], ["batch_size"])
-                       for n in LENGTH_INPUTS)
-    topological_sort(graph)
-    prune(graph)  # the mask bookkeeping (and attention_mask with it) goes
-    del graph.input[:]  # in the manifest's order
-    graph.input.extend(helper.make_tensor_value_info(t.name, DTYPES[t.dtype], list(t.shape))
-                       for t in inputs)
-    kept = [o for o in model.opset_import if o.domain not in ("", "ai.onnx")]  # MatMulNBits..
-    del model.opset_import[:]
-    model.opset_import.append(helper.make_opsetid("", NATIVE_OPSET))
-    model.opset_import.extend(kept)
-    return model, Stage(file, tuple(inputs), tuple(outputs))
+        graph.remove(n, safe=True)
+    sort_and_prune(model)  # the mask bookkeeping (and attention_mask with it) goes
+    typed = [ed.typed(t.name, DTYPES[t.dtype], t.shape) for t in inputs]
+    graph.inputs.clear()  # in the manifest's order
+    graph.inputs.extend(typed)
+    # the other domains stay (com.microsoft: MatMulNBits, ...)
+    kept = {d: v for d, v in model.opset_imports.items() if d not in ("", "ai.onnx")}
+    model.opset_imports.clear()
+    model.opset_imports.update({"": NATIVE_OPSET, **kept})
+    return to_proto(model), Stage(file, tuple(inputs), tuple(outputs))
 
 
-def _bookkeeping(ed: GraphEditor, kv: KVLayout, tokens: str) -> Bookkeeping:
+def _bookkeeping(ed: Editor, kv: KVLayout, tokens: str) -> Bookkeeping:
     """Per-row lengths, positions and key positions from the explicit length inputs.
 
         positions (B,S) = Min(past[:,None] + Range(0,S), max_seq_len-1)   (padding stays in

@@ -100,7 +100,9 @@ def ort_session(model: onnx.ModelProto):
     """An InferenceSession running `model` (a TensorRT-form graph) with the PyOp plugins."""
     import onnxruntime as ort
 
-    from arx.export.graph_edit import topological_sort
+    from onnx_ir.passes.common import TopologicalSortPass
+
+    from arx.export.graph_ir import from_proto, to_proto
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     types = _elem_types(model)
@@ -112,7 +114,9 @@ def ort_session(model: onnx.ModelProto):
             _widen_float16(model, node, types)
             _register("f32", _DT.dt_float)
             node.op_type, node.domain = f"{node.op_type}_{suffix}", CONTRIB
-    topological_sort(model.graph)
+    ir_model = from_proto(model)  # the casts around the PyOps were appended last
+    TopologicalSortPass()(ir_model)
+    model = to_proto(ir_model)
     model.opset_import.append(onnx.helper.make_opsetid(CONTRIB, 1))
     so = ort.SessionOptions()
     so.register_custom_ops_library(ort_ext.get_library_path())

@@ -104,13 +104,11 @@ def test_plugin_free_kit_and_w8a8_calibration_need_no_extra(base_install, bundle
 @pytest.mark.parametrize("argv, extra", [
     (("export", str(TINY), "-o", "{tmp}/out.arx"), "export"),
     (("calibrate", "{bundle}", "--random", "-o", "{tmp}/out.arx"), "calibrate"),
-    (("calibrate", "{bundle}", "--random", "--scheme", "w4", "--no-plot", "-o", "{tmp}/out.arx"),
-     "calibrate"),
     (("profile", "{bundle}", "--plot", "{tmp}/out.png"), "plot"),
     (("generate", "{bundle}", "--prompt", "Hi", "--engine", "h100"), "gpu"),
     (("profile", "{bundle}", "--engine", "h100"), "gpu"),
     (("build", "{bundle}", "--target", "orin", "-o", "{tmp}/out"), "kernels"),
-], ids=["export", "calibrate", "calibrate-w4", "profile-plot", "generate-engine",
+], ids=["export", "calibrate", "profile-plot", "generate-engine",
         "profile-engine", "build-plugins"])
 def test_commands_needing_an_extra_name_it(base_install, bundle, tmp_path, argv, extra):
     argv = [a.format(tmp=tmp_path, bundle=bundle) for a in argv]

@@ -43,12 +43,11 @@ def test_profile_plot_without_matplotlib_refuses_before_profiling(exported_bundl
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (("--scheme", "w4", "--no-plot"), ("--scheme w8/w4", "'onnx_ir'", "pip install 'arx[calibrate]'")),
     (("--scheme", "w8a8"), ("accuracy plot", "'matplotlib'", "arx[calibrate]", "--no-plot")),
 ])
 def test_calibrate_refuses_before_calibrating(exported_bundle, tmp_path, argv, fragments):
     out = tmp_path / "q.arx"
-    proc = arx_without(("onnx_ir", "matplotlib"), "calibrate", str(exported_bundle("llama")),
+    proc = arx_without(("matplotlib",), "calibrate", str(exported_bundle("llama")),
                        "--random", "--samples", "2", "--eval-samples", "2", "-o", str(out), *argv)
     assert_one_line(proc, *fragments)
     assert not out.exists() and not list(tmp_path.iterdir())
@@ -56,7 +55,7 @@ def test_calibrate_refuses_before_calibrating(exported_bundle, tmp_path, argv, f
 
 def test_calibrate_w8a8_without_the_plot_needs_no_extra(exported_bundle, tmp_path):
     out = tmp_path / "q.arx"
-    proc = arx_without(("onnx_ir", "matplotlib"), "calibrate", str(exported_bundle("llama")),
+    proc = arx_without(("matplotlib",), "calibrate", str(exported_bundle("llama")),
                        "--random", "--samples", "4", "--eval-samples", "2", "--seq-len", "8",
                        "--method", "minmax", "--no-plot", "-q", "-o", str(out), "--force")
     assert proc.returncode == 0, proc.stderr
