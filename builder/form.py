@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 
 from arx.errors import ArxError
 from arx.export.graph_ir import from_proto, to_proto
@@ -44,17 +45,16 @@ def form_spec(manifest: Manifest, options: BuildOptions) -> FormSpec:
                     aot=options.plugin_impl == "aot", attention=options.attention)
 
 
-def weight_only_to_qdq(model: onnx.ModelProto, manifest: Manifest) -> tuple[onnx.ModelProto, int]:
+def weight_only_to_qdq(model: ir.Model) -> int:
     """A w8/w4 bundle's MatMulNBits (ORT's packed weight-only op, which TensorRT cannot read)
     as DequantizeLinear(block_size) + MatMul: the Q/DQ-block form TensorRT imports. Lossless:
-    the same integer codes and scales. Returns (model, number of MatMuls rewritten)."""
-    count = sum(n.op_type == "MatMulNBits" for n in model.graph.node)
-    if not count:
-        return model, 0
+    the same integer codes and scales. Returns the number of MatMuls rewritten."""
+    if not any(n.op_type == "MatMulNBits" for n in model.graph):
+        return 0
     from arx.calibration.weight_only import matmulnbits_to_qdq
 
     try:
-        return matmulnbits_to_qdq(model), count
+        return matmulnbits_to_qdq(model)
     except ValueError as e:  # asymmetric codes have no symmetric Q/DQ form
         raise ArxError(f"{e}; re-run arx calibrate (its w8/w4 schemes are symmetric)") from e
 
@@ -72,9 +72,8 @@ def make_tensorrt_form(bundle: Path, manifest: Manifest, options: BuildOptions) 
     spec = form_spec(manifest, options)  # its cache dtype refused here, before any rewrite
     if options.precision == "int8":
         qdq = check_symmetric_qdq(model)
-    model, blocks = weight_only_to_qdq(model, manifest)
-    qdq += blocks
     ir_model = from_proto(model)  # one IR for every pass of the form, one proto at the end
+    qdq += weight_only_to_qdq(ir_model)
     scales = restore_decoder(ir_model, manifest.kv)  # --kv-dtype: back to the fp32-cache GQA
     to_tensorrt_form(ir_model, manifest, spec)
     retype_form_cache(ir_model, manifest, spec.cache_dtype, options.precision, scales)

@@ -17,11 +17,12 @@ INT4/INT8 path expects. Lossless: the same integers and scales, re-laid out.
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_ir as ir
+from onnx import helper
 
-from arx.calibration.graph import initializers
 
 MIN_QDQ_OPSET = 21  # DequantizeLinear with block_size and int4
 SYMMETRIC = True  # no zero points: the TensorRT form below needs none
@@ -84,62 +85,54 @@ def _unpack(packed: np.ndarray, bits: int, k: int, n: int, k_blocks: int) -> np.
     return codes[:, :k]  # the last block is padded up to block_size
 
 
-def _pack_int4(values: np.ndarray) -> bytes:
-    """Signed int4 (row-major) -> ONNX INT4 raw data: two per byte, first in the low nibble."""
-    flat = values.astype(np.int8).reshape(-1)
-    if flat.size % 2:
-        flat = np.append(flat, np.int8(0))
-    nib = (flat & 0x0F).astype(np.uint8)
-    return (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
-
-
-def matmulnbits_to_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite every symmetric MatMulNBits of `model` (a copy) as DequantizeLinear(block) + MatMul.
+def matmulnbits_to_qdq(model: ir.Model) -> int:
+    """Rewrite every symmetric MatMulNBits of `model` (onnx_ir, in place: the TensorRT form's
+    IR, builder/form.py) as DequantizeLinear(block) + MatMul; returns how many.
 
     The Q/DQ-block form TensorRT imports for weight-only quantization; it also runs on ORT CPU.
     """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    inits = initializers(out)
-    nodes = []
-    for node in out.graph.node:
-        if node.op_type != "MatMulNBits":
-            nodes.append(node)
-            continue
-        nodes.extend(_node_to_qdq(out, node, inits))
-    del out.graph.node[:]
-    out.graph.node.extend(nodes)
-    for op in out.opset_import:
-        if op.domain in ("", "ai.onnx") and op.version < MIN_QDQ_OPSET:
-            op.version = MIN_QDQ_OPSET
-    return out
+    nodes = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    for node in nodes:
+        _node_to_qdq(model.graph, node)
+    if nodes:
+        model.opset_imports[""] = max(model.opset_imports.get("", 1), MIN_QDQ_OPSET)
+    return len(nodes)
 
 
-def _node_to_qdq(model: onnx.ModelProto, node: onnx.NodeProto, inits) -> list[onnx.NodeProto]:
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+def _node_to_qdq(graph: ir.Graph, node: ir.Node) -> None:
+    attrs = {name: a.value for name, a in node.attributes.items()}
     k, n, bits, bs = attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]
-    if len(node.input) > 3 and node.input[3]:
+    inputs = list(node.inputs) + [None] * (6 - len(node.inputs))
+    x, packed, scales, zero_points, bias = inputs[0], inputs[1], inputs[2], inputs[3], inputs[5]
+    if zero_points is not None:
         raise ValueError(f"{node.name}: asymmetric MatMulNBits (zero points) has no symmetric Q/DQ form")
     k_blocks = (k + bs - 1) // bs
-    packed = numpy_helper.to_array(inits[node.input[1]])
-    scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, k_blocks)
+    block_scales = scales.const_value.numpy().reshape(n, k_blocks)
     # symmetric MatMulNBits stores code = q + 2^(bits-1) (the implicit zero point)
-    q = (_unpack(packed, bits, k, n, k_blocks).astype(np.int16) - (1 << (bits - 1))).T  # (K, N)
-    base = node.input[1]
-    if bits == 4:
-        weight = helper.make_tensor(base + "_int4", TensorProto.INT4, [k, n], _pack_int4(q), raw=True)
-    else:
-        weight = numpy_helper.from_array(np.ascontiguousarray(q.astype(np.int8)), base + "_int8")
-    scale = numpy_helper.from_array(np.ascontiguousarray(scales.T), base + "_block_scale")  # (K/bs, N)
-    model.graph.initializer.extend([weight, scale])
-    for name in node.input[1:3]:  # the packed blobs are no longer read
-        model.graph.initializer.remove(inits[name])
-    w = node.output[0] + "_weight"
-    dq = helper.make_node("DequantizeLinear", [weight.name, scale.name], [w], name=node.name + "_dq",
-                          axis=0, block_size=bs)
-    mm = helper.make_node("MatMul", [node.input[0], w], [node.output[0]], name=node.name + "_matmul")
-    extra = []
-    if len(node.input) > 5 and node.input[5]:  # bias
-        mm.output[0] = node.output[0] + "_nobias"
-        extra = [helper.make_node("Add", [mm.output[0], node.input[5]], [node.output[0]], name=node.name + "_bias")]
-    return [dq, mm, *extra]
+    q = (_unpack(packed.const_value.numpy(), bits, k, n, k_blocks).astype(np.int16)
+         - (1 << (bits - 1))).T  # (K, N)
+    codes, suffix = (q.astype(ml_dtypes.int4), "_int4") if bits == 4 else (q.astype(np.int8), "_int8")
+    weight = _initializer(graph, packed.name + suffix, codes)
+    scale = _initializer(graph, packed.name + "_block_scale", block_scales.T)  # (K/bs, N)
+    y = node.outputs[0]
+    w = ir.Value(name=y.name + "_weight")
+    dq = ir.node("DequantizeLinear", [weight, scale], {"axis": 0, "block_size": bs},
+                 outputs=[w], name=node.name + "_dq")
+    product = ir.Value(name=y.name + "_nobias" if bias is not None else None)
+    new = [dq, ir.node("MatMul", [x, w], outputs=[product], name=node.name + "_matmul")]
+    if bias is not None:
+        new.append(ir.node("Add", [product, bias], outputs=[ir.Value()], name=node.name + "_bias"))
+    out = new[-1].outputs[0]
+    y.replace_all_uses_with(out, replace_graph_outputs=True)
+    out.name, out.type, out.shape, y.name = y.name, y.type, y.shape, None
+    graph.insert_before(node, new)
+    graph.remove(node, safe=True)
+    for blob in (packed, scales):  # the packed blobs are no longer read
+        if not blob.uses():
+            graph.initializers.pop(blob.name)
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value

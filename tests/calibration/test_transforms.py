@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 
 from arx.calibration import graph as G
@@ -56,7 +57,9 @@ def test_qdq_block_form_matches_matmulnbits(llama_bundle):
     model = G.load_decoder(llama_bundle, manifest)
     for bits in (4, 8):
         nbits = quantize_weight_only(model, bits=bits, group_size=16, accuracy_level=0, exclude=[])
-        qdq = matmulnbits_to_qdq(nbits)
+        ir_model = ir.from_proto(nbits)
+        assert matmulnbits_to_qdq(ir_model) == 11
+        qdq = ir.to_proto(ir_model)
         dqs = [n for n in qdq.graph.node if n.op_type == "DequantizeLinear"]
         assert len(dqs) == 11 and not any(n.op_type == "MatMulNBits" for n in qdq.graph.node)
         inits = {t.name: t for t in qdq.graph.initializer}
