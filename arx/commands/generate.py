@@ -98,9 +98,6 @@ def _parse_ids(text: str) -> list[int]:
 def run(args) -> int:
     from arx import needs
     from arx.manifest import read_manifest
-    from arx.runtime.backend import BackendOptions
-    from arx.runtime.decoder import DecoderSession
-    from arx.runtime.generate import generate
 
     # image tokens speculate with Jacobi guesses (runtime/image_speculative.py), no proposer
     jacobi = (args.speculate or "").strip().lower().startswith("jacobi")
@@ -120,16 +117,18 @@ def run(args) -> int:
     if jacobi:
         raise ArxError("--speculate jacobi is for image-token bundles; text speculates with "
                        "--draft BUNDLE or --lookup N (and --speculate K|auto)")
-    options = _options(args, manifest.generation)
-    tokenizer = None
-    if args.prompt is not None or manifest.tokenizer.file:
-        from arx.runtime.tokenizer import Tokenizer
+    return _run_text(args, manifest, spec)
 
-        if not manifest.tokenizer.file:
-            raise ArxError(f"bundle {args.bundle} has no tokenizer; pass token ids with --prompt-ids")
-        tokenizer = Tokenizer.from_bundle(args.bundle, manifest.tokenizer)
-    prompts = ([tokenizer.encode(t) for t in args.prompt] if args.prompt is not None
-               else [_parse_ids(t) for t in args.prompt_ids])
+
+def _run_text(args, manifest, spec) -> int:
+    """Text generation: prompts in, the continuation streamed (one prompt with a tokenizer),
+    printed per row, or as JSON; plain, speculative, or on an engine."""
+    from arx.runtime.backend import BackendOptions
+    from arx.runtime.decoder import DecoderSession
+    from arx.runtime.generate import generate
+
+    options = _options(args, manifest.generation)
+    tokenizer, prompts = _prompts(args, manifest)
     stream = None
     if not args.json and len(prompts) == 1 and tokenizer is not None:
         stream = _streamer(tokenizer)
@@ -146,6 +145,26 @@ def run(args) -> int:
             else:
                 result = _generate_speculative(args, session, backend, prompts, options, spec,
                                                stream)
+    _print_result(args, result, prompts, tokenizer, stream)
+    _summary(result)
+    return 0
+
+
+def _prompts(args, manifest):
+    """(the bundle's tokenizer or None, the prompts as token id lists)."""
+    tokenizer = None
+    if args.prompt is not None or manifest.tokenizer.file:
+        from arx.runtime.tokenizer import Tokenizer
+
+        if not manifest.tokenizer.file:
+            raise ArxError(f"bundle {args.bundle} has no tokenizer; pass token ids with --prompt-ids")
+        tokenizer = Tokenizer.from_bundle(args.bundle, manifest.tokenizer)
+    prompts = ([tokenizer.encode(t) for t in args.prompt] if args.prompt is not None
+               else [_parse_ids(t) for t in args.prompt_ids])
+    return tokenizer, prompts
+
+
+def _print_result(args, result, prompts, tokenizer, stream) -> None:
     if args.json:
         print(json.dumps(_as_json(result, prompts, tokenizer)))
     elif stream is not None:
@@ -155,8 +174,6 @@ def run(args) -> int:
         for i, toks in enumerate(result.tokens):
             body = tokenizer.decode(toks) if tokenizer else ",".join(map(str, toks))
             print(f"[{i}] {body}")
-    _summary(result)
-    return 0
 
 
 def _speculation(args):
