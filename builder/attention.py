@@ -14,7 +14,7 @@ import onnx_ir as ir
 
 from arx.errors import ArxError
 from arx.export.attention_rewrite import Bookkeeping, GqaNode, merge_heads, project_qkv
-from arx.export.graph_ir import Editor
+from arx.export.graph_ir import Editor, add_initializer
 from arx.export.kv_dtype import scale_name
 
 from .schemas import DOMAIN, KV_ATTENTION, plugin_attrs
@@ -58,11 +58,10 @@ def attach_cache_scales(model: ir.Model, cache_dtype: str,
     which lowers every fp32 initializer: the plugin takes its scales in fp32 in any precision,
     so its codes are ORT's."""
     graph = model.graph
-    ed = Editor(graph)
 
     def initializer(name: str, value: np.ndarray) -> ir.Value:
         if name not in graph.initializers:
-            ed.initializer(name, np.asarray(value, dtype=np.float32))
+            add_initializer(graph, name, np.asarray(value, dtype=np.float32))
         return graph.initializers[name]
 
     for n in [n for n in graph if n.domain == DOMAIN and n.op_type == KV_ATTENTION]:

@@ -23,6 +23,8 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
+from arx.export.graph_ir import add_initializer, take_place
+
 
 MIN_QDQ_OPSET = 21  # DequantizeLinear with block_size and int4
 SYMMETRIC = True  # no zero points: the TensorRT form below needs none
@@ -112,8 +114,8 @@ def _node_to_qdq(graph: ir.Graph, node: ir.Node) -> None:
     q = (_unpack(packed.const_value.numpy(), bits, k, n, k_blocks).astype(np.int16)
          - (1 << (bits - 1))).T  # (K, N)
     codes, suffix = (q.astype(ml_dtypes.int4), "_int4") if bits == 4 else (q.astype(np.int8), "_int8")
-    weight = _initializer(graph, packed.name + suffix, codes)
-    scale = _initializer(graph, packed.name + "_block_scale", block_scales.T)  # (K/bs, N)
+    weight = add_initializer(graph, packed.name + suffix, codes)
+    scale = add_initializer(graph, packed.name + "_block_scale", block_scales.T)  # (K/bs, N)
     y = node.outputs[0]
     w = ir.Value(name=y.name + "_weight")
     dq = ir.node("DequantizeLinear", [weight, scale], {"axis": 0, "block_size": bs},
@@ -122,17 +124,9 @@ def _node_to_qdq(graph: ir.Graph, node: ir.Node) -> None:
     new = [dq, ir.node("MatMul", [x, w], outputs=[product], name=node.name + "_matmul")]
     if bias is not None:
         new.append(ir.node("Add", [product, bias], outputs=[ir.Value()], name=node.name + "_bias"))
-    out = new[-1].outputs[0]
-    y.replace_all_uses_with(out, replace_graph_outputs=True)
-    out.name, out.type, out.shape, y.name = y.name, y.type, y.shape, None
+    take_place(y, new[-1].outputs[0])
     graph.insert_before(node, new)
     graph.remove(node, safe=True)
     for blob in (packed, scales):  # the packed blobs are no longer read
         if not blob.uses():
             graph.initializers.pop(blob.name)
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    graph.register_initializer(value)
-    return value

@@ -71,6 +71,22 @@ def set_tensor(value: ir.Value, array: np.ndarray) -> None:
     value.shape = value.const_value.shape
 
 
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer `name` holding `array`, registered in `graph`."""
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def take_place(old: ir.Value, new: ir.Value) -> None:
+    """`new` takes `old`'s place: its readers, its graph output slot, its name, declared type
+    and shape (a replaced node's output, a value behind an inserted Cast); `old` is left
+    unnamed for the caller to rename or drop."""
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    name, old.name = old.name, None
+    new.name, new.type, new.shape = name, old.type, old.shape
+
+
 def initializer_array(graph: ir.Graph, name: str) -> np.ndarray | None:
     value = graph.initializers.get(name)
     return None if value is None or value.const_value is None else value.const_value.numpy()
@@ -111,8 +127,7 @@ class Editor:
         return value
 
     def initializer(self, name: str, array: np.ndarray) -> ir.Value:
-        value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-        self.graph.register_initializer(value)
+        value = add_initializer(self.graph, name, array)
         self.values[name] = value
         self._taken.add(name)
         return value
@@ -142,10 +157,9 @@ class Editor:
         its name and its declared type; value itself is renamed `prefix/rename` (the norm's
         fp32 output, the logits before their Cast to fp32), its type left to inference."""
         new = ir.Value()
-        value.replace_all_uses_with(new, replace_graph_outputs=True)  # before op reads value
+        take_place(value, new)  # before op reads value
         self.graph.append(ir.node(op, [value], attrs, outputs=[new], name=self.fresh(name)))
-        new.name, value.name = value.name, self.fresh(rename)
-        new.type, new.shape, value.type, value.shape = value.type, value.shape, None, None
+        value.name, value.type, value.shape = self.fresh(rename), None, None
         self.values[new.name], self.values[value.name] = new, value
         return new
 
@@ -159,11 +173,9 @@ class Editor:
         new = ir.Value(name=name)
         old = self.values.get(name)
         if old is not None:  # the replaced node's output, or a graph input computed from now on
-            old.replace_all_uses_with(new, replace_graph_outputs=True)
-            new.type, new.shape = old.type, old.shape  # the same tensor: a graph output's type
             if old.is_graph_input():
                 self.graph.inputs.remove(old)
-            old.name = None
+            take_place(old, new)  # the same tensor: a graph output keeps its declared type
         self.values[name] = new
         self._taken.add(name)
         return new

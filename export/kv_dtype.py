@@ -35,7 +35,7 @@ from onnx import TensorProto
 from onnx_ir.passes.common import TopologicalSortPass
 
 from arx.errors import ArxError
-from arx.export.graph_ir import Editor, edit_proto
+from arx.export.graph_ir import Editor, edit_proto, take_place
 from arx.manifest import KVLayout, Manifest, TensorSpec
 
 KV_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8"}  # flag -> manifest dtype
@@ -127,7 +127,7 @@ def restore_decoder(model: ir.Model, kv: KVLayout) -> dict[str, np.ndarray] | No
                 n.attributes.pop(name, None)
         back = [u.node for u in n.outputs[0].uses() if u.node.name.startswith("kv/")]
         if back:  # the fp16 output's Cast back to fp32 goes with the node's fp16
-            _bypass(back[0], n.outputs[0])
+            take_place(back[0].outputs[0], n.outputs[0])  # the Cast's readers read the node
             dead[back[0].name] = back[0]
     graph.remove(list(dead.values()), safe=True)
     for name in {scale_name(p) for p in scales}:
@@ -137,12 +137,6 @@ def restore_decoder(model: ir.Model, kv: KVLayout) -> dict[str, np.ndarray] | No
     return scales or None
 
 
-def _bypass(cast: ir.Node, source: ir.Value) -> None:
-    """cast's readers (and graph output slot, name, type) go back to the value it casts."""
-    out = cast.outputs[0]
-    name, source.type = out.name, out.type
-    out.replace_all_uses_with(source, replace_graph_outputs=True)
-    out.name, source.name = None, name
 
 
 def retype_step_graph(model: onnx.ModelProto, kv: KVLayout, dtype: str,
