@@ -21,13 +21,14 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from arx.export.graph_ir import add_initializer, take_place
 
 
 MIN_QDQ_OPSET = 21  # DequantizeLinear with block_size and int4
 SYMMETRIC = True  # no zero points: the TensorRT form below needs none
+COLUMNS = 8192  # LinearQuantizer's chunk of N (a 4096-row chunk: 128 MB in float32)
 
 
 def quantize_weight_only(model: onnx.ModelProto, *, bits: int, group_size: int, accuracy_level: int,
@@ -61,12 +62,40 @@ class LinearQuantizer:
         self._quantizer = DefaultWeightOnlyQuantizer(config)
         _quiet()
 
-    def quantize(self, node: onnx.NodeProto, weight: onnx.TensorProto
+    def quantize(self, node: onnx.NodeProto, array: np.ndarray
                  ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-        """(nodes replacing `node`, their new initializers) for MatMul `node` reading `weight`."""
+        """(nodes replacing `node`, their new initializers) for MatMul `node` whose weight (its
+        input 1) is `array` (K, N), any float dtype, a view is fine.
+
+        Quantized COLUMNS columns at a time: each column's blocks run along K on their own, so
+        the chunks' blobs and scales, stacked along N, are the whole weight's bytes. The
+        quantizer's float32 copies (the TensorProto, its graph's copy, the array it reads back,
+        the padded one) then stay a chunk's size: on a 128k-vocabulary LM head (1 GB in fp32)
+        they were 4 GB."""
+        k, n = array.shape
+        parts = [self._quantize_columns(node, array[:, a:a + COLUMNS]) for a in range(0, n, COLUMNS)]
+        nodes, tensors = parts[0]
+        if len(parts) > 1:
+            (quantized,) = [m for m in nodes if m.op_type == "MatMulNBits"]
+            for attr in quantized.attribute:
+                if attr.name == "N":
+                    attr.i = n
+            tensors = [_stack([p[1][j] for p in parts]) for j in range(len(tensors))]
+        return nodes, tensors
+
+    def _quantize_columns(self, node: onnx.NodeProto, columns: np.ndarray):
+        weight = numpy_helper.from_array(np.ascontiguousarray(columns, dtype=np.float32),
+                                         node.input[1])
         graph = helper.make_graph([node], "one_linear", [], [], initializer=[weight])
         nodes = self._quantizer.quantize(node, [graph])
         return nodes, [t for t in graph.initializer if t.name != weight.name]
+
+
+def _stack(chunks: list[onnx.TensorProto]) -> onnx.TensorProto:
+    """One initializer from its per-column-chunk parts (blob (n, k_blocks, blob) or scales
+    (n, k_blocks): N leads in both)."""
+    return numpy_helper.from_array(np.concatenate([numpy_helper.to_array(t) for t in chunks]),
+                                   chunks[0].name)
 
 
 def _quiet() -> None:

@@ -110,7 +110,7 @@ def _head_matmul(g: GraphBuilder, w: DecoderWeights, x: str, head: str | None,
     if head is not None:
         return g.node("MatMul", [x, head], [output] if output else 1, name="lm_head")[0]
     table = w.embed if w.lm_head is None else w.lm_head
-    return g.matmul(x, "lm_head.weight", np.ascontiguousarray(table.T), "lm_head", output)
+    return g.matmul(x, "lm_head.weight", table.T, "lm_head", output)  # a view: quantized in chunks
 
 
 def _lm_head(g: GraphBuilder, w: DecoderWeights) -> str:

@@ -81,12 +81,11 @@ class GraphBuilder:
         """x @ array (K, N) as MatMul `name`; where the quantizer takes it, the weight is
         quantized now (MatMulNBits) and its float bytes are never written."""
         if not self.quantizes(name):
-            w = self.weight(weight_name, array)
+            w = self.weight(weight_name, np.ascontiguousarray(array))
             return self.node("MatMul", [x, w], [output] if output else 1, name=name)[0]
         out = output or self.fresh(f"{name}/out")  # the names node() would give
         node = helper.make_node("MatMul", [x, weight_name], [out], name=self.fresh(name))
-        weight = numpy_helper.from_array(np.ascontiguousarray(array, dtype=np.float32), weight_name)
-        nodes, tensors = self.quantizer.quantize(node, weight)
+        nodes, tensors = self.quantizer.quantize(node, array)
         for t in tensors:
             self.initializers.append(self.writer.add(t.name, numpy_helper.to_array(t), t.data_type)
                                      if self.writer else t)

@@ -70,8 +70,8 @@ class EmitQuantizer:
     def takes(self, name: str) -> bool:
         return self.decided.setdefault(name, name != LM_HEAD or self.quant.lm_head)
 
-    def quantize(self, node, weight):
-        return self._linear.quantize(node, weight)
+    def quantize(self, node, array):
+        return self._linear.quantize(node, array)
 
     def section(self) -> dict:
         """The names the manifest's quantization section lists."""

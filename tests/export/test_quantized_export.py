@@ -94,9 +94,14 @@ def test_w4_of_the_tied_default_model_equals_calibrate(tiny_pair):
         (calibrated / "decoder.onnx.data").stat().st_size + 4096 * 64  # alignment padding only
 
 
-def test_w8_group_32_with_biases_and_an_untied_head_equals_calibrate(tmp_path):
+def test_w8_group_32_with_biases_and_an_untied_head_equals_calibrate(tmp_path, monkeypatch):
     from tiny_models import make_hf_model
 
+    from arx.calibration import weight_only
+
+    # every linear quantized in column chunks (of 24: the last one short), as a 128k-vocabulary
+    # LM head is: the stacked chunks must be calibrate's whole-weight bytes
+    monkeypatch.setattr(weight_only, "COLUMNS", 24)
     make_hf_model("qwen2", tmp_path / "qwen2")  # q/k/v biases, own lm_head
     data = DataOptions(random=True, samples=1, eval_samples=2, seq_len=16)
     calibrated, direct = _both(tmp_path / "qwen2", tmp_path, "w8", data, group_size=32)
@@ -104,6 +109,22 @@ def test_w8_group_32_with_biases_and_an_untied_head_equals_calibrate(tmp_path):
     _assert_same_section(calibrated, direct)
     q = read_manifest(direct).extensions["quantization"]
     assert q["weight_bits"] == 8 and q["group_size"] == 32 and "lm_head" in q["quantized"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_linear_quantizer_in_column_chunks_is_the_whole_weights_quantization(monkeypatch, bits):
+    from arx.calibration import weight_only
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((37, 80)).astype(np.float32)  # (V, H): the tied head's table
+    node = onnx.helper.make_node("MatMul", ["x", "lm_head.weight"], ["y"], name="lm_head")
+    q = weight_only.LinearQuantizer(bits=bits, group_size=32, accuracy_level=0)
+    whole_nodes, whole = q.quantize(node, table.T)
+    monkeypatch.setattr(weight_only, "COLUMNS", 8)  # 37 columns: 4 chunks of 8 and one of 5
+    nodes, chunked = q.quantize(node, table.T)  # a transposed view, as _head_matmul passes it
+    assert [n.SerializeToString() for n in nodes] == [n.SerializeToString() for n in whole_nodes]
+    assert [t.SerializeToString() for t in chunked] == [t.SerializeToString() for t in whole]
+    assert {a.name: a.i for a in nodes[0].attribute}["N"] == 37
 
 
 def test_report_measures_what_calibrate_measures(tiny_pair):
