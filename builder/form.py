@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
 from arx.errors import ArxError
-from arx.export.graph_ir import from_proto, to_proto
+from arx.export.graph_ir import SKELETON_DATA, load, save, skeleton, to_proto_in_memory
 from arx.export.kv_dtype import restore_decoder
 from arx.manifest import Manifest, Stage
 
@@ -26,15 +28,32 @@ FORM_DATA = "decoder.trt.onnx.data"
 
 @dataclass(frozen=True)
 class TensorRTForm:
-    model: onnx.ModelProto
+    """The rewritten decoder as one IR. Its weights stay where they were until save_form
+    writes them: the bundle's (memory-mapped from decoder.onnx.data), or the passes' new ones
+    (a precision cast is lazy, evaluated per tensor as it is written). So a form of any size
+    (an 8B model's 16 GB) is built, checked and saved without the 2 GB protobuf limit and
+    without a copy of the model in memory."""
+
+    model: ir.Model
     stage: Stage  # IO of the TensorRT form (derived from the manifest)
     spec: FormSpec
     qdq_nodes: int = 0
 
+    @cached_property
+    def skeleton(self) -> onnx.ModelProto:
+        """The form's ModelProto without its weights' bytes (the checks, shape inference)."""
+        return skeleton(self.model)
+
+    @cached_property
+    def proto(self) -> onnx.ModelProto:
+        """The whole form as one in-memory ModelProto, weights included: for small forms (an
+        ORT session in the tests); over 2 GB protobuf cannot hold it: use save_form."""
+        return to_proto_in_memory(self.model)
+
     @property
     def uses_plugins(self) -> bool:
         """Whether any arx plugin node is left (their PTX and registration are then needed)."""
-        return has_plugin_nodes(self.model.graph)
+        return has_plugin_nodes(self.skeleton.graph)
 
 
 def form_spec(manifest: Manifest, options: BuildOptions) -> FormSpec:
@@ -60,7 +79,8 @@ def weight_only_to_qdq(model: ir.Model) -> int:
 
 
 def make_tensorrt_form(bundle: Path, manifest: Manifest, options: BuildOptions) -> TensorRTForm:
-    """Load the bundle's decoder, rewrite it to the TensorRT form and check it."""
+    """Load the bundle's decoder (its weights left on disk), rewrite it to the TensorRT form
+    and check it."""
     qdq = 0
     decoder_file = manifest.decoder.file
     if options.precision == "int8":
@@ -68,37 +88,45 @@ def make_tensorrt_form(bundle: Path, manifest: Manifest, options: BuildOptions) 
     path = Path(bundle) / decoder_file
     if not path.is_file():
         raise ArxError(f"bundle {bundle} lacks {decoder_file}; re-export it with arx export")
-    model = onnx.load(str(path))  # with external data: the form is written as a new file
     spec = form_spec(manifest, options)  # its cache dtype refused here, before any rewrite
+    model = load(path)  # one IR for every pass of the form, written once by save_form
     if options.precision == "int8":
         qdq = check_symmetric_qdq(model)
-    ir_model = from_proto(model)  # one IR for every pass of the form, one proto at the end
-    qdq += weight_only_to_qdq(ir_model)
-    scales = restore_decoder(ir_model, manifest.kv)  # --kv-dtype: back to the fp32-cache GQA
-    to_tensorrt_form(ir_model, manifest, spec)
-    retype_form_cache(ir_model, manifest, spec.cache_dtype, options.precision, scales)
-    apply_precision(ir_model, options.precision, {x for pair in manifest.kv.pairs() for x in pair})
-    attach_cache_scales(ir_model, spec.cache_dtype, scales)  # fp32 scales: after the precision
-    model = to_proto(ir_model)
-    check_form(model)
-    return TensorRTForm(model, tensorrt_io(manifest, spec), spec, qdq)
+    qdq += weight_only_to_qdq(model)
+    scales = restore_decoder(model, manifest.kv)  # --kv-dtype: back to the fp32-cache GQA
+    to_tensorrt_form(model, manifest, spec)
+    retype_form_cache(model, manifest, spec.cache_dtype, options.precision, scales)
+    apply_precision(model, options.precision, {x for pair in manifest.kv.pairs() for x in pair})
+    attach_cache_scales(model, spec.cache_dtype, scales)  # fp32 scales: after the precision
+    form = TensorRTForm(model, tensorrt_io(manifest, spec), spec, qdq)
+    check_form(form.skeleton)
+    return form
 
 
 def check_form(model: onnx.ModelProto) -> None:
-    """onnx.checker (full) and strict shape inference; a failure here is an arx bug."""
+    """onnx.checker (full) and strict shape inference; a failure here is an arx bug. `model`
+    may be a skeleton (graph_ir.skeleton): neither check reads the weights' bytes."""
     register_schemas()
     try:
-        onnx.checker.check_model(model, full_check=True)
+        _check_model(model)
         onnx.shape_inference.infer_shapes(model, strict_mode=True, check_type=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise ArxError(f"the TensorRT form failed the ONNX checks ({str(e).splitlines()[0]}); "
                        f"this is an arx bug, please report it") from e
 
 
+def _check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker on `model` saved to a temp folder beside an empty SKELETON_DATA: the
+    checker wants a skeleton's external file to exist, never its bytes (it checks the name)."""
+    with tempfile.TemporaryDirectory(prefix="arx-form-check-") as tmp:
+        onnx.save_model(model, str(Path(tmp) / FORM_FILE))
+        (Path(tmp) / SKELETON_DATA).touch()
+        onnx.checker.check_model(str(Path(tmp) / FORM_FILE), full_check=True)
+
+
 def save_form(form: TensorRTForm, folder: Path) -> list[str]:
-    """Write decoder.trt.onnx + its weights (external data) into `folder`; return file names."""
+    """Write decoder.trt.onnx + its weights (external data, streamed tensor by tensor) into
+    `folder`; return the file names."""
     folder.mkdir(parents=True, exist_ok=True)
-    model = onnx.ModelProto.FromString(form.model.SerializeToString())
-    onnx.save_model(model, str(folder / FORM_FILE), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=FORM_DATA, size_threshold=1024)
+    save(form.model, folder / FORM_FILE, FORM_DATA)
     return [FORM_FILE, FORM_DATA] if (folder / FORM_DATA).exists() else [FORM_FILE]

@@ -67,10 +67,10 @@ def plugin_variants(form: TensorRTForm) -> list[tuple[str, dict]]:
     KernelSource. Scale and window are runtime scalars: they never select a variant."""
     from arx.plugins.trt_contract import TACTICS, attention_tag, sample_tag
 
-    inferred = onnx.shape_inference.infer_shapes(form.model).graph
+    inferred = onnx.shape_inference.infer_shapes(form.skeleton).graph
     types = {vi.name: vi.type.tensor_type for vi in (*inferred.value_info, *inferred.input, *inferred.output)}
     out = {}
-    for n in (n for n in form.model.graph.node if n.domain == "arx"):
+    for n in (n for n in inferred.node if n.domain == "arx"):
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
         t = types[n.input[0]]
         dtype = _PLUGIN_DTYPES[t.elem_type]

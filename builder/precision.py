@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 from onnx_ir.passes.common import TopologicalSortPass
 
 from arx.errors import ArxError
 from arx.manifest import Manifest
 
-from arx.export.graph_ir import Editor, set_tensor
+from arx.export.graph_ir import Editor, unmap
 
 from .schemas import DOMAIN as PLUGIN_DOMAIN
 
@@ -46,23 +45,20 @@ def check_int8_bundle(manifest: Manifest) -> dict:
     return q
 
 
-def check_symmetric_qdq(model: onnx.ModelProto) -> int:
+def check_symmetric_qdq(model: ir.Model) -> int:
     """TensorRT INT8 is explicit and symmetric: every Q/DQ zero point must be 0. Returns count."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
     count = 0
-    for n in graph.node:
+    for n in model.graph:
         if n.op_type not in QDQ_OPS:
             continue
         count += 1
         if n.domain not in ("", "ai.onnx"):
             n.domain = ""  # com.microsoft Q/DQ -> the standard op (same math since opset 21)
-        if len(n.input) > 2 and n.input[2]:
-            zp = inits.get(n.input[2])
-            if zp is None or np.any(numpy_helper.to_array(zp) != 0):
-                raise ArxError(f"{n.op_type} {n.name} has a nonzero or non-constant zero point; "
-                               f"TensorRT INT8 needs symmetric quantization: re-run arx "
-                               f"calibrate --scheme w8a8 (symmetric)")
+        zp = n.inputs[2] if len(n.inputs) > 2 else None
+        if zp is not None and (zp.const_value is None or np.any(zp.const_value.numpy() != 0)):
+            raise ArxError(f"{n.op_type} {n.name} has a nonzero or non-constant zero point; "
+                           f"TensorRT INT8 needs symmetric quantization: re-run arx "
+                           f"calibrate --scheme w8a8 (symmetric)")
     if count == 0:
         raise ArxError("the bundle says it is quantized but its decoder has no Q/DQ nodes; "
                        "re-run arx calibrate")
@@ -115,10 +111,22 @@ def _norm_params(graph: ir.Graph) -> set[str]:
 
 
 def _convert_initializers(graph: ir.Graph, low: int, keep: set[str]) -> None:
+    """fp32 weights -> `low`, lazily: each is cast when the form is written (graph_ir.save),
+    one tensor at a time, so a 32 GB fp32 bundle's form never holds its 16 GB fp16 copy."""
     for value in graph.initializers.values():
         if value.const_value.dtype != ir.DataType.FLOAT or value.name in keep:
             continue
-        set_tensor(value, value.const_value.numpy().astype(_NUMPY[low]))
+        value.const_value = _cast_lazily(value.const_value, low)
+        value.type = ir.TensorType(ir.DataType(low))
+
+
+def _cast_lazily(tensor: ir.TensorProtocol, low: int) -> ir.LazyTensor:
+    def cast() -> ir.Tensor:
+        low_array = tensor.numpy().astype(_NUMPY[low])
+        unmap(tensor)  # the fp32 bytes are read: their pages need not stay resident
+        return ir.tensor(low_array, name=tensor.name)
+
+    return ir.LazyTensor(cast, dtype=ir.DataType(low), shape=tensor.shape, name=tensor.name)
 
 
 def _wrap_norms(ed: Editor, low: int) -> None:

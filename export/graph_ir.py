@@ -16,6 +16,8 @@ Value.producer()), replace_all_uses_with, the topological sort and dead-code rem
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar, Union
 
 import numpy as np
@@ -27,6 +29,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 # wherever logging is configured (a benchmark, a notebook): not news to them
 logging.getLogger("onnx_ir.passes").setLevel(logging.WARNING)
 
+SKELETON_DATA = "skeleton.data"  # skeleton()'s external location: never read
 ValueLike = Union[ir.Value, str, None]  # a value, its name, or "" / None for a missing input
 T = TypeVar("T")
 
@@ -38,11 +41,87 @@ def from_proto(model: onnx.ModelProto) -> ir.Model:
 def to_proto(model: ir.Model) -> onnx.ModelProto:
     """The ModelProto, without the value_info onnx_ir writes for every initializer: the tensor
     already has its type and shape, and a second copy goes stale when a pass retypes it."""
+    _untype_initializers(model)
+    return ir.to_proto(model)
+
+
+def load(path: Path) -> ir.Model:
+    """The model at `path` with its external data left on disk: a tensor's bytes are read
+    (memory-mapped) only when a pass asks for its values, or when save() writes it."""
+    return ir.load(str(path))
+
+
+def save(model: ir.Model, path: Path, data: str) -> None:
+    """`path` and its tensors over 1 kB in the file `data` beside it, written tensor by tensor
+    (lazy ones evaluated one at a time): no 2 GB protobuf limit, no copy of the whole model."""
+    _untype_initializers(model)
+    written: list[ir.TensorProtocol] = []
+
+    def unmap_the_last(tensor: ir.TensorProtocol, _info) -> None:  # called before each write
+        while written:
+            unmap(written.pop())
+        written.append(tensor)
+
+    ir.save(model, str(path), external_data=data, size_threshold_bytes=1024,
+            callback=unmap_the_last)
+    for tensor in written:
+        unmap(tensor)
+
+
+def unmap(tensor: ir.TensorProtocol) -> None:
+    """Close a tensor's memory map once its bytes are written or converted: each ExternalTensor
+    maps the whole data file and keeps the pages it read resident (a 5 GB bundle's form held
+    them all by the end of its save). It maps again if read later."""
+    if isinstance(tensor, ir.ExternalTensor):
+        try:
+            tensor.release()
+        except BufferError:  # a view of its bytes is still alive elsewhere: keep the map
+            pass
+
+
+def skeleton(model: ir.Model) -> onnx.ModelProto:
+    """The ModelProto with every initializer over 1 kB, and every one still on disk, as a
+    reference to an external file that is never read: onnx.checker, shape inference and inspections of a model of any size, without
+    reading or copying its weights."""
+    def reference(t: ir.TensorProtocol):
+        on_disk = isinstance(t, ir.ExternalTensor)  # small ones too: their file is elsewhere
+        return None if t.nbytes <= 1024 and not on_disk else \
+            ir.ExternalTensor(SKELETON_DATA, 0, t.nbytes, t.dtype, shape=t.shape, name=t.name)
+
+    with _tensors_swapped(model, reference):
+        return to_proto(model)
+
+
+def to_proto_in_memory(model: ir.Model) -> onnx.ModelProto:
+    """to_proto with the tensors load() left on disk read into the proto (a small model)."""
+    def read(t: ir.TensorProtocol):
+        return ir.Tensor(t.numpy(), dtype=t.dtype, name=t.name) \
+            if isinstance(t, ir.ExternalTensor) else None
+
+    with _tensors_swapped(model, read):
+        return to_proto(model)
+
+
+@contextmanager
+def _tensors_swapped(model: ir.Model, swap: Callable[[ir.TensorProtocol], object]):
+    """Initializers' tensors replaced by swap(tensor) (where it is not None) for the block."""
+    kept = {}
+    for value in model.graph.initializers.values():
+        new = None if value.const_value is None else swap(value.const_value)
+        if new is not None:
+            kept[value], value.const_value = value.const_value, new
+    try:
+        yield
+    finally:
+        for value, tensor in kept.items():
+            value.const_value = tensor
+
+
+def _untype_initializers(model: ir.Model) -> None:
     inputs = set(model.graph.inputs)
     for value in model.graph.initializers.values():
         if value not in inputs:
             value.type, value.shape = None, None
-    return ir.to_proto(model)
 
 
 def edit_proto(model: onnx.ModelProto, edit: Callable[[ir.Model], T]) -> T:

@@ -36,7 +36,7 @@ def _ort_runner(model: onnx.ModelProto):
 
 def _check(bundle, form, precision="fp32", runner=None):
     m = read_manifest(bundle)
-    return check.check_runner(runner or _ort_runner(form.model), bundle, m, form.stage.to_json(),
+    return check.check_runner(runner or _ort_runner(form.proto), bundle, m, form.stage.to_json(),
                               form.spec.s_max, precision)
 
 
@@ -74,7 +74,7 @@ def test_perturbed_weight_is_refused_naming_the_worst_output(exported_bundle):
     bundle = exported_bundle("llama")
     kv = read_manifest(bundle).kv
     form = form_for(bundle, precision="fp16", **NATIVE)
-    _perturb_keys(form.model, kv.kv_heads * kv.head_dim)
+    _perturb_keys(form.proto, kv.kv_heads * kv.head_dim)
     report = _check(bundle, form, "fp16")
     assert not report["passed"]
     # layer 0 and layer 1's values are untouched; layer 1's keys are where the error starts
@@ -94,7 +94,7 @@ def test_perturbed_weight_is_refused_naming_the_worst_output(exported_bundle):
 def test_plugin_form_passes(exported_bundle, ort_session):
     bundle = exported_bundle("llama")
     form = form_for(bundle, precision="fp32")
-    report = _check(bundle, form, "fp32", runner=OnnxrtRunner(ort_session(form.model)))
+    report = _check(bundle, form, "fp32", runner=OnnxrtRunner(ort_session(form.proto)))
     assert report["passed"], report.get("message")
     assert report["outputs"]["last_logits"]["max_abs"] < 1e-4
     assert report["token_ids"]["mismatches"] == 0

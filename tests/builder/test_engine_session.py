@@ -61,7 +61,7 @@ def engine_for(bundle, ort_session, max_batch=4, **kw) -> EngineSession:
     form = form_for(bundle, max_seq_len=S_MAX, max_batch=max_batch, **kw)
     report = {"io": form.stage.to_json(), "max_seq_len": S_MAX, "max_batch": max_batch}
     aliases = {present: past for past, present in m.kv.pairs()}
-    return EngineSession(OrtFormBackend(ort_session(form.model), aliases), report, m)
+    return EngineSession(OrtFormBackend(ort_session(form.proto), aliases), report, m)
 
 
 def ort_generate(bundle, prompts, options):

@@ -55,7 +55,7 @@ def _engine(bundle, ort_session, backends, s_max=S_MAX, backend_type=None, **for
     m = read_manifest(bundle)
     built = form_for(bundle, max_seq_len=s_max, max_batch=6, **form)
     report = {"io": built.stage.to_json(), "max_seq_len": s_max, "max_batch": 6}
-    backend = (backend_type or backends)(ort_session(built.model),
+    backend = (backend_type or backends)(ort_session(built.proto),
                                          {q: p for p, q in m.kv.pairs()})
     return ImageEngineSession(EngineSession(backend, report, m), bundle)
 
@@ -126,7 +126,7 @@ def test_sampler_feeds_are_per_image(c2i):
     io = {t.name: t.shape for t in form.stage.inputs}
     assert io["sampling_params"] == ("images", 5) and io["presence"] == ("images", CODEBOOK)
     assert io["input_ids"][0] != "images"
-    node = next(n for n in form.model.graph.node if n.op_type == "sample")
+    node = next(n for n in form.proto.graph.node if n.op_type == "sample")
     assert [a.i for a in node.attribute if a.name == "guidance"] == [1]
 
 
@@ -304,7 +304,7 @@ def test_engine_check_passes_on_image_forms(which, c2i, ort_session, tmp_path_fa
 
         bundle, s_max = exported_janus("small", tmp_path_factory.getbasetemp())[1], 24
     form = form_for(bundle, max_seq_len=s_max)
-    report = check_runner(OnnxrtRunner(ort_session(form.model)), bundle, read_manifest(bundle),
+    report = check_runner(OnnxrtRunner(ort_session(form.proto)), bundle, read_manifest(bundle),
                           form.stage.to_json(), s_max, "fp32")
     assert report["passed"], report["message"]
 
@@ -327,6 +327,6 @@ def test_shared_vocabulary_engine_samples_the_codebook_only(ort_session, backend
             do_sample=True, seed=4, top_k=8))):
         got = generate_images(_engine(bundle, ort_session, backends), labels, options).tokens
         np.testing.assert_array_equal(got, _ort(bundle, labels, options))
-    report = check_runner(OnnxrtRunner(ort_session(form.model)), bundle, read_manifest(bundle),
+    report = check_runner(OnnxrtRunner(ort_session(form.proto)), bundle, read_manifest(bundle),
                           form.stage.to_json(), S_MAX, "fp32")
     assert report["passed"], report["message"]

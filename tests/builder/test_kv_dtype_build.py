@@ -60,7 +60,7 @@ def test_forms_read_the_bundles_cache(flag, precision, cache, atol, attention, k
     pasts = {p for p, _ in read_manifest(bundle).kv.pairs()}
     assert {t.dtype for t in form.stage.inputs if t.name in pasts} == {cache}
     steps = ragged_steps()
-    got = run_form(ort_session, form.model, read_manifest(bundle), steps)
+    got = run_form(ort_session, form.proto, read_manifest(bundle), steps)
     for i, (ref, (last, ids)) in enumerate(zip(run_reference(bundle, steps), got)):
         np.testing.assert_allclose(last, ref, atol=atol, rtol=0, err_msg=f"step {i}")
         np.testing.assert_array_equal(ids, last.argmax(-1))
@@ -71,7 +71,7 @@ def test_fp16_cache_for_an_fp32_bundle_by_flag(exported_bundle, ort_session):
     bundle = exported_bundle("llama")
     form = form_for(bundle, precision="fp32", kv_dtype="fp16", **NATIVE)
     steps = ragged_steps()
-    got = run_form(ort_session, form.model, read_manifest(bundle), steps)
+    got = run_form(ort_session, form.proto, read_manifest(bundle), steps)
     for ref, (last, _) in zip(run_reference(bundle, steps), got):
         np.testing.assert_allclose(last, ref, atol=5e-2, rtol=0)
 
@@ -88,8 +88,8 @@ def test_plugin_nodes_take_the_cache_and_its_scales(kv_bundle):
     bundle = kv_bundle("int8")
     kv = read_manifest(bundle).kv
     form = form_for(bundle, precision="fp16", sampler="argmax")
-    inits = {t.name: t for t in form.model.graph.initializer}
-    nodes = [n for n in form.model.graph.node if n.op_type == "kv_attention"]
+    inits = {t.name: t for t in form.proto.graph.initializer}
+    nodes = [n for n in form.proto.graph.node if n.op_type == "kv_attention"]
     assert len(nodes) == kv.layers
     for n in nodes:
         assert list(n.input[7:]) == [scale_name(p) for p in n.input[3:5]]
@@ -98,7 +98,7 @@ def test_plugin_nodes_take_the_cache_and_its_scales(kv_bundle):
             assert numpy_helper.to_array(inits[name]).shape == (kv.kv_heads, 1, kv.head_dim)
     assert {t.dtype for t in form.stage.inputs if t.name.startswith("past_key")} == {"int8"}
     fp16 = form_for(kv_bundle("fp16"), precision="fp32", sampler="argmax")
-    n = next(n for n in fp16.model.graph.node if n.op_type == "kv_attention")
+    n = next(n for n in fp16.proto.graph.node if n.op_type == "kv_attention")
     assert list(n.input[7:]) == [NO_SCALE, NO_SCALE]
 
 
@@ -148,8 +148,8 @@ def test_engine_check_passes_on_the_cache(flag, precision, attention, kv_bundle,
 
     bundle = kv_bundle(flag)
     form = form_for(bundle, precision=precision, attention=attention, sampler="argmax")
-    session = (ort_session(form.model) if attention == "plugin" else ort.InferenceSession(
-        form.model.SerializeToString(), providers=["CPUExecutionProvider"]))
+    session = (ort_session(form.proto) if attention == "plugin" else ort.InferenceSession(
+        form.proto.SerializeToString(), providers=["CPUExecutionProvider"]))
     runner = OnnxrtRunner(session)
     report = check.check_runner(runner, bundle, read_manifest(bundle), form.stage.to_json(),
                                 form.spec.s_max, precision)

@@ -34,9 +34,9 @@ def test_w4_qmoe_bundle_form_matches_bundle(exported_bundle, tmp_path):
     onnx.save_model(model, str(bundle / m.decoder.file), save_as_external_data=True,
                     location=m.decoder.file + ".data", all_tensors_to_one_file=True)
     form = form_for(bundle, attention="native", sampler="argmax")
-    ops = {(n.domain, n.op_type) for n in form.model.graph.node}
+    ops = {(n.domain, n.op_type) for n in form.proto.graph.node}
     assert not {o for o in ops if o[1] in ("MoE", "QMoE")}
     steps = ragged_steps()
     for ref, (last, _) in zip(run_reference(bundle, steps),
-                              run_form(_fp32_session, form.model, m, steps)):
+                              run_form(_fp32_session, form.proto, m, steps)):
         np.testing.assert_allclose(last, ref, atol=1e-4, rtol=0)

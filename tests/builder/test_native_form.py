@@ -22,11 +22,11 @@ def test_native_form_has_no_plugin_nodes(family, exported_bundle):
     bundle = exported_bundle(family)
     form = form_for(bundle, precision="fp16", **NATIVE)
     layers = read_manifest(bundle).kv.layers
-    ops = [n.op_type for n in form.model.graph.node]
-    assert {n.domain for n in form.model.graph.node} == {""}
-    assert {o.domain: o.version for o in form.model.opset_import} == {"": 24}
+    ops = [n.op_type for n in form.proto.graph.node]
+    assert {n.domain for n in form.proto.graph.node} == {""}
+    assert {o.domain: o.version for o in form.proto.opset_import} == {"": 24}
     assert ops.count("Attention") == layers and ops.count("TensorScatter") == 2 * layers
-    onnx.checker.check_model(form.model, full_check=True)
+    onnx.checker.check_model(form.proto, full_check=True)
     assert not any(t.name in ("sampling_params", "presence", "seed", "offset", "row")
                    for t in form.stage.inputs)
     assert [t.name for t in form.stage.outputs][:2] == ["token_ids", "last_logits"]
@@ -38,7 +38,7 @@ def test_native_form_numerics_match_bundle(family, exported_bundle, ort_session,
     steps = ragged_steps()
     expected = run_reference(bundle, steps)
     form = form_for(bundle, precision=precision, **NATIVE)
-    got = run_form(ort_session, form.model, read_manifest(bundle), steps)
+    got = run_form(ort_session, form.proto, read_manifest(bundle), steps)
     for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
         np.testing.assert_allclose(last, ref, atol=atol, rtol=0, err_msg=f"{family} step {i}")
         np.testing.assert_array_equal(ids, last.argmax(-1))
@@ -52,7 +52,7 @@ def test_native_sliding_window_beyond_the_window(exported_bundle, ort_session):
     form = form_for(bundle, max_seq_len=s_max, **NATIVE)
     steps = window_steps()
     expected = run_reference(bundle, steps, s_max)
-    got = run_form(ort_session, form.model, read_manifest(bundle), steps,
+    got = run_form(ort_session, form.proto, read_manifest(bundle), steps,
                    s_max=s_max)
     for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
         np.testing.assert_allclose(last, ref, atol=1e-4, rtol=0, err_msg=f"step {i}")
@@ -63,10 +63,10 @@ def test_native_and_plugin_sampler_mix(exported_bundle, ort_session):
     """Native attention with the arx::sample plugin: the sampler inputs come back."""
     bundle = exported_bundle("llama")
     form = form_for(bundle, attention="native", sampler="plugin")
-    assert [n.op_type for n in form.model.graph.node if n.domain == "arx"] == ["sample"]
+    assert [n.op_type for n in form.proto.graph.node if n.domain == "arx"] == ["sample"]
     assert "sampling_params" in [t.name for t in form.stage.inputs]
     steps = ragged_steps()[:2]
-    got = run_form(ort_session, form.model, read_manifest(bundle), steps)
+    got = run_form(ort_session, form.proto, read_manifest(bundle), steps)
     for ref, (last, ids) in zip(run_reference(bundle, steps), got):
         np.testing.assert_array_equal(ids, ref.argmax(-1))
 
@@ -82,7 +82,7 @@ def test_native_cache_written_in_place(exported_bundle):
     form = form_for(bundle, **NATIVE)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    session = ort.InferenceSession(form.model.SerializeToString(), so,
+    session = ort.InferenceSession(form.proto.SerializeToString(), so,
                                    providers=["CPUExecutionProvider"])
     steps = ragged_steps()
     b, kv = len(steps[0][1]), m.kv
@@ -112,7 +112,7 @@ def test_native_cache_written_in_place(exported_bundle):
 def test_native_form_bf16_keeps_softmax_in_fp32(exported_bundle):
     """bf16 casts the weights and the cache; Attention keeps softmax_precision = FLOAT."""
     form = form_for(exported_bundle("gpt2"), precision="bf16", **NATIVE)
-    attention = [n for n in form.model.graph.node if n.op_type == "Attention"]
+    attention = [n for n in form.proto.graph.node if n.op_type == "Attention"]
     assert attention and all(onnx.helper.get_attribute_value(a) == onnx.TensorProto.FLOAT
                              for n in attention for a in n.attribute if a.name == "softmax_precision")
     assert {t.dtype for t in form.stage.inputs if t.name.startswith("past_key_values")} == {"bfloat16"}

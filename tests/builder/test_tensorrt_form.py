@@ -28,11 +28,11 @@ def test_form_passes_checker_and_strict_inference(family, exported_bundle):
 
     form = form_for(exported_bundle(family), precision="fp16")
     register_schemas()
-    onnx.checker.check_model(form.model, full_check=True)
-    inferred = onnx.shape_inference.infer_shapes(form.model, strict_mode=True, check_type=True)
+    onnx.checker.check_model(form.proto, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(form.proto, strict_mode=True, check_type=True)
     domains = {n.domain for n in inferred.graph.node}
     assert domains <= {"", "arx"}
-    ops = [n.op_type for n in form.model.graph.node if n.domain == "arx"]
+    ops = [n.op_type for n in form.proto.graph.node if n.domain == "arx"]
     assert ops.count("kv_attention") == read_manifest(exported_bundle(family)).kv.layers
     assert ops.count("sample") == 1
 
@@ -42,7 +42,7 @@ def test_io_derived_from_manifest(family, exported_bundle):
     bundle = exported_bundle(family)
     m = read_manifest(bundle)
     form = form_for(bundle, precision="bf16")
-    graph_inputs = {i.name: i for i in form.model.graph.input}
+    graph_inputs = {i.name: i for i in form.proto.graph.input}
     assert [t.name for t in form.stage.inputs] == list(graph_inputs)
     for past, present in m.kv.pairs():
         spec = next(t for t in form.stage.inputs if t.name == past)
@@ -65,7 +65,7 @@ def test_form_numerics_match_bundle(family, exported_bundle, ort_session, precis
     steps = ragged_steps()
     expected = run_reference(bundle, steps)
     form = form_for(bundle, precision=precision)
-    got = run_form(ort_session, form.model, manifest, steps)
+    got = run_form(ort_session, form.proto, manifest, steps)
     for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
         np.testing.assert_allclose(last, ref, atol=atol, rtol=0, err_msg=f"{family} step {i}")
         if precision == "fp32":  # the sampler (temperature 0) picks the argmax in the engine
@@ -79,7 +79,7 @@ def test_plugin_form_refuses_soft_capped_attention(family, exported_bundle):
     with pytest.raises(ArxError, match="soft-caps its scores.*--attention native"):
         form_for(exported_bundle(family))
     form = form_for(exported_bundle(family), attention="native", sampler="argmax")
-    caps = [a.f for n in form.model.graph.node if n.op_type == "Attention"
+    caps = [a.f for n in form.proto.graph.node if n.op_type == "Attention"
             for a in n.attribute if a.name == "softcap"]
     assert caps == [3.0] * read_manifest(exported_bundle(family)).kv.layers
 
@@ -92,19 +92,19 @@ def test_sliding_window_mistral_beyond_the_window(exported_bundle, ort_session):
     bundle = exported_bundle("mistral")
     manifest = read_manifest(bundle)
     form = form_for(bundle, max_seq_len=s_max)
-    attention = [n for n in form.model.graph.node if n.op_type == "kv_attention"]
+    attention = [n for n in form.proto.graph.node if n.op_type == "kv_attention"]
     assert {helper_attr(n, "window") for n in attention} == {MISTRAL_WINDOW}
     steps = window_steps()
     expected = run_reference(bundle, steps, s_max)
-    got = run_form(ort_session, form.model, manifest, steps, s_max=s_max)
+    got = run_form(ort_session, form.proto, manifest, steps, s_max=s_max)
     for i, (ref, (last, ids)) in enumerate(zip(expected, got)):
         np.testing.assert_allclose(last, ref, atol=1e-4, rtol=0, err_msg=f"step {i}")
         np.testing.assert_array_equal(ids, ref.argmax(-1))
-    for n in form.model.graph.node:  # the same form without the window: the check has teeth
+    for n in form.proto.graph.node:  # the same form without the window: the check has teeth
         for a in n.attribute:
             if a.name == "window":
                 a.i = 0
-    unwindowed = run_form(ort_session, form.model, manifest, steps, s_max=s_max)
+    unwindowed = run_form(ort_session, form.proto, manifest, steps, s_max=s_max)
     assert max(np.abs(last - ref).max() for ref, (last, _) in zip(expected, unwindowed)) > 1e-2
 
 
@@ -119,7 +119,7 @@ def test_sliding_window_matches_hugging_face(exported_bundle, hf_model_dir, ort_
     with torch.no_grad():
         want = hf(torch.from_numpy(prompt)).logits[0].numpy()  # (n, V)
     form = form_for(bundle, max_seq_len=s_max, sampler="none", logits="all")
-    got = run_form(ort_session, form.model, read_manifest(bundle), [(prompt, np.array([n]))],
+    got = run_form(ort_session, form.proto, read_manifest(bundle), [(prompt, np.array([n]))],
                     s_max=s_max, outputs=("logits",))[0][0][0]
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
@@ -140,9 +140,9 @@ def test_cache_longer_than_bundle_is_refused(exported_bundle):
 
 def test_no_sampler_all_logits(exported_bundle):
     form = form_for(exported_bundle("qwen2"), sampler="none", logits="all")
-    names = [o.name for o in form.model.graph.output]
+    names = [o.name for o in form.proto.graph.output]
     assert "token_ids" not in names and "logits" in names
-    assert not any(n.op_type == "sample" for n in form.model.graph.node)
+    assert not any(n.op_type == "sample" for n in form.proto.graph.node)
 
 
 def _fake_w8a8_bundle(src, dst, zero_point: int = 0):
@@ -186,11 +186,11 @@ def _fake_w8a8_bundle(src, dst, zero_point: int = 0):
 def test_int8_from_qdq_bundle(exported_bundle, tmp_path, ort_session, attention):
     bundle = _fake_w8a8_bundle(exported_bundle("llama"), tmp_path / "w8a8.arx")
     form = form_for(bundle, precision="int8", attention=attention)
-    ops = [n.op_type for n in form.model.graph.node]
+    ops = [n.op_type for n in form.proto.graph.node]
     assert form.qdq_nodes == ops.count("QuantizeLinear") + ops.count("DequantizeLinear") > 0
     steps = ragged_steps()[:2]
     expected = run_reference(bundle, steps)  # the same Q/DQ graph in its ORT form
-    got = run_form(ort_session, form.model, read_manifest(bundle), steps)
+    got = run_form(ort_session, form.proto, read_manifest(bundle), steps)
     for ref, (last, _) in zip(expected, got):  # fp16 around the Q/DQ pairs: a rounding step
         assert np.corrcoef(ref.ravel(), last.ravel())[0, 1] > 0.99  # can flip an int8 code
 
@@ -215,10 +215,10 @@ def test_ragged_step_with_a_past(exported_bundle, ort_session, attention):
     steps = ragged_steps(prompts, decode_steps=0)
     steps.append((rng.integers(3, 150, (3, 3)), np.array([3, 1, 2], np.int64)))
     steps.append((rng.integers(3, 150, (3, 1)), np.ones(3, np.int64)))
-    batch = run_form(ort_session, form.model, m, steps)
+    batch = run_form(ort_session, form.proto, m, steps)
     for b in range(3):
         alone = [(ids[b:b + 1, :lens[b]], lens[b:b + 1]) for ids, lens in steps]
-        for (got, _), (want, _) in zip(batch, run_form(ort_session, form.model, m, alone)):
+        for (got, _), (want, _) in zip(batch, run_form(ort_session, form.proto, m, alone)):
             np.testing.assert_allclose(got[b], want[0], atol=1e-4, rtol=0)
 
 
@@ -257,11 +257,11 @@ def test_weight_only_bundle_builds_as_qdq_blocks(exported_bundle, tmp_path, bits
     both sides); --precision int8 stays w8a8's."""
     bundle = _weight_only_bundle(exported_bundle("llama"), tmp_path / f"w{bits}.arx", bits)
     form = form_for(bundle, precision=precision, attention="native", sampler="argmax")
-    ops = [n.op_type for n in form.model.graph.node]
+    ops = [n.op_type for n in form.proto.graph.node]
     assert "MatMulNBits" not in ops and ops.count("DequantizeLinear") == form.qdq_nodes > 0
     steps = ragged_steps()
     expected = run_reference(bundle, steps)
-    got = run_form(_unfused_session, form.model, read_manifest(bundle), steps)
+    got = run_form(_unfused_session, form.proto, read_manifest(bundle), steps)
     for ref, (last, _) in zip(expected, got):
         np.testing.assert_allclose(last, ref, atol=atol, rtol=0)
     with pytest.raises(ArxError, match="--precision fp16"):
@@ -284,5 +284,31 @@ def test_low_precision_drops_stale_value_info(exported_bundle, tmp_path):
     onnx.save_model(model, str(bundle / m.decoder.file), save_as_external_data=True,
                     location=m.decoder.file + ".data", all_tensors_to_one_file=True)
     form = form_for(bundle, precision="fp16")
-    assert not form.model.graph.value_info
-    onnx.checker.check_model(form.model, full_check=True)
+    assert not form.proto.graph.value_info
+    onnx.checker.check_model(form.proto, full_check=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_form_keeps_the_weights_on_disk_until_it_is_saved(precision, exported_bundle, tmp_path):
+    """No step holds the weights as one proto (the 2 GB protobuf limit, and a copy of the
+    model): the form's big tensors are the bundle's memory-mapped ones (fp32) or lazy casts
+    of them (fp16); the checks read a skeleton; save_form streams the tensors to the file."""
+    import onnx_ir as ir
+    from onnx import numpy_helper
+
+    from arx.builder.form import FORM_DATA, FORM_FILE, save_form
+
+    form = form_for(exported_bundle("llama"), precision=precision)
+    big = [v.const_value for v in form.model.graph.initializers.values()
+           if v.const_value.nbytes > 1024]
+    kind = ir.ExternalTensor if precision == "fp32" else ir.LazyTensor
+    assert big and all(isinstance(t, kind) for t in big)
+    assert max(len(t.raw_data) for t in form.skeleton.graph.initializer) <= 1024
+    assert save_form(form, tmp_path) == [FORM_FILE, FORM_DATA]
+    saved = onnx.load(str(tmp_path / FORM_FILE))
+    want = {t.name: numpy_helper.to_array(t) for t in form.proto.graph.initializer}
+    got = {t.name: numpy_helper.to_array(t) for t in saved.graph.initializer}
+    assert want.keys() == got.keys()
+    assert all(np.array_equal(want[k], got[k]) and want[k].dtype == got[k].dtype for k in want)
+    assert [n.SerializeToString() for n in saved.graph.node] == \
+        [n.SerializeToString() for n in form.proto.graph.node]

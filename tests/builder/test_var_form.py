@@ -74,7 +74,7 @@ def test_form_logits_of_every_scale_equal_the_bundle(bundle, ort_session, attent
     form = form_for(bundle, attention=attention, **FORM)
     assert [t.name for t in form.stage.outputs][0] == "logits"
     assert form.stage.inputs[0].name == "inputs_embeds"
-    for k, (got, ref) in enumerate(zip(_run(ort_session, form.model, manifest, steps),
+    for k, (got, ref) in enumerate(zip(_run(ort_session, form.proto, manifest, steps),
                                        _reference(bundle, steps))):
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0, err_msg=f"scale {k}")
 
@@ -135,7 +135,7 @@ def perturb_keys(model, layer: int = 1) -> None:
                                                  ("native", "fp16")])
 def test_engine_check_passes_over_the_whole_schedule(bundle, ort_session, attention, precision):
     form = form_for(bundle, attention=attention, precision=precision, **FORM)
-    report = _check(bundle, form, _runner(form.model, ort_session if attention == "plugin"
+    report = _check(bundle, form, _runner(form.proto, ort_session if attention == "plugin"
                                           else None), precision)
     layers = read_manifest(bundle).kv.layers
     assert report["passed"], report.get("message")
@@ -172,8 +172,8 @@ def test_perturbed_weight_is_refused_naming_the_worst_output(bundle):
     from arx.builder import check
 
     form = form_for(bundle, attention="native", precision="fp16", **FORM)
-    perturb_keys(form.model)
-    report = _check(bundle, form, _runner(form.model), "fp16")
+    perturb_keys(form.proto)
+    report = _check(bundle, form, _runner(form.proto), "fp16")
     outputs = report["outputs"]
     assert not report["passed"]
     assert all(outputs[n]["passed"] for n in ("present.0.key", "present.0.value"))
@@ -321,7 +321,7 @@ def var_engine(monkeypatch, ort_session):
         m = read_manifest(bundle)
         form = form_for(bundle, attention="plugin", max_batch=max_batch, **FORM)
         report = {"io": form.stage.to_json(), "max_seq_len": S_MAX, "max_batch": max_batch}
-        backend = module.OrtFormBackend(ort_session(form.model), {q: p for p, q in m.kv.pairs()})
+        backend = module.OrtFormBackend(ort_session(form.proto), {q: p for p, q in m.kv.pairs()})
 
         @contextmanager
         def fake_open(path, target):

@@ -130,11 +130,11 @@ def test_tensorrt_form_and_kit_of_a_custom_bundle(fast_bundle, tmp_path):
 
     _, bundle, _ = fast_bundle
     form = form_for(bundle)  # the plugin form arx build writes: GQA replaced by arx::kv_attention
-    assert not [n for n in form.model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert not [n for n in form.proto.graph.node if n.op_type == "GroupQueryAttention"]
     # the plugin-free form runs on ORT's own kernels: the bundle graph's logits, step by step
     native = form_for(bundle, attention="native", sampler="argmax")
     steps = _prefill_then_decode(PROMPTS)
-    got = run_form(lambda m: ort.InferenceSession(m.SerializeToString()), native.model,
+    got = run_form(lambda m: ort.InferenceSession(m.SerializeToString()), native.proto,
                    read_manifest(bundle), steps)
     for i, (ref, (last, ids)) in enumerate(zip(run_reference(bundle, steps), got)):
         np.testing.assert_allclose(last, ref, atol=1e-4, rtol=0, err_msg=f"step {i}")
