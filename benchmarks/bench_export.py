@@ -48,7 +48,8 @@ def peak_run(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     proc = subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True,
                           env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-2000:]}")
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed (exit {proc.returncode}):\n"
+                           f"{proc.stderr[-2000:]}")
     seconds, kb = proc.stdout.split()[-2:]
     return float(seconds), int(kb) * 1024  # ru_maxrss is in kB on Linux
 
@@ -91,12 +92,19 @@ def bench(shape: str, work: Path, max_seq_len: int = 2048) -> list[dict]:
         for tool, precision in runs(shape):
             out = work / f"{shape}-{tool}-{precision}"
             _need_disk(work, ckpt_bytes * (2 if precision == "fp32" else 1), f"{tool} {precision}")
-            seconds, peak = peak_run(command(tool, precision, ckpt, out, max_seq_len), env)
-            size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-            budget = 1.5 * max(ckpt_bytes, size) + GB
-            rows.append({"shape": shape, "tool": tool, "precision": precision,
-                         "seconds": round(seconds, 1), "peak_gb": round(peak / GB, 2),
-                         "output_gb": round(size / GB, 2), "budget_gb": round(budget / GB, 2)})
+            row = {"shape": shape, "tool": tool, "precision": precision}
+            try:
+                seconds, peak = peak_run(command(tool, precision, ckpt, out, max_seq_len), env)
+            except RuntimeError as e:  # (an OOM kill of the builder at 8B): the row says so
+                print(e, file=sys.stderr)
+                rows.append({**row, "seconds": "failed", "peak_gb": "-", "output_gb": "-",
+                             "budget_gb": "-", "error": str(e).splitlines()[-1][:200]})
+            else:
+                size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+                budget = 1.5 * max(ckpt_bytes, size) + GB
+                rows.append({**row, "seconds": round(seconds, 1), "peak_gb": round(peak / GB, 2),
+                             "output_gb": round(size / GB, 2), "budget_gb": round(budget / GB, 2)})
+            print(table(rows[-1:]), file=sys.stderr, flush=True)  # each row as it comes
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(str(out) + "-cache", ignore_errors=True)
     finally:
