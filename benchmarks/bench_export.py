@@ -76,7 +76,8 @@ def _need_disk(folder: Path, nbytes: float, what: str) -> None:
                          f"free in {folder}")
 
 
-def bench(shape: str, work: Path, max_seq_len: int = 2048) -> list[dict]:
+def bench(shape: str, work: Path, max_seq_len: int = 2048, only: set[str] | None = None
+          ) -> list[dict]:
     cfg = SHAPES[shape]
     max_seq_len = min(max_seq_len, cfg["max_position_embeddings"])
     ckpt = work / shape
@@ -90,6 +91,8 @@ def bench(shape: str, work: Path, max_seq_len: int = 2048) -> list[dict]:
         write_word_tokenizer(ckpt, cfg["vocab_size"])  # the builder insists on one
         env = {**os.environ, "TQDM_DISABLE": "1"}
         for tool, precision in runs(shape):
+            if only and f"{tool}:{precision}" not in only:
+                continue
             out = work / f"{shape}-{tool}-{precision}"
             _need_disk(work, ckpt_bytes * (2 if precision == "fp32" else 1), f"{tool} {precision}")
             row = {"shape": shape, "tool": tool, "precision": precision}
@@ -136,9 +139,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--work", help="folder for the checkpoints and outputs (default: a temp one)")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--only", help="comma-separated TOOL:PRECISION runs (e.g. arx:w4,ort-genai:fp16)")
     args = p.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
     with tempfile.TemporaryDirectory(prefix="bench-export-", dir=args.work) as work:
-        rows = [r for s in args.shape for r in bench(s, Path(work), args.max_seq_len)]
+        rows = [r for s in args.shape for r in bench(s, Path(work), args.max_seq_len, only)]
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")

@@ -45,8 +45,22 @@ def estimate(src, dtype: str, check_parity: bool, quantize=None) -> tuple[int, f
     if not check_parity:
         return bundle, emit
     full = full_depth_bytes(ckpt, bundle, params, dtype, "cpu")
-    parity = full if full <= memory_budget(ckpt, bundle) and dtype != "bfloat16" else emit
+    parity = full if full <= memory_budget(ckpt, bundle) and dtype != "bfloat16" else \
+        truncated_bytes(src)
     return bundle, max(emit, parity)
+
+
+def truncated_bytes(src) -> float:
+    """Peak of parity's check on the first TRUNCATED_LAYERS layers, exported in float32 from the
+    same files (parity_run.truncated_parity): the float32 reference of those layers and the
+    embedding and head, beside the part of the checkpoint it reads."""
+    from arx.export.parity_run import TRUNCATED_LAYERS, checkpoint_dtype
+
+    layers = getattr(src.module.config, "num_hidden_layers", 0) or 1
+    in_layers = sum(p.numel() for n, p in src.module.named_parameters() if ".layers." in n)
+    outside = sum(p.numel() for p in src.module.parameters()) - in_layers
+    kept = outside + in_layers * min(TRUNCATED_LAYERS, layers) / layers
+    return PROCESS_BYTES + kept * (4 + DTYPE_BYTES.get(checkpoint_dtype(src), 4))
 
 
 def _quantized(src, quantize, params: int, emit: float, ckpt: int) -> tuple[int, float]:
@@ -61,13 +75,15 @@ def _quantized(src, quantize, params: int, emit: float, ckpt: int) -> tuple[int,
     embed = src.module.get_input_embeddings().weight.numel()
     bundle = quantized_bytes(params, embed, quant.spec.weight_bits, quant.group_size)
     check = full_depth_bytes(ckpt, bundle, params, checkpoint_dtype(src), "cpu")
-    return bundle, max(emit, check)
+    return bundle, max(emit, check, truncated_bytes(src))  # + the emitter's float check
 
 
 def check_fits(src, output: Path, dtype: str, check_parity: bool, quantize=None) -> None:
     """Raise ArxError naming an option that fits when memory or disk is clearly too small."""
     if not src.streamed:
         return  # the model is loaded already: what it needed, it has
+    if src.num_layers is not None:
+        return  # parity's truncated export: the whole export's estimate counted it
     bundle, peak = estimate(src, dtype, check_parity, quantize)
     what = f"--quantize {quantize.quant.scheme}" if quantize is not None else dtype
     free_disk = shutil.disk_usage(_existing(output)).free

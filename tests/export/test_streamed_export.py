@@ -148,20 +148,25 @@ def _peak_export(folder: Path, out: Path, *flags: str) -> int:
 @pytest.mark.slow
 def test_300m_checkpoint_within_the_memory_budget(tmp_path):
     """~291M parameters in bf16 (582 MB): peak < 1.5 x max(checkpoint, bundle) + 1 GB for each
-    export, and the fp32 bundle's greedy tokens equal HF generate's."""
+    export (fp32, fp16, and w4 straight from the checkpoint with its accuracy gate on random
+    ids: --force, as this is the memory check, not the accuracy one), and the fp32 bundle's
+    greedy tokens equal HF generate's."""
     import torch
     from transformers import AutoModelForCausalLM
 
     folder = tmp_path / "llama-300m"
     ckpt = checkpoints.write_llama(folder, checkpoints.LLAMA_300M, shard_bytes=256 << 20)
     peaks = {}
-    for dtype in ("fp32", "fp16"):
-        out = tmp_path / f"{dtype}.arx"
-        peak = _peak_export(folder, out, "--dtype", dtype)
-        bundle = sum(f.stat().st_size for f in out.iterdir())
-        peaks[dtype] = (peak, 1.5 * max(ckpt, bundle) + (1 << 30))
+    runs = {"fp32": ("--dtype", "fp32"), "fp16": ("--dtype", "fp16"),
+            "w4": ("--quantize", "w4", "--force")}
+    for name, flags in runs.items():
+        out = tmp_path / f"{name}.arx"
+        peak = _peak_export(folder, out, *flags)
+        bundle = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        peaks[name] = (peak, 1.5 * max(ckpt, bundle) + (1 << 30))
     assert all(p < budget for p, budget in peaks.values()), peaks
     assert read_manifest(tmp_path / "fp16.arx").parity["depth"]["layers"] == 2
+    assert read_manifest(tmp_path / "w4.arx").extensions["quantization"]["scheme"] == "w4"
     prompts = PROMPTS[:1]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     expected = greedy.hf_greedy(model, prompts)
@@ -187,6 +192,22 @@ def test_memory_too_small_is_refused_naming_what_fits(bf16_folder, tmp_path, mon
     assert not (tmp_path / "b.arx").exists()
     assert main(["export", str(bf16_folder), "-o", str(tmp_path / "b.arx"), "-q",
                  "--dtype", "fp16", "--no-parity"]) == 0
+
+
+def test_truncated_parity_export_is_not_refused_on_its_own(bf16_folder, tmp_path, monkeypatch):
+    """Parity's export of the first layers is part of the whole export, whose estimate counts
+    it (budget.truncated_bytes); estimated alone against the whole checkpoint's bytes it
+    refused the 8B w4 export on this machine (21.0 GB "in float32" for a 2-layer check)."""
+    import arx.export.budget as budget
+    from arx.export.sources import load_source
+
+    monkeypatch.setattr(budget, "available_memory", lambda: 1)
+    budget.check_fits(load_source(bf16_folder, num_layers=2), tmp_path / "t.arx", "float32", True)
+    with pytest.raises(ArxError, match="GB of memory"):
+        budget.check_fits(load_source(bf16_folder), tmp_path / "b.arx", "float32", True)
+    src = load_source(bf16_folder)  # 3 layers: 2 of them, the embedding and head in the check
+    params = sum(p.numel() for p in src.module.parameters())
+    assert 0 < budget.truncated_bytes(src) - budget.PROCESS_BYTES < params * (4 + 2)
 
 
 def test_progress_ticks_per_layer(bf16_folder, tmp_path, capsys):
