@@ -19,6 +19,7 @@ from onnx_ir.passes.common import TopologicalSortPass
 from arx.errors import ArxError
 from arx.manifest import Manifest
 
+from arx.export.external_data import to_proto_array
 from arx.export.graph_ir import Editor, unmap
 
 from .schemas import DOMAIN as PLUGIN_DOMAIN
@@ -26,6 +27,7 @@ from .schemas import DOMAIN as PLUGIN_DOMAIN
 LOW_TYPES = {"fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16, "int8": TensorProto.FLOAT16}
 CACHE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float16"}
 _NUMPY = {TensorProto.FLOAT16: np.float16, TensorProto.BFLOAT16: ml_dtypes.bfloat16}
+_DTYPE_NAMES = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
 KEEP_FP32_OPS = ("RMSNormalization", "LayerNormalization")
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 QUANT_SCHEMES = ("w8a8",)  # schemes this build path turns into a TensorRT INT8 engine
@@ -122,9 +124,9 @@ def _convert_initializers(graph: ir.Graph, low: int, keep: set[str]) -> None:
 
 def _cast_lazily(tensor: ir.TensorProtocol, low: int) -> ir.LazyTensor:
     def cast() -> ir.Tensor:
-        low_array = tensor.numpy().astype(_NUMPY[low])
+        bits, _ = to_proto_array(tensor.numpy(), _DTYPE_NAMES[low])  # torch's cast where installed
         unmap(tensor)  # the fp32 bytes are read: their pages need not stay resident
-        return ir.tensor(low_array, name=tensor.name)
+        return ir.Tensor(bits.view(_NUMPY[low]), dtype=ir.DataType(low), name=tensor.name)
 
     return ir.LazyTensor(cast, dtype=ir.DataType(low), shape=tensor.shape, name=tensor.name)
 

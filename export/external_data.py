@@ -22,13 +22,30 @@ INLINE_BYTES = 1024  # smaller tensors stay in the proto, as save_with_external_
 
 def to_proto_array(array: np.ndarray, dtype: str) -> tuple[np.ndarray, int]:
     """(array as stored, TensorProto data type) for a float array in `dtype`; bfloat16 has
-    no numpy dtype of its own: ml_dtypes (an onnx requirement) rounds, stored as uint16."""
+    no numpy dtype of its own: stored as its uint16 bits."""
+    if array.dtype == np.float32 and dtype in ("float16", "bfloat16"):
+        out = _torch_cast(array, dtype)
+        if out is not None:
+            return out, TensorProto.FLOAT16 if dtype == "float16" else TensorProto.BFLOAT16
     if dtype == "bfloat16":
         import ml_dtypes
 
         return array.astype(ml_dtypes.bfloat16).view(np.uint16), TensorProto.BFLOAT16
     out = array.astype(dtype, copy=False)
     return out, onnx.helper.np_dtype_to_tensor_dtype(out.dtype)
+
+
+def _torch_cast(array: np.ndarray, dtype: str) -> np.ndarray | None:
+    """float32 -> float16 (or bfloat16 bits) by torch: the same round-to-nearest-even bits as
+    numpy's astype (ml_dtypes' for bfloat16), vectorized and threaded where numpy's float16
+    cast is a scalar loop: about 1 s per 4096 x 14336 weight here, 15x slower than torch,
+    140 s of the 8B fp16 export. None where torch is not installed (the cast is numpy's)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    low = torch.from_numpy(np.ascontiguousarray(array)).to(getattr(torch, dtype))
+    return low.numpy() if dtype == "float16" else low.view(torch.int16).numpy().view(np.uint16)
 
 
 def tensor_proto(name: str, array: np.ndarray, data_type: int) -> TensorProto:
