@@ -38,6 +38,7 @@ from arx.errors import ArxError
 from arx.export.families import DecoderConfig
 from arx.export.graph import MS_DOMAIN, GraphBuilder
 from arx.export.moe_graph import moe_mlp
+from arx.export.tensor_source import contiguous
 from arx.export.weights import DecoderWeights, LayerWeights
 from arx.manifest import KVLayout, Stage, TensorSpec
 
@@ -116,7 +117,7 @@ def _head_matmul(g: GraphBuilder, w: DecoderWeights, x: str, head: str | None,
 def _lm_head(g: GraphBuilder, w: DecoderWeights) -> str:
     if w.lm_head is None:  # tied: (V, H) -> (H, V); ORT folds the Transpose at load time
         return g.op("Transpose", "embed_tokens.weight", perm=[1, 0], name="lm_head_tied")
-    return g.weight("lm_head.weight", np.ascontiguousarray(w.lm_head.T))
+    return g.weight("lm_head.weight", contiguous(w.lm_head.T))
 
 
 def _rope_name(table: str, what: str) -> str:

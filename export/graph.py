@@ -9,6 +9,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from arx.export.external_data import ExternalDataWriter, tensor_proto, to_proto_array
+from arx.export.tensor_source import contiguous
 
 # onnxruntime 1.31 loads IR version <= 13 models; onnx 1.23 would write 14 by default.
 IR_VERSION = 10
@@ -81,7 +82,7 @@ class GraphBuilder:
         """x @ array (K, N) as MatMul `name`; where the quantizer takes it, the weight is
         quantized now (MatMulNBits) and its float bytes are never written."""
         if not self.quantizes(name):
-            w = self.weight(weight_name, np.ascontiguousarray(array))
+            w = self.weight(weight_name, contiguous(array))
             return self.node("MatMul", [x, w], [output] if output else 1, name=name)[0]
         out = output or self.fresh(f"{name}/out")  # the names node() would give
         node = helper.make_node("MatMul", [x, weight_name], [out], name=self.fresh(name))

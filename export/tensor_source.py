@@ -23,6 +23,28 @@ from arx.errors import ArxError
 from arx.export.torch_output import error_summary
 
 
+def widen_bf16(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly; torch's cast is about 20x numpy's shift
+    (0.02 s against 0.39 s for a 2048 x 8192 weight here: 16 s of the 1B fp16 export)."""
+    try:
+        import torch
+    except ImportError:
+        return (bits.astype(np.uint32) << 16).view(np.float32)
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
+
+
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous copy (a transposed weight, a column split), by torch where it is there:
+    its blocked copy is about 3x numpy's for a transposed 8192 x 2048 float32 weight."""
+    if array.flags.c_contiguous:
+        return array
+    try:
+        import torch
+    except ImportError:
+        return np.ascontiguousarray(array)
+    return torch.from_numpy(array).contiguous().numpy()
+
+
 def _float32(tensor) -> np.ndarray:
     """One torch tensor -> float32 numpy (bf16 has no numpy dtype: torch upcasts it)."""
     return np.ascontiguousarray(tensor.detach().float().numpy())
@@ -101,8 +123,8 @@ class SafetensorsSource:
             if f.readinto(memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
                 raise ArxError(f"{path} ends inside tensor {name}; the weights look corrupt or "
                                f"incomplete, re-download or re-save them")
-        if code == "BF16":  # the top half of a float32: widen in place of a torch round trip
-            return (out.astype(np.uint32) << 16).view(np.float32)
+        if code == "BF16":  # the top half of a float32: widened exactly
+            return widen_bf16(out)
         return np.ascontiguousarray(out, dtype=np.float32) if out.dtype.kind == "f" else out
 
     get = __getitem__

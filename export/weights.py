@@ -17,6 +17,7 @@ import numpy as np
 
 from arx.errors import ArxError
 from arx.export.families import DecoderConfig, WeightNames
+from arx.export.tensor_source import contiguous
 
 
 Norm = tuple[np.ndarray, np.ndarray | None]  # (weight (H,), bias (H,) | None)
@@ -107,7 +108,7 @@ class _Reader:
         """Return (W (in, out), b) whatever the checkpoint's layout."""
         w = self.get(prefix + ".weight")
         w = w.T if self.names.linear_is_out_in else w
-        return np.ascontiguousarray(w), (self.opt(prefix + ".bias") if bias else None)
+        return contiguous(w), (self.opt(prefix + ".bias") if bias else None)
 
     def split_rows(self, prefix: str, sizes: list[int], bias: bool):
         """Split a fused linear by output features; returns [(W (in, out_i), b_i)]."""
@@ -115,7 +116,7 @@ class _Reader:
         cuts = np.cumsum(sizes)[:-1]
         ws = np.split(w, cuts, axis=1)
         bs = np.split(b, cuts) if b is not None else [None] * len(sizes)
-        return [(np.ascontiguousarray(x), y) for x, y in zip(ws, bs)]
+        return [(contiguous(x), y) for x, y in zip(ws, bs)]
 
 
 def _per_head_rows(wb, heads: int, head_dim: int):
