@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+
+# `arx` as a user at a terminal starts it: SIGINT at Python's default handler, so a Ctrl-C is a
+# KeyboardInterrupt. A test run started in the background of a non-interactive shell (`cmd &`,
+# nohup, some CI runners) has SIGINT ignored, and an ignored signal stays ignored across exec:
+# a child started plainly would shrug off the test's Ctrl-C and exit 0.
+ARX_AT_A_TERMINAL = [sys.executable, "-c",
+                     "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                     "from arx.cli import main; raise SystemExit(main())"]
 
 
 def assert_one_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -13,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from arx.errors import require
-
-ARX = [sys.executable, "-c", "from arx.cli import main; raise SystemExit(main())"]
+from cli_lines import ARX_AT_A_TERMINAL
 
 # Makes `import onnxruntime` slow and, like onnxruntime's own module init (measured on 1.31: a
 # SIGINT while it imports numpy), print the KeyboardInterrupt and raise ImportError instead.
@@ -52,7 +50,7 @@ def interrupt_while_importing(tmp_path: Path, argv: list[str]) -> subprocess.Com
     marker = tmp_path / "importing"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
            "ARX_TEST_IMPORTING": str(marker), "ARX_TEST_IMPORT_S": "2"}
-    proc = subprocess.Popen(ARX + argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(ARX_AT_A_TERMINAL + argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 120
     while not marker.exists():

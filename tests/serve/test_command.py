@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from cli_lines import assert_one_line
+from cli_lines import ARX_AT_A_TERMINAL, assert_one_line
 from core.test_needs import arx_without
 
 
@@ -58,8 +58,8 @@ def _free_port() -> int:
 
 def test_serves_until_ctrl_c(exported_bundle):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "arx", "serve", str(exported_bundle("llama")),
-                             "--port", str(port), "--max-batch", "2", "--threads", "1"],
+    proc = subprocess.Popen(ARX_AT_A_TERMINAL + ["serve", str(exported_bundle("llama")), "--port",
+                                                  str(port), "--max-batch", "2", "--threads", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
