@@ -44,8 +44,9 @@ def _torch_cast(array: np.ndarray, dtype: str) -> np.ndarray | None:
         import torch
     except ImportError:
         return None
-    low = torch.from_numpy(np.ascontiguousarray(array)).to(getattr(torch, dtype))
-    return low.numpy() if dtype == "float16" else low.view(torch.int16).numpy().view(np.uint16)
+    from arx.export.tensor_source import into_numpy
+
+    return into_numpy(torch.from_numpy(np.ascontiguousarray(array)), np.float16 if dtype == "float16" else np.uint16)
 
 
 def tensor_proto(name: str, array: np.ndarray, data_type: int) -> TensorProto:

@@ -30,7 +30,7 @@ def widen_bf16(bits: np.ndarray) -> np.ndarray:
         import torch
     except ImportError:
         return (bits.astype(np.uint32) << 16).view(np.float32)
-    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float().numpy()
+    return into_numpy(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16), np.float32)
 
 
 def contiguous(array: np.ndarray) -> np.ndarray:
@@ -42,7 +42,24 @@ def contiguous(array: np.ndarray) -> np.ndarray:
         import torch
     except ImportError:
         return np.ascontiguousarray(array)
-    return torch.from_numpy(array).contiguous().numpy()
+    if min(array.strides, default=0) < 0:  # (torch takes no negative strides)
+        return np.ascontiguousarray(array)
+    return into_numpy(torch.from_numpy(array), array.dtype)
+
+
+def into_numpy(tensor, dtype) -> np.ndarray:
+    """`tensor` copied (cast where `dtype` differs) into a new C-contiguous numpy array.
+
+    The array is numpy's, not torch's: numpy asks the kernel for huge pages on big arrays
+    (madvise) and torch's allocator does not, and on this machine the page faults of fresh
+    memory cost more than the copy itself (docs/design.md, "Streamed export")."""
+    import torch
+
+    out = np.empty(tuple(tensor.shape), dtype)
+    target = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16) \
+        if dtype == np.uint16 else torch.from_numpy(out)  # uint16 out: bfloat16 bits
+    target.copy_(tensor)
+    return out
 
 
 def _float32(tensor) -> np.ndarray:

@@ -42,3 +42,22 @@ def test_nan_stays_nan_and_numpy_is_the_fallback(monkeypatch):
     monkeypatch.setattr(external_data, "_torch_cast", lambda array, dtype: None)  # no torch
     fallback, _ = to_proto_array(_edge_values(), "float16")
     assert np.array_equal(fallback, _edge_values().astype(np.float16))
+
+
+def test_widening_and_transposes_are_exact_and_land_in_numpy_arrays():
+    """tensor_source's torch paths: the same values as numpy's, each result a C-contiguous
+    array numpy owns (its huge-page allocation, not a view of a torch tensor)."""
+    from arx.export.tensor_source import contiguous, widen_bf16
+
+    values = _edge_values()[:12_000].reshape(120, 100)
+    bits = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    wide = widen_bf16(bits)
+    assert wide.dtype == np.float32 and wide.flags.c_contiguous and wide.base is None
+    assert np.array_equal(wide.view(np.uint32), bits.astype(np.uint32) << 16)
+    for view in (values.T, values[:, ::3], values[::-1].T):
+        got = contiguous(view)
+        assert got.flags.c_contiguous and got.base is None
+        assert np.array_equal(got.view(np.uint32), np.ascontiguousarray(view).view(np.uint32))
+    assert contiguous(values) is values  # already contiguous: not copied
+    half, _ = to_proto_array(values.T, "float16")  # a strided input to the cast
+    assert half.shape == (100, 120) and np.array_equal(half, values.T.astype(np.float16))
