@@ -4,6 +4,7 @@
     python benchmarks/bench_export.py --shape llama-3.1-8b      # ~16 GB checkpoint, long
     python benchmarks/bench_export.py --shape llama-300m        # 291M, 582 MB: README's table
     python benchmarks/bench_export.py --shape tiny              # the smoke test's shape
+    python benchmarks/bench_export.py --shape llama-3.2-1b --repeat 3   # median of 3, spread
 
 For each shape a random bf16 checkpoint is written shard by shard (random_checkpoint.py,
 never whole in memory), then every run exports it in a child process whose peak resident
@@ -13,7 +14,9 @@ step. Runs: arx fp32 (not at 8B), arx fp16; the builder fp32 (not at 8B, -e cpu)
 fp16 (-e cuda: the graph is the one a GPU runs, no GPU is needed to write it) and int4
 (-e cpu); arx w4 is `arx export --quantize w4` (straight to int4, its accuracy gate on random
 token ids included, as the builder has none).
-The budget column is issue 15's goal: 1.5x the larger of checkpoint and output, + 1 GB.
+With --repeat N each export runs N times: the median time, its spread (min-max) and the
+largest peak. The budget column is issue 15's goal: 1.5x the larger of checkpoint and
+output, + 1 GB.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,8 +80,8 @@ def _need_disk(folder: Path, nbytes: float, what: str) -> None:
                          f"free in {folder}")
 
 
-def bench(shape: str, work: Path, max_seq_len: int = 2048, only: set[str] | None = None
-          ) -> list[dict]:
+def bench(shape: str, work: Path, max_seq_len: int = 2048, only: set[str] | None = None,
+          repeat: int = 1) -> list[dict]:
     cfg = SHAPES[shape]
     max_seq_len = min(max_seq_len, cfg["max_position_embeddings"])
     ckpt = work / shape
@@ -97,22 +101,38 @@ def bench(shape: str, work: Path, max_seq_len: int = 2048, only: set[str] | None
             _need_disk(work, ckpt_bytes * (2 if precision == "fp32" else 1), f"{tool} {precision}")
             row = {"shape": shape, "tool": tool, "precision": precision}
             try:
-                seconds, peak = peak_run(command(tool, precision, ckpt, out, max_seq_len), env)
+                row.update(_measure(command(tool, precision, ckpt, out, max_seq_len), env, out,
+                                    ckpt_bytes, repeat))
             except RuntimeError as e:  # (an OOM kill of the builder at 8B): the row says so
                 print(e, file=sys.stderr)
-                rows.append({**row, "seconds": "failed", "peak_gb": "-", "output_gb": "-",
-                             "budget_gb": "-", "error": str(e).splitlines()[-1][:200]})
-            else:
-                size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-                budget = 1.5 * max(ckpt_bytes, size) + GB
-                rows.append({**row, "seconds": round(seconds, 1), "peak_gb": round(peak / GB, 2),
-                             "output_gb": round(size / GB, 2), "budget_gb": round(budget / GB, 2)})
+                row.update({"seconds": "failed", "spread_s": "-", "peak_gb": "-",
+                            "output_gb": "-", "budget_gb": "-",
+                            "error": str(e).splitlines()[-1][:200]})
+            rows.append(row)
             print(table(rows[-1:]), file=sys.stderr, flush=True)  # each row as it comes
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(str(out) + "-cache", ignore_errors=True)
     finally:
         shutil.rmtree(ckpt, ignore_errors=True)
     return rows
+
+
+def _measure(cmd: list[str], env: dict, out: Path, ckpt_bytes: int, repeat: int) -> dict:
+    """The median time of `repeat` runs (the spread beside it), the largest peak, the output's
+    size and issue 15's budget for it; each run's output deleted after it is measured."""
+    times, peaks, size = [], [], 0
+    for _ in range(repeat):
+        try:
+            seconds, peak = peak_run(cmd, env)
+            size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(str(out) + "-cache", ignore_errors=True)
+        times.append(seconds)
+        peaks.append(peak)
+    budget = 1.5 * max(ckpt_bytes, size) + GB
+    spread = f"{min(times):.1f}-{max(times):.1f}" if repeat > 1 else "-"
+    return {"seconds": round(statistics.median(times), 1), "spread_s": spread,
+            "runs": len(times), "peak_gb": round(max(peaks) / GB, 2),
+            "output_gb": round(size / GB, 2), "budget_gb": round(budget / GB, 2)}
 
 
 def _params(cfg: dict) -> int:
@@ -125,11 +145,12 @@ def _params(cfg: dict) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'shape':<14}{'tool':<11}{'precision':<10}{'seconds':>9}{'peak GB':>9}"
-             f"{'output GB':>11}{'budget GB':>11}"]
+    lines = [f"{'shape':<14}{'tool':<11}{'precision':<10}{'seconds':>9}{'spread s':>13}"
+             f"{'peak GB':>9}{'output GB':>11}{'budget GB':>11}"]
     for r in rows:
         lines.append(f"{r['shape']:<14}{r['tool']:<11}{r['precision']:<10}{r['seconds']:>9}"
-                     f"{r['peak_gb']:>9}{r['output_gb']:>11}{r['budget_gb']:>11}")
+                     f"{r['spread_s']:>13}{r['peak_gb']:>9}{r['output_gb']:>11}"
+                     f"{r['budget_gb']:>11}")
     return "\n".join(lines)
 
 
@@ -140,10 +161,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--only", help="comma-separated TOOL:PRECISION runs (e.g. arx:w4,ort-genai:fp16)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each export: the table gives the median time and the spread")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
     only = set(args.only.split(",")) if args.only else None
     with tempfile.TemporaryDirectory(prefix="bench-export-", dir=args.work) as work:
-        rows = [r for s in args.shape for r in bench(s, Path(work), args.max_seq_len, only)]
+        rows = [r for s in args.shape for r in bench(s, Path(work), args.max_seq_len, only,
+                                                     args.repeat)]
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")

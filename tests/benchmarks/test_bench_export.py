@@ -31,9 +31,10 @@ def test_tiny_run_measures_both_tools_and_cleans_up(bench, tmp_path, monkeypatch
         runs.append(("ort-genai", "int4"))
     monkeypatch.setattr(bench, "runs", lambda shape: runs)
     rows = bench.main(["--shape", "tiny", "--work", str(tmp_path), "--json",
-                       str(tmp_path / "rows.json")])
+                       str(tmp_path / "rows.json"), "--repeat", "2"])
     assert [(r["tool"], r["precision"]) for r in rows] == runs
     assert all(0 < r["peak_gb"] < r["budget_gb"] and r["seconds"] > 0 for r in rows)
+    assert all(r["runs"] == 2 and r["spread_s"].count("-") == 1 for r in rows)  # "min-max"
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
     assert "peak GB" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]  # checkpoint, outputs gone
