@@ -4,8 +4,9 @@
 
 Each weight passes through three copies. The variants, alternated round by round:
 - torch: each copy a new torch tensor (what export/tensor_source.py did before 2026-12-02);
-- numpy: each copy into a new numpy array (`tensor_source.into_numpy`, what it does now: numpy
-  asks the kernel for huge pages on big arrays, torch's allocator does not);
+- numpy: the emitter's own functions (`tensor_source.widen_bf16`, `contiguous`,
+  `external_data.to_proto_array`), each copy into a new numpy array (`into_numpy`: numpy asks
+  the kernel for huge pages on big arrays, torch's allocator does not);
 - reused: the same three copies into buffers allocated once (the ceiling for a buffer pool).
 On the 2-core VMs here, page faults on fresh memory cost more than the copies themselves
 (docs/design.md, "Streamed export"). Prints each variant's median and spread over the rounds.
@@ -23,28 +24,24 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from arx.export.tensor_source import into_numpy  # noqa: E402
-
-
-def _bf16(bits: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+from arx.export.external_data import to_proto_array  # noqa: E402
+from arx.export.tensor_source import bf16_tensor, contiguous, widen_bf16  # noqa: E402
 
 
 def torch_copies(bits: np.ndarray, _buffers) -> np.ndarray:
-    wide = _bf16(bits).float().numpy()
+    wide = bf16_tensor(bits).float().numpy()
     moved = torch.from_numpy(wide.T).contiguous().numpy()
     return torch.from_numpy(moved).to(torch.float16).numpy()
 
 
 def numpy_copies(bits: np.ndarray, _buffers) -> np.ndarray:
-    wide = into_numpy(_bf16(bits), np.float32)
-    moved = into_numpy(torch.from_numpy(wide.T), np.float32)
-    return into_numpy(torch.from_numpy(moved), np.float16)
+    """The emitter's own path: tensor_source's widening and transpose, the writer's cast."""
+    return to_proto_array(contiguous(widen_bf16(bits).T), "float16")[0]
 
 
 def reused_copies(bits: np.ndarray, buffers) -> np.ndarray:
     wide, moved, half = buffers
-    torch.from_numpy(wide).copy_(_bf16(bits))
+    torch.from_numpy(wide).copy_(bf16_tensor(bits))
     torch.from_numpy(moved).copy_(torch.from_numpy(wide.T))
     torch.from_numpy(half).copy_(torch.from_numpy(moved))
     return half

@@ -46,7 +46,8 @@ def _torch_cast(array: np.ndarray, dtype: str) -> np.ndarray | None:
         return None
     from arx.export.tensor_source import into_numpy
 
-    return into_numpy(torch.from_numpy(np.ascontiguousarray(array)), np.float16 if dtype == "float16" else np.uint16)
+    bits = np.float16 if dtype == "float16" else np.uint16  # (uint16: bfloat16 bits)
+    return into_numpy(torch.from_numpy(np.ascontiguousarray(array)), bits)
 
 
 def tensor_proto(name: str, array: np.ndarray, data_type: int) -> TensorProto:

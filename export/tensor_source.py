@@ -30,7 +30,7 @@ def widen_bf16(bits: np.ndarray) -> np.ndarray:
         import torch
     except ImportError:
         return (bits.astype(np.uint32) << 16).view(np.float32)
-    return into_numpy(torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16), np.float32)
+    return into_numpy(bf16_tensor(bits), np.float32)
 
 
 def contiguous(array: np.ndarray) -> np.ndarray:
@@ -47,6 +47,13 @@ def contiguous(array: np.ndarray) -> np.ndarray:
     return into_numpy(torch.from_numpy(array), array.dtype)
 
 
+def bf16_tensor(bits: np.ndarray):
+    """A torch bfloat16 view of bfloat16 bits held as uint16 (numpy has no bfloat16)."""
+    import torch
+
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
+
 def into_numpy(tensor, dtype) -> np.ndarray:
     """`tensor` copied (cast where `dtype` differs) into a new C-contiguous numpy array.
 
@@ -56,8 +63,7 @@ def into_numpy(tensor, dtype) -> np.ndarray:
     import torch
 
     out = np.empty(tuple(tensor.shape), dtype)
-    target = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16) \
-        if dtype == np.uint16 else torch.from_numpy(out)  # uint16 out: bfloat16 bits
+    target = bf16_tensor(out) if dtype == np.uint16 else torch.from_numpy(out)  # bf16 bits
     target.copy_(tensor)
     return out
 

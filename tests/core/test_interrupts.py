@@ -50,8 +50,8 @@ def interrupt_while_importing(tmp_path: Path, argv: list[str]) -> subprocess.Com
     marker = tmp_path / "importing"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
            "ARX_TEST_IMPORTING": str(marker), "ARX_TEST_IMPORT_S": "2"}
-    proc = subprocess.Popen(ARX_AT_A_TERMINAL + argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(ARX_AT_A_TERMINAL + argv, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not marker.exists():
         assert proc.poll() is None, proc.communicate()
