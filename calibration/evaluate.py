@@ -21,7 +21,7 @@ graph's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +56,29 @@ class LayerError:
 
 
 @dataclass
-class _Sums:
+class MetricSums:
+    """Running sums of the model-level metrics over scored positions."""
+
     nll_fp: float = 0.0
     nll_q: float = 0.0
     agree: int = 0
     kl: float = 0.0
     n: int = 0
-    extra: dict = field(default_factory=dict)
+
+    def add(self, ref: "RefRows", lp_q: np.ndarray, targets: np.ndarray) -> None:
+        """lp_q (T, V) log-probabilities predicting targets (T,); ref the reference's rows."""
+        rows = np.arange(len(targets))
+        self.nll_fp -= float(ref.target.sum())
+        self.nll_q -= float(lp_q[rows, targets].sum())
+        self.agree += int((ref.top1 == lp_q.argmax(-1)).sum())
+        self.kl += ref.kl(lp_q)
+        self.n += len(targets)
+
+    def metrics(self) -> "ModelMetrics":
+        return ModelMetrics(ppl_fp32=float(np.exp(self.nll_fp / self.n)),
+                            ppl_quant=float(np.exp(self.nll_q / self.n)),
+                            top1_agreement=self.agree / self.n, kl_mean=self.kl / self.n,
+                            tokens=self.n)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -144,7 +160,7 @@ def compare(reference, candidate, samples: list[np.ndarray], *, progress: bool,
             rows: list[RefRows] | None = None, batch: int = BATCH) -> ModelMetrics:
     """Metrics of `candidate` against `reference` (each (ids, lens) -> log-probs), or against
     `rows` the reference left (reference_rows) when it no longer runs."""
-    sums = _Sums()
+    sums = MetricSums()
     batches = _batches(samples, batch)
     at = 0
     for ids, lens in bar(batches, "evaluating", total=len(batches), enabled=progress):
@@ -152,10 +168,9 @@ def compare(reference, candidate, samples: list[np.ndarray], *, progress: bool,
         lp_q = candidate(ids, lens)
         for b, n in enumerate(lens):
             ref = rows[at] if rows is not None else RefRows.of(lp_ref[b, : n - 1], ids[b, 1:n])
-            _accumulate(sums, ref, lp_q[b, : n - 1], ids[b, 1:n])
+            sums.add(ref, lp_q[b, : n - 1], ids[b, 1:n])
             at += 1
-    return ModelMetrics(ppl_fp32=float(np.exp(sums.nll_fp / sums.n)), ppl_quant=float(np.exp(sums.nll_q / sums.n)),
-                        top1_agreement=sums.agree / sums.n, kl_mean=sums.kl / sums.n, tokens=sums.n)
+    return sums.metrics()
 
 
 def model_metrics(fp_bundle: Path, q_bundle: Path, samples: list[np.ndarray], *, progress: bool) -> ModelMetrics:
@@ -177,16 +192,6 @@ def perplexity(bundle: Path, samples: list[np.ndarray]) -> float:
                 nll -= float(lp[b, np.arange(k - 1), ids[b, 1:k]].sum())
                 n += int(k) - 1
     return float(np.exp(nll / n))
-
-
-def _accumulate(sums: _Sums, ref: RefRows, lp_q: np.ndarray, targets: np.ndarray) -> None:
-    """lp_q (T, V) log-probabilities predicting targets (T,); ref the reference's rows."""
-    rows = np.arange(len(targets))
-    sums.nll_fp -= float(ref.target.sum())
-    sums.nll_q -= float(lp_q[rows, targets].sum())
-    sums.agree += int((ref.top1 == lp_q.argmax(-1)).sum())
-    sums.kl += ref.kl(lp_q)
-    sums.n += len(targets)
 
 
 def _rel(a: np.ndarray, ref: np.ndarray) -> float:

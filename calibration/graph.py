@@ -12,6 +12,7 @@ keys/values into a buffer exactly as long as the sequence.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -143,7 +144,8 @@ def prefill_feeds(manifest: Manifest, ids: np.ndarray, input_names: set[str]) ->
 class Probe:
     """A CPU session of `model` that also returns the intermediate tensors `names`."""
 
-    def __init__(self, model: onnx.ModelProto, names: Iterable[str], manifest: Manifest, workdir: Path):
+    def __init__(self, model: onnx.ModelProto, names: Iterable[str], manifest: Manifest, workdir: Path,
+                 feeds=None):
         import onnxruntime as ort
 
         probe = onnx.ModelProto()
@@ -158,15 +160,18 @@ class Probe:
         if probe.ByteSize() < _IN_MEMORY_LIMIT:
             source = probe.SerializeToString()
         else:
-            source = str(Path(workdir) / "probe.onnx")
+            # a folder of its own: another probe's session may still map its data file
+            source = str(Path(tempfile.mkdtemp(prefix="probe-", dir=workdir)) / "probe.onnx")
             save_model(probe, Path(source))
         self.session = ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
         self.manifest = manifest
         self.inputs = {i.name for i in self.session.get_inputs()}
+        # (sample, input names) -> feeds; default: a sample is one sequence (S,), prefilled
+        self.feeds = feeds or (lambda ids, names: prefill_feeds(manifest, ids, names))
 
-    def run(self, ids: np.ndarray) -> dict[str, np.ndarray]:
-        """The probed tensors for one sequence (S,)."""
-        values = self.session.run(self.names, prefill_feeds(self.manifest, ids, self.inputs))
+    def run(self, sample) -> dict[str, np.ndarray]:
+        """The probed tensors for one sample."""
+        values = self.session.run(self.names, self.feeds(sample, self.inputs))
         return dict(zip(self.names, values))
 
 

@@ -44,37 +44,52 @@ def _method(name: str):
 
 
 class _Reader:
-    """ORT CalibrationDataReader over our samples (one prefill feed per sample, batch 1)."""
+    """ORT CalibrationDataReader over one feed dict."""
 
-    def __init__(self, manifest: Manifest, samples, input_names: set[str]):
-        self.it = iter(samples)
-        self.manifest, self.input_names = manifest, input_names
+    def __init__(self, feeds: dict):
+        self.feeds = feeds
 
     def get_next(self):
-        ids = next(self.it, None)
-        return None if ids is None else prefill_feeds(self.manifest, ids, self.input_names)
+        feeds, self.feeds = self.feeds, None
+        return feeds
 
 
-def calibrate_ranges(model_path: Path, manifest: Manifest, samples, linears: list[Linear],
-                     options: QuantOptions, *, progress: bool) -> dict[str, list[float]]:
-    """Symmetric activation ranges {tensor: [lo, hi]} of every linear's input."""
+def prefill_source(manifest: Manifest, samples, *, progress: bool):
+    """The feeds of calibrate_ranges for a text bundle: one prefill per sample, batch 1."""
+    def run(emit, names: set[str]) -> None:
+        for ids in bar(samples, "calibrating", total=len(samples), enabled=progress):
+            emit(prefill_feeds(manifest, ids, names))
+    return run
+
+
+def calibrate_ranges(model_path: Path, source, linears: list[Linear], options: QuantOptions
+                     ) -> dict[str, list[float]]:
+    """Symmetric activation ranges {tensor: [lo, hi]} of every linear's input.
+
+    source(emit, input names) calls emit(feeds) once per run of `model_path` to calibrate on
+    (prefill_source; a next-scale bundle's scale steps, calibration/next_scale.py)."""
+    import onnxruntime as ort
     from onnxruntime.quantization import create_calibrator
 
     extra = {"symmetric": True}
     if options.method == "percentile":
         extra["percentile"] = options.percentile
-    with tempfile.TemporaryDirectory(prefix="arx-calib-") as tmp:
-        calibrator = create_calibrator(Path(model_path), ["MatMul"],
-                                       augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=_method(options.method),
-                                       use_external_data_format=True, extra_options=extra)
-        names = {i.name for i in calibrator.infer_session.get_inputs()}
-        # One collect_data call per sample: the histogram collectors stack each call's outputs
-        # into one array, which fails for sequences of different lengths; every collector
-        # merges across calls (min/max, histograms), so the result is the same.
-        for ids in bar(samples, "calibrating", total=len(samples), enabled=progress):
-            calibrator.collect_data(_Reader(manifest, [ids], names))
-        data = calibrator.compute_data()
+    # the calibrator's own session (its logger is fixed when made): no warning per run
+    ort.set_default_logger_severity(3)
+    try:
+        with tempfile.TemporaryDirectory(prefix="arx-calib-") as tmp:
+            calibrator = create_calibrator(Path(model_path), ["MatMul"],
+                                           augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                           calibrate_method=_method(options.method),
+                                           use_external_data_format=True, extra_options=extra)
+            names = {i.name for i in calibrator.infer_session.get_inputs()}
+            # One collect_data call per run: the histogram collectors stack each call's
+            # outputs into one array, which fails for sequences of different lengths; every
+            # collector merges across calls (min/max, histograms), so the result is the same.
+            source(lambda feeds: calibrator.collect_data(_Reader(feeds)), names)
+            data = calibrator.compute_data()
+    finally:
+        ort.set_default_logger_severity(2)  # onnxruntime's default
     wanted = {lin.input for lin in linears}
     # float() of a float32 is exact and JSON keeps Python floats exactly: the cache round-trips
     return {k: [_scalar(v.range_value[0]), _scalar(v.range_value[1])]
@@ -140,10 +155,11 @@ def requantize(reference: onnx.ModelProto, ranges: dict[str, list[float]], quant
 
 def quantize_static_bundle(model: onnx.ModelProto, manifest: Manifest, samples, linears: list[Linear],
                            quantize: list[str], kept: list[str], options, cached: dict | None,
-                           info: dict, workdir: Path):
+                           info: dict, workdir: Path, ranges_of=None):
     """w8a8 of `model`: (quantized model, fp32 reference after SmoothQuant, calibration.json).
 
     With `cached` (a calibration.json) no data is run: its SmoothQuant scales and ranges are used.
+    ranges_of(reference path) -> ranges calibrates them (default: text prefills of samples.calib).
     """
     from arx.calibration import cache as cache_mod
     from arx.calibration import smoothquant as sq
@@ -174,7 +190,12 @@ def quantize_static_bundle(model: onnx.ModelProto, manifest: Manifest, samples, 
     if cached is not None:
         ranges = cache_mod.ranges_for(cached, [by_name[n].input for n in quantize])
     else:
-        ranges = calibrate_ranges(ref_path, manifest, samples.calib, linears, q_opts, progress=options.progress)
+        if ranges_of is None:
+            ranges = calibrate_ranges(ref_path, prefill_source(manifest, samples.calib,
+                                                               progress=options.progress),
+                                      linears, q_opts)
+        else:
+            ranges = ranges_of(ref_path)
     qmodel = requantize(model, ranges, quantize, kept, q_opts, workdir)
     calib = {**info, "method": q_opts.method,
              "percentile": q_opts.percentile if q_opts.method == "percentile" else None,

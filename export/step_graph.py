@@ -103,3 +103,11 @@ def save_step_graph(model: onnx.ModelProto, stage: Stage, bundle: Path, decoder:
     onnx.save_model(model, str(Path(bundle) / stage.file))
     return {"stage": STEP_STAGE, "weights_of": decoder.file,
             "sha256": weights_fingerprint(Path(bundle) / decoder.file)}
+
+
+def rebuild_step_graph(bundle: Path, decoder: Stage, kv: KVLayout, file: str = STEP_FILE) -> dict:
+    """Write the step graph anew over the bundle's (re-saved, e.g. calibrated) decoder; return
+    the manifest section (its tensors are references into the new decoder's data file)."""
+    model = onnx.load(str(Path(bundle) / decoder.file), load_external_data=False)
+    step_model, stage = build_step_graph(model, decoder, kv, file)
+    return save_step_graph(step_model, stage, bundle, decoder)

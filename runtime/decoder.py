@@ -39,6 +39,9 @@ class DecoderSession:
         self.backend = OrtBackend(path, aliases=aliases, options=options)
         self._general = None  # (backend, input names) of the general-step graph, once needed
         self._embedder = None  # the pipeline's embed stage, once needed
+        # Called with each step's feeds (cache buffers included, valid only during the call)
+        # before the step runs: arx calibrate reads a next-scale bundle's activations this way.
+        self.observer = None
 
     def __enter__(self) -> "DecoderSession":
         return self
@@ -103,6 +106,8 @@ class DecoderSession:
             raise ArxError(f"this bundle's decoder takes {sorted(names & set(TOKEN_INPUTS))[0]}, "
                            f"not {tokens[0]}")
         feeds = self._feeds(cache, tokens, new_lens, mask, picks, names)
+        if self.observer is not None:
+            self.observer(feeds)
         outputs = backend.run(feeds)
         cache.advance(new_lens, outputs)
         out = outputs["logits"]

@@ -161,19 +161,43 @@ class VarEngineSession:
 def generate_var(session, stages: VarStages, classes: list[int], options: VarOptions) -> VarResult:
     """Token maps of every scale and f_hat's pixels for `classes`; see the module docstring."""
     info = stages.info
+    check_classes(info, classes)
+    b, n_scales = len(classes), len(info.patch_nums)
+    base = resolve_seed(options.sampling.seed) if options.sampling.do_sample else None
+    seeds = [None if base is None else base + i for i in range(b)]
+
+    def choose(k: int, pos: int, logits: np.ndarray) -> np.ndarray:
+        sampling = replace(options.sampling, cfg_scale=options.scale_at(k, n_scales)) \
+            if options.cfg > 0 else options.sampling
+        return choose_block(logits, pos, b, seeds, sampling)
+
+    result = VarResult([], list(classes), seeds)
+    f_hat = run_scales(session, stages, classes, options.cfg > 0, choose, result)
+    t = time.perf_counter()
+    result.pixels = stages.pixels(f_hat)
+    result.vq_s = time.perf_counter() - t
+    return result
+
+
+def check_classes(info: VarInfo, classes: list[int]) -> None:
     bad = [c for c in classes if not 0 <= c < info.num_classes]
     if not classes or bad:
         raise ArxError(f"give classes in 0..{info.num_classes - 1} (got {classes})")
-    b, guided = len(classes), options.cfg > 0
-    base = resolve_seed(options.sampling.seed) if options.sampling.do_sample else None
-    seeds = [None if base is None else base + i for i in range(b)]
-    ids = np.array(classes + [info.null_class] * (b if guided else 0), np.int64)
+
+
+def run_scales(session, stages: VarStages, classes: list[int], guided: bool, choose,
+               result: VarResult) -> np.ndarray:
+    """The scale loop: choose(k, pos, logits (R, n_k, V)) -> ids (B, n_k) picks scale k's
+    tokens (R = 2B with guidance: cond rows, then null); they go into result.tokens (with the
+    times) and through var_next_input_k. Returns the final f_hat (B, Cvae, hw, hw)."""
+    info = stages.info
+    b = len(classes)
+    ids = np.array(list(classes) + [info.null_class] * (b if guided else 0), np.int64)
     rows = len(ids)
     cond = stages.cond(ids)  # (rows, D)
     hw = info.patch_nums[-1]
     f_hat = np.zeros((b, info.feature_dim, hw, hw), np.float32)
     feats = np.zeros((rows, 1, info.feature_dim), np.float32)
-    result = VarResult([], list(classes), seeds)
     cache = session.new_cache(rows, info.tokens)
     try:
         t0, pos = time.perf_counter(), 0
@@ -182,9 +206,7 @@ def generate_var(session, stages: VarStages, classes: list[int], options: VarOpt
             embeds = np.concatenate([feats, np.repeat(cond[:, None], n, axis=1)], axis=-1)
             logits = session.step(cache, None, np.full(rows, n, np.int64), logits="all",
                                   mask="block", inputs_embeds=embeds)  # (rows, n, V)
-            chosen = choose_block(logits, pos, b, seeds,
-                                  replace(options.sampling, cfg_scale=options.scale_at(
-                                      k, len(info.patch_nums))) if guided else options.sampling)
+            chosen = choose(k, pos, logits)
             f_hat, nxt = stages.next_input(k, chosen, f_hat)
             if nxt is not None:
                 feats = np.tile(nxt, (rows // b, 1, 1))  # the same features to both halves
@@ -194,10 +216,7 @@ def generate_var(session, stages: VarStages, classes: list[int], options: VarOpt
         result.tokens_s = time.perf_counter() - t0
     finally:
         cache.close()
-    t = time.perf_counter()
-    result.pixels = stages.pixels(f_hat)
-    result.vq_s = time.perf_counter() - t
-    return result
+    return f_hat
 
 
 def choose_block(logits: np.ndarray, pos: int, b: int, seeds, sampling: SamplingOptions):
