@@ -12,6 +12,12 @@ same tokens (checked), which keeps the comparison on the same work. Reported per
 batch: seconds per image, and where the time goes (each scale's step + sampling + next input,
 the VQ decoder).
 
+The quantized columns (--scheme, default w8a8; --no-quantized: none): the exported bundle through
+`arx calibrate` (--calib-images images it draws itself for the ranges, half as many held out;
+--force, as random weights may miss the gate), timed the same way: seconds per image, speedup over
+eager PyTorch (fp32), the share of its greedy tokens equal to the fp32 bundle's (not required:
+quantized logits may pick another argmax), and the gate's perplexity increase and top-1 agreement.
+
 Beside it, the raster row: a class-conditional image-token model (export/image_modules.py, the
 protocol of "Image-token generation": LlamaGen c2i, one token per step) of about the same size
 (15 blocks of width 768 = 113M against VAR's 112M; tiny: 2 of width 64) and the same grid and
@@ -127,8 +133,46 @@ def _export(model, folder: Path, name: str) -> Path:
 
 
 def parse(argv):
+    def schemes(p):
+        p.add_argument("--scheme", action="append", choices=("w8a8", "w8", "w4"),
+                       help="also time the bundle arx calibrate makes with this scheme "
+                            "(repeatable; default: w8a8)")
+        p.add_argument("--no-quantized", action="store_true", help="fp32 bundle only")
+        p.add_argument("--calib-images", type=int, default=16,
+                       help="images arx calibrate draws for the ranges (default 16)")
     return parse_image_bench(argv, __doc__.splitlines()[0], SHAPES, batches="1 and 8",
-                             runs=3, cfg=4.0)
+                             runs=3, cfg=4.0, extra=schemes)
+
+
+def _calibrate(bundle: Path, scheme: str, images: int) -> tuple[Path, dict]:
+    """arx calibrate of the exported bundle (its own drawn images; --force: random weights
+    may miss the gate, the row reports the numbers): (bundle, accuracy section)."""
+    from arx.calibration.calibrator import calibrate_bundle
+    from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
+
+    out = bundle.with_name(f"{bundle.stem}-{scheme}.arx")
+    options = CalibrateOptions(quant=QuantOptions(scheme=scheme),
+                               data=DataOptions(samples=images, eval_samples=max(2, images // 2)),
+                               force=True, progress=False, plot=False)
+    result = calibrate_bundle(bundle=bundle, output=out, options=options)
+    return out, result.manifest.extensions["quantization"]["accuracy"]
+
+
+def _agreement(a: list, b: list) -> float:
+    """Share of equal tokens between two runs' per-scale token lists."""
+    pairs = [(x, y) for sa, sb in zip(a, b) for ra, rb in zip(sa, sb) for x, y in zip(ra, rb)]
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
+def _quantized_columns(row: dict, variants: dict, batch: int, args, fp_tokens: list) -> None:
+    for scheme, (qbundle, acc) in variants.items():
+        runs = [time_arx(qbundle, batch, args.cfg, args.threads) for _ in range(args.runs)]
+        sec = statistics.median(r["seconds_per_image"] for r in runs)
+        row.update({f"arx_{scheme}_s_per_image": sec,
+                    f"speedup_{scheme}": row["eager_s_per_image"] / sec,
+                    f"{scheme}_greedy_token_agreement": _agreement(fp_tokens, runs[0]["tokens"]),
+                    f"{scheme}_ppl_increase": acc["ppl_increase"],
+                    f"{scheme}_top1_agreement": acc["top1_agreement"]})
 
 
 def main(argv=None) -> int:
@@ -142,6 +186,8 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         bundle, raster_bundle = _export(model, Path(tmp), "var"), _export(raster, Path(tmp), "raster")
+        schemes = [] if args.no_quantized else (args.scheme or ["w8a8"])
+        variants = {sc: _calibrate(bundle, sc, args.calib_images) for sc in schemes}
         for batch in args.batch or [1, 8]:
             eager = [time_eager(model, batch, args.cfg) for _ in range(args.runs + 1)][1:]
             arx = [time_arx(bundle, batch, args.cfg, args.threads) for _ in range(args.runs)]
@@ -158,6 +204,7 @@ def main(argv=None) -> int:
                        raster_s_per_image=statistics.median(r["seconds_per_image"] for r in ras),
                        raster_vq_s=ras[0]["vq_decoder_s"])
             row["vs_raster"] = row["raster_s_per_image"] / row["arx_s_per_image"]
+            _quantized_columns(row, variants, batch, args, arx[0]["tokens"])
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.json:

@@ -6,7 +6,9 @@ import argparse
 from pathlib import Path
 
 
-def parse_image_bench(argv, description: str, shapes, *, batches: str, runs: int, cfg: float):
+def parse_image_bench(argv, description: str, shapes, *, batches: str, runs: int, cfg: float,
+                      extra=None):
+    """The shared flags; extra(parser) adds a script's own."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--shape", choices=sorted(shapes), default="100m")
     p.add_argument("--batch", type=int, action="append", help=f"default: {batches}")
@@ -14,4 +16,6 @@ def parse_image_bench(argv, description: str, shapes, *, batches: str, runs: int
     p.add_argument("--cfg", type=float, default=cfg)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, help="write the results here too")
+    if extra is not None:
+        extra(p)
     return p.parse_args(argv)

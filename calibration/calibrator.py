@@ -23,6 +23,7 @@ from arx.bundle import atomic_bundle, check_writable_output
 from arx.calibration import cache as cache_mod
 from arx.calibration import graph as G
 from arx.calibration import kv_quant
+from arx.calibration import next_scale
 from arx.calibration import remedies
 from arx.calibration.data import Samples, load_samples
 from arx.calibration.moe_quant import qmoe_fits, quantize_moe
@@ -31,7 +32,7 @@ from arx.calibration.report import AccuracyReport, percent, table, write
 from arx.errors import ArxError
 from arx.export.moe_rewrite import densify_moe
 from arx.export.step_graph import EXTENSION as STEP_EXTENSION
-from arx.export.step_graph import STEP_STAGE, build_step_graph, save_step_graph
+from arx.export.step_graph import STEP_STAGE, rebuild_step_graph
 from arx.manifest import MANIFEST_NAME, Manifest, read_manifest
 from arx.progress import Steps
 
@@ -63,8 +64,11 @@ def calibrate_bundle(*, bundle: str | Path, output: str | Path,
     """Quantize `bundle` into `output` with `options`; raise ArxError (nothing written) on failure."""
     bundle, output = Path(bundle), Path(output)
     manifest = read_manifest(bundle)
-    check_source(bundle, manifest)
-    if options.data.seq_len > manifest.kv.max_seq_len:
+    images = next_scale.is_next_scale(manifest)  # its data: images it draws (next_scale.py)
+    check_source(bundle, manifest, images)
+    if images:
+        next_scale.check_options(options)
+    elif options.data.seq_len > manifest.kv.max_seq_len:
         raise ArxError(f"--seq-len {options.data.seq_len} exceeds the bundle's context of "
                        f"{manifest.kv.max_seq_len} tokens; use --seq-len {manifest.kv.max_seq_len} "
                        f"or less")
@@ -72,12 +76,15 @@ def calibrate_bundle(*, bundle: str | Path, output: str | Path,
     q_opts = options.quant
     cached = cache_mod.read(options.calibration_cache) if options.calibration_cache else None
     steps = Steps(5, enabled=options.progress)
-    with steps.step("reading data"):
+    with steps.step("reading data" if not images else "drawing held-out images (fp32)"):
         need = 0 if cached else q_opts.min_samples
-        samples = load_samples(bundle, manifest, options.data, need_calib=need)
+        samples = next_scale.load_image_samples(bundle, manifest, options.data) if images else \
+            load_samples(bundle, manifest, options.data, need_calib=need)
+        refs = next_scale.draw_references(bundle, samples, progress=options.progress) \
+            if images else None
     with tempfile.TemporaryDirectory(prefix="arx-calibrate-") as work:
         with steps.step(f"quantizing ({q_opts.scheme})"):
-            q = _quantize(bundle, manifest, samples, options, cached, Path(work))
+            q = _quantize(bundle, manifest, samples, options, cached, Path(work), images)
             q.kv_scales = kv_quant.cache_scales(bundle, options.kv_cache, samples)
         with atomic_bundle(output, overwrite=options.overwrite) as tmp:
             with steps.step(f"writing {output.name}"):
@@ -87,17 +94,19 @@ def calibrate_bundle(*, bundle: str | Path, output: str | Path,
                                                            q.kv_scales, samples)
                     out_manifest.write(tmp)
             with steps.step("evaluating against fp32"):
-                report = _evaluate(bundle, tmp, manifest, samples, q, options, Path(work))
+                report = _evaluate(bundle, tmp, manifest, samples, q, options, Path(work), refs)
             with steps.step("writing the report"):
                 text = table(report, options.layer_report)
                 files = write(report, tmp, options.layer_report, plot=options.plot)
                 record_accuracy(out_manifest, report, files)
                 out_manifest.write(tmp)
-                _gate(report, options, text, q, tmp, manifest.decoder.file, samples, Path(work))
+                score = next_scale.perplexity_increase(bundle, samples, refs, report.metrics) \
+                    if images else None
+                _gate(report, options, text, q, tmp, manifest.decoder.file, samples, Path(work), score)
     return CalibrationResult(output, out_manifest, report, text)
 
 
-def check_source(bundle: Path, manifest: Manifest) -> None:
+def check_source(bundle: Path, manifest: Manifest, images: bool = False) -> None:
     if EXTENSION in manifest.extensions:
         scheme = manifest.extensions[EXTENSION].get("scheme", "?")
         raise ArxError(f"bundle {bundle} is already quantized ({scheme}); calibrate its fp32 "
@@ -105,13 +114,14 @@ def check_source(bundle: Path, manifest: Manifest) -> None:
     if manifest.kv.dtype != "float32":
         raise ArxError(f"bundle {bundle} has a {manifest.kv.dtype} cache; arx calibrate starts "
                        f"from an fp32 export (arx export without precision flags)")
-    if manifest.decoder.input("input_ids") is None:
+    if manifest.decoder.input("input_ids") is None and not images:
         raise ArxError(f"bundle {bundle}'s decoder takes inputs_embeds (arx export "
                        f"--inputs-embeds), which arx calibrate does not quantize yet; calibrate "
                        f"an export without --inputs-embeds")
 
 
-def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cached, work: Path) -> _Quantized:
+def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cached, work: Path,
+              images: bool = False) -> _Quantized:
     q_opts = options.quant
     model = G.load_decoder(bundle, manifest)
     # w4/w8: an --moe op bundle's experts become QMoE (still only the chosen experts run);
@@ -130,8 +140,11 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
     if q_opts.spec.activations:
         from arx.calibration.static import quantize_static_bundle
 
+        ranges_of = next_scale.step_graph_ranges(
+            manifest, next_scale.calibration_source(bundle, samples, progress=options.progress),
+            linears, q_opts, work) if images else None
         qm, ref, calib = quantize_static_bundle(model, manifest, samples, linears, quantize, kept,
-                                                options, cached, info, work)
+                                                options, cached, info, work, ranges_of)
     else:
         from arx.calibration.weight_only import quantize_weight_only
 
@@ -160,18 +173,12 @@ def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, optio
     source = {"bundle": str(src), "fingerprint": q.calibration["model_fingerprint"]}
     out.extensions[EXTENSION] = extension(source, q.quantized, q.kept, options)
     if step is not None:
-        out.extensions[STEP_EXTENSION] = _step_graph(tmp, manifest, step.file)
+        # the general-step graph reads the decoder's weights: written anew over them
+        out.extensions[STEP_EXTENSION] = rebuild_step_graph(tmp, manifest.decoder, manifest.kv,
+                                                            step.file)
     out.provenance = {**manifest.provenance, "calibrated_from": str(src)}
     out.write(tmp)
     return out
-
-
-def _step_graph(tmp: Path, manifest: Manifest, file: str) -> dict:
-    """The general-step graph reads the decoder's weights: write it anew over the quantized
-    decoder (its tensors are references into the new decoder.onnx.data)."""
-    model = onnx.load(str(tmp / manifest.decoder.file), load_external_data=False)
-    step_model, stage = build_step_graph(model, manifest.decoder, manifest.kv, file)
-    return save_step_graph(step_model, stage, tmp, manifest.decoder)
 
 
 def extension(source: dict, quantized: list[str], kept: list[str], options: CalibrateOptions) -> dict:
@@ -192,14 +199,24 @@ def extension(source: dict, quantized: list[str], kept: list[str], options: Cali
     return ext
 
 
-def _evaluate(src, tmp, manifest, samples: Samples, q: _Quantized, options, work: Path) -> AccuracyReport:
+def _evaluate(src, tmp, manifest, samples: Samples, q: _Quantized, options, work: Path,
+              refs=None) -> AccuracyReport:
+    """The report: model metrics through the runtime, per-layer error through probes; `refs`:
+    a next-scale bundle's held-out images (next_scale.draw_references)."""
     from arx.calibration.evaluate import layer_errors, model_metrics
 
-    metrics = model_metrics(src, tmp, samples.eval, progress=options.progress)
     names = [t for lin in q.linears for t in (lin.input, lin.output)]
-    ref_probe = G.Probe(q.reference, names, manifest, work)
-    q_probe = G.Probe(q.model, names, manifest, work)
-    layers = layer_errors(ref_probe, q_probe, q.linears, samples.eval[:PROBE_SAMPLES], progress=options.progress)
+    if refs is None:
+        metrics = model_metrics(src, tmp, samples.eval, progress=options.progress)
+        ref_probe = G.Probe(q.reference, names, manifest, work)
+        q_probe = G.Probe(q.model, names, manifest, work)
+        probed = samples.eval[:PROBE_SAMPLES]
+    else:  # scale steps run the general-step graph: probe that, on recorded step feeds
+        metrics = next_scale.image_metrics(src, tmp, samples, refs, progress=options.progress)
+        ref_probe, q_probe = (G.Probe(next_scale.step_probe_model(m, manifest), names, manifest,
+                                      work, next_scale.step_feeds) for m in (q.reference, q.model))
+        probed = next_scale.probe_feeds(src, samples, refs)
+    layers = layer_errors(ref_probe, q_probe, q.linears, probed, progress=options.progress)
     settings = {"scheme": options.quant.scheme, "method": options.quant.method,
                 "smoothquant": options.quant.smoothquant, "group_size": options.quant.group_size,
                 "accuracy_level": options.quant.level,
@@ -225,15 +242,15 @@ def record_accuracy(manifest: Manifest, report: AccuracyReport, files: dict) -> 
 
 
 def _gate(report: AccuracyReport, options: CalibrateOptions, text: str, q: _Quantized, tmp: Path,
-          decoder: str, samples: Samples, work: Path) -> None:
+          decoder: str, samples: Samples, work: Path, score=None) -> None:
     """Refuse a report over the gate (unless --force), suggesting remedies measured on the same
     held-out text (arx.calibration.remedies)."""
     if report.passed or options.force:
         return
-    trial = remedies.trial(tmp, decoder, samples.eval, report.metrics.ppl_fp32, work)
+    trial = remedies.trial(tmp, decoder, samples.eval, report.metrics.ppl_fp32, work, score)
     if options.kv_cache != "float32":
         trial = kv_quant.with_cache(trial, tmp, options.kv_cache, q.kv_scales)
-    tips = remedies.measure(remedies.candidates(report, options, q, work), trial)
+    tips = remedies.measure(remedies.candidates(report, options, q, work, text=score is None), trial)
     worst = ", ".join(e.name for e in report.worst(3))
     raise ArxError(
         f"{options.quant.scheme} raises perplexity by {report.metrics.ppl_increase:.2%}, over the "

@@ -41,6 +41,9 @@ class Samples:
 
 def load_samples(bundle: Path, manifest: Manifest, opts: DataOptions, *, need_calib: int) -> Samples:
     """Read, tokenize and split the data; fail with one line when there is too little."""
+    if not opts.random and not opts.path:
+        raise ArxError("calibration needs data: pass --data FILE (.txt or .jsonl), "
+                       "or --random for random token ids")
     if opts.random:
         return _random_samples(manifest, opts, need_calib)
     tokenizer = _tokenizer(bundle, manifest)

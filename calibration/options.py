@@ -130,7 +130,8 @@ class QuantOptions:
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Where calibration and evaluation token sequences come from."""
+    """Where calibration and evaluation token sequences come from (a text bundle needs path or
+    random; a next-scale bundle draws its own images, path then names their classes)."""
 
     path: str | None = None  # .txt (one sample per line) or .jsonl
     random: bool = False  # random token ids instead of text (accuracy numbers then mean little)
@@ -145,9 +146,6 @@ class DataOptions:
     def __post_init__(self):
         if self.random and self.path:
             raise ArxError("--random and --data contradict each other; pick one")
-        if not self.random and not self.path:
-            raise ArxError("calibration needs data: pass --data FILE (.txt or .jsonl), "
-                           "or --random for random token ids")
         if self.samples < 1 or self.eval_samples < 1:
             raise ArxError("--samples and --eval-samples must be >= 1")
         if self.seq_len < 2:

@@ -54,8 +54,10 @@ def with_accuracy_level(model: onnx.ModelProto, level: int) -> onnx.ModelProto:
     return out
 
 
-def candidates(report: AccuracyReport, options: CalibrateOptions, q, work: Path) -> list[Remedy]:
-    """Remedies in the order worth trying; `q` is the calibrator's quantized result."""
+def candidates(report: AccuracyReport, options: CalibrateOptions, q, work: Path, *,
+               text: bool = True) -> list[Remedy]:
+    """Remedies in the order worth trying; `q` is the calibrator's quantized result; `text`:
+    False for a next-scale bundle (SmoothQuant's statistics come from text prefills)."""
     o = options.quant
     worst = [e.name for e in report.worst(2)]
     keep_fp = f"--keep-fp {','.join(dict.fromkeys([*o.keep_fp, *worst]))}"
@@ -65,9 +67,10 @@ def candidates(report: AccuracyReport, options: CalibrateOptions, q, work: Path)
         from arx.calibration.static import requantize
 
         ranges = q.calibration["ranges"]
+        smooth = [Remedy("--smoothquant 0.5" if o.smoothquant is None else
+                         "another --smoothquant alpha (0.3-0.8)")] if text else []
         return [Remedy(keep_fp, lambda: requantize(q.reference, ranges, quantize, kept, o, work)),
-                Remedy("--smoothquant 0.5" if o.smoothquant is None else "another --smoothquant alpha (0.3-0.8)"),
-                Remedy("--method percentile" if o.method == "minmax" else "--method minmax")]
+                *smooth, Remedy("--method percentile" if o.method == "minmax" else "--method minmax")]
     out = []
     if o.level == INT8_ACTIVATIONS:
         out.append(Remedy(f"--accuracy-level {FP32_COMPUTE}", lambda: with_accuracy_level(q.model, FP32_COMPUTE)))
@@ -97,9 +100,11 @@ def measure(remedies: list[Remedy], trial: Callable[[onnx.ModelProto], float]) -
     return done + [r for r in remedies if r.ppl_increase is None]
 
 
-def trial(bundle: Path, decoder: str, samples, ppl_fp32: float, work: Path) -> Callable[[onnx.ModelProto], float]:
+def trial(bundle: Path, decoder: str, samples, ppl_fp32: float, work: Path, score=None
+          ) -> Callable[[onnx.ModelProto], float]:
     """A function giving a candidate decoder's perplexity increase over fp32 on `samples`,
-    run through the runtime in a scratch copy of `bundle` (its tokenizer and manifest)."""
+    run through the runtime in a scratch copy of `bundle` (its tokenizer and manifest);
+    score(scratch bundle) -> increase replaces the text perplexity (next-scale bundles)."""
     from arx.calibration.evaluate import perplexity
 
     def run(model: onnx.ModelProto) -> float:
@@ -110,6 +115,8 @@ def trial(bundle: Path, decoder: str, samples, ppl_fp32: float, work: Path) -> C
             if f.is_file() and f.name not in (decoder, decoder + ".data"):
                 shutil.copy2(f, scratch / f.name)
         G.save_model(model, scratch / decoder)
+        if score is not None:
+            return score(scratch)
         return perplexity(scratch, samples) / ppl_fp32 - 1.0
 
     return run

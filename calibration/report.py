@@ -68,8 +68,7 @@ def table(report: AccuracyReport, n_layers: int) -> str:
     m = report.metrics
     verdict = "pass" if report.passed else "FAIL"
     lines = [
-        f"accuracy of {report.scheme} vs fp32 on {m.tokens} held-out tokens"
-        + (" (RANDOM TOKENS)" if report.data.get("kind") != "text" else ""),
+        f"accuracy of {report.scheme} vs fp32 on {m.tokens} held-out {_data_words(report.data)}",
         f"  {'':<22}{'fp32':>10}{report.scheme:>10}",
         f"  {'perplexity':<22}{m.ppl_fp32:>10.3f}{m.ppl_quant:>10.3f}   "
         f"{m.ppl_increase:+.2%} (gate {percent(report.gate)}: {verdict})",
@@ -85,6 +84,13 @@ def table(report: AccuracyReport, n_layers: int) -> str:
         for e in report.worst(n_layers):
             lines.append(f"    {e.name:<32} {e.err_out:>8.2%}  (+{max(e.added, 0):.2%})")
     return "\n".join(lines)
+
+
+def _data_words(data: dict) -> str:
+    if data.get("kind") == "drawn":  # a next-scale bundle's own images (calibration/next_scale.py)
+        return (f"image tokens ({data.get('eval_images')} images the fp32 bundle drew, "
+                f"cfg {data.get('cfg'):g}, teacher-forced)")
+    return "tokens" + (" (RANDOM TOKENS)" if data.get("kind") != "text" else "")
 
 
 def write(report: AccuracyReport, bundle: Path, n_layers: int, *, plot: bool) -> dict[str, str]:

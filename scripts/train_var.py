@@ -117,6 +117,11 @@ def classify(pixels: np.ndarray, classifier: dict) -> np.ndarray:
 
 def draw(bundle: Path, classes: list[int], seed: int | None) -> np.ndarray:
     """(B, 1, 12, 12) pixels drawn by the bundle at its defaults (greedy when seed is None)."""
+    return draw_result(bundle, classes, seed).pixels
+
+
+def draw_result(bundle: Path, classes: list[int], seed: int | None):
+    """generate_var's result (tokens, pixels) for `classes` at the bundle's defaults."""
     from arx.manifest import read_manifest
     from arx.runtime.decoder import DecoderSession
     from arx.runtime.sampler import SamplingOptions
@@ -127,7 +132,7 @@ def draw(bundle: Path, classes: list[int], seed: int | None) -> np.ndarray:
     sampling = SamplingOptions(do_sample=seed is not None, top_k=info.top_k, top_p=info.top_p,
                                seed=seed)
     with DecoderSession(bundle) as session, VarStages(bundle, m, info) as stages:
-        return generate_var(session, stages, classes, VarOptions(info.cfg_scale, sampling)).pixels
+        return generate_var(session, stages, classes, VarOptions(info.cfg_scale, sampling))
 
 
 def main(argv=None) -> int:

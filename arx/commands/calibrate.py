@@ -7,6 +7,7 @@ from pathlib import Path
 from arx.errors import ArxError
 
 SCHEME_NAMES = ("w8a8", "w8", "w4")  # mirrors arx.calibration.options.SCHEMES (kept light to import)
+TEXT_COUNTS = (128, 32)  # --samples, --eval-samples of a text bundle
 
 
 def register(sub) -> None:
@@ -19,14 +20,18 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", help="quantized bundle to write (default: BUNDLE-SCHEME.arx)")
     p.add_argument("--scheme", default="w8a8", help=f"one of {', '.join(SCHEME_NAMES)} (default w8a8)")
     d = p.add_argument_group("data")
-    d.add_argument("--data", help="calibration text: .txt (one sample per line) or .jsonl")
+    d.add_argument("--data", help="calibration text: .txt (one sample per line) or .jsonl; for a "
+                                   "next-scale bundle, class ids (one per line) of the images it "
+                                   "draws (default: every class in turn)")
     d.add_argument("--random", action="store_true", help="random token ids instead of text (marked in the report)")
     d.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
     d.add_argument("--chunk", action="store_true", help="tokenize the whole file and cut it into --seq-len chunks")
-    d.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
+    d.add_argument("--samples", type=int,
+                   help="calibration samples (default 128; a next-scale bundle: 32 images it draws)")
     d.add_argument("--seq-len", type=int, default=128, help="tokens per sample, at most (default 128)")
     d.add_argument("--eval-data", help="held-out text for the accuracy report (default: the tail of --data)")
-    d.add_argument("--eval-samples", type=int, default=32, help="held-out samples (default 32)")
+    d.add_argument("--eval-samples", type=int,
+                   help="held-out samples (default 32; a next-scale bundle: 16 images)")
     d.add_argument("--seed", type=int, default=0, help="seed for --random")
     q = p.add_argument_group("quantization")
     q.add_argument("--method", default="minmax", help="w8a8 activation ranges: minmax, entropy or percentile")
@@ -73,13 +78,32 @@ def options_from_args(args):
                          smoothquant=args.smoothquant, group_size=args.group_size,
                          accuracy_level=args.accuracy_level, keep_fp=keep,
                          quantize_lm_head=None if args.lm_head is None else args.lm_head == "quantize")
+    samples, eval_samples = _counts(args)
     data = DataOptions(path=args.data, random=args.random, text_field=args.text_field, chunk=args.chunk,
-                       samples=args.samples, seq_len=args.seq_len, eval_path=args.eval_data,
-                       eval_samples=args.eval_samples, seed=args.seed)
+                       samples=samples, seq_len=args.seq_len, eval_path=args.eval_data,
+                       eval_samples=eval_samples, seed=args.seed)
     return CalibrateOptions(quant=quant, data=data, max_ppl_increase=_percent(args.max_ppl_increase),
                             force=args.force, calibration_cache=args.calibration_cache,
                             kv_dtype=args.kv_dtype,
                             overwrite=args.overwrite, progress=not args.quiet, plot=not args.no_plot)
+
+
+def _counts(args) -> tuple[int, int]:
+    """--samples and --eval-samples, defaulted by what the bundle is (text or next-scale)."""
+    if args.samples is not None and args.eval_samples is not None:
+        return args.samples, args.eval_samples
+    calib, evals = TEXT_COUNTS
+    try:
+        from arx.manifest import read_manifest
+
+        if read_manifest(Path(args.bundle)).pipeline.kind == "next-scale":
+            from arx.calibration.next_scale import DEFAULT_EVAL_IMAGES, DEFAULT_IMAGES
+
+            calib, evals = DEFAULT_IMAGES, DEFAULT_EVAL_IMAGES
+    except ArxError:
+        pass  # calibrate_bundle says what is wrong with the bundle
+    return (calib if args.samples is None else args.samples,
+            evals if args.eval_samples is None else args.eval_samples)
 
 
 def run(args) -> int:
