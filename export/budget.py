@@ -53,7 +53,8 @@ def estimate(src, dtype: str, check_parity: bool, quantize=None) -> tuple[int, f
 def truncated_bytes(src) -> float:
     """Peak of parity's check on the first TRUNCATED_LAYERS layers, exported in float32 from the
     same files (parity_run.truncated_parity): the float32 reference of those layers and the
-    embedding and head, beside the part of the checkpoint it reads."""
+    embedding and head, beside the part of the checkpoint it reads (the export itself reads
+    the first TRUNCATED_VOCAB rows of those; the reference loads them whole, then cuts them)."""
     from arx.export.parity_run import TRUNCATED_LAYERS, checkpoint_dtype
 
     layers = getattr(src.module.config, "num_hidden_layers", 0) or 1

@@ -41,6 +41,7 @@ class ExportOptions:
     kv_dtype: str = "fp32"  # fp16 | int8: the cache is retyped after parity (export/kv_dtype.py)
     dtype: str = "float32"  # the decoder's weights and activations (--dtype); the cache follows
     num_layers: int | None = None  # the first N layers only: parity's truncated-depth check
+    vocab_rows: int | None = None  # with num_layers: the first N vocabulary rows only (ditto)
     quantize: object = None  # CalibrateOptions: --quantize w8|w4 (export/quantized_export.py)
 
     def __post_init__(self):
@@ -71,7 +72,7 @@ def export_model(*, source: str | Path, output: str | Path,
     check_writable_output(output, overwrite=options.overwrite)
     steps = Steps(5 if options.quantize is None else 6, enabled=options.progress)
     with steps.step(f"loading {source}"):
-        src = load_source(source, options.num_layers)
+        src = load_source(source, options.num_layers, options.vocab_rows)
     if options.quantize is not None and src.kind != "hf":
         raise ArxError("--quantize is for Hugging Face checkpoint folders; export this source "
                        "without it, then run arx calibrate --scheme w4|w8")

@@ -11,8 +11,10 @@ copies). Peak memory is the larger of the two, not their sum.
   checkpoint), the tolerance relative to the logits' scale.
 - Where the whole depth does not fit the export's memory budget (ORT CPU keeps fp32 copies of
   fp16 weights: ~3x the bundle), or for bf16 bundles without CUDA (ORT's CPU provider has no
-  bfloat16 MatMul), the first TRUNCATED_LAYERS layers are exported the same way from the same
-  files (bf16: in fp32) and checked with a float32 reference.
+  bfloat16 MatMul), the first TRUNCATED_LAYERS layers and the first TRUNCATED_VOCAB rows of the
+  vocabulary (embedding and head) are exported the same way from the same files (bf16: in
+  fp32) and checked with a float32 reference cut the same way (resize_token_embeddings keeps
+  the first rows).
 
 The manifest says what was compared: `parity.reference` (dtype, layers) and `parity.depth`.
 """
@@ -29,6 +31,10 @@ from arx.manifest import Manifest
 GB = 1 << 30
 PROCESS_BYTES = GB // 2  # torch, transformers and onnxruntime imported
 TRUNCATED_LAYERS = 2
+# ... and the first TRUNCATED_VOCAB rows of the embedding and LM head: the layers' code and the
+# head's are what the check checks, and a 128k-row head would be most of its time (ORT CPU
+# casts an fp16 head to fp32 at every step of the low-memory session)
+TRUNCATED_VOCAB = 8192
 BF16_CPU = ("onnxruntime's CPU provider has no bfloat16 MatMul and this machine has no CUDA "
             "provider: the same export in float32 was checked instead")
 QUANTIZED = ("the bundle is quantized (--quantize): its accuracy against the unquantized model "
@@ -118,13 +124,15 @@ def truncated_parity(src, manifest: Manifest, options, why: str) -> dict:
     dtype = manifest.model.get("dtype", "float32")
     depth = min(TRUNCATED_LAYERS, manifest.kv.layers)
     checked = "float32" if why == BF16_CPU else dtype
-    sub = dataclasses.replace(options, num_layers=depth, dtype=checked, progress=False,
-                              overwrite=True, quantize=None)
+    rows = TRUNCATED_VOCAB if manifest.vocab_size > TRUNCATED_VOCAB else None
+    sub = dataclasses.replace(options, num_layers=depth, vocab_rows=rows, dtype=checked,
+                              progress=False, overwrite=True, quantize=None)
     with tempfile.TemporaryDirectory(prefix="arx-parity-") as work:
-        report = export_model(source=src.path, output=Path(work) / "truncated.arx",
-                              options=sub).parity
-    return {**report, "dtype": dtype, "depth": {"layers": depth, "of": manifest.kv.layers,
-                                                "dtype": checked, "why": why}}
+        result = export_model(source=src.path, output=Path(work) / "truncated.arx", options=sub)
+    vocab = result.vocab_size
+    return {**result.parity, "dtype": dtype, "depth": {
+        "layers": depth, "of": manifest.kv.layers, "vocab": vocab, "of_vocab": manifest.vocab_size,
+        "dtype": checked, "why": why}}
 
 
 def _reference(src, decoder, bundle_dtype: str):

@@ -36,13 +36,17 @@ class LoadedSource:
     tensors: Any = None  # "hf": the TensorSource (export/tensor_source.py) the weights come from
     streamed: bool = False  # module has no weights (meta device): tensors come from the files
     num_layers: int | None = None  # streamed: only the first N layers (parity's truncated check)
+    vocab_rows: int | None = None  # streamed: only the first N vocabulary rows (ditto)
 
     def torch_module(self, dtype=None):
         """The module with its weights, for the PyTorch reference: loaded from the folder
         (in `dtype`, default float32) when the export itself streamed the files."""
         if not self.streamed:
             return self.module
-        return _from_pretrained(self.path, dtype, self.num_layers)
+        model = _from_pretrained(self.path, dtype, self.num_layers)
+        if self.vocab_rows is not None:  # the first rows, as the export read them (FirstRows)
+            model.resize_token_embeddings(self.vocab_rows, mean_resizing=False)
+        return model
 
 
 def check_source_path(path: str | Path) -> Path:
@@ -52,11 +56,13 @@ def check_source_path(path: str | Path) -> Path:
     return path
 
 
-def load_source(path: str | Path, num_layers: int | None = None) -> LoadedSource:
-    """num_layers: a Hugging Face folder's first N layers only (read from the same files)."""
+def load_source(path: str | Path, num_layers: int | None = None,
+                vocab_rows: int | None = None) -> LoadedSource:
+    """num_layers, vocab_rows: a Hugging Face folder's first N layers and first V vocabulary
+    rows only (read from the same files; parity's truncated check of a streamed export)."""
     path = check_source_path(path)
     if path.is_dir():
-        return _load_hf_folder(path, num_layers)
+        return _load_hf_folder(path, num_layers, vocab_rows)
     kind = _archive_kind(path)
     if kind == "torchscript":
         raise ArxError(f"{path} is a TorchScript archive (torch.jit.save); TorchScript is not "
@@ -84,7 +90,8 @@ def _archive_kind(path: Path) -> str | None:
         return None
 
 
-def _load_hf_folder(path: Path, num_layers: int | None = None) -> LoadedSource:
+def _load_hf_folder(path: Path, num_layers: int | None = None,
+                    vocab_rows: int | None = None) -> LoadedSource:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise ArxError(f"{path} is a folder without config.json, so not a Hugging Face checkpoint; "
@@ -102,13 +109,20 @@ def _load_hf_folder(path: Path, num_layers: int | None = None) -> LoadedSource:
         return load_janus_folder(path, path if has_tokenizer(path) else None)
     tok_dir = path if has_tokenizer(path) else None
     if any(path.glob("*.safetensors")):
-        from arx.export.tensor_source import SafetensorsSource, matches_model
+        from arx.export.tensor_source import FirstRows, SafetensorsSource, matches_model
 
         tensors = SafetensorsSource(path)
         model = _config_only_model(path, num_layers)
         if matches_model(tensors, model):  # read tensor by tensor, never the model whole
+            vocab = model.config.get_text_config().vocab_size
+            sliced = _config_only_model(path, num_layers, vocab_rows) if vocab_rows else None
+            if sliced is not None and sliced.config.get_text_config().vocab_size == vocab_rows:
+                model, tensors = sliced, FirstRows(tensors, vocab, vocab_rows)
+            else:  # a config whose vocabulary the override does not reach: all of it
+                vocab_rows = None
             return LoadedSource(path, model, "hf", family, tok_dir, _folder_generation_config(
-                path, model.config), tensors=tensors, streamed=True, num_layers=num_layers)
+                path, model.config), tensors=tensors, streamed=True, num_layers=num_layers,
+                vocab_rows=vocab_rows)
     from arx.export.tensor_source import StateDictSource
 
     model = _from_pretrained(path)  # *.bin, or tensor names of another layout: transformers maps
@@ -116,8 +130,10 @@ def _load_hf_folder(path: Path, num_layers: int | None = None) -> LoadedSource:
                         tensors=StateDictSource(model.state_dict()))
 
 
-def _depth(num_layers: int | None) -> dict:
-    return {} if num_layers is None else {"num_hidden_layers": num_layers}
+def _depth(num_layers: int | None, vocab_rows: int | None = None) -> dict:
+    """config overrides: the first N layers, the first V vocabulary rows."""
+    return {**({} if num_layers is None else {"num_hidden_layers": num_layers}),
+            **({} if vocab_rows is None else {"vocab_size": vocab_rows})}
 
 
 def _from_pretrained(path: Path, dtype=None, num_layers: int | None = None):
@@ -141,14 +157,14 @@ def _from_pretrained(path: Path, dtype=None, num_layers: int | None = None):
     return model.eval()
 
 
-def _config_only_model(path: Path, num_layers: int | None = None):
+def _config_only_model(path: Path, num_layers: int | None = None, vocab_rows: int | None = None):
     """The model built from config.json on the meta device: its modules, parameter names and
     counts, no weights (the RoPE tables are made by its rotary class, export/hf_decoder.py)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        config = AutoConfig.from_pretrained(path, **_depth(num_layers))
+        config = AutoConfig.from_pretrained(path, **_depth(num_layers, vocab_rows))
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config).eval()
     except Exception as e:  # transformers raises many types for a config it cannot use

@@ -139,7 +139,13 @@ class SafetensorsSource:
         return self._where[name][2]
 
     def __getitem__(self, name: str) -> np.ndarray:
+        return self.first_rows(name, None)
+
+    def first_rows(self, name: str, rows: int | None) -> np.ndarray:
+        """The tensor, or only its first `rows` rows along dim 0 (read alone from the file)."""
         path, offset, code, shape = self._where[name]
+        if rows is not None:
+            shape = (min(rows, shape[0]), *shape[1:])
         out = np.empty(shape, dtype=_NUMPY[code])
         with open(path, "rb") as f:
             f.seek(offset)
@@ -154,6 +160,37 @@ class SafetensorsSource:
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in {e[0] for e in self._where.values()})
+
+    def shape(self, name: str) -> tuple:
+        return self._where[name][3]
+
+
+class FirstRows:
+    """A SafetensorsSource whose vocabulary tensors (dim 0 the config's vocab_size: embedding,
+    LM head and its bias) keep their first `rows` rows, read alone: parity's truncated check
+    exports and compares a slice of the vocabulary (export/parity_run.py)."""
+
+    def __init__(self, source: SafetensorsSource, vocab: int, rows: int):
+        self.source, self.vocab, self.rows = source, vocab, rows
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.source
+
+    def keys(self) -> Iterable[str]:
+        return self.source.keys()
+
+    def dtype(self, name: str) -> str:
+        return self.source.dtype(name)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        shape = self.source.shape(name)
+        sliced = len(shape) > 0 and shape[0] == self.vocab
+        return self.source.first_rows(name, self.rows if sliced else None)
+
+    get = __getitem__
+
+    def nbytes(self) -> int:
+        return self.source.nbytes()
 
 
 def _header(path: Path) -> dict[str, tuple[Path, int, str, tuple]]:

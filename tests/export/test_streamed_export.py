@@ -127,6 +127,30 @@ def test_bf16_bundle_is_checked_in_fp32_and_refused_on_the_cpu(bf16_folder, tmp_
     assert proc.returncode == 2 and "bfloat16" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_truncated_check_slices_the_vocabulary_as_the_reference_does(tmp_path, tied):
+    """Parity's truncated export of the first 2 layers and 96 of 160 vocabulary rows: the
+    embedding and head are the checkpoint's first rows (FirstRows reads only those), the
+    reference is cut the same way (resize_token_embeddings), and their parity passes."""
+    from arx.export.sources import load_source
+
+    folder = tmp_path / "ckpt"
+    checkpoints.write_llama(folder, {**TINY, "tie_word_embeddings": tied}, shard_bytes=64 << 10)
+    src = load_source(folder, num_layers=2, vocab_rows=96)
+    full = load_source(folder).tensors
+    name = "model.embed_tokens.weight"
+    assert src.tensors[name].shape == (96, 64)
+    assert np.array_equal(src.tensors[name], full[name][:96])
+    norm = "model.norm.weight"
+    assert np.array_equal(src.tensors[norm], full[norm])  # (64,): not a vocabulary tensor
+    reference = src.torch_module()
+    assert reference.config.vocab_size == 96 and len(reference.model.layers) == 2
+    assert np.array_equal(reference.get_output_embeddings().weight.detach().numpy(),
+                          full[name if tied else "lm_head.weight"][:96])
+    manifest = _export(folder, tmp_path / "t.arx", num_layers=2, vocab_rows=96)
+    assert manifest.vocab_size == 96 and manifest.parity["passed"]
+
+
 def test_missing_shard_is_named(bf16_folder, tmp_path):
     import shutil
 
@@ -165,7 +189,8 @@ def test_300m_checkpoint_within_the_memory_budget(tmp_path):
         bundle = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         peaks[name] = (peak, 1.5 * max(ckpt, bundle) + (1 << 30))
     assert all(p < budget for p, budget in peaks.values()), peaks
-    assert read_manifest(tmp_path / "fp16.arx").parity["depth"]["layers"] == 2
+    depth = read_manifest(tmp_path / "fp16.arx").parity["depth"]
+    assert (depth["layers"], depth["vocab"], depth["of_vocab"]) == (2, 8192, 32000)
     assert read_manifest(tmp_path / "w4.arx").extensions["quantization"]["scheme"] == "w4"
     prompts = PROMPTS[:1]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
