@@ -100,7 +100,7 @@ def calibrate_bundle(*, bundle: str | Path, output: str | Path,
                 files = write(report, tmp, options.layer_report, plot=options.plot)
                 record_accuracy(out_manifest, report, files)
                 out_manifest.write(tmp)
-                score = next_scale.perplexity_increase(bundle, samples, refs, report.metrics) \
+                score = next_scale.perplexity_increase(samples, refs, report.metrics) \
                     if images else None
                 _gate(report, options, text, q, tmp, manifest.decoder.file, samples, Path(work), score)
     return CalibrationResult(output, out_manifest, report, text)

@@ -196,16 +196,17 @@ def forced_log_probs(opened: _Opened, classes: list[int], tokens: list[np.ndarra
     from arx.runtime.var_generate import VarResult, run_scales
 
     info, out = opened.info, []
-    cfg, b, n_scales = info.cfg_scale, len(classes), len(info.patch_nums)
+    guidance, b, n_scales = _var_options(info, None), len(classes), len(info.patch_nums)
 
     def choose(k: int, pos: int, logits: np.ndarray) -> np.ndarray:
-        if cfg > 0:
-            s = 1.0 + cfg * k / (n_scales - 1)  # VarOptions.scale_at
-            logits = s * logits[:b].astype(np.float64) + (1.0 - s) * logits[b:]
+        if guidance.cfg > 0:  # arx::sample's step 1: u + s (c - u)
+            cond, uncond = logits[:b].astype(np.float64), logits[b:]
+            logits = uncond + guidance.scale_at(k, n_scales) * (cond - uncond)
         out.append(log_softmax(logits / info.temperature))
         return tokens[k]
 
-    run_scales(opened.session, opened.stages, classes, cfg > 0, choose, VarResult([], [], []))
+    run_scales(opened.session, opened.stages, classes, guidance.cfg > 0, choose,
+               VarResult([], [], []))
     return out
 
 
@@ -229,18 +230,17 @@ def probe_feeds(bundle: Path, samples: Samples, references) -> list[dict]:
     the fp32 bundle teacher-forced on their tokens: the per-layer error's inputs."""
     classes = list(draw_of(samples.eval).classes[:PROBE_IMAGES])
     tokens = [t[:len(classes)] for t in references[0]]
-    seen: list[dict] = []
+    steps = iter(range(len(tokens)))
+    last: dict = {}
 
     def keep_last_scale(feeds: dict) -> None:
-        if len(seen) == len(tokens) - 1:
-            seen.append({k: np.array(v) for k, v in feeds.items()})
-        else:
-            seen.append({})  # a coarser scale: counted, not kept
+        if next(steps) == len(tokens) - 1:  # copied: the buffers change with the step
+            last.update({k: np.array(v) for k, v in feeds.items()})
 
     with _Opened(bundle) as fp:
         fp.session.observer = keep_last_scale
         forced_log_probs(fp, classes, tokens)
-    return [seen[-1]]
+    return [last]
 
 
 def step_graph_ranges(manifest: Manifest, source, linears, q_opts, workdir: Path):
@@ -269,7 +269,7 @@ def step_probe_model(model, manifest: Manifest):
     return build_step_graph(model, manifest.decoder, manifest.kv)[0]
 
 
-def perplexity_increase(src: Path, samples: Samples, references, metrics: ModelMetrics):
+def perplexity_increase(samples: Samples, references, metrics: ModelMetrics):
     """A remedies trial scorer: a scratch bundle's perplexity increase on the held-out images."""
     def score(scratch: Path) -> float:
         from arx.export.step_graph import EXTENSION, rebuild_step_graph
@@ -280,6 +280,17 @@ def perplexity_increase(src: Path, samples: Samples, references, metrics: ModelM
         manifest.extensions[EXTENSION] = rebuild_step_graph(scratch, manifest.decoder,
                                                             manifest.kv, step.file)
         manifest.write(scratch)
-        m = image_metrics(src, scratch, samples, references, progress=False)
-        return m.ppl_quant / metrics.ppl_fp32 - 1.0
+        return image_perplexity(scratch, samples, references) / metrics.ppl_fp32 - 1.0
     return score
+
+
+def image_perplexity(bundle: Path, samples: Samples, references) -> float:
+    """Perplexity of one bundle on the held-out images' tokens, as image_metrics computes
+    ppl_quant (a remedy trial runs the candidate only: fp32's is the report's)."""
+    nll, n = 0.0, 0
+    with _Opened(bundle) as opened:
+        for (classes, _), tokens in zip(draw_of(samples.eval).runs(), references):
+            for lp, target in zip(forced_log_probs(opened, classes, tokens), tokens):
+                nll -= float(np.take_along_axis(lp, target[..., None], -1).sum())
+                n += target.size
+    return float(np.exp(nll / n))
