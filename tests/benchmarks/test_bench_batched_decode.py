@@ -5,23 +5,15 @@ numbers are in README ("Measured") and docs/design.md."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_scripts import import_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_batched_decode
-
-        yield bench_batched_decode
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_script("bench_batched_decode")
 
 
 def test_tiny_run_times_each_variant_at_both_batches(bench, tmp_path, capsys):

@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_scripts import import_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_decode
-
-        yield bench_decode
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_script("bench_decode")
 
 
 def test_tiny_run_prints_table_json_and_plot(bench, tmp_path, capsys):

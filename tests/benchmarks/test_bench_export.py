@@ -6,23 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_scripts import import_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_export
-
-        yield bench_export
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_script("bench_export")
 
 
 def test_tiny_run_measures_both_tools_and_cleans_up(bench, tmp_path, monkeypatch, capsys):

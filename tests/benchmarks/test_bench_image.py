@@ -5,22 +5,16 @@ nothing here."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import import_script
 
 pytest.importorskip("transformers")
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.mark.slow
 def test_smoke_tiny_shape(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_image
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_image = import_script("bench_image")
     out = tmp_path / "image.json"
     assert bench_image.main(["--shape", "tiny", "--runs", "1", "--threads", "1", "--batch", "2",
                              "--json", str(out)]) == 0

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from bench_scripts import import_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import bench_kv_dtype as bench  # noqa: E402
+bench = import_script("bench_kv_dtype")
 
 
 def test_emitted_paths_are_the_export_rewrite():

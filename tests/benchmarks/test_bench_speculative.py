@@ -6,24 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_scripts import import_script
 
 
 @pytest.fixture(scope="module")
 def scripts():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_speculative
-        import train_speculative
-
-        yield train_speculative, bench_speculative
-    finally:
-        sys.path.remove(str(BENCH))
+    return import_script("train_speculative"), import_script("bench_speculative")
 
 
 @pytest.mark.slow

@@ -6,21 +6,14 @@ exported one. Timings mean nothing here."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_scripts import import_script
 
 
 @pytest.mark.slow
 def test_smoke_tiny_shape(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_var
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_var = import_script("bench_var")
     out = tmp_path / "var.json"
     assert bench_var.main(["--shape", "tiny", "--runs", "1", "--threads", "1", "--batch", "2",
                            "--json", str(out)]) == 0

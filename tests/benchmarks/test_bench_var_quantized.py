@@ -4,21 +4,15 @@ the script cannot rot, and the quantized digits model still draws digits the cla
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_scripts import import_script
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.mark.slow
 def test_smoke_one_scheme(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_var_quantized
-    finally:
-        sys.path.remove(str(BENCH))
+    bench_var_quantized = import_script("bench_var_quantized")
     out = tmp_path / "rows.json"
     assert bench_var_quantized.main(["--schemes", "w8", "--sampled", "1", "--no-plot",
                                      "--json", str(out)]) == 0

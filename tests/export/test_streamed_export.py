@@ -14,28 +14,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import greedy_runs as greedy
+from bench_scripts import import_script
 
 from arx.errors import ArxError
 from arx.export.exporter import ExportOptions, export_model
 from arx.manifest import read_manifest
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 PROMPTS = [[1, 17, 33, 99, 5, 12, 80], [1, 64, 3]]
 
-
-def _import(folder: Path, name: str):
-    sys.path.insert(0, str(folder))
-    try:
-        return __import__(name)
-    finally:
-        sys.path.remove(str(folder))
-
-
-checkpoints = _import(ROOT / "benchmarks", "random_checkpoint")
-bench_export = _import(ROOT / "benchmarks", "bench_export")  # peak_run: a child's ru_maxrss
-greedy = _import(ROOT / "tests" / "runtime", "test_generate_matches_hf")  # hf_greedy, arx_greedy
+checkpoints = import_script("random_checkpoint")
+bench_export = import_script("bench_export")  # peak_run: a child's ru_maxrss
 
 
 @pytest.fixture(scope="module")

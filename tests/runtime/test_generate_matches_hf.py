@@ -3,36 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from greedy_runs import arx_greedy, hf_greedy
 
-from arx.runtime.decoder import DecoderSession
-from arx.runtime.generate import GenerateOptions, generate
-
-NEW_TOKENS = 64
 PROMPTS = [[1, 17, 33, 99, 5, 12, 80, 41, 7], [1, 64, 3], [1, 150, 20, 20, 9, 31]]
-
-
-def hf_greedy(model, prompts: list[list[int]]) -> list[list[int]]:
-    """HF generate on a left-padded batch, EOS disabled so every row makes NEW_TOKENS."""
-    import torch
-
-    width = max(map(len, prompts))
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, p in enumerate(prompts):
-        ids[b, width - len(p):] = torch.tensor(p)
-        mask[b, width - len(p):] = 1
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                             min_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return out[:, width:].tolist()
-
-
-def arx_greedy(bundle, prompts) -> list[list[int]]:
-    with DecoderSession(bundle) as session:
-        result = generate(session, prompts,
-                          GenerateOptions(max_new_tokens=NEW_TOKENS, stop_on_eos=False))
-    return result.tokens
 
 
 @pytest.mark.parametrize("batch", [1, 3])
