@@ -14,7 +14,7 @@ import copy
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
@@ -73,6 +73,7 @@ def calibrate_bundle(*, bundle: str | Path, output: str | Path,
                        f"{manifest.kv.max_seq_len} tokens; use --seq-len {manifest.kv.max_seq_len} "
                        f"or less")
     check_writable_output(output, overwrite=options.overwrite)  # before minutes of work
+    options = with_reduce_range(options)
     q_opts = options.quant
     cached = cache_mod.read(options.calibration_cache) if options.calibration_cache else None
     steps = Steps(5, enabled=options.progress)
@@ -104,6 +105,19 @@ def calibrate_bundle(*, bundle: str | Path, output: str | Path,
                     if images else None
                 _gate(report, options, text, q, tmp, manifest.decoder.file, samples, Path(work), score)
     return CalibrationResult(output, out_manifest, report, text)
+
+
+def with_reduce_range(options: CalibrateOptions) -> CalibrateOptions:
+    """--reduce-range auto decided on this host (on where its int8 MatMul saturates), so the
+    bundle and its report record what was done; weight-only schemes: off."""
+    q = options.quant
+    if q.spec.activations:
+        from arx.runtime.int8_kernel import reduce_range_needed
+
+        choice = "on" if reduce_range_needed(q.reduce_range) else "off"
+    else:
+        choice = "off"
+    return replace(options, quant=replace(q, reduce_range=choice))
 
 
 def check_source(bundle: Path, manifest: Manifest, images: bool = False) -> None:
@@ -189,8 +203,10 @@ def extension(source: dict, quantized: list[str], kept: list[str], options: Cali
            "quantized": quantized, "float": kept, "calibration_file": cache_mod.FILE_NAME,
            "source": source}
     if o.spec.activations:
+        from arx.runtime.int8_kernel import reduce_range_needed  # as quantize_w8a8 decided
+
         ext.update(format="qdq", per_channel_weights=True, weight_axis=1, method=o.method,
-                   smoothquant_alpha=o.smoothquant,
+                   smoothquant_alpha=o.smoothquant, reduce_range=reduce_range_needed(o.reduce_range),
                    tensorrt={"form": "explicit int8 Q/DQ", "precision": "int8"})
     else:
         ext.update(format="MatMulNBits", group_size=o.group_size, accuracy_level=o.level,
@@ -219,7 +235,7 @@ def _evaluate(src, tmp, manifest, samples: Samples, q: _Quantized, options, work
     layers = layer_errors(ref_probe, q_probe, q.linears, probed, progress=options.progress)
     settings = {"scheme": options.quant.scheme, "method": options.quant.method,
                 "smoothquant": options.quant.smoothquant, "group_size": options.quant.group_size,
-                "accuracy_level": options.quant.level,
+                "accuracy_level": options.quant.level, "reduce_range": options.quant.reduce_range,
                 "keep_fp": list(options.quant.keep_fp), "float": q.kept,
                 "linear_order": [lin.node for lin in q.linears]}
     kv = None

@@ -62,6 +62,10 @@ GROUP_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 INT8_ACTIVATIONS = 4
 
+# w8a8 weights in 7 bits instead of 8 (onnxruntime's reduce_range): auto where this host's int8
+# MatMul saturates (x86 without VNNI: arx.runtime.int8_kernel), on, off.
+REDUCE_RANGE = ("auto", "on", "off")
+
 
 def scheme(name: str) -> Scheme:
     try:
@@ -82,6 +86,7 @@ class QuantOptions:
     accuracy_level: int | None = None  # MatMulNBits compute type (w8, w4); None: the scheme's default
     keep_fp: tuple[str, ...] = ()  # MatMul names or prefixes ("layers.3") kept in float
     quantize_lm_head: bool | None = None  # None: the scheme's default
+    reduce_range: str = "auto"  # w8a8: 7-bit weights (REDUCE_RANGE); calibrate resolves auto
 
     def __post_init__(self):
         s = scheme(self.scheme)
@@ -101,6 +106,12 @@ class QuantOptions:
                            f"the block sizes onnxruntime's MatMulNBits supports; 32, 64 or 128 are usual")
         if self.accuracy_level is not None and self.accuracy_level not in ACCURACY_LEVELS:
             raise ArxError(f"--accuracy-level must be one of {ACCURACY_LEVELS} (got {self.accuracy_level})")
+        if self.reduce_range not in REDUCE_RANGE:
+            raise ArxError(f"--reduce-range must be one of {', '.join(REDUCE_RANGE)} "
+                           f"(got {self.reduce_range!r})")
+        if self.reduce_range == "on" and not s.activations:
+            raise ArxError(f"--reduce-range keeps w8a8's int8 weights in 7 bits; the weight-only "
+                           f"scheme {s.name} does not need it (its kernel does not saturate); drop it")
 
     @property
     def spec(self) -> Scheme:

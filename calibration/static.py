@@ -106,6 +106,8 @@ def quantize_w8a8(model: onnx.ModelProto, ranges: dict[str, list[float]], quanti
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
 
+    from arx.runtime.int8_kernel import reduce_range_needed
+
     method = _method(options.method)
     tensors = TensorsData(method, {k: TensorData(lowest=np.float32(lo), highest=np.float32(hi))
                                    for k, (lo, hi) in ranges.items()})
@@ -117,8 +119,8 @@ def quantize_w8a8(model: onnx.ModelProto, ranges: dict[str, list[float]], quanti
     with _quiet():
         quantize_static(
             str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
-            per_channel=True, reduce_range=False, activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8, nodes_to_quantize=quantize, nodes_to_exclude=exclude,
+            per_channel=True, reduce_range=reduce_range_needed(options.reduce_range),
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=quantize, nodes_to_exclude=exclude,
             use_external_data_format=True, calibrate_method=method, calibration_cache_path=str(cache),
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                            "OpTypesToExcludeOutputQuantization": ["MatMul"],

@@ -41,6 +41,9 @@ def register(sub) -> None:
     q.add_argument("--accuracy-level", type=int,
                    help="w8/w4 MatMulNBits compute: 4 quantizes activations to int8 per block, the "
                         "fast kernel (default); 1 computes in fp32, activations stay float")
+    q.add_argument("--reduce-range", default="auto", choices=("auto", "on", "off"),
+                   help="w8a8: int8 weights in 7 bits, so onnxruntime's int8 MatMul does not "
+                        "saturate on x86 CPUs without VNNI; auto (default): on where this host's does")
     q.add_argument("--keep-fp", default="", metavar="LAYER,...",
                    help="MatMuls kept in float: names (layers.3.mlp.down_proj, lm_head) or prefixes (layers.3)")
     q.add_argument("--lm-head", choices=["quantize", "float"],
@@ -77,6 +80,7 @@ def options_from_args(args):
     quant = QuantOptions(scheme=args.scheme, method=args.method, percentile=args.percentile,
                          smoothquant=args.smoothquant, group_size=args.group_size,
                          accuracy_level=args.accuracy_level, keep_fp=keep,
+                         reduce_range=args.reduce_range,
                          quantize_lm_head=None if args.lm_head is None else args.lm_head == "quantize")
     samples, eval_samples = _counts(args)
     data = DataOptions(path=args.data, random=args.random, text_field=args.text_field, chunk=args.chunk,
