@@ -72,6 +72,24 @@ def exported_bundle(hf_model_dir, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def var_export(tmp_path_factory):
+    """(module, bundle) of tests/var_bundle.py's VAR, exported once for the session (a dynamo
+    export of ~20 s): tests read the bundle and write beside it under names of their own."""
+    from var_bundle import export_var_bundle
+
+    return export_var_bundle(tmp_path_factory.mktemp("var"))
+
+
+@pytest.fixture(scope="session")
+def c2i_export(tmp_path_factory):
+    """(module, bundle) of tests/image_bundle.py's class-to-image model, exported once for the
+    session, read-only as var_export."""
+    from image_bundle import export_c2i
+
+    return export_c2i(tmp_path_factory.mktemp("c2i"))
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from form_runs import form_for
-from image_bundle import CODEBOOK, export_c2i
+from image_bundle import CODEBOOK
 
 from arx.errors import ArxError
 from arx.manifest import read_manifest
@@ -37,8 +37,8 @@ SEEDED = ImageOptions(cfg_scale=3.0, cfg_schedule="linear",
 
 
 @pytest.fixture(scope="module")
-def c2i(tmp_path_factory):
-    return export_c2i(tmp_path_factory.mktemp("c2i"))[1]
+def c2i(c2i_export):
+    return c2i_export[1]
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from form_runs import form_for
-from var_bundle import export_var_bundle
 
 from arx.builder.options import BuildOptions
 from arx.builder.profiles import block_widths, make_profiles
@@ -25,8 +24,8 @@ FORM = {"sampler": "none", "logits": "all", "max_seq_len": S_MAX}
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return export_var_bundle(tmp_path_factory.mktemp("var"))[1]
+def bundle(var_export):
+    return var_export[1]
 
 
 def _schedule(manifest, batch: int = 2):

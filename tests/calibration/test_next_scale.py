@@ -20,7 +20,6 @@ import numpy as np
 import onnx
 import pytest
 from cli_lines import assert_one_line
-from var_bundle import export_var_bundle
 
 from arx.calibration import next_scale
 from arx.calibration.calibrator import calibrate_bundle
@@ -43,8 +42,8 @@ def _options(scheme: str, **kw) -> CalibrateOptions:
 
 
 @pytest.fixture(scope="module")
-def var_bundle(tmp_path_factory):
-    return export_var_bundle(tmp_path_factory.mktemp("var-calib"))[1]
+def var_bundle(var_export):
+    return var_export[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from image_bundle import CLASSES, CODEBOOK, GRID, export_c2i
+from image_bundle import CLASSES, CODEBOOK, GRID
 
 from arx.errors import ArxError
 from arx.export.exporter import ExportOptions, export_model
@@ -21,8 +21,8 @@ from arx.runtime.image_generate import decode_pixels, image_info
 
 
 @pytest.fixture(scope="module")
-def c2i(tmp_path_factory):
-    return export_c2i(tmp_path_factory.mktemp("c2i"))
+def c2i(c2i_export):
+    return c2i_export
 
 
 def test_bundle_has_decoder_vq_decoder_and_image_pipeline(c2i):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from var_bundle import export_var_bundle
 from var_model import tiny_var
 
 from arx.errors import ArxError
@@ -21,8 +20,8 @@ TESTS = Path(__file__).resolve().parents[1]  # var_model.py, which the pickle na
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return export_var_bundle(tmp_path_factory.mktemp("var"))[1]
+def bundle(var_export):
+    return var_export[1]
 
 
 def test_stages_pipeline_and_parity(bundle):

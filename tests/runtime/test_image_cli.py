@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from image_bundle import GRID, export_c2i
+from image_bundle import GRID
 
 from arx.cli import main
 from arx.runtime.decoder import DecoderSession
@@ -17,8 +17,8 @@ from arx.runtime.sampler import SamplingOptions
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return export_c2i(tmp_path_factory.mktemp("c2i"))[1]
+def bundle(c2i_export):
+    return c2i_export[1]
 
 
 def _cli(capsys, *argv):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from image_bundle import CODEBOOK, GRID, export_c2i
+from image_bundle import CODEBOOK, GRID
 
 from arx.errors import ArxError
 from arx.export.image_modules import generate_cfg
@@ -25,8 +25,8 @@ LABELS = [0, 3, 4]  # batch 3: 6 rows with the null class
 
 
 @pytest.fixture(scope="module")
-def c2i(tmp_path_factory):
-    module, bundle = export_c2i(tmp_path_factory.mktemp("c2i"))
+def c2i(c2i_export):
+    module, bundle = c2i_export
     with DecoderSession(bundle) as session:
         yield module, session
 

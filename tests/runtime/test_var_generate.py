@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from cli_lines import assert_one_line
-from var_bundle import export_var_bundle
 
 from arx.plugins.sampling.reference import SamplingParams, sample_reference
 from arx.runtime.decoder import DecoderSession
@@ -29,8 +28,8 @@ GREEDY = SamplingOptions(do_sample=False)
 
 
 @pytest.fixture(scope="module")
-def var(tmp_path_factory):
-    module, bundle = export_var_bundle(tmp_path_factory.mktemp("var"))
+def var(var_export):
+    module, bundle = var_export
     with DecoderSession(bundle) as session, \
             VarStages(bundle, session.manifest, var_info(session.manifest)) as stages:
         yield module, bundle, session, stages
