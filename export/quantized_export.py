@@ -15,6 +15,7 @@ w8a8 (its activation ranges are calibrated on the float graph).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -133,14 +134,19 @@ def _metrics(src, tmp: Path, manifest: Manifest, samples: list[np.ndarray], prog
     import torch
 
     from arx.calibration.evaluate import compare, reference_rows, session_log_probs
+    from arx.export.float32_compute import float32_compute, native_half
     from arx.export.parity_run import checkpoint_dtype
     from arx.runtime.decoder import DecoderSession
 
     dtype = checkpoint_dtype(src)
     module = src.torch_module(getattr(torch, dtype))
-    rows = reference_rows(_torch_log_probs(module), samples, TOP_K, progress=progress,
-                          label="reference (PyTorch)", batch=BATCH)
+    compute = dtype if dtype == "float32" or native_half(dtype) else "float32"
+    # half-precision weights in float32 arithmetic where the CPU has no half (float32_compute.py)
+    with float32_compute() if compute != dtype else contextlib.nullcontext():
+        rows = reference_rows(_torch_log_probs(module), samples, TOP_K, progress=progress,
+                              label="reference (PyTorch)", batch=BATCH)
     reference = {"framework": "torch", "model": type(module).__name__, "dtype": dtype,
+                 "compute": compute,
                  "kl": f"top-{TOP_K} of the reference per position, the rest one bucket "
                        f"(a lower bound of the full KL)"}
     del module

@@ -39,6 +39,8 @@ def register(sub) -> None:
                    help="weight block size along K (default 128), as arx calibrate's")
     q.add_argument("--data", help="text for the accuracy report and gate (.txt, one sample a "
                                   "line, or .jsonl); default: random token ids, flagged as such")
+    q.add_argument("--eval-samples", type=int,
+                   help="sequences the accuracy gate compares on (default 32, as arx calibrate's)")
     q.add_argument("--force", action="store_true",
                    help="write the quantized bundle even when it fails the accuracy gate")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output bundle")
@@ -79,6 +81,7 @@ def _quantize(args):
     """--quantize as arx calibrate's options (its defaults: scheme table, gate, data split)."""
     if args.quantize is None:
         for flag, given in (("--group-size", args.group_size != 128), ("--data", args.data),
+                            ("--eval-samples", args.eval_samples is not None),
                             ("--force", args.force)):
             if given:
                 from arx.errors import ArxError
@@ -89,6 +92,8 @@ def _quantize(args):
     from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
 
     return CalibrateOptions(quant=QuantOptions(scheme=args.quantize, group_size=args.group_size),
-                            data=DataOptions(path=args.data, random=not args.data),
+                            data=DataOptions(path=args.data, random=not args.data,
+                                             **({} if args.eval_samples is None
+                                                else {"eval_samples": args.eval_samples})),
                             force=args.force, overwrite=args.overwrite,
                             progress=not args.quiet, plot=False)

@@ -193,6 +193,8 @@ def test_over_the_gate_nothing_is_written(tiny_pair, tmp_path):
     (["--quantize", "w4", "--dtype", "fp16"], "drop --dtype"),
     (["--quantize", "w4", "--group-size", "100"], "--group-size must be one of"),
     (["--data", "x.txt"], "--data is an option of --quantize"),
+    (["--eval-samples", "4"], "--eval-samples is an option of --quantize"),
+    (["--quantize", "w4", "--eval-samples", "0"], "--eval-samples must be >= 1"),
 ])
 def test_refusals_in_one_line(tmp_path, capsys, flags, says):
     from arx.cli import main
@@ -238,4 +240,9 @@ def test_budget_names_w4_where_fp16_does_not_fit(tmp_path, monkeypatch, capsys):
     assert m.extensions["quantization"]["accuracy"]["data"] == "random token ids"
     report = json.loads((tmp_path / "b.arx" / "reports" / "accuracy.json").read_text())
     assert report["settings"]["reference"]["dtype"] == "bfloat16"
+    # bf16 weights; float32 arithmetic unless this CPU has bf16 (export/float32_compute.py)
+    from arx.export.float32_compute import native_half
+
+    compute = "bfloat16" if native_half("bfloat16") else "float32"
+    assert report["settings"]["reference"]["compute"] == compute
     assert np.isfinite(m.extensions["quantization"]["accuracy"]["ppl_quantized"])

@@ -164,8 +164,8 @@ def _peak_export(folder: Path, out: Path, *flags: str) -> int:
 def test_300m_checkpoint_within_the_memory_budget(tmp_path):
     """~291M parameters in bf16 (582 MB): peak < 1.5 x max(checkpoint, bundle) + 1 GB for each
     export (fp32, fp16, and w4 straight from the checkpoint with its accuracy gate on random
-    ids: --force, as this is the memory check, not the accuracy one), and the fp32 bundle's
-    greedy tokens equal HF generate's."""
+    ids: --force, as this is the memory check, not the accuracy one; 4 sequences, as the peak
+    is one sequence's), and the fp32 bundle's greedy tokens equal HF generate's."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -173,7 +173,7 @@ def test_300m_checkpoint_within_the_memory_budget(tmp_path):
     ckpt = checkpoints.write_llama(folder, checkpoints.LLAMA_300M, shard_bytes=256 << 20)
     peaks = {}
     runs = {"fp32": ("--dtype", "fp32"), "fp16": ("--dtype", "fp16"),
-            "w4": ("--quantize", "w4", "--force")}
+            "w4": ("--quantize", "w4", "--force", "--eval-samples", "4")}
     for name, flags in runs.items():
         out = tmp_path / f"{name}.arx"
         peak = _peak_export(folder, out, *flags)
