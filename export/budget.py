@@ -41,7 +41,7 @@ def estimate(src, dtype: str, check_parity: bool, quantize=None) -> tuple[int, f
     emit = PROCESS_BYTES + IN_FLIGHT * 4 * largest
     ckpt = src.tensors.nbytes()
     if quantize is not None:
-        return _quantized(src, quantize, params, emit, ckpt)
+        return _quantized(src, quantize, params, emit, ckpt, largest)
     if not check_parity:
         return bundle, emit
     full = full_depth_bytes(ckpt, bundle, params, dtype, "cpu")
@@ -64,18 +64,25 @@ def truncated_bytes(src) -> float:
     return PROCESS_BYTES + kept * (4 + DTYPE_BYTES.get(checkpoint_dtype(src), 4))
 
 
-def _quantized(src, quantize, params: int, emit: float, ckpt: int) -> tuple[int, float]:
+def _quantized(src, quantize, params: int, emit: float, ckpt: int, largest: int
+               ) -> tuple[int, float]:
     """A --quantize export: its bundle (export/quantized_export.quantized_bytes), and a peak of
     the emission or the accuracy check's reference (the model in the checkpoint's dtype, loaded
-    while the checkpoint is mapped) and then the quantized bundle's session."""
+    while the checkpoint is mapped; computing in float32 it also holds a float32 copy of the
+    weight in use, the head the largest: export/float32_compute.py) and then the quantized
+    bundle's session."""
     from arx.calibration.options import QuantOptions
+    from arx.export.float32_compute import native_half
     from arx.export.parity_run import checkpoint_dtype
     from arx.export.quantized_export import quantized_bytes
 
     quant = QuantOptions(scheme=quantize) if isinstance(quantize, str) else quantize.quant
     embed = src.module.get_input_embeddings().weight.numel()
     bundle = quantized_bytes(params, embed, quant.spec.weight_bits, quant.group_size)
-    check = full_depth_bytes(ckpt, bundle, params, checkpoint_dtype(src), "cpu")
+    dtype = checkpoint_dtype(src)
+    check = full_depth_bytes(ckpt, bundle, params, dtype, "cpu")
+    if dtype != "float32" and not native_half(dtype):
+        check += 4 * largest
     return bundle, max(emit, check, truncated_bytes(src))  # + the emitter's float check
 
 
