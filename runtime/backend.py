@@ -151,8 +151,21 @@ class OrtBackend:
         for name in self._returned:  # re-bound each run: their shapes change between steps
             io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
-        values = dict(zip(self.output_names, io.get_outputs()))
-        return {n: values[n].numpy() for n in self._returned}
+        return {name: value.numpy() for name, value in zip(self._returned, self._outputs(io))}
+
+    def _outputs(self, io) -> list:
+        """The returned outputs' values, in _returned's order. IOBinding.get_outputs() wraps
+        every output in a Python OrtValue, the 2 x layers cache aliases included, each step
+        (0.068 ms for a 12-layer model's 25 outputs, 0.004 ms indexed: 0.7% of its 9 ms w4
+        decode step, more for small drafts); its vector (the pinned onnxruntime's
+        `_iobinding`) is indexed for the few returned ones instead, the public call kept as
+        the fallback."""
+        vector = getattr(io, "_iobinding", None)
+        if vector is None:
+            values = dict(zip(self.output_names, io.get_outputs()))
+            return [values[n] for n in self._returned]
+        outputs = vector.get_outputs()
+        return [outputs[i] for i in self._returned_at]
 
     def _binding_for(self, feeds: Mapping[str, Any]):
         """The IO binding with the device buffers (the KV cache) bound, made once per set of
@@ -175,6 +188,7 @@ class OrtBackend:
             else:
                 io.bind_output(name, "cpu")
                 self._returned.append(name)
+        self._returned_at = [self.output_names.index(n) for n in self._returned]
         self._binding, self._held = io, buffers
         return io
 
