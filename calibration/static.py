@@ -120,7 +120,8 @@ def quantize_w8a8(model: onnx.ModelProto, ranges: dict[str, list[float]], quanti
         quantize_static(
             str(src), str(dst), None, quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul"],
             per_channel=True, reduce_range=reduce_range_needed(options.reduce_range),
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=quantize, nodes_to_exclude=exclude,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            nodes_to_quantize=quantize, nodes_to_exclude=exclude,
             use_external_data_format=True, calibrate_method=method, calibration_cache_path=str(cache),
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
                            "OpTypesToExcludeOutputQuantization": ["MatMul"],

@@ -9,7 +9,7 @@ import numpy as np
 
 from arx.errors import ArxError
 from arx.manifest import Manifest, read_manifest
-from arx.runtime.backend import BackendOptions, OrtBackend, resolve_device
+from arx.runtime.backend import BackendOptions, OrtBackend
 from arx.runtime.generate import Capacity
 from arx.runtime.int8_kernel import warn_if_saturating
 from arx.runtime.kv_cache import KVCache
@@ -37,8 +37,8 @@ class DecoderSession:
             raise ArxError(f"bundle {self.bundle_dir} lacks {stage.file}; re-export it")
         self.options = options
         _check_dtype_runs(self.manifest, options)
-        warn_if_saturating(self.manifest, resolve_device(options.device))
         self.backend = OrtBackend(path, aliases=aliases, options=options)
+        warn_if_saturating(self.manifest, self.backend.device)  # the device it resolved to
         self._general = None  # (backend, input names) of the general-step graph, once needed
         self._embedder = None  # the pipeline's embed stage, once needed
         # Called with each step's feeds (cache buffers included, valid only during the call)

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-EXTENSION = "quantization"  # the manifest section arx calibrate writes
+EXTENSION = "quantization"  # = calibration.calibrator.EXTENSION (the runtime imports no calibration)
 K, N = 64, 8
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from bench_scripts import import_script
 from onnx import numpy_helper
 
 from arx.calibration.calibrator import calibrate_bundle, with_reduce_range
@@ -57,32 +58,9 @@ def test_probe_agrees_with_the_cpu_flags():
     assert int8_kernel.int8_matmul_saturates() is expected
 
 
-def _decoder_logits(bundle: Path, level) -> np.ndarray:
-    import onnxruntime as ort
-
-    from arx.runtime.decoder import DecoderSession
-
-    ids = np.arange(5, 37, dtype=np.int64)
-    init = ort.InferenceSession.__init__
-
-    def with_level(self, path, sess_options=None, *args, **kwargs):
-        sess_options = sess_options or ort.SessionOptions()
-        sess_options.graph_optimization_level = level
-        init(self, path, sess_options, *args, **kwargs)
-
-    ort.InferenceSession.__init__ = with_level
-    try:
-        with DecoderSession(bundle) as s:
-            return s.step(s.new_cache(1, len(ids)), ids[None, :], np.array([len(ids)]))[0]
-    finally:
-        ort.InferenceSession.__init__ = init
-
-
 def test_reduce_range_keeps_weights_in_7_bits_and_the_kernel_exact(calibrated):
     """On any host, the int8 kernels of a --reduce-range on bundle compute what its Q/DQ graph
     says: ORT's fused int8 path equals the unfused graph (DequantizeLinear + float MatMul)."""
-    import onnxruntime as ort
-
     out = calibrated("on")
     ext = read_manifest(out).extensions["quantization"]
     assert ext["reduce_range"] is True
@@ -91,8 +69,8 @@ def test_reduce_range_keeps_weights_in_7_bits_and_the_kernel_exact(calibrated):
     weights = [numpy_helper.to_array(inits[n.input[0]]) for n in model.graph.node
                if n.op_type == "DequantizeLinear" and n.input[0] in inits]
     assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) <= 64
-    fused = _decoder_logits(out, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    unfused = _decoder_logits(out, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    kernel_error = import_script("int8_kernel_error")  # benchmarks/: the same measurement
+    fused, unfused = (kernel_error.prefill_logits(out, f) for f in (True, False))
     assert np.abs(fused - unfused).max() <= 1e-3 * np.abs(unfused).max()
 
 
