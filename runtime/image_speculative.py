@@ -23,6 +23,10 @@ known, so every token follows p exactly, as without speculation (the quality cos
 test measures the token histograms); a seed reproduces the run, but the draws differ from
 plain sampling's. Randomness is Philox by position, as in runtime/speculative.py: the accept
 test and the residual use its streams, guesses a third stream that also counts the round.
+
+`relax` (runtime/relaxed_acceptance.py, LANTERN) judges each guess against the guided
+distribution with its nearest codes' mass moved onto it: more guesses kept, tokens no longer
+exactly from p (opt-in; greedy grids then differ from plain greedy too).
 """
 
 from __future__ import annotations
@@ -45,8 +49,16 @@ METHOD = "jacobi"
 
 
 @dataclass
+class JacobiStats(SpeculationStats):
+    relaxed: dict | None = None  # Relaxation.to_json() where --relax judged the guesses
+
+    def to_json(self) -> dict:
+        return {**super().to_json(), "relaxed": self.relaxed}
+
+
+@dataclass
 class JacobiResult(ImageResult):
-    speculation: SpeculationStats = field(default_factory=lambda: SpeculationStats(METHOD))
+    speculation: JacobiStats = field(default_factory=lambda: JacobiStats(METHOD))
 
 
 def parse_jacobi(text: str | None) -> int | None:
@@ -68,8 +80,9 @@ def parse_jacobi(text: str | None) -> int | None:
 
 
 def generate_images_jacobi(session, classes: list[int], options: ImageOptions,
-                           window: int = DEFAULT_WINDOW) -> JacobiResult:
-    """generate_images with up to `window` guessed tokens verified per image and step."""
+                           window: int = DEFAULT_WINDOW, relax=None) -> JacobiResult:
+    """generate_images with up to `window` guessed tokens verified per image and step;
+    `relax` a relaxed_acceptance.Relaxation (None: the exact rule)."""
     if not session.ragged:
         raise ArxError("Jacobi speculation rolls rows back separately, which this bundle's cache "
                        "(grown by concatenation) cannot; drop --speculate")
@@ -81,6 +94,7 @@ def generate_images_jacobi(session, classes: list[int], options: ImageOptions,
     ids = np.array(classes + [info.null_class] * (b if options.guided else 0), np.int64)
     out = np.zeros((b, n), np.int64)
     result = JacobiResult(out.reshape(b, *info.grid), list(classes), seeds)
+    result.speculation.relaxed = None if relax is None else relax.to_json()
     # the class token + every token but the last, and room for a step's padding if it fits
     cache = session.new_cache(len(ids), min(n + window, session.capacity.max_seq_len))
     try:
@@ -90,7 +104,7 @@ def generate_images_jacobi(session, classes: list[int], options: ImageOptions,
         first = _codebook(logits[:, 0], info)  # (rows, codebook)
         out[:, 0] = _choose(first, 0, n, seeds, options, b)
         result.first_token_s = time.perf_counter() - t0
-        _Rounds(session, cache, options, seeds, out, window, result, info).run(first)
+        _Rounds(session, cache, options, seeds, out, window, result, info, relax).run(first)
         result.tokens_s = time.perf_counter() - t0
     finally:
         cache.close()
@@ -100,8 +114,9 @@ def generate_images_jacobi(session, classes: list[int], options: ImageOptions,
 class _Rounds:
     """The loop's state: committed counts, each image's guesses and their distributions."""
 
-    def __init__(self, session, cache, options, seeds, out, window, result, info):
+    def __init__(self, session, cache, options, seeds, out, window, result, info, relax):
         self.session, self.cache, self.options, self.seeds = session, cache, options, seeds
+        self.relax = relax
         self.info = info  # the codebook's columns and input ids, where text shares the vocabulary
         self.out, self.window, self.result = out, window, result
         self.images, self.n = out.shape
@@ -176,11 +191,12 @@ class _Rounds:
         pos = 1 + c + np.arange(lens)  # the sampler's offsets of tokens c.. (their positions)
         u = None if seed is None else accept_uniforms(seed, pos, np.zeros(lens, np.int64))
         for j, (guess, q) in enumerate(guesses):
+            target = p[j] if self.relax is None else self.relax.target(p[j], guess)
             if seed is None:
-                best = int(p[j].argmax())
+                best = int(target.argmax())
                 verdict = -1 if guess == best else best
             else:
-                verdict = judge(p[j], q, guess, u[j], seed, int(pos[j]), 0)
+                verdict = judge(target, q, guess, u[j], seed, int(pos[j]), 0)
             if verdict >= 0:
                 return j, verdict
             self.out[i, c + j] = guess

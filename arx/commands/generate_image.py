@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from arx.errors import ArxError
 
-IMAGE_FLAGS = ("image", "cfg", "cfg_schedule", "batch", "zoom")
+IMAGE_FLAGS = ("image", "cfg", "cfg_schedule", "batch", "zoom", "relax")
 
 
 def register_image_args(p) -> None:
@@ -29,6 +29,9 @@ def register_image_args(p) -> None:
     g.add_argument("--batch", type=int, metavar="K", help="images per --class (default 1)")
     g.add_argument("--zoom", type=int, metavar="N",
                    help="repeat pixels N times in the PNG (default: to at least 128 pixels)")
+    g.add_argument("--relax", metavar="K,DELTA",
+                   help="with --speculate jacobi: LANTERN's relaxed acceptance, a guess borrows "
+                        "up to DELTA of probability from its K nearest codes (faster, inexact)")
 
 
 def wants_image(args) -> bool:
@@ -40,10 +43,12 @@ def run_image(args, manifest, generate_options) -> int:
     from arx.runtime.image_generate import ImageOptions, check_classes, image_info
     from arx.runtime.image_output import check_image_path
     from arx.runtime.image_speculative import parse_jacobi
+    from arx.runtime.relaxed_acceptance import relaxation_for
 
     info = image_info(manifest, args.bundle)
     _refuse_text_flags(args, allowed=("engine",))  # the image loop runs on an engine session
     window = parse_jacobi(args.speculate)
+    relax = _relax_request(args, window)
     if args.class_ is None and not info.text:
         raise ArxError(f"{args.bundle} is class-conditional: give --class N "
                        f"(0..{info.num_classes - 1}) instead of a prompt")
@@ -65,13 +70,25 @@ def run_image(args, manifest, generate_options) -> int:
     options = ImageOptions(cfg_scale=info.cfg_scale if args.cfg is None else args.cfg,
                            cfg_schedule=args.cfg_schedule or "constant",
                            sampling=generate_options(args, defaults).sampling)
-    result = _generate(args, manifest, info, classes, options, window)
+    if relax is not None and not info.text:  # Janus refuses Jacobi speculation (generate_janus)
+        relax = relaxation_for(args.bundle, manifest, info, *relax)
+    result = _generate(args, manifest, info, classes, options, window, relax)
     if paths:
         _write(paths, result, info, args.zoom)
     if args.json:
         print(json.dumps(_as_json(result, info, paths)))
     _summary(result, paths)
     return 0
+
+
+def _relax_request(args, window) -> tuple[int, float] | None:
+    from arx.runtime.relaxed_acceptance import parse_relax
+
+    relax = parse_relax(args.relax)
+    if relax is not None and window is None:
+        raise ArxError("--relax relaxes the acceptance of Jacobi guesses: add --speculate "
+                       "jacobi[:W], or drop --relax")
+    return relax
 
 
 def check_output_flags(args) -> None:
@@ -106,7 +123,7 @@ def _paths(image: str | None, n: int) -> list[str]:
     return [image]
 
 
-def _generate(args, manifest, info, classes, options, window):
+def _generate(args, manifest, info, classes, options, window, relax=None):
     from arx.runtime.backend import BackendOptions
     from arx.runtime.image_generate import decode_pixels, generate_images
     from arx.runtime.image_speculative import generate_images_jacobi
@@ -123,7 +140,7 @@ def _generate(args, manifest, info, classes, options, window):
             result = generate_from_prompts(args, session, classes, options, window)
         else:
             result = (generate_images(session, classes, options) if window is None else
-                      generate_images_jacobi(session, classes, options, window))
+                      generate_images_jacobi(session, classes, options, window, relax))
     t = time.perf_counter()
     result.pixels = decode_pixels(args.bundle, info, manifest, result.tokens, backend)
     result.vq_s = time.perf_counter() - t
