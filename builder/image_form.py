@@ -58,6 +58,9 @@ def check_image_form(sampler: str, logits: str) -> None:
     if sampler == "argmax":
         raise ArxError("an image-token engine mixes its guidance in arx::sample or on the host: "
                        "build it with --sampler plugin, or --sampler none --logits last")
+    if logits == "verify":
+        raise ArxError("--logits verify returns greedy ids for text speculation; an image-token "
+                       "engine takes --logits last (or none)")
     if sampler == "none" and logits != "last":
         raise ArxError("an image-token engine without the sampler returns each row's last "
                        "logits for the host sampler: build it with --sampler none --logits last")

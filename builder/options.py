@@ -10,7 +10,9 @@ from arx.errors import ArxError
 from .targets import Target, get_target
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-LOGITS_MODES = ("last", "all", "none")  # which logits the engine returns beside the token ids
+# which logits the engine returns beside the token ids; "verify": none, but every position's
+# greedy token (ArgMax on the device), all a greedy speculative verify step needs
+LOGITS_MODES = ("last", "all", "none", "verify")
 PLUGIN_IMPLS = ("aot", "jit")  # AOT: PTX inside the engine; JIT: Triton at engine run time
 # Attention in the TensorRT form: the arx::kv_attention plugin, or standard ONNX ops TensorRT
 # builds natively (Attention + TensorScatter: IAttention + IKVCacheUpdateLayer).
@@ -62,9 +64,9 @@ class BuildOptions:
             raise ArxError(f"--attention must be one of {', '.join(ATTENTION_IMPLS)}")
         if self.sampler not in SAMPLERS:
             raise ArxError(f"--sampler must be one of {', '.join(SAMPLERS)}")
-        if self.sampler == "none" and self.logits == "none":
-            raise ArxError("an engine without the sampler must return logits; drop --logits none "
-                           "or keep the sampler")
+        if self.sampler == "none" and self.logits in ("none", "verify"):
+            raise ArxError(f"an engine without the sampler must return logits; drop --logits "
+                           f"{self.logits} or keep the sampler")
         if self.workspace_gb is not None and self.workspace_gb <= 0:
             raise ArxError("--workspace-gb must be > 0")
 

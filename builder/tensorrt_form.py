@@ -12,6 +12,8 @@
                                                    present.i.* aliased to past_key_values.i.*
     logits (B, S, V)                         ──►   last_logits (B, V) fp32 [or all / none]
                                                    + arx::sample (or ArgMax) ──► token_ids
+                                                   [verify: ArgMax at every position ──►
+                                                   verify_ids (B, S), no logits returned]
     fp32 everywhere                          ──►   fp16/bf16 weights + activations, norms and
                                                    returned logits in fp32 (precision.py)
 
@@ -50,6 +52,7 @@ from .schemas import DOMAIN, OPSET, SAMPLE, plugin_attrs, register_schemas
 
 ONNX_OPSET = 23  # RMSNormalization; TensorRT 11's parser reads up to opset 25
 TOKEN_IDS, LAST_LOGITS, LOGITS = "token_ids", "last_logits", "logits"
+VERIFY_IDS = "verify_ids"  # --logits verify: (B, S) int32, each position's greedy token
 LOGITS_INDICES = "logits_indices"  # a bundle input; computed inside the TensorRT form
 MASK = "attention_mask"  # a bundle input; replaced by the two per-row lengths below
 PAST_LENGTHS, NEW_LENGTHS = "past_lengths", "new_lengths"  # (B,) int64 each
@@ -111,6 +114,8 @@ def tensorrt_io(manifest: Manifest, spec: FormSpec) -> Stage:
         outputs.append(TensorSpec(LAST_LOGITS, "float32", (batch, vocab)))
     elif spec.logits == "all":  # (B, S, V): every position of the new block
         outputs.append(TensorSpec(LOGITS, "float32", (batch, dec.inputs[0].shape[1], vocab)))
+    elif spec.logits == "verify":  # (B, S): every position's argmax, the logits stay on device
+        outputs.append(TensorSpec(VERIFY_IDS, "int32", (batch, dec.inputs[0].shape[1])))
     outputs += [cache(t) for t in dec.outputs if t.name in presents]
     return Stage("decoder.trt.onnx", tuple(inputs), tuple(outputs))
 
@@ -204,13 +209,14 @@ def _head(ed: Editor, bk: Bookkeeping, spec: FormSpec, tokens: str = "input_ids"
 
         last:  logits_indices = new_len-1 (B,1) ─► logits (B,1,V) ─Squeeze─► last_logits (B,V)
         all:   logits_indices = Range(S) (B,S)  ─► logits (B,S,V) ─GatherND(new_len-1)─► last_logits
+        verify: as all, and logits ─ArgMax(-1)─Cast─► verify_ids (B,S); the logits not returned
         last_logits, sampling_params, presence, seed, offset, row ─arx::sample─► token_ids (B,)
         (sampler "argmax": last_logits ─ArgMax─Cast─► token_ids, greedy, no plugin)
         codebook (an image bundle): the sampler sees the codebook's columns of [cond; null]
         rows and mixes them (guidance=1; builder/image_form.py)
     """
     last = ed.op("Unsqueeze", ed.op("Sub", bk.new_len64, ed.const(1)), ed.const([1]))  # (B, 1)
-    if spec.logits == "all":
+    if spec.logits in ("all", "verify"):
         shape = ed.op("Shape", tokens, end=2)  # (B, S)
         steps = ed.op("Range", ed.const(0), ed.op("Gather", shape, ed.const(1), axis=0),
                       ed.const(1))
@@ -218,6 +224,9 @@ def _head(ed: Editor, bk: Bookkeeping, spec: FormSpec, tokens: str = "input_ids"
                 name="head/all_rows")
         if spec.sampler != "none":
             ed.node("GatherND", [LOGITS, last], [LAST_LOGITS], batch_dims=1, name="head/last_logits")
+        if spec.logits == "verify":  # ties: the first index, as the host's greedy argmax
+            ed.node("Cast", [ed.op("ArgMax", LOGITS, axis=-1, keepdims=0, name="head/verify")],
+                    [VERIFY_IDS], to=onnx.TensorProto.INT32, name="head/verify_ids")
     else:
         ed.node("Identity", [last], [LOGITS_INDICES], name="head/last_row")
         ed.node("Squeeze", [LOGITS, ed.const([1])], [LAST_LOGITS], name="head/last_logits")

@@ -37,6 +37,7 @@ from arx.runtime.sampler import SamplingOptions
 IMAGE_ROWS = "images"
 
 TOKEN_IDS, LAST_LOGITS, LOGITS = "token_ids", "last_logits", "logits"
+VERIFY_IDS = "verify_ids"  # arx build --logits verify: (B, S) each position's greedy token
 
 
 class EngineCache:
@@ -130,6 +131,14 @@ class EngineSession:
                            "speculated tokens needs every position: rebuild it with arx build "
                            "--logits all")
         return np.asarray(self._run(cache, ids, new_lens, inputs_embeds)[LAST_LOGITS])[:, None]
+
+    def step_verify(self, cache: EngineCache, ids: np.ndarray, new_lens: np.ndarray) -> np.ndarray:
+        """(B, S) each position's greedy token, chosen on the device (an engine built with
+        --logits verify): a greedy verify step with no logits leaving the device."""
+        if VERIFY_IDS not in self.outputs:
+            raise ArxError("this engine does not return every position's greedy token; rebuild "
+                           "it with arx build --logits verify")
+        return np.asarray(self._run(cache, ids, new_lens)[VERIFY_IDS], np.int64)
 
     def step_tokens(self, cache: EngineCache, ids: np.ndarray | None, new_lens: np.ndarray,
                     inputs_embeds: np.ndarray | None = None) -> np.ndarray:

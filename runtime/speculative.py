@@ -125,7 +125,7 @@ def generate_speculative(session, proposer, prompts: list[list[int]], options: G
     """generate() with proposals verified k + 1 at a time; the same tokens (greedy) or the same
     distribution (sampling) as generate(session, prompts, options)."""
     options = check_prompts(session.manifest, session.capacity, prompts, options)
-    _check_target(session)
+    _check_target(session, options.sampling)
     batch, plens = len(prompts), np.array([len(p) for p in prompts], np.int64)
     longest = int(plens.max()) + options.max_new_tokens  # the longest text a row reaches
     seen = (seen_tokens(prompts, session.manifest.vocab_size)
@@ -151,8 +151,14 @@ def generate_speculative(session, proposer, prompts: list[list[int]], options: G
     return result
 
 
-def _check_target(session) -> None:
+def _check_target(session, sampling) -> None:
     if hasattr(session, "step_tokens") and "logits" not in session.outputs:  # an engine
+        if _device_verify(session, sampling):
+            return
+        if "verify_ids" in session.outputs:
+            raise ArxError("this engine verifies greedy proposals only (arx build --logits "
+                           "verify): use --greedy without --repetition-penalty, or rebuild it "
+                           "with --logits all for sampled speculation")
         raise ArxError("this engine returns only each row's last logits; verifying speculated "
                        "tokens needs every position: rebuild it with arx build --logits all "
                        "(and --decode-tokens K+1 for a verify profile), or drop --engine")
@@ -242,6 +248,11 @@ class _Loop:
         ids[:, 0] = self.text[np.arange(batch), self.lengths - 1]
         ids[:, 1:] = prop.tokens
         base = cache.lengths.copy()
+        if _device_verify(self.session, self.options.sampling):  # the engine's argmax per row
+            target = self.session.step_verify(cache, ids, 1 + prop.lengths)  # (B, 1 + K)
+            accepted, nxt = _accept_ids(target, prop)
+            cache.rollback(np.where(self.done, base, base + 1 + accepted))
+            return accepted, nxt
         logits = self.session.step(cache, ids, 1 + prop.lengths, logits="all")  # (B, 1 + K, V)
         seen = _seen_at(self.seen, prop.tokens)  # (B, 1 + K, V) or None
         if self.options.sampling.do_sample:
@@ -281,11 +292,26 @@ def _seen_at(seen: np.ndarray | None, proposed: np.ndarray) -> np.ndarray | None
     return out
 
 
+def _device_verify(session, sampling) -> bool:
+    """Whether the target is an engine built with --logits verify and the selection is plain
+    greedy (its ArgMax sees no repetition penalty): proposals are then checked against the
+    engine's own ids, and no logits leave the device."""
+    return ("verify_ids" in getattr(session, "outputs", ()) and not sampling.do_sample
+            and sampling.repetition_penalty == 1.0)
+
+
 def _accept_greedy(sampler, logits, seen, prop: Proposal) -> tuple[np.ndarray, np.ndarray]:
     batch, rows, vocab = logits.shape
     flat = None if seen is None else seen.reshape(batch * rows, vocab)
     target = sampler(logits.reshape(batch * rows, vocab), flat,
                      np.zeros(batch * rows, np.int64)).reshape(batch, rows)  # greedy: no draws
+    return _accept_ids(target, prop)
+
+
+def _accept_ids(target: np.ndarray, prop: Proposal) -> tuple[np.ndarray, np.ndarray]:
+    """target (B, 1 + K): the greedy token after each verify position -> (the leading
+    proposals equal to it (B,), the target's token after them (B,))."""
+    batch, rows = target.shape
     match = (target[:, :-1] == prop.tokens) & (np.arange(rows - 1)[None] < prop.lengths[:, None])
     accepted = np.cumprod(match, axis=1).sum(axis=1).astype(np.int64)  # leading matches
     return accepted, target[np.arange(batch), accepted]

@@ -42,9 +42,10 @@ def register(sub) -> None:
     p.add_argument("--no-plugins", action="store_true",
                    help="shorthand for --attention native --sampler argmax: an engine with no "
                         "arx plugin, which trtexec builds directly")
-    p.add_argument("--logits", choices=("last", "all", "none"),
+    p.add_argument("--logits", choices=("last", "all", "none", "verify"),
                    help="logits returned beside the token ids (default: last token; next-scale "
-                        "bundles: all, every position of a scale)")
+                        "bundles: all, every position of a scale); verify: no logits, every "
+                        "position's greedy token, for greedy --draft/--lookup on the device")
     p.add_argument("--plugin-impl", default="aot", choices=("aot", "jit"),
                    help="plugin kernels: AOT PTX in the engine (default) or JIT Triton")
     p.add_argument("--no-ptx", action="store_true", help="kit without plugin PTX (no Triton here)")

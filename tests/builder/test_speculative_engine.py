@@ -75,3 +75,66 @@ def test_an_engine_without_all_logits_is_refused(exported_bundle, ort_session, e
     with pytest.raises(ArxError, match="rebuild it with arx build --logits all"):
         _speculate(engine, bundle, engines.PROMPTS, engines.GREEDY, SpeculativeOptions(),
                    lookup=2)
+
+
+@pytest.mark.parametrize("form", [{}, {"attention": "native", "sampler": "argmax"}],
+                         ids=["plugins", "native"])
+def test_device_verify_is_plain_greedy_without_logits(form, exported_bundle, ort_session,
+                                                      engines):
+    """--logits verify: the engine returns each position's ArgMax (verify_ids) and no logits;
+    greedy proposals are checked against those ids, and the tokens are plain greedy's."""
+    bundle = exported_bundle("llama")
+    engine = engines.engine_for(bundle, ort_session, logits="verify", **form)
+    assert "verify_ids" in engine.outputs and not {"logits", "last_logits"} & engine.outputs
+    want = engines.ort_generate(bundle, engines.PROMPTS, engines.GREEDY).tokens
+    for proposer in ({"draft": bundle}, {"lookup": 2}):
+        got = _speculate(engine, bundle, engines.PROMPTS, engines.GREEDY,
+                         SpeculativeOptions.parse("auto"), **proposer)
+        assert got.tokens == want, proposer
+        # the draft is the target itself: every proposal is the device's own argmax
+        assert "draft" not in proposer or got.speculation.accepted > 0
+    assert engine.backend.live == 0
+
+
+def test_device_verify_ids_are_the_all_logits_argmax(exported_bundle, ort_session, engines):
+    """One ragged verify step after a past: verify_ids equal the argmax of the --logits all
+    engine's logits at every valid position."""
+    import numpy as np
+
+    bundle = exported_bundle("qwen2")
+    ids = np.array([[5, 9, 11, 3], [7, 2, 0, 0], [4, 0, 0, 0]], np.int64)
+    lens = np.array([4, 2, 1], np.int64)
+    got, want = [], []
+    for mode, out in (("verify", got), ("all", want)):
+        engine = engines.engine_for(bundle, ort_session, logits=mode, sampler="argmax")
+        cache = engine.new_cache(3)
+        engine.step_tokens(cache, np.array([[1, 6, 8], [1, 6, 0], [1, 0, 0]]), np.array([3, 2, 1]))
+        out.append(engine.step_verify(cache, ids, lens) if mode == "verify" else
+                   engine.step(cache, ids, lens, logits="all").argmax(-1))
+        cache.close()
+    valid = np.arange(4)[None] < lens[:, None]
+    np.testing.assert_array_equal(got[0][valid], want[0][valid])
+
+
+@pytest.mark.parametrize("sampling, fragment", [
+    ({"do_sample": True, "seed": 1}, "rebuild it with --logits all for sampled speculation"),
+    ({"repetition_penalty": 1.2}, "without --repetition-penalty"),
+])
+def test_device_verify_refuses_what_its_argmax_cannot_judge(sampling, fragment, exported_bundle,
+                                                            ort_session, engines):
+    bundle = exported_bundle("llama")
+    engine = engines.engine_for(bundle, ort_session, logits="verify")
+    options = GenerateOptions(max_new_tokens=8, stop_on_eos=False,
+                              sampling=SamplingOptions(**sampling))
+    with pytest.raises(ArxError, match=fragment):
+        _speculate(engine, bundle, engines.PROMPTS, options, SpeculativeOptions(), lookup=2)
+
+
+def test_verify_needs_a_sampler_and_a_text_bundle():
+    from arx.builder.image_form import check_image_form
+    from arx.builder.options import BuildOptions
+
+    with pytest.raises(ArxError, match="drop --logits verify or keep the sampler"):
+        BuildOptions(target="h100", sampler="none", logits="verify")
+    with pytest.raises(ArxError, match="an image-token engine takes --logits last"):
+        check_image_form("plugin", "verify")
