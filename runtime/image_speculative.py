@@ -168,8 +168,7 @@ class _Rounds:
         """Image i's guesses against the step's logits: commit the kept ones and the token
         after them, refine the rest; -> how many guesses were kept."""
         c = int(self.count[i])
-        p = np.stack([self._probs(_codebook(logits[:, j], self.info), i, c + j)
-                      for j in range(lens + 1)])
+        p = self._window_probs(logits[:, : lens + 1], i, c)
         kept, token = self._first_rejection(i, p, c, lens)
         if token is None:  # every guess kept: the bonus token of the last position
             token = self._draw(p[lens], i, c + lens)
@@ -201,6 +200,20 @@ class _Rounds:
                 return j, verdict
             self.out[i, c + j] = guess
         return lens, None
+
+    def _window_probs(self, logits: np.ndarray, i: int, c: int) -> np.ndarray:
+        """(L, codebook) the guided distributions of image i's tokens c .. c + L - 1 from the
+        step's logits (rows, L, V): one sampler pass over the window where the scale is the
+        same for every token, else one per token (the linear schedule)."""
+        width = logits.shape[1]
+        if self.options.cfg_schedule == "linear":
+            return np.stack([self._probs(_codebook(logits[:, j], self.info), i, c + j)
+                             for j in range(width)])
+        rows = [i, self.images + i] if self.options.guided else [i]
+        stacked = np.concatenate([_codebook(logits[r], self.info) for r in rows])  # cond, null
+        sampling = replace(self.options.sampling, cfg_scale=self.options.cfg_scale,
+                           seed=self.seeds[i])
+        return Sampler(sampling, stacked.shape[-1]).probs(stacked, None, rows=width)
 
     def _probs(self, rows: np.ndarray, i: int, k: int) -> np.ndarray:
         """(V,) the guided distribution of image i's token k from the step's rows (rows, V)."""
