@@ -47,13 +47,14 @@ class ArxSpeculative(decode_engines.ArxEngine):
         from arx.manifest import read_manifest
         from arx.runtime.backend import BackendOptions
         from arx.runtime.decoder import DecoderSession
-        from arx.runtime.proposers import DraftProposer, LookupProposer, check_same_tokenizer
+        from arx.runtime.proposers import (DraftProposer, LookupProposer, check_same_tokenizer,
+                                           draft_backend_options)
 
         self.draft_session = None
         if draft is not None:
             check_same_tokenizer(self.session.manifest, bundle, read_manifest(draft), draft)
-            self.draft_session = DecoderSession(draft, BackendOptions(device="cpu",
-                                                                      intra_op_threads=threads))
+            self.draft_session = DecoderSession(draft, draft_backend_options(
+                BackendOptions(device="cpu", intra_op_threads=threads)))
             self.proposer = DraftProposer(self.draft_session)  # per-run state lives in start()
         else:
             eos = tuple(self.session.manifest.tokenizer.eos_token_ids)

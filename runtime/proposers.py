@@ -186,6 +186,20 @@ def _tokenizer_digest(path: Path) -> str:
     return hashlib.sha256(json.dumps(parsed, sort_keys=True).encode()).hexdigest()
 
 
+def draft_backend_options(options=None):
+    """The draft's ONNX Runtime options: the target's (or the defaults), with its idle threads
+    asleep instead of spinning. Draft and target take turns on the same cores, and a pool that
+    spins after its run takes them from the other: on 2 cores (a 3.4M draft, a 32M target,
+    benchmarks/bench_speculative.py) the draft's spinning made the verify steps 2.6x slower
+    and the whole run slower than plain decoding. The target keeps its own setting (its steps
+    follow one another closely, where spinning pays)."""
+    from dataclasses import replace
+
+    from arx.runtime.backend import BackendOptions
+
+    return replace(options or BackendOptions(), spin_wait=False)
+
+
 @contextmanager
 def open_proposer(target: Manifest, target_dir: str | Path, *, draft: str | Path | None = None,
                   lookup: int | None = None, backend_options=None) -> Iterator:
@@ -197,10 +211,9 @@ def open_proposer(target: Manifest, target_dir: str | Path, *, draft: str | Path
         yield LookupProposer(lookup, tuple(target.tokenizer.eos_token_ids))
         return
     from arx.manifest import read_manifest
-    from arx.runtime.backend import BackendOptions
     from arx.runtime.decoder import DecoderSession
 
     manifest = read_manifest(draft)
     check_same_tokenizer(target, target_dir, manifest, draft)
-    with DecoderSession(draft, backend_options or BackendOptions(), manifest) as session:
+    with DecoderSession(draft, draft_backend_options(backend_options), manifest) as session:
         yield DraftProposer(session)

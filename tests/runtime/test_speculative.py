@@ -274,3 +274,15 @@ def test_profile_refuses_bad_speculation_flags(exported_bundle, capsys):
     assert_one_line(_cli(capsys, "profile", bundle, "--speculate", "2"), "needs a proposer")
     assert_one_line(_cli(capsys, "profile", bundle, "--lookup", "2", "--engine", "h100"),
                     "--engine does not time speculation yet")
+
+
+def test_the_draft_session_never_spins(tiny_bundle):
+    """The draft's idle threads sleep (they would take the cores from the target's verify
+    steps); the target's other settings carry over."""
+    from arx.runtime.backend import BackendOptions
+
+    target = BackendOptions(device="cpu", intra_op_threads=2, spin_wait=True)
+    with open_proposer(read_manifest(tiny_bundle), tiny_bundle, draft=tiny_bundle,
+                       backend_options=target) as proposer:
+        options = proposer.session.options
+    assert options.spin_wait is False and options.intra_op_threads == 2
