@@ -128,7 +128,7 @@ class _Rounds:
         """first_logits (rows, codebook): the prefill's, token 0 already drawn from them."""
         for i in range(self.images):  # the first guesses: draws from token 0's distribution
             ks = np.arange(1, min(1 + self.window, self.n))
-            dists = np.repeat(self._probs(first_logits, i, 0)[None], len(ks), axis=0)
+            dists = np.repeat(self._window_probs(first_logits[:, None], i, 0), len(ks), axis=0)
             self.guesses[i] = list(zip(self._guess(dists, i, ks).tolist(), dists))
         while (self.count < self.n).any():
             self.round += 1  # round 0 made the first guesses: each round draws new ones
@@ -205,22 +205,20 @@ class _Rounds:
         """(L, codebook) the guided distributions of image i's tokens c .. c + L - 1 from the
         step's logits (rows, L, V): one sampler pass over the window where the scale is the
         same for every token, else one per token (the linear schedule)."""
-        width = logits.shape[1]
-        if self.options.cfg_schedule == "linear":
-            return np.stack([self._probs(_codebook(logits[:, j], self.info), i, c + j)
-                             for j in range(width)])
-        rows = [i, self.images + i] if self.options.guided else [i]
-        stacked = np.concatenate([_codebook(logits[r], self.info) for r in rows])  # cond, null
-        sampling = replace(self.options.sampling, cfg_scale=self.options.cfg_scale,
-                           seed=self.seeds[i])
-        return Sampler(sampling, stacked.shape[-1]).probs(stacked, None, rows=width)
-
-    def _probs(self, rows: np.ndarray, i: int, k: int) -> np.ndarray:
-        """(V,) the guided distribution of image i's token k from the step's rows (rows, V)."""
         opts = self.options
-        pair = rows[[i, self.images + i]] if opts.guided else rows[[i]]
-        sampling = replace(opts.sampling, cfg_scale=opts.scale_at(k, self.n), seed=self.seeds[i])
-        return Sampler(sampling, rows.shape[-1]).probs(pair, None, rows=1)[0]
+        halves = [_codebook(logits[r], self.info)  # cond, then null: (L, codebook) each
+                  for r in ([i, self.images + i] if opts.guided else [i])]
+
+        def probs(cols: slice, k: int) -> np.ndarray:
+            sampling = replace(opts.sampling, cfg_scale=opts.scale_at(k, self.n),
+                               seed=self.seeds[i])
+            stacked = np.concatenate([h[cols] for h in halves])
+            return Sampler(sampling, stacked.shape[-1]).probs(stacked, None,
+                                                              rows=len(halves[0][cols]))
+
+        if opts.cfg_schedule == "linear":
+            return np.concatenate([probs(slice(j, j + 1), c + j) for j in range(logits.shape[1])])
+        return probs(slice(None), c)
 
     def _draw(self, p: np.ndarray, i: int, k: int) -> int:
         """Token k of image i from p as plain sampling draws it (offset 1 + k); greedy: argmax."""

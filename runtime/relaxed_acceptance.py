@@ -104,7 +104,7 @@ def codebook_vectors(bundle_dir: Path, manifest, stage_name: str) -> np.ndarray:
     if external_data_helper.uses_external_data(tensor):
         external_data_helper.load_external_data_for_tensor(tensor, str(bundle_dir))
     vectors = numpy_helper.to_array(tensor).astype(np.float32)
-    if any(set(n.input) & {gathered} and n.op_type in NORMALISING for n in graph.node):
+    if any(n.op_type in NORMALISING and gathered in n.input for n in graph.node):
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     return vectors
 

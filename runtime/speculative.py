@@ -34,6 +34,7 @@ import numpy as np
 from arx.errors import ArxError
 from arx.runtime.generate import (GenerateOptions, GenerationResult, TokenCallback, TokenSteps,
                                   check_prompts, record_tokens, seen_tokens)
+from arx.runtime.engine_session import VERIFY_IDS
 from arx.runtime.proposers import Proposal
 from arx.runtime.sampler import Sampler, uniforms
 
@@ -155,7 +156,7 @@ def _check_target(session, sampling) -> None:
     if hasattr(session, "step_tokens") and "logits" not in session.outputs:  # an engine
         if _device_verify(session, sampling):
             return
-        if "verify_ids" in session.outputs:
+        if VERIFY_IDS in session.outputs:
             raise ArxError("this engine verifies greedy proposals only (arx build --logits "
                            "verify): use --greedy without --repetition-penalty, or rebuild it "
                            "with --logits all for sampled speculation")
@@ -183,6 +184,7 @@ class _Loop:
         # an engine that samples on device picks the prefill's token; the verify rows are
         # sampled here by the same definition (arx::sample's host face)
         self.sampler = steps.host or Sampler(steps.sampling, session.manifest.vocab_size)
+        self.device_verify = _device_verify(session, options.sampling)  # --logits verify
 
     def run(self, plens: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -248,19 +250,20 @@ class _Loop:
         ids[:, 0] = self.text[np.arange(batch), self.lengths - 1]
         ids[:, 1:] = prop.tokens
         base = cache.lengths.copy()
-        if _device_verify(self.session, self.options.sampling):  # the engine's argmax per row
-            target = self.session.step_verify(cache, ids, 1 + prop.lengths)  # (B, 1 + K)
-            accepted, nxt = _accept_ids(target, prop)
-            cache.rollback(np.where(self.done, base, base + 1 + accepted))
-            return accepted, nxt
+        accepted, nxt = self._judge(cache, ids, prop, base)
+        cache.rollback(np.where(self.done, base, base + 1 + accepted))
+        return accepted, nxt
+
+    def _judge(self, cache, ids: np.ndarray, prop: Proposal, base: np.ndarray):
+        """The verify step and its verdict: (accepted (B,), the token after them (B,)), from
+        the engine's own greedy ids (--logits verify) or from every position's logits."""
+        if self.device_verify:
+            return _accept_ids(self.session.step_verify(cache, ids, 1 + prop.lengths), prop)
         logits = self.session.step(cache, ids, 1 + prop.lengths, logits="all")  # (B, 1 + K, V)
         seen = _seen_at(self.seen, prop.tokens)  # (B, 1 + K, V) or None
         if self.options.sampling.do_sample:
-            accepted, nxt = _accept_sampled(self.sampler, logits, seen, prop, base + 1)
-        else:
-            accepted, nxt = _accept_greedy(self.sampler, logits, seen, prop)
-        cache.rollback(np.where(self.done, base, base + 1 + accepted))
-        return accepted, nxt
+            return _accept_sampled(self.sampler, logits, seen, prop, base + 1)
+        return _accept_greedy(self.sampler, logits, seen, prop)
 
     def _commit(self, new: np.ndarray, counts: np.ndarray) -> int:
         """Record new[b, :counts[b]] for each unfinished row (EOS stops a row mid-way, and
@@ -296,7 +299,7 @@ def _device_verify(session, sampling) -> bool:
     """Whether the target is an engine built with --logits verify and the selection is plain
     greedy (its ArgMax sees no repetition penalty): proposals are then checked against the
     engine's own ids, and no logits leave the device."""
-    return ("verify_ids" in getattr(session, "outputs", ()) and not sampling.do_sample
+    return (VERIFY_IDS in getattr(session, "outputs", ()) and not sampling.do_sample
             and sampling.repetition_penalty == 1.0)
 
 

@@ -5,7 +5,6 @@ and on hand-made VQ decoder graphs."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -130,10 +129,10 @@ def test_relaxation_keeps_more_guesses(session):
     classes = [i % 10 for i in range(40)]
     stats = {}
     for name, relax in (("exact", None), ("relaxed", _relaxation(16, 0.6))):
-        runs = [generate_images_jacobi(session, classes[s: s + 8], replace(
-            _options(do_sample=True, top_k=8), sampling=SamplingOptions(
-                do_sample=True, top_k=8, seed=100 + s)), 8, relax).speculation
-            for s in range(0, 40, 8)]
+        runs = [generate_images_jacobi(session, classes[s: s + 8],
+                                       _options(do_sample=True, top_k=8, seed=100 + s), 8,
+                                       relax).speculation
+                for s in range(0, 40, 8)]
         stats[name] = (sum(r.accepted for r in runs) / sum(r.proposed for r in runs),
                        sum(r.produced for r in runs) / sum(r.row_steps for r in runs))
     assert stats["relaxed"][0] > stats["exact"][0]
