@@ -64,9 +64,14 @@ def runs(shape: str) -> list[tuple[str, str]]:
         [("ort-genai", p) for p in (("fp16", "int4") if big else ("fp32", "fp16", "int4"))]
 
 
+# rows run only when --only names them: what a choice costs, beside the default's row
+OPTIONAL = [("arx", "w4-float-embedding")]  # w4 with the token table kept float32, as before
+
+
 def command(tool: str, precision: str, ckpt: Path, out: Path, max_seq_len: int) -> list[str]:
     if tool == "arx":
-        flags = ["--quantize", precision] if precision == "w4" else ["--dtype", precision]
+        flags = (["--quantize", "w4"] + (["--embedding", "float"] if precision != "w4" else [])
+                 if precision.startswith("w4") else ["--dtype", precision])
         return [sys.executable, "-m", "arx", "export", str(ckpt), "-o", str(out), "-q", *flags,
                 "--max-seq-len", str(max_seq_len)]
     return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o",
@@ -94,8 +99,9 @@ def bench(shape: str, work: Path, max_seq_len: int = 2048, only: set[str] | None
         ckpt_bytes = rc.write_llama(ckpt, cfg, shard_bytes=shards)
         write_word_tokenizer(ckpt, cfg["vocab_size"])  # the builder insists on one
         env = {**os.environ, "TQDM_DISABLE": "1"}
-        for tool, precision in runs(shape):
-            if only and f"{tool}:{precision}" not in only:
+        for tool, precision in runs(shape) + OPTIONAL:
+            wanted = f"{tool}:{precision}" in only if only else (tool, precision) not in OPTIONAL
+            if not wanted:
                 continue
             out = work / f"{shape}-{tool}-{precision}"
             _need_disk(work, ckpt_bytes * (2 if precision == "fp32" else 1), f"{tool} {precision}")

@@ -67,12 +67,16 @@ def form_spec(manifest: Manifest, options: BuildOptions) -> FormSpec:
 def weight_only_to_qdq(model: ir.Model) -> int:
     """A w8/w4 bundle's MatMulNBits (ORT's packed weight-only op, which TensorRT cannot read)
     as DequantizeLinear(block_size) + MatMul: the Q/DQ-block form TensorRT imports. Lossless:
-    the same integer codes and scales. Returns the number of MatMuls rewritten."""
-    if not any(n.op_type == "MatMulNBits" for n in model.graph):
+    the same integer codes and scales. Returns the number of MatMuls rewritten. A w4 bundle's
+    int4 embedding (GatherBlockQuantized) becomes a Gather of the values its codes stand for,
+    in the form's precision: TensorRT takes int4 weights into matrix products only."""
+    ops = {n.op_type for n in model.graph}
+    if not ops & {"MatMulNBits", "GatherBlockQuantized"}:
         return 0
-    from arx.calibration.weight_only import matmulnbits_to_qdq
+    from arx.calibration.weight_only import embedding_to_float, matmulnbits_to_qdq
 
     try:
+        embedding_to_float(model)
         return matmulnbits_to_qdq(model)
     except ValueError as e:  # asymmetric codes have no symmetric Q/DQ form
         raise ArxError(f"{e}; re-run arx calibrate (its w8/w4 schemes are symmetric)") from e

@@ -57,6 +57,7 @@ class _Quantized:
     kept: list[str]
     linears: list[G.Linear]
     kv_scales: dict | None = None  # --kv-dtype int8: the cache's scales, per past name
+    embedding: str | None = None  # the token embedding table, where it is int4
 
 
 def calibrate_bundle(*, bundle: str | Path, output: str | Path,
@@ -141,6 +142,7 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
     # w4/w8: an --moe op bundle's experts become QMoE (still only the chosen experts run);
     # w8a8, or blocks QMoE cannot take: the dense form's 2-D MatMuls, quantized as any linear
     qmoe = not q_opts.spec.activations and qmoe_fits(model, q_opts.group_size)
+    embedding = None  # the token table's name where it is quantized
     moe = "qmoe" if qmoe else "dense" if densify_moe(model) else ""
     if q_opts.lm_head:
         G.untie_lm_head(model)
@@ -160,17 +162,25 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
         qm, ref, calib = quantize_static_bundle(model, manifest, samples, linears, quantize, kept,
                                                 options, cached, info, work, ranges_of)
     else:
-        from arx.calibration.weight_only import quantize_weight_only
+        from arx.calibration.weight_only import quantize_embedding, quantize_weight_only
 
         qm = quantize_weight_only(model, bits=q_opts.spec.weight_bits, group_size=q_opts.group_size,
                                   accuracy_level=q_opts.level, exclude=kept)
         if qmoe:
             quantize_moe(qm, bits=q_opts.spec.weight_bits, block=q_opts.group_size,
                          accuracy_level=q_opts.level or 0)
-        ref, calib = model, {**info, "weights": {"bits": q_opts.spec.weight_bits, "group_size": q_opts.group_size,
-                                                 "symmetric": True}}
+        if q_opts.embedding:
+            embedding = quantize_embedding(qm, group_size=q_opts.group_size)
+        ref, calib = model, {**info, "weights": weights_record(q_opts, embedding)}
     by_name = {lin.node: lin for lin in linears}
-    return _Quantized(qm, ref, calib, quantize, kept, [by_name[n] for n in quantize])
+    return _Quantized(qm, ref, calib, quantize, kept, [by_name[n] for n in quantize],
+                      embedding=embedding)
+
+
+def weights_record(q_opts, embedding: str | None) -> dict:
+    """calibration.json's "weights" (arx export --quantize writes the same)."""
+    return {"bits": q_opts.spec.weight_bits, "group_size": q_opts.group_size, "symmetric": True,
+            "embedding": "int4" if embedding else "float"}
 
 
 def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, options: CalibrateOptions) -> Manifest:
@@ -185,7 +195,7 @@ def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, optio
     (tmp / cache_mod.FILE_NAME).write_text(json.dumps(q.calibration, indent=1) + "\n", encoding="utf-8")
     out = copy.deepcopy(manifest)
     source = {"bundle": str(src), "fingerprint": q.calibration["model_fingerprint"]}
-    out.extensions[EXTENSION] = extension(source, q.quantized, q.kept, options)
+    out.extensions[EXTENSION] = extension(source, q.quantized, q.kept, options, q.embedding)
     if step is not None:
         # the general-step graph reads the decoder's weights: written anew over them
         out.extensions[STEP_EXTENSION] = rebuild_step_graph(tmp, manifest.decoder, manifest.kv,
@@ -195,8 +205,10 @@ def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, optio
     return out
 
 
-def extension(source: dict, quantized: list[str], kept: list[str], options: CalibrateOptions) -> dict:
-    """The manifest's quantization section (arx export --quantize writes the same)."""
+def extension(source: dict, quantized: list[str], kept: list[str], options: CalibrateOptions,
+              embedding: str | None = None) -> dict:
+    """The manifest's quantization section (arx export --quantize writes the same);
+    `embedding`: the token embedding table's name where it is int4."""
     o = options.quant
     ext = {"scheme": o.scheme, "summary": o.spec.summary, "weight_bits": o.spec.weight_bits,
            "activation_bits": 8 if o.int8_activations else None, "symmetric": True,
@@ -210,6 +222,8 @@ def extension(source: dict, quantized: list[str], kept: list[str], options: Cali
                    tensorrt={"form": "explicit int8 Q/DQ", "precision": "int8"})
     else:
         ext.update(format="MatMulNBits", group_size=o.group_size, accuracy_level=o.level,
+                   embedding=({"table": embedding, "format": "GatherBlockQuantized", "bits": 4}
+                              if embedding else "float"),
                    tensorrt={"form": "DequantizeLinear block_size (opset 21) + MatMul, made by "
                                      "arx build", "precision": "fp16 or bf16"})
     return ext

@@ -21,6 +21,7 @@ class Scheme:
     quantize_lm_head: bool  # default for the output projection (see docs/calibration.md)
     summary: str
     accuracy_level: int | None = None  # weight-only: default MatMulNBits compute type (below)
+    quantize_embedding: bool = False  # default for the token embedding table (below)
 
 
 # The scheme table. The lm_head stays float in w8a8 because its int8 *activation* (the final
@@ -36,6 +37,10 @@ class Scheme:
 # outliers, where one outlier in a block crushes the block's other values (+224% perplexity on
 # the outlier test model in tests/calibration/test_errors_and_gate.py, -0.3% at level 1): the
 # table says so, the gate catches it, and its refusal measures and suggests --accuracy-level 1.
+# w4 also quantizes the token embedding (int4 GatherBlockQuantized, as llama.cpp's q4 types do
+# its token_embd): a decode step reads one row of it, so it costs no speed, but in float32 it
+# was most of a w4 bundle's bytes (Llama-3.2-1B: 1.05 GB of 1.9). w8 keeps it float: ORT's
+# quantizer writes Gathers at 4 bits only. docs/calibration.md has the measurements.
 SCHEMES: dict[str, Scheme] = {
     "w8a8": Scheme("w8a8", 8, True, 0.02, False,
                    "int8 weights (per-channel) and int8 activations (calibrated), explicit "
@@ -45,7 +50,8 @@ SCHEMES: dict[str, Scheme] = {
                  "per block at run time (accuracy level 4)", accuracy_level=4),
     "w4": Scheme("w4", 4, False, 0.10, True,
                  "int4 block-quantized weights (MatMulNBits on CPU), activations quantized to int8 "
-                 "per block at run time (accuracy level 4)", accuracy_level=4),
+                 "per block at run time (accuracy level 4)", accuracy_level=4,
+                 quantize_embedding=True),
 }
 
 # Activation-range methods and the fewest calibration samples each gives stable ranges with:
@@ -86,6 +92,7 @@ class QuantOptions:
     accuracy_level: int | None = None  # MatMulNBits compute type (w8, w4); None: the scheme's default
     keep_fp: tuple[str, ...] = ()  # MatMul names or prefixes ("layers.3") kept in float
     quantize_lm_head: bool | None = None  # None: the scheme's default
+    quantize_embedding: bool | None = None  # None: the scheme's default (w4: int4)
     reduce_range: str = "auto"  # w8a8: 7-bit weights (REDUCE_RANGE); calibrate resolves auto
 
     def __post_init__(self):
@@ -109,6 +116,10 @@ class QuantOptions:
         if self.reduce_range not in REDUCE_RANGE:
             raise ArxError(f"--reduce-range must be one of {', '.join(REDUCE_RANGE)} "
                            f"(got {self.reduce_range!r})")
+        if self.quantize_embedding and (s.weight_bits != 4 or s.activations):
+            raise ArxError(f"--embedding quantize writes an int4 table (onnxruntime's quantizer "
+                           f"quantizes Gathers at 4 bits only): use --scheme w4, or drop it for "
+                           f"{s.name}")
         if self.reduce_range == "on" and not s.activations:
             raise ArxError(f"--reduce-range keeps w8a8's int8 weights in 7 bits; the weight-only "
                            f"scheme {s.name} does not need it (its kernel does not saturate); drop it")
@@ -130,6 +141,11 @@ class QuantOptions:
     @property
     def lm_head(self) -> bool:
         return self.spec.quantize_lm_head if self.quantize_lm_head is None else self.quantize_lm_head
+
+    @property
+    def embedding(self) -> bool:
+        """The token embedding is quantized (int4), where nothing but its Gather reads it."""
+        return self.spec.quantize_embedding if self.quantize_embedding is None else self.quantize_embedding
 
     @property
     def min_samples(self) -> int:

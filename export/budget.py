@@ -78,7 +78,7 @@ def _quantized(src, quantize, params: int, emit: float, ckpt: int, largest: int
 
     quant = QuantOptions(scheme=quantize) if isinstance(quantize, str) else quantize.quant
     embed = src.module.get_input_embeddings().weight.numel()
-    bundle = quantized_bytes(params, embed, quant.spec.weight_bits, quant.group_size)
+    bundle = quantized_bytes(params, embed, quant.spec.weight_bits, quant.group_size, quant.embedding)
     dtype = checkpoint_dtype(src)
     check = full_depth_bytes(ckpt, bundle, params, dtype, "cpu")
     if dtype != "float32" and not native_half(dtype):

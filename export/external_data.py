@@ -66,16 +66,22 @@ class ExternalDataWriter:
         self._file = open(self.path, "wb")
         self.offset = 0
 
-    def add(self, name: str, array: np.ndarray, data_type: int) -> TensorProto:
+    def add(self, name: str, array: np.ndarray, data_type: int,
+            dims: list[int] | None = None) -> TensorProto:
+        """`array`'s bytes as tensor `name`; `dims`: the logical shape where `array` holds
+        packed codes (int4: two a byte), else `array`'s own."""
         array = np.ascontiguousarray(array)
         if array.nbytes < INLINE_BYTES:
+            if dims is not None:
+                return onnx.helper.make_tensor(name, data_type, dims, array.tobytes(), raw=True)
             return tensor_proto(name, array, data_type)
         pad = -self.offset % ALIGN
         if pad:
             self._file.write(b"\0" * pad)
             self.offset += pad
         self._file.write(memoryview(array.reshape(-1)).cast("B"))  # no bytes copy
-        proto = TensorProto(name=name, data_type=data_type, dims=list(array.shape),
+        proto = TensorProto(name=name, data_type=data_type,
+                            dims=list(array.shape if dims is None else dims),
                             data_location=TensorProto.EXTERNAL)
         for key, value in (("location", self.location), ("offset", str(self.offset)),
                            ("length", str(array.nbytes))):

@@ -87,11 +87,34 @@ class GraphBuilder:
         out = output or self.fresh(f"{name}/out")  # the names node() would give
         node = helper.make_node("MatMul", [x, weight_name], [out], name=self.fresh(name))
         nodes, tensors = self.quantizer.quantize(node, array)
-        for t in tensors:
-            self.initializers.append(self.writer.add(t.name, numpy_helper.to_array(t), t.data_type)
-                                     if self.writer else t)
-        self.nodes.extend(nodes)
+        self._add_quantized(nodes, tensors)
         return out
+
+    def embedding(self, table_name: str, table: np.ndarray, ids: str, *, shared: bool,
+                  name: str = "embed") -> str:
+        """Gather(table (V, H), ids) as node `name`; where the quantizer takes the table (w4,
+        and no float reader of it: `shared` says a tied LM head reads it), GatherBlockQuantized
+        over int4 codes, its float bytes never written."""
+        takes = self.quantizer is not None and self.quantizer.takes_embedding(table_name, shared)
+        if not takes:
+            return self.op("Gather", self.weight(table_name, table), ids, name=name)
+        out = self.fresh(f"{name}/out")
+        node = helper.make_node("Gather", [table_name, ids], [out], name=self.fresh(name))
+        self._add_quantized(*self.quantizer.quantize_embedding(node, table))
+        return out
+
+    def _add_quantized(self, nodes: list[onnx.NodeProto], tensors: list[onnx.TensorProto]) -> None:
+        """A quantizer's nodes and initializers, the initializers to the writer where there is
+        one (packed int4 codes as their raw bytes under their logical dims)."""
+        for t in tensors:
+            if self.writer is None:
+                self.initializers.append(t)
+            elif t.data_type in (TensorProto.INT4, TensorProto.UINT4):
+                self.initializers.append(self.writer.add(t.name, np.frombuffer(t.raw_data, np.uint8),
+                                                         t.data_type, dims=list(t.dims)))
+            else:
+                self.initializers.append(self.writer.add(t.name, numpy_helper.to_array(t), t.data_type))
+        self.nodes.extend(nodes)
 
     def const(self, value, dtype=np.int64) -> str:
         """A small constant initializer, shared between uses of the same value."""

@@ -67,6 +67,7 @@ class EmitQuantizer:
         self._linear = LinearQuantizer(bits=quant.spec.weight_bits, group_size=quant.group_size,
                                        accuracy_level=quant.level)
         self.decided: dict[str, bool] = {}  # node name -> quantized, in graph order
+        self.embedding: str | None = None  # the token table's name once it is emitted int4
 
     def takes(self, name: str) -> bool:
         return self.decided.setdefault(name, name != LM_HEAD or self.quant.lm_head)
@@ -74,10 +75,23 @@ class EmitQuantizer:
     def quantize(self, node, array):
         return self._linear.quantize(node, array)
 
+    def takes_embedding(self, table: str, shared: bool) -> bool:
+        """Whether the token table goes int4: the scheme's choice, unless a tied LM head kept
+        float reads it (as calibration.weight_only.token_embedding decides on a float graph)."""
+        if self.quant.embedding and (not shared or self.quant.lm_head):
+            self.embedding = table
+        return self.embedding == table
+
+    def quantize_embedding(self, node, table):
+        from arx.calibration.weight_only import EmbeddingQuantizer
+
+        return EmbeddingQuantizer(group_size=self.quant.group_size).quantize(node, table)
+
     def section(self) -> dict:
         """The names the manifest's quantization section lists."""
         return {"quantized": [n for n, q in self.decided.items() if q],
-                "float": [n for n, q in self.decided.items() if not q]}
+                "float": [n for n, q in self.decided.items() if not q],
+                "embedding": self.embedding}
 
 
 def check_moe(cfg) -> None:
@@ -92,7 +106,7 @@ def finish(src, tmp: Path, manifest: Manifest, options) -> Manifest:
     report, calibration.json and manifest section, and gate; raises ArxError over the gate
     (without --force): the caller's atomic_bundle then leaves nothing."""
     from arx.calibration import cache as cache_mod
-    from arx.calibration.calibrator import extension, record_accuracy
+    from arx.calibration.calibrator import extension, record_accuracy, weights_record
     from arx.calibration.data import load_samples
     from arx.calibration.report import AccuracyReport, percent, table, write
 
@@ -107,15 +121,15 @@ def finish(src, tmp: Path, manifest: Manifest, options) -> Manifest:
                 "float": section["float"], "linear_order": section["quantized"],
                 "reference": reference, "per_layer": PER_LAYER_SKIPPED}
     report = AccuracyReport(q.scheme, metrics, [], copts.gate, samples.source, settings)
+    embedding = section.get("embedding")
     info = {"version": cache_mod.VERSION, "scheme": q.scheme, "model_fingerprint": None,
             "data": {**samples.source, "samples": len(samples.calib), "tokens_sha256": samples.fingerprint()},
-            "weights": {"bits": q.spec.weight_bits, "group_size": q.group_size,
-                        "symmetric": True}}
+            "weights": weights_record(q, embedding)}
     (tmp / cache_mod.FILE_NAME).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
     source = {"bundle": None, "checkpoint": str(src.path), "fingerprint": None,
               "exported_directly": True}
     manifest.extensions[EXTENSION] = extension(source, section["quantized"], section["float"],
-                                               copts)
+                                               copts, embedding)
     text = table(report, copts.layer_report) + f"\n  per-layer error: {PER_LAYER_SKIPPED}"
     record_accuracy(manifest, report, write(report, tmp, copts.layer_report, plot=copts.plot))
     manifest.write(tmp)
@@ -174,7 +188,10 @@ def _torch_log_probs(module):
     return run
 
 
-def quantized_bytes(params: int, embed: int, bits: int, group_size: int) -> int:
+def quantized_bytes(params: int, embed: int, bits: int, group_size: int,
+                    embedding_quantized: bool = False) -> int:
     """Bundle bytes of a --quantize export: every parameter at `bits` plus one fp32 scale per
-    block, and the embedding table (`embed` = V x H values: the Gather reads it) in fp32."""
-    return int(params * (bits / 8 + 4 / group_size) + embed * 4)
+    block, and the embedding table (`embed` = V x H values: the Gather reads it) in fp32
+    unless it is quantized too (w4: int4, as the linears)."""
+    per_value = bits / 8 + 4 / group_size
+    return int(params * per_value + embed * (per_value if embedding_quantized else 4))

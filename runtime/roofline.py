@@ -28,6 +28,8 @@ import numpy as np
 from arx.manifest import KVLayout, Manifest
 
 # bytes per element of ONNX TensorProto data types (4-bit types: 0.5)
+# a table only these read streams one row a token (w4's embedding: int4 codes and scales)
+GATHER_READERS = {"Gather", "GatherBlockQuantized", "GatherBlockQuantized:2"}
 _ONNX_ITEMSIZE = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8,
                   16: 2, 17: 1, 18: 1, 19: 1, 20: 1, 21: 0.5, 22: 0.5, 23: 0.5}
 
@@ -55,7 +57,7 @@ def weight_bytes(bundle: Path, manifest: Manifest) -> dict:
                 consumers.setdefault(name, set()).add(node.op_type if i == 0 else f"{node.op_type}:{i}")
     gather_only = {}
     for name, ops in consumers.items():
-        if ops == {"Gather"}:
+        if ops <= GATHER_READERS:
             t = next(t for t in model.graph.initializer if t.name == name)
             row = sizes[name] / max(int(t.dims[0]), 1) if t.dims else sizes[name]
             gather_only[name] = {"bytes": sizes[name], "row_bytes": row}

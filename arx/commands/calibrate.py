@@ -48,6 +48,9 @@ def register(sub) -> None:
                    help="MatMuls kept in float: names (layers.3.mlp.down_proj, lm_head) or prefixes (layers.3)")
     q.add_argument("--lm-head", choices=["quantize", "float"],
                    help="quantize the output projection (default: float for w8a8, quantize for w8/w4)")
+    q.add_argument("--embedding", choices=["quantize", "float"],
+                   help="the token embedding table: int4 (quantize, w4's default) or float (w8, "
+                        "w8a8); a tied LM head kept float keeps it float")
     q.add_argument("--kv-dtype", default="fp32", choices=("fp32", "fp16", "int8"),
                    help="KV cache of the output: fp16, or int8 with per-channel scales measured "
                         "on --data (default fp32); the gate covers weights and cache together")
@@ -72,6 +75,11 @@ def _percent(text: str | None) -> float | None:
         raise ArxError(f"--max-ppl-increase takes a percentage like 2 or 2%, got {text!r}") from None
 
 
+def _choice(flag: str | None) -> bool | None:
+    """--lm-head / --embedding: None (the scheme's default), or whether to quantize."""
+    return None if flag is None else flag == "quantize"
+
+
 def options_from_args(args):
     """Map the flags onto the frozen option dataclasses (validation happens there)."""
     from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
@@ -81,7 +89,8 @@ def options_from_args(args):
                          smoothquant=args.smoothquant, group_size=args.group_size,
                          accuracy_level=args.accuracy_level, keep_fp=keep,
                          reduce_range=args.reduce_range,
-                         quantize_lm_head=None if args.lm_head is None else args.lm_head == "quantize")
+                         quantize_lm_head=_choice(args.lm_head),
+                         quantize_embedding=_choice(args.embedding))
     samples, eval_samples = _counts(args)
     data = DataOptions(path=args.data, random=args.random, text_field=args.text_field, chunk=args.chunk,
                        samples=samples, seq_len=args.seq_len, eval_path=args.eval_data,

@@ -37,6 +37,9 @@ def register(sub) -> None:
                         "model (w8a8 needs arx calibrate)")
     q.add_argument("--group-size", type=int, default=128,
                    help="weight block size along K (default 128), as arx calibrate's")
+    q.add_argument("--embedding", choices=("quantize", "float"),
+                   help="the token embedding table: int4 (quantize, w4's default) or float, as "
+                        "arx calibrate's --embedding")
     q.add_argument("--data", help="text for the accuracy report and gate (.txt, one sample a "
                                   "line, or .jsonl); default: random token ids, flagged as such")
     q.add_argument("--eval-samples", type=int,
@@ -82,7 +85,7 @@ def _quantize(args):
     if args.quantize is None:
         for flag, given in (("--group-size", args.group_size != 128), ("--data", args.data),
                             ("--eval-samples", args.eval_samples is not None),
-                            ("--force", args.force)):
+                            ("--force", args.force), ("--embedding", args.embedding)):
             if given:
                 from arx.errors import ArxError
 
@@ -91,7 +94,9 @@ def _quantize(args):
         return None
     from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
 
-    return CalibrateOptions(quant=QuantOptions(scheme=args.quantize, group_size=args.group_size),
+    embedding = None if args.embedding is None else args.embedding == "quantize"
+    return CalibrateOptions(quant=QuantOptions(scheme=args.quantize, group_size=args.group_size,
+                                               quantize_embedding=embedding),
                             data=DataOptions(path=args.data, random=not args.data,
                                              **({} if args.eval_samples is None
                                                 else {"eval_samples": args.eval_samples})),

@@ -80,6 +80,10 @@ def _env(as_json: bool) -> int:
 
 def _print_quantization(q: dict) -> None:
     print(f"quantized  {q.get('scheme')}: {q.get('summary', '')}")
+    embedding = q.get("embedding")  # weight-only bundles: the token table's form
+    if embedding is not None:
+        print("  token embedding " + (f"int{embedding['bits']} ({embedding['format']})"
+                                      if isinstance(embedding, dict) else "float"))
     acc = q.get("accuracy") or {}
     if acc:
         gate = "passed" if acc.get("passed") else ("FORCED past" if acc.get("forced") else "failed")

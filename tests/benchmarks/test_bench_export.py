@@ -29,3 +29,21 @@ def test_tiny_run_measures_both_tools_and_cleans_up(bench, tmp_path, monkeypatch
     assert json.loads((tmp_path / "rows.json").read_text()) == rows
     assert "peak GB" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["rows.json"]  # checkpoint, outputs gone
+
+
+def test_optional_rows_run_only_when_named(bench, tmp_path, monkeypatch):
+    """arx:w4-float-embedding (w4 with the token table float32, what w4 was) is a row of its
+    own, run only when --only names it."""
+    cmd = bench.command("arx", "w4-float-embedding", tmp_path / "ckpt", tmp_path / "out", 64)
+    assert cmd[cmd.index("--quantize"):cmd.index("--quantize") + 4] == \
+        ["--quantize", "w4", "--embedding", "float"]
+    assert "--embedding" not in bench.command("arx", "w4", tmp_path / "c", tmp_path / "o", 64)
+    measured = []
+    monkeypatch.setattr(bench, "_measure", lambda cmd, *a: measured.append(cmd) or
+                        {"seconds": 1.0, "spread_s": "-", "peak_gb": 0.1, "output_gb": 0.0,
+                         "budget_gb": 1.0})
+    monkeypatch.setattr(bench, "runs", lambda shape: [("arx", "w4")])
+    assert [r["precision"] for r in bench.bench("tiny", tmp_path)] == ["w4"]
+    rows = bench.bench("tiny", tmp_path, only={"arx:w4-float-embedding"})
+    assert [r["precision"] for r in rows] == ["w4-float-embedding"]
+    assert "--embedding" in measured[-1]

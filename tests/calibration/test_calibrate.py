@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from arx.calibration.calibrator import calibrate_bundle
 from arx.calibration.options import SCHEMES, CalibrateOptions, DataOptions, QuantOptions
+from arx.errors import ArxError
 from arx.manifest import read_manifest
 
 # max |logits_q - logits_fp32| / max |logits_fp32| on a held-out sequence, and top-1 agreement
@@ -142,6 +143,45 @@ def test_keep_fp_and_lm_head_choice(llama_bundle, calib_text, tmp_path):
     assert float_mm == {"lm_head", "layers.0.mlp.down_proj", *{f"layers.1.{p}" for p in
                         ("attn.qkv_proj", "attn.o_proj", "mlp.up_proj", "mlp.gate_proj", "mlp.down_proj")}}
     assert sorted(result.manifest.extensions["quantization"]["float"]) == sorted(float_mm)
+
+
+def test_embedding_choice(llama_bundle, calib_text, tmp_path):
+    """w4 writes the token embedding int4 (GatherBlockQuantized, in the decoder and in the
+    general-step graph that shares its weights); --embedding float keeps the float Gather;
+    w8 refuses --embedding quantize in one line (ORT quantizes Gathers at 4 bits only)."""
+    from arx.runtime.roofline import weight_bytes
+
+    for choice, op in ((None, "GatherBlockQuantized"), (False, "Gather")):
+        out = tmp_path / f"{choice}.arx"
+        result = calibrate_bundle(bundle=llama_bundle, output=out,
+                                  options=options(calib_text, "w4", quantize_embedding=choice))
+        for graph in ("decoder.onnx", "decoder_step.onnx"):
+            model = onnx.load(str(out / graph), load_external_data=False)
+            assert [n.op_type for n in model.graph.node if "input_ids" in n.input[1:2]] == [op]
+        section = result.manifest.extensions["quantization"]["embedding"]
+        assert (section == "float") == (choice is False)
+        # arx profile's roofline: a decode step reads a row of the table, codes and scales alike
+        tables = set(weight_bytes(out, result.manifest)["gather_only"])
+        assert tables == ({"embed_tokens.weight"} if choice is False else
+                          {"embed_tokens.weight_Q4", "embed_tokens.weight_scales"})
+        assert np.isfinite(decoder_logits(out, np.array([5, 9, 14, 22]))).all()
+    with pytest.raises(ArxError, match="--embedding quantize writes an int4 table"):
+        options(calib_text, "w8", quantize_embedding=True)
+
+
+def test_a_tied_table_a_float_head_reads_stays_float():
+    from onnx import helper, numpy_helper
+
+    from arx.calibration.weight_only import quantize_embedding, token_embedding
+
+    table = numpy_helper.from_array(np.ones((8, 4), np.float32), "embed_tokens.weight")
+    nodes = [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["x"], name="embed"),
+             helper.make_node("Transpose", ["embed_tokens.weight"], ["head"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "head"], ["logits"], name="lm_head")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], [], initializer=[table]))
+    assert token_embedding(model) is None and quantize_embedding(model, group_size=16) is None
+    del model.graph.node[1:]
+    assert token_embedding(model).name == "embed"
 
 
 @pytest.mark.parametrize("scheme", ["w8a8", "w4"])

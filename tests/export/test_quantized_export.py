@@ -90,6 +90,13 @@ def test_w4_of_the_tied_default_model_equals_calibrate(tiny_pair):
     calibrated, direct, _ = tiny_pair
     _assert_same_graphs(calibrated, direct)  # lm_head untied and quantized by both
     _assert_same_section(calibrated, direct)
+    model = onnx.load(str(direct / "decoder.onnx"), load_external_data=False)
+    (embed,) = [n for n in model.graph.node if "input_ids" in n.input]
+    assert embed.op_type == "GatherBlockQuantized"  # w4's int4 embedding, both paths
+    assert "embed_tokens.weight" not in {t.name for t in model.graph.initializer}
+    assert read_manifest(direct).extensions["quantization"]["embedding"] == \
+        {"table": "embed_tokens.weight", "format": "GatherBlockQuantized", "bits": 4}
+    assert json.loads((direct / "calibration.json").read_text())["weights"]["embedding"] == "int4"
     assert not (direct / "decoder.onnx.data").stat().st_size > \
         (calibrated / "decoder.onnx.data").stat().st_size + 4096 * 64  # alignment padding only
 
@@ -127,6 +134,42 @@ def test_linear_quantizer_in_column_chunks_is_the_whole_weights_quantization(mon
     assert {a.name: a.i for a in nodes[0].attribute}["N"] == 37
 
 
+def test_embedding_quantizer_in_row_chunks_is_the_whole_tables(monkeypatch):
+    """The table quantized ROWS rows at a time (a 128k-row table's float copies stay a chunk's
+    size) is the whole table's quantization; ORT's GatherBlockQuantized reads back each row's
+    codes times its blocks' scales, and a zero row (padding) stays zero."""
+    import onnxruntime as ort
+
+    from arx.calibration import weight_only
+
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((37, 80)).astype(np.float32)
+    table[3] = 0.0
+    node = onnx.helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["x"], name="embed")
+    q = weight_only.EmbeddingQuantizer(group_size=32)
+    whole_nodes, whole = q.quantize(node, table)
+    monkeypatch.setattr(weight_only, "ROWS", 8)  # 37 rows: 4 chunks of 8 and one of 5
+    nodes, chunked = q.quantize(node, table)
+    assert [n.SerializeToString() for n in nodes] == [n.SerializeToString() for n in whole_nodes]
+    assert [t.SerializeToString() for t in chunked] == [t.SerializeToString() for t in whole]
+    codes, scales = (numpy_helper.to_array(t) for t in chunked)
+    assert codes.shape == (37, 80) and scales.shape == (37, 3)  # blocks of 32 over 80
+    ids = onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [None])
+    out = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 80])
+    graph = onnx.helper.make_graph(nodes, "g", [ids], [out], initializer=chunked)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21),
+                                                         onnx.helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    rows = np.array([0, 3, 36], dtype=np.int64)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]
+                               ).run(None, {"input_ids": rows})[0]
+    expected = weight_only._dequantize_rows(codes, scales, 32)[rows]
+    np.testing.assert_array_equal(got, expected)
+    assert not got[1].any()
+    # within a step (half of one, but for the value clipped at +7 on the far side of the sign)
+    assert np.abs(got - table[rows]).max() <= np.abs(scales).max() + 1e-6
+
+
 def test_report_measures_what_calibrate_measures(tiny_pair):
     """Against the PyTorch model instead of the fp32 bundle, on the same held-out tokens: the
     same quantized perplexity, a reference perplexity equal to the fp32 bundle's within float
@@ -155,6 +198,7 @@ def test_inspect_says_what_parity_checked(tiny_pair, capsys):
     out = capsys.readouterr().out
     assert "parity     passed (first 2 of 4 layers in float32)" in out, out
     assert "quantized  w4" in out and "gate 0% FORCED past" in out, out
+    assert "token embedding int4 (GatherBlockQuantized)" in out, out
     assert main(["inspect", str(calibrated)]) == 0
     assert "parity     passed (of the fp32 source)" in capsys.readouterr().out
 
@@ -194,6 +238,8 @@ def test_over_the_gate_nothing_is_written(tiny_pair, tmp_path):
     (["--quantize", "w4", "--group-size", "100"], "--group-size must be one of"),
     (["--data", "x.txt"], "--data is an option of --quantize"),
     (["--eval-samples", "4"], "--eval-samples is an option of --quantize"),
+    (["--embedding", "float"], "--embedding is an option of --quantize"),
+    (["--quantize", "w8", "--embedding", "quantize"], "--embedding quantize writes an int4 table"),
     (["--quantize", "w4", "--eval-samples", "0"], "--eval-samples must be >= 1"),
 ])
 def test_refusals_in_one_line(tmp_path, capsys, flags, says):
