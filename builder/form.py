@@ -73,7 +73,8 @@ def weight_only_to_qdq(model: ir.Model) -> int:
     ops = {n.op_type for n in model.graph}
     if not ops & {"MatMulNBits", "GatherBlockQuantized"}:
         return 0
-    from arx.calibration.weight_only import embedding_to_float, matmulnbits_to_qdq
+    from arx.calibration.embedding_quant import embedding_to_float
+    from arx.calibration.weight_only import matmulnbits_to_qdq
 
     try:
         embedding_to_float(model)

@@ -162,7 +162,8 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
         qm, ref, calib = quantize_static_bundle(model, manifest, samples, linears, quantize, kept,
                                                 options, cached, info, work, ranges_of)
     else:
-        from arx.calibration.weight_only import quantize_embedding, quantize_weight_only
+        from arx.calibration.embedding_quant import quantize_embedding
+        from arx.calibration.weight_only import quantize_weight_only
 
         qm = quantize_weight_only(model, bits=q_opts.spec.weight_bits, group_size=q_opts.group_size,
                                   accuracy_level=q_opts.level, exclude=kept)

@@ -14,18 +14,10 @@ INT4/INT8 path expects. Lossless: the same integers and scales, re-laid out.
     W_q int4|int8 (K, N) ─ DequantizeLinear(scale (K/bs, N), axis=0, block_size=bs) ─┐
     x (.., K) ──────────────────────────────────────────────────────────────────── MatMul ─► y
 
-w4's token embedding (EmbeddingQuantizer, quantize_embedding): the same int4 codes, blocks of
-`group_size` along H of each row, as com.microsoft GatherBlockQuantized (ORT's quantizer's
-Gather path). In the TensorRT form (`embedding_to_float`) the table is dequantized back to
-float, the values the int4 codes stand for: TensorRT's int4 weights feed matrix products only.
-
-    ids (B, S) ─ GatherBlockQuantized(codes int4 (V, H), scales (V, H/bs), block_size=bs) ─► (B, S, H)
+w4's token embedding: calibration/embedding_quant.py.
 """
 
 from __future__ import annotations
-
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import ml_dtypes
 import numpy as np
@@ -102,119 +94,6 @@ class LinearQuantizer:
         graph = helper.make_graph([node], "one_linear", [], [], initializer=[weight])
         nodes = self._quantizer.quantize(node, [graph])
         return nodes, [t for t in graph.initializer if t.name != weight.name]
-
-
-class EmbeddingQuantizer:
-    """The token embedding's Gather as GatherBlockQuantized: ORT's node quantizer on its Gather
-    path (symmetric int4, one float scale per block of `group_size` along H), ROWS rows at a
-    time. Each row's blocks are its own and H is even, so the chunks' packed codes are whole
-    bytes and, laid end to end, the whole table's: a 128k-row table's float32 copies inside the
-    quantizer stay a chunk's size. Calibrate and the streamed export both call it, so their
-    bundles hold the same bytes."""
-
-    def __init__(self, *, group_size: int):
-        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                      DefaultWeightOnlyQuantizer)
-
-        config = DefaultWeightOnlyQuantConfig(block_size=group_size, is_symmetric=SYMMETRIC,
-                                              op_types_to_quantize=("Gather",),
-                                              quant_axes=(("Gather", 1),), bits=EMBEDDING_BITS)
-        self._quantizer = DefaultWeightOnlyQuantizer(config)
-        _quiet()
-
-    def quantize(self, node: onnx.NodeProto, table: np.ndarray
-                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-        """(nodes replacing Gather `node`, their initializers: int4 codes with raw packed bytes,
-        float32 scales) for the (V, H) `table` its input 0 names; any float dtype."""
-        v, h = table.shape
-        if h % 2:
-            raise ValueError(f"{node.name}: an embedding of odd width {h} has no whole-byte int4 rows")
-        starts = range(0, v, ROWS)
-        # numpy releases the GIL in the quantizer's array passes: chunks on every core
-        # (a 128k x 2048 table: 5.5 s on one of this machine's 2 cores)
-        with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
-            parts = list(pool.map(lambda a: self._quantize_rows(node, table[a:a + ROWS]), starts))
-        nodes, (codes, scales) = parts[0]
-        if len(parts) > 1:
-            codes = onnx.helper.make_tensor(codes.name, codes.data_type, [v, h],
-                                            b"".join(p[1][0].raw_data for p in parts), raw=True)
-            scales = _stack([p[1][1] for p in parts])
-        return nodes, [codes, scales]
-
-    def _quantize_rows(self, node: onnx.NodeProto, rows: np.ndarray):
-        table = numpy_helper.from_array(np.ascontiguousarray(rows, dtype=np.float32), node.input[0])
-        graph = helper.make_graph([node], "one_gather", [], [], initializer=[table])
-        with np.errstate(divide="ignore", invalid="ignore"):  # all-zero blocks (a padding row)
-            nodes = self._quantizer.quantize(node, [graph])  # are 0 codes, scale 0: no NaN kept
-        made = {t.name: t for t in graph.initializer if t.name != table.name}
-        (quantized,) = nodes
-        return nodes, (made[quantized.input[0]], made[quantized.input[2]])
-
-
-def token_embedding(model: onnx.ModelProto) -> onnx.NodeProto | None:
-    """The Gather of a 2-D initializer by `input_ids`, where nothing else reads the table (a
-    tied float LM head's Transpose does: the table then stays float); None otherwise."""
-    inits = {t.name: t for t in model.graph.initializer}
-    gathers = [n for n in model.graph.node if n.op_type == "Gather" and len(n.input) == 2
-               and n.input[1] == TOKEN_IDS and n.input[0] in inits
-               and len(inits[n.input[0]].dims) == 2]
-    if len(gathers) != 1:
-        return None
-    table = gathers[0].input[0]
-    readers = [n for n in model.graph.node for i in n.input if i == table]
-    return gathers[0] if len(readers) == 1 else None
-
-
-def quantize_embedding(model: onnx.ModelProto, *, group_size: int) -> str | None:
-    """Rewrite `model`'s token embedding (token_embedding) in place as GatherBlockQuantized;
-    returns the table's name, or None where there is none to quantize."""
-    node = token_embedding(model)
-    if node is None:
-        return None
-    table = next(t for t in model.graph.initializer if t.name == node.input[0])
-    nodes, tensors = EmbeddingQuantizer(group_size=group_size).quantize(
-        node, numpy_helper.to_array(table))
-    position = list(model.graph.node).index(node)
-    model.graph.node.remove(node)
-    for offset, new in enumerate(nodes):
-        model.graph.node.insert(position + offset, new)
-    model.graph.initializer.remove(table)
-    model.graph.initializer.extend(tensors)
-    return table.name
-
-
-def embedding_to_float(model: ir.Model) -> int:
-    """Every GatherBlockQuantized of `model` (onnx_ir, in place: the TensorRT form) as a Gather
-    of its table dequantized to float32 (the form's precision casts it after); returns how many."""
-    nodes = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
-    for node in nodes:
-        attrs = {name: a.value for name, a in node.attributes.items()}
-        if attrs.get("gather_axis", 0) != 0 or attrs.get("quantize_axis", 1) != 1 or len(node.inputs) > 3:
-            raise ValueError(f"{node.name}: only the row-gathered, row-blocked symmetric form "
-                             f"arx writes has a float form here")
-        codes, ids, scales = node.inputs
-        table = add_initializer(model.graph, codes.name.removesuffix("_Q4") + "_dequantized",
-                                _dequantize_rows(codes.const_value.numpy(),
-                                                 scales.const_value.numpy(), attrs["block_size"]))
-        gather = ir.node("Gather", [table, ids], {"axis": 0}, outputs=[ir.Value()],
-                         name=node.name + "_float")
-        take_place(node.outputs[0], gather.outputs[0])
-        model.graph.insert_before(node, [gather])
-        model.graph.remove(node, safe=True)
-        for blob in (codes, scales):
-            if not blob.uses():
-                model.graph.initializers.pop(blob.name)
-    return len(nodes)
-
-
-def _dequantize_rows(codes: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
-    """int4 codes (V, H) times their block's scale (V, ceil(H / block)) -> float32 (V, H)."""
-    v, h = codes.shape
-    out = np.empty((v, h), dtype=np.float32)
-    for a in range(0, v, ROWS):  # a chunk at a time: no (V, H) temporaries beside `out`
-        c = codes[a:a + ROWS].astype(np.float32)
-        out[a:a + ROWS] = c * np.repeat(scales[a:a + ROWS], block, axis=1)[:, :h]
-    return out
 
 
 def _stack(chunks: list[onnx.TensorProto]) -> onnx.TensorProto:

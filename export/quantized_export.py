@@ -83,7 +83,7 @@ class EmitQuantizer:
         return self.embedding == table
 
     def quantize_embedding(self, node, table):
-        from arx.calibration.weight_only import EmbeddingQuantizer
+        from arx.calibration.embedding_quant import EmbeddingQuantizer
 
         return EmbeddingQuantizer(group_size=self.quant.group_size).quantize(node, table)
 

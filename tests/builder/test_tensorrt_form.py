@@ -228,7 +228,8 @@ def _weight_only_bundle(src, dst, bits: int):
     import shutil
 
     from arx.calibration.graph import untie_lm_head
-    from arx.calibration.weight_only import quantize_embedding, quantize_weight_only
+    from arx.calibration.embedding_quant import quantize_embedding
+    from arx.calibration.weight_only import quantize_weight_only
 
     shutil.copytree(src, dst)
     m = read_manifest(dst)

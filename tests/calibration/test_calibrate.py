@@ -172,7 +172,7 @@ def test_embedding_choice(llama_bundle, calib_text, tmp_path):
 def test_a_tied_table_a_float_head_reads_stays_float():
     from onnx import helper, numpy_helper
 
-    from arx.calibration.weight_only import quantize_embedding, token_embedding
+    from arx.calibration.embedding_quant import quantize_embedding, token_embedding
 
     table = numpy_helper.from_array(np.ones((8, 4), np.float32), "embed_tokens.weight")
     nodes = [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["x"], name="embed"),

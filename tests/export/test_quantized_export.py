@@ -140,15 +140,15 @@ def test_embedding_quantizer_in_row_chunks_is_the_whole_tables(monkeypatch):
     codes times its blocks' scales, and a zero row (padding) stays zero."""
     import onnxruntime as ort
 
-    from arx.calibration import weight_only
+    from arx.calibration import embedding_quant
 
     rng = np.random.default_rng(1)
     table = rng.standard_normal((37, 80)).astype(np.float32)
     table[3] = 0.0
     node = onnx.helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["x"], name="embed")
-    q = weight_only.EmbeddingQuantizer(group_size=32)
+    q = embedding_quant.EmbeddingQuantizer(group_size=32)
     whole_nodes, whole = q.quantize(node, table)
-    monkeypatch.setattr(weight_only, "ROWS", 8)  # 37 rows: 4 chunks of 8 and one of 5
+    monkeypatch.setattr(embedding_quant, "ROWS", 8)  # 37 rows: 4 chunks of 8 and one of 5
     nodes, chunked = q.quantize(node, table)
     assert [n.SerializeToString() for n in nodes] == [n.SerializeToString() for n in whole_nodes]
     assert [t.SerializeToString() for t in chunked] == [t.SerializeToString() for t in whole]
@@ -163,7 +163,7 @@ def test_embedding_quantizer_in_row_chunks_is_the_whole_tables(monkeypatch):
     rows = np.array([0, 3, 36], dtype=np.int64)
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]
                                ).run(None, {"input_ids": rows})[0]
-    expected = weight_only._dequantize_rows(codes, scales, 32)[rows]
+    expected = embedding_quant._dequantize_rows(codes, scales, 32)[rows]
     np.testing.assert_array_equal(got, expected)
     assert not got[1].any()
     # within a step (half of one, but for the value clipped at +7 on the far side of the sign)
