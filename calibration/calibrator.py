@@ -57,7 +57,7 @@ class _Quantized:
     kept: list[str]
     linears: list[G.Linear]
     kv_scales: dict | None = None  # --kv-dtype int8: the cache's scales, per past name
-    embedding: str | None = None  # the token embedding table, where it is int4
+    embedding: dict | None = None  # the token embedding's record, where it is int4
 
 
 def calibrate_bundle(*, bundle: str | Path, output: str | Path,
@@ -142,10 +142,9 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
     # w4/w8: an --moe op bundle's experts become QMoE (still only the chosen experts run);
     # w8a8, or blocks QMoE cannot take: the dense form's 2-D MatMuls, quantized as any linear
     qmoe = not q_opts.spec.activations and qmoe_fits(model, q_opts.group_size)
-    embedding = None  # the token table's name where it is quantized
+    embedding = None  # the token table's record where it is quantized (embedding_record)
     moe = "qmoe" if qmoe else "dense" if densify_moe(model) else ""
-    if q_opts.lm_head:
-        G.untie_lm_head(model)
+    tied = q_opts.lm_head and G.untie_lm_head(model)  # the head then holds the table's codes
     linears = G.linears(model)
     quantize, kept = G.split_linears(linears, q_opts.keep_fp, q_opts.lm_head)
     info = {"version": cache_mod.VERSION, "scheme": q_opts.scheme,
@@ -171,14 +170,15 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
             quantize_moe(qm, bits=q_opts.spec.weight_bits, block=q_opts.group_size,
                          accuracy_level=q_opts.level or 0)
         if q_opts.embedding:
-            embedding = quantize_embedding(qm, group_size=q_opts.group_size)
+            embedding = quantize_embedding(qm, group_size=q_opts.group_size,
+                                           head=G.LM_HEAD if tied else None)
         ref, calib = model, {**info, "weights": weights_record(q_opts, embedding)}
     by_name = {lin.node: lin for lin in linears}
     return _Quantized(qm, ref, calib, quantize, kept, [by_name[n] for n in quantize],
                       embedding=embedding)
 
 
-def weights_record(q_opts, embedding: str | None) -> dict:
+def weights_record(q_opts, embedding: dict | None) -> dict:
     """calibration.json's "weights" (arx export --quantize writes the same)."""
     return {"bits": q_opts.spec.weight_bits, "group_size": q_opts.group_size, "symmetric": True,
             "embedding": "int4" if embedding else "float"}
@@ -207,9 +207,9 @@ def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, optio
 
 
 def extension(source: dict, quantized: list[str], kept: list[str], options: CalibrateOptions,
-              embedding: str | None = None) -> dict:
+              embedding: dict | None = None) -> dict:
     """The manifest's quantization section (arx export --quantize writes the same);
-    `embedding`: the token embedding table's name where it is int4."""
+    `embedding`: the token embedding's record where it is int4 (embedding_quant)."""
     o = options.quant
     ext = {"scheme": o.scheme, "summary": o.spec.summary, "weight_bits": o.spec.weight_bits,
            "activation_bits": 8 if o.int8_activations else None, "symmetric": True,
@@ -223,8 +223,7 @@ def extension(source: dict, quantized: list[str], kept: list[str], options: Cali
                    tensorrt={"form": "explicit int8 Q/DQ", "precision": "int8"})
     else:
         ext.update(format="MatMulNBits", group_size=o.group_size, accuracy_level=o.level,
-                   embedding=({"table": embedding, "format": "GatherBlockQuantized", "bits": 4}
-                              if embedding else "float"),
+                   embedding=embedding or "float",
                    tensorrt={"form": "DequantizeLinear block_size (opset 21) + MatMul, made by "
                                      "arx build", "precision": "fp16 or bf16"})
     return ext

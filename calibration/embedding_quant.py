@@ -5,6 +5,13 @@ MatMulNBits). In the TensorRT form (`embedding_to_float`) the table is dequantiz
 the values the codes stand for: TensorRT's int4 weights feed matrix products only.
 
     ids (B, S) ─ GatherBlockQuantized(codes int4 (V, H), scales (V, H/bs), block_size=bs) ─► (B, S, H)
+
+A tied LM head is quantized too (MatMulNBits over the table's transpose): its codes are the
+table's, so the Gather reads them instead of a second copy (head_codes_embedding).
+
+    lm_head blob uint8 (V, H/bs, bs/2) ────────────────┐
+    ids (B, S) ─ GatherBlockQuantized(bits=4, quantize_axis=2, lm_head scales (V, H/bs, 1))
+               ─► (B, S, H/bs, bs) ─ Reshape ─► (B, S, H)
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, numpy_helper
 
-from arx.calibration.weight_only import SYMMETRIC, _quiet, _stack
+from arx.calibration.weight_only import SYMMETRIC, _quiet, _stack, _unpack
+from arx.export.graph import MS_DOMAIN
 from arx.export.graph_ir import add_initializer, take_place
 
 ROWS = 8192  # EmbeddingQuantizer's chunk of V (a 4096-column table: 128 MB in float32)
@@ -86,14 +94,22 @@ def token_embedding(model: onnx.ModelProto) -> onnx.NodeProto | None:
     return gathers[0] if len(readers) == 1 else None
 
 
-def quantize_embedding(model: onnx.ModelProto, *, group_size: int) -> str | None:
-    """Rewrite `model`'s token embedding (token_embedding) in place as GatherBlockQuantized;
-    returns the table's name, or None where there is none to quantize."""
+def quantize_embedding(model: onnx.ModelProto, *, group_size: int,
+                       head: str | None = None) -> dict | None:
+    """Rewrite `model`'s token embedding (token_embedding) in place as GatherBlockQuantized:
+    over the codes of MatMulNBits `head` (the tied LM head, untied to be quantized) where they
+    can be read as its rows (head_codes_embedding), else over a table of its own. Returns the
+    manifest's record of it (embedding_record), or None where there is none to quantize."""
     node = token_embedding(model)
     if node is None:
         return None
     table = next(t for t in model.graph.initializer if t.name == node.input[0])
-    nodes, tensors = EmbeddingQuantizer(group_size=group_size).quantize(
+    made = None
+    if head is not None:
+        matmul = next((n for n in model.graph.node if n.op_type == "MatMulNBits"
+                       and n.name in (head, head + "_Q4")), None)  # (ORT's quantizer's name)
+        made = matmul is not None and head_codes_embedding(matmul, node, tuple(table.dims))
+    nodes, tensors = made or EmbeddingQuantizer(group_size=group_size).quantize(
         node, numpy_helper.to_array(table))
     position = list(model.graph.node).index(node)
     model.graph.node.remove(node)
@@ -101,31 +117,89 @@ def quantize_embedding(model: onnx.ModelProto, *, group_size: int) -> str | None
         model.graph.node.insert(position + offset, new)
     model.graph.initializer.remove(table)
     model.graph.initializer.extend(tensors)
-    return table.name
+    return embedding_record(table.name, head if made else None)
+
+
+def embedding_record(table: str, head: str | None) -> dict:
+    """The manifest's `quantization.embedding` for an int4 table; `head`: the LM head whose
+    codes it reads, None for codes of its own."""
+    return {"table": table, "format": "GatherBlockQuantized", "bits": EMBEDDING_BITS,
+            "codes": f"shared with {head}" if head else "own"}
+
+
+def head_codes_embedding(head: onnx.NodeProto, gather: onnx.NodeProto, table_shape: tuple
+                         ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
+    """Gather `gather` as a reader of the tied LM head's codes instead of a table of its own:
+    a uint8 GatherBlockQuantized at 4 bits (whose default zero point is MatMulNBits' implicit
+    8) over the head's blob itself, (V, K/bs, bs/2) blocked along its last axis, with the
+    head's scales viewed (V, K/bs, 1); its (B, S, K/bs, bs) rows viewed (B, S, H). The blob is
+    read in place: a Reshape of it would be folded into a second copy when the session loads.
+    None where the head's rows are not the table's: another op or width, not 4 bits, zero
+    points, or K not a multiple of the block (the blob's rows are padded to whole blocks)."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
+    if head.op_type != "MatMulNBits" or attrs.get("bits") != EMBEDDING_BITS \
+            or (attrs.get("N"), attrs.get("K")) != tuple(table_shape) \
+            or attrs["K"] % attrs["block_size"] or (len(head.input) > 3 and head.input[3]):
+        return None
+    name, k_blocks = gather.name, attrs["K"] // attrs["block_size"]
+    scale_shape = numpy_helper.from_array(np.array([attrs["N"], k_blocks, 1], np.int64),
+                                          f"{name}/scales_shape")
+    row_shape = numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{name}/row_shape")
+    nodes = [helper.make_node("Reshape", [head.input[2], scale_shape.name], [f"{name}/scales"],
+                              name=f"{name}/scales"),
+             helper.make_node("GatherBlockQuantized", [head.input[1], gather.input[1],
+                                                       f"{name}/scales"],
+                              [f"{name}/blocks"], name=name, domain=MS_DOMAIN,
+                              bits=EMBEDDING_BITS, block_size=attrs["block_size"],
+                              gather_axis=0, quantize_axis=2),
+             helper.make_node("Reshape", [f"{name}/blocks", row_shape.name], list(gather.output),
+                              name=f"{name}/rows")]
+    return nodes, [scale_shape, row_shape]
 
 
 def embedding_to_float(model: ir.Model) -> int:
     """Every GatherBlockQuantized of `model` (onnx_ir, in place: the TensorRT form) as a Gather
-    of its table dequantized to float32 (the form's precision casts it after); returns how many."""
+    of its table dequantized to float32 (the form's precision casts it after): codes of its
+    own, or the tied head's (head_codes_embedding). Returns how many."""
     nodes = [n for n in model.graph if n.op_type == "GatherBlockQuantized"]
     for node in nodes:
         attrs = {name: a.value for name, a in node.attributes.items()}
-        if attrs.get("gather_axis", 0) != 0 or attrs.get("quantize_axis", 1) != 1 or len(node.inputs) > 3:
-            raise ValueError(f"{node.name}: only the row-gathered, row-blocked symmetric form "
-                             f"arx writes has a float form here")
+        if attrs.get("gather_axis", 0) != 0 or len(node.inputs) > 3:
+            raise ValueError(f"{node.name}: only the row-gathered symmetric forms arx writes "
+                             f"have a float form here")
         codes, ids, scales = node.inputs
-        table = add_initializer(model.graph, codes.name.removesuffix("_Q4") + "_dequantized",
-                                _dequantize_rows(codes.const_value.numpy(),
-                                                 scales.const_value.numpy(), attrs["block_size"]))
+        if attrs.get("quantize_axis", 1) == 1:  # a table of its own: (V, H) int4
+            signed, block_scales, gone = codes.const_value.numpy(), scales.const_value.numpy(), [node]
+        else:  # the head's blob (V, K/bs, bs/2), viewed back to rows by a Reshape
+            signed, block_scales, gone = _head_rows(node)
+        table = add_initializer(model.graph, f"{node.name}.table",
+                                _dequantize_rows(signed, block_scales, attrs["block_size"]))
         gather = ir.node("Gather", [table, ids], {"axis": 0}, outputs=[ir.Value()],
                          name=node.name + "_float")
-        take_place(node.outputs[0], gather.outputs[0])
+        take_place(gone[-1].outputs[0], gather.outputs[0])
         model.graph.insert_before(node, [gather])
-        model.graph.remove(node, safe=True)
-        for blob in (codes, scales):
-            if not blob.uses():
-                model.graph.initializers.pop(blob.name)
+        read = [v for n in gone for v in n.inputs if v is not None]
+        for n in reversed(gone):
+            model.graph.remove(n, safe=True)
+        for value in read:
+            if value.is_initializer() and not value.uses():
+                model.graph.initializers.pop(value.name)
     return len(nodes)
+
+
+def _head_rows(node: ir.Node) -> tuple[np.ndarray, np.ndarray, list[ir.Node]]:
+    """(signed codes (V, H), scales (V, K/bs), the nodes the float Gather replaces) of a
+    GatherBlockQuantized over the head's blob: unsigned codes, zero point 8."""
+    codes, _, scales = node.inputs
+    scale_view, (rows,) = scales.producer(), [use.node for use in node.outputs[0].uses()]
+    if codes.const_value is None or scale_view is None or rows.op_type != "Reshape":
+        raise ValueError(f"{node.name}: its codes are neither a table nor a head's blob")
+    blob = codes.const_value.numpy()  # (V, K/bs, bs/2)
+    v, k_blocks = blob.shape[:2]
+    signed = _unpack(blob, EMBEDDING_BITS, k_blocks * blob.shape[2] * 2, v, k_blocks)
+    signed = signed.astype(np.int8) - (1 << (EMBEDDING_BITS - 1))
+    block_scales = scale_view.inputs[0].const_value.numpy().reshape(v, k_blocks)
+    return signed, block_scales, [scale_view, node, rows]
 
 
 def _dequantize_rows(codes: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:

@@ -39,7 +39,7 @@ class Scheme:
 # table says so, the gate catches it, and its refusal measures and suggests --accuracy-level 1.
 # w4 also quantizes the token embedding (int4 GatherBlockQuantized, as llama.cpp's q4 types do
 # its token_embd): a decode step reads one row of it, so it costs no speed, but in float32 it
-# was most of a w4 bundle's bytes (Llama-3.2-1B: 1.05 GB of 1.9). w8 keeps it float: ORT's
+# was most of a w4 bundle's bytes (Llama-3.2-1B: 1.05 GB of 1.59). w8 keeps it float: ORT's
 # quantizer writes Gathers at 4 bits only. docs/calibration.md has the measurements.
 SCHEMES: dict[str, Scheme] = {
     "w8a8": Scheme("w8a8", 8, True, 0.02, False,

@@ -128,7 +128,8 @@ def _rope_name(table: str, what: str) -> str:
 def _embed(g: GraphBuilder, cfg: DecoderConfig, w: DecoderWeights, token_input: str) -> str:
     """(B, S, H): token embeddings (scaled where the model's embedding scales), positions."""
     if token_input == "input_ids":
-        x = g.embedding("embed_tokens.weight", w.embed, "input_ids", shared=w.lm_head is None)
+        x = g.embedding("embed_tokens.weight", w.embed, "input_ids",
+                        head="lm_head" if w.lm_head is None else None)
         if cfg.embed_scale != 1.0:  # Gemma: inside HF's embedding module, so not on embeds
             x = g.op("Mul", x, g.const(cfg.embed_scale, np.float32), name="embed_scale")
     else:  # (B, S, H) given; the table stays only where the tied LM head reads it

@@ -44,6 +44,7 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._counts: dict[str, int] = {}
         self._consts: dict[tuple, str] = {}
+        self._head_readers: dict[str, int] = {}  # quantized head -> its table's Gather (embedding)
 
     @property
     def float_type(self) -> int:
@@ -88,20 +89,42 @@ class GraphBuilder:
         node = helper.make_node("MatMul", [x, weight_name], [out], name=self.fresh(name))
         nodes, tensors = self.quantizer.quantize(node, array)
         self._add_quantized(nodes, tensors)
+        if name in self._head_readers:
+            self._read_head_codes(name, nodes)
         return out
 
-    def embedding(self, table_name: str, table: np.ndarray, ids: str, *, shared: bool,
+    def embedding(self, table_name: str, table: np.ndarray, ids: str, *, head: str | None,
                   name: str = "embed") -> str:
-        """Gather(table (V, H), ids) as node `name`; where the quantizer takes the table (w4,
-        and no float reader of it: `shared` says a tied LM head reads it), GatherBlockQuantized
-        over int4 codes, its float bytes never written."""
-        takes = self.quantizer is not None and self.quantizer.takes_embedding(table_name, shared)
-        if not takes:
+        """Gather(table (V, H), ids) as node `name`. Where the quantizer takes the table (w4),
+        GatherBlockQuantized, the float bytes never written: over codes of its own, or, for a
+        table tied LM head MatMul `head` reads, over the head's codes once matmul() has
+        quantized them (the Gather waits in the node list until then)."""
+        form = "float" if self.quantizer is None else \
+            self.quantizer.embedding_form(table_name, head, table.shape[1])
+        if form == "float":
             return self.op("Gather", self.weight(table_name, table), ids, name=name)
         out = self.fresh(f"{name}/out")
         node = helper.make_node("Gather", [table_name, ids], [out], name=self.fresh(name))
-        self._add_quantized(*self.quantizer.quantize_embedding(node, table))
+        if form == "head":
+            self._head_readers[head] = len(self.nodes)
+            self.nodes.append(node)
+        else:
+            self._add_quantized(*self.quantizer.quantize_embedding(node, table))
         return out
+
+    def _read_head_codes(self, head: str, nodes: list[onnx.NodeProto]) -> None:
+        """The Gather waiting for quantized head `head` (embedding) now reads its codes."""
+        from arx.calibration.embedding_quant import head_codes_embedding
+
+        at = self._head_readers.pop(head)
+        gather = self.nodes[at]
+        (matmul,) = [n for n in nodes if n.op_type == "MatMulNBits"]
+        attrs = {a.name: helper.get_attribute_value(a) for a in matmul.attribute}
+        made = head_codes_embedding(matmul, gather, (attrs["N"], attrs["K"]))
+        if made is None:  # embedding_form promised the head's codes would do
+            raise RuntimeError(f"{head}'s codes cannot be read by {gather.name}: an arx bug")
+        self.nodes[at:at + 1] = made[0]
+        self._add_quantized([], made[1])
 
     def _add_quantized(self, nodes: list[onnx.NodeProto], tensors: list[onnx.TensorProto]) -> None:
         """A quantizer's nodes and initializers, the initializers to the writer where there is
@@ -138,6 +161,9 @@ class GraphBuilder:
         return self.node(op, inputs, 1, domain=domain, name=name, **attrs)[0]
 
     def model(self, opset: int = OPSET) -> onnx.ModelProto:
+        if self._head_readers:
+            raise RuntimeError(f"embedding Gathers wait for heads never emitted: "
+                               f"{sorted(self._head_readers)} (an arx bug)")
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs,
                                   initializer=self.initializers)
         opsets = [helper.make_opsetid("", opset), helper.make_opsetid(MS_DOMAIN, 1)]

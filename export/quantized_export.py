@@ -67,7 +67,7 @@ class EmitQuantizer:
         self._linear = LinearQuantizer(bits=quant.spec.weight_bits, group_size=quant.group_size,
                                        accuracy_level=quant.level)
         self.decided: dict[str, bool] = {}  # node name -> quantized, in graph order
-        self.embedding: str | None = None  # the token table's name once it is emitted int4
+        self.embedding: dict | None = None  # the token table's record once it is emitted int4
 
     def takes(self, name: str) -> bool:
         return self.decided.setdefault(name, name != LM_HEAD or self.quant.lm_head)
@@ -75,12 +75,18 @@ class EmitQuantizer:
     def quantize(self, node, array):
         return self._linear.quantize(node, array)
 
-    def takes_embedding(self, table: str, shared: bool) -> bool:
-        """Whether the token table goes int4: the scheme's choice, unless a tied LM head kept
-        float reads it (as calibration.weight_only.token_embedding decides on a float graph)."""
-        if self.quant.embedding and (not shared or self.quant.lm_head):
-            self.embedding = table
-        return self.embedding == table
+    def embedding_form(self, table: str, head: str | None, width: int) -> str:
+        """How the token table is emitted: "float", "int4" (codes of its own) or "head" (the
+        codes of tied LM head `head`, quantized later): calibrate's choice on the float graph
+        (embedding_quant.quantize_embedding), made before the head exists."""
+        from arx.calibration.embedding_quant import embedding_record
+
+        q = self.quant
+        if not q.embedding or (head is not None and not q.lm_head):
+            return "float"  # (a float head reads the float table)
+        shared = head is not None and width % q.group_size == 0
+        self.embedding = embedding_record(table, head if shared else None)
+        return "head" if shared else "int4"
 
     def quantize_embedding(self, node, table):
         from arx.calibration.embedding_quant import EmbeddingQuantizer

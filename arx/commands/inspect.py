@@ -82,7 +82,8 @@ def _print_quantization(q: dict) -> None:
     print(f"quantized  {q.get('scheme')}: {q.get('summary', '')}")
     embedding = q.get("embedding")  # weight-only bundles: the token table's form
     if embedding is not None:
-        print("  token embedding " + (f"int{embedding['bits']} ({embedding['format']})"
+        print("  token embedding " + (f"int{embedding['bits']} ({embedding['format']}, codes "
+                                      f"{embedding.get('codes', 'own')})"
                                       if isinstance(embedding, dict) else "float"))
     acc = q.get("accuracy") or {}
     if acc:

@@ -234,11 +234,12 @@ def _weight_only_bundle(src, dst, bits: int):
     shutil.copytree(src, dst)
     m = read_manifest(dst)
     model = onnx.load(str(dst / m.decoder.file))
-    untie_lm_head(model)
+    tied = untie_lm_head(model)
     model = quantize_weight_only(model, bits=bits, group_size=32,
                                  accuracy_level=1, exclude=[])  # fp32 compute: comparable
-    if bits == 4:
-        assert quantize_embedding(model, group_size=32) == "embed_tokens.weight"
+    if bits == 4:  # as calibrate: a tied head's codes shared, else a table of its own
+        record = quantize_embedding(model, group_size=32, head="lm_head" if tied else None)
+        assert record["codes"] == ("shared with lm_head" if tied else "own")
     onnx.save_model(model, str(dst / m.decoder.file), save_as_external_data=True,
                     location=m.decoder.file + ".data", all_tensors_to_one_file=True)
     m.extensions["quantization"] = {"scheme": f"w{bits}", "format": "MatMulNBits"}
@@ -257,20 +258,26 @@ def _unfused_session(model):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("bits, precision, atol", [(4, "fp32", 1e-4), (8, "fp16", 5e-2)])
-def test_weight_only_bundle_builds_as_qdq_blocks(exported_bundle, tmp_path, bits, precision, atol):
+@pytest.mark.parametrize("bits, precision, atol, family", [
+    (4, "fp32", 1e-4, "gemma"),  # tied: the embedding reads the head's codes
+    (4, "fp32", 1e-4, "llama"),  # untied: a table of its own
+    (8, "fp16", 5e-2, "llama")])
+def test_weight_only_bundle_builds_as_qdq_blocks(exported_bundle, tmp_path, bits, precision, atol,
+                                                 family):
     """w4/w8 bundles build: MatMulNBits becomes DequantizeLinear(block) + MatMul, the same
     integers and scales, and w4's int4 embedding a Gather of the values its codes stand for,
     so the form gives the quantized bundle's own logits (fp32 compute on both sides);
     --precision int8 stays w8a8's."""
-    bundle = _weight_only_bundle(exported_bundle("llama"), tmp_path / f"w{bits}.arx", bits)
+    bundle = _weight_only_bundle(exported_bundle(family), tmp_path / f"w{bits}.arx", bits)
     form = form_for(bundle, precision=precision, attention="native", sampler="argmax")
     ops = [n.op_type for n in form.proto.graph.node]
     assert "MatMulNBits" not in ops and ops.count("DequantizeLinear") == form.qdq_nodes > 0
     assert "GatherBlockQuantized" not in ops
+    assert not [o for n in form.proto.graph.node for o in n.output if o.startswith("embed")
+                and o.endswith(("/scales", "/blocks"))]  # the shared codes' views went too
     tables = [n.input[0] for n in form.proto.graph.node if n.op_type == "Gather"
               and n.input[1] == "input_ids"]
-    assert tables == ["embed_tokens.weight_dequantized" if bits == 4 else "embed_tokens.weight"]
+    assert len(tables) == 1 and tables[0].endswith(".table" if bits == 4 else "embed_tokens.weight")
     steps = ragged_steps()
     expected = run_reference(bundle, steps)
     got = run_form(_unfused_session, form.proto, read_manifest(bundle), steps)

@@ -90,32 +90,42 @@ def test_w4_of_the_tied_default_model_equals_calibrate(tiny_pair):
     calibrated, direct, _ = tiny_pair
     _assert_same_graphs(calibrated, direct)  # lm_head untied and quantized by both
     _assert_same_section(calibrated, direct)
+    # w4's int4 embedding, both paths: it reads the tied head's codes, in place
     model = onnx.load(str(direct / "decoder.onnx"), load_external_data=False)
     (embed,) = [n for n in model.graph.node if "input_ids" in n.input]
-    assert embed.op_type == "GatherBlockQuantized"  # w4's int4 embedding, both paths
-    assert "embed_tokens.weight" not in {t.name for t in model.graph.initializer}
+    assert embed.op_type == "GatherBlockQuantized"
+    (scales,) = [n for n in model.graph.node if n.output[0] == embed.input[2]]
+    (head,) = [n for n in model.graph.node if n.op_type == "MatMulNBits" and n.name.startswith("lm_head")]
+    assert embed.input[0] == head.input[1] and scales.input[0] == head.input[2]
+    assert {t.name for t in model.graph.initializer} & {"embed_tokens.weight", "lm_head.weight"} == set()
     assert read_manifest(direct).extensions["quantization"]["embedding"] == \
-        {"table": "embed_tokens.weight", "format": "GatherBlockQuantized", "bits": 4}
+        {"table": "embed_tokens.weight", "format": "GatherBlockQuantized", "bits": 4,
+         "codes": "shared with lm_head"}
     assert json.loads((direct / "calibration.json").read_text())["weights"]["embedding"] == "int4"
     assert not (direct / "decoder.onnx.data").stat().st_size > \
         (calibrated / "decoder.onnx.data").stat().st_size + 4096 * 64  # alignment padding only
 
 
-def test_w8_group_32_with_biases_and_an_untied_head_equals_calibrate(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scheme", ["w8", "w4"])
+def test_group_32_with_biases_and_an_untied_head_equals_calibrate(tmp_path, monkeypatch, scheme):
     from tiny_models import make_hf_model
 
-    from arx.calibration import weight_only
+    from arx.calibration import embedding_quant, weight_only
 
     # every linear quantized in column chunks (of 24: the last one short), as a 128k-vocabulary
     # LM head is: the stacked chunks must be calibrate's whole-weight bytes
     monkeypatch.setattr(weight_only, "COLUMNS", 24)
+    monkeypatch.setattr(embedding_quant, "ROWS", 24)
     make_hf_model("qwen2", tmp_path / "qwen2")  # q/k/v biases, own lm_head
     data = DataOptions(random=True, samples=1, eval_samples=2, seq_len=16)
-    calibrated, direct = _both(tmp_path / "qwen2", tmp_path, "w8", data, group_size=32)
+    calibrated, direct = _both(tmp_path / "qwen2", tmp_path, scheme, data, group_size=32)
     _assert_same_graphs(calibrated, direct)
     _assert_same_section(calibrated, direct)
     q = read_manifest(direct).extensions["quantization"]
-    assert q["weight_bits"] == 8 and q["group_size"] == 32 and "lm_head" in q["quantized"]
+    assert q["weight_bits"] == int(scheme[1]) and q["group_size"] == 32 and "lm_head" in q["quantized"]
+    # w4: the untied table int4 with codes of its own (in row chunks, as 128k rows are)
+    assert q["embedding"] == ("float" if scheme == "w8" else {
+        "table": "embed_tokens.weight", "format": "GatherBlockQuantized", "bits": 4, "codes": "own"})
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -170,6 +180,49 @@ def test_embedding_quantizer_in_row_chunks_is_the_whole_tables(monkeypatch):
     assert np.abs(got - table[rows]).max() <= np.abs(scales).max() + 1e-6
 
 
+def _run(nodes, initializers, feeds: dict, outputs: list[str]) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    helper = onnx.helper
+    inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+              for k, v in feeds.items()]
+    outs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs]
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outs, initializer=initializers),
+                              opset_imports=[helper.make_opsetid("", 21),
+                                             helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]
+                                ).run(outputs, feeds)
+
+
+def test_a_tied_head_shares_its_codes_with_the_embedding():
+    """The tied head's MatMulNBits codes, read in place as a uint8 GatherBlockQuantized
+    (default zero point 8 = MatMulNBits' implicit one), give each row's values as the head holds
+    them: the logits' weights and the embeddings are one set of numbers. Rows the head pads
+    (K not a multiple of the block) or 8-bit heads keep a table of their own."""
+    from arx.calibration.embedding_quant import head_codes_embedding
+    from arx.calibration.weight_only import LinearQuantizer, _unpack
+
+    rng = np.random.default_rng(2)
+    v, h, bs = 40, 64, 32
+    table = rng.standard_normal((v, h)).astype(np.float32)
+    head = onnx.helper.make_node("MatMul", ["x", "lm_head.weight"], ["logits"], name="lm_head")
+    gather = onnx.helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["e"], name="embed")
+    nodes, tensors = LinearQuantizer(bits=4, group_size=bs, accuracy_level=0).quantize(head, table.T)
+    shared, extra = head_codes_embedding(nodes[0], gather, (v, h))
+    ids, x = np.array([[0, 7, 39]], np.int64), rng.standard_normal((2, h)).astype(np.float32)
+    embedded, logits = _run(nodes + shared, tensors + extra, {"input_ids": ids, "x": x}, ["e", "logits"])
+    blob, scales = (numpy_helper.to_array(t) for t in tensors)
+    codes = _unpack(blob, 4, h, v, h // bs).astype(np.float32) - 8
+    rows = (codes.reshape(v, h // bs, bs) * scales.reshape(v, -1, 1)).reshape(v, h)
+    np.testing.assert_array_equal(embedded, rows[ids])
+    np.testing.assert_allclose(logits, x @ rows.T, atol=1e-4)
+    padded = LinearQuantizer(bits=4, group_size=bs, accuracy_level=0).quantize(head, table[:, :48].T)
+    assert head_codes_embedding(padded[0][0], gather, (v, 48)) is None
+    eight = LinearQuantizer(bits=8, group_size=bs, accuracy_level=0).quantize(head, table.T)
+    assert head_codes_embedding(eight[0][0], gather, (v, h)) is None
+
+
 def test_report_measures_what_calibrate_measures(tiny_pair):
     """Against the PyTorch model instead of the fp32 bundle, on the same held-out tokens: the
     same quantized perplexity, a reference perplexity equal to the fp32 bundle's within float
@@ -198,7 +251,7 @@ def test_inspect_says_what_parity_checked(tiny_pair, capsys):
     out = capsys.readouterr().out
     assert "parity     passed (first 2 of 4 layers in float32)" in out, out
     assert "quantized  w4" in out and "gate 0% FORCED past" in out, out
-    assert "token embedding int4 (GatherBlockQuantized)" in out, out
+    assert "token embedding int4 (GatherBlockQuantized, codes shared with lm_head)" in out, out
     assert main(["inspect", str(calibrated)]) == 0
     assert "parity     passed (of the fp32 source)" in capsys.readouterr().out
 
