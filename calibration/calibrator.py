@@ -171,7 +171,8 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
                          accuracy_level=q_opts.level or 0)
         if q_opts.embedding:
             embedding = quantize_embedding(qm, group_size=q_opts.group_size,
-                                           head=G.LM_HEAD if tied else None)
+                                           head=G.LM_HEAD if tied else None,
+                                           bits=q_opts.spec.weight_bits)
         ref, calib = model, {**info, "weights": weights_record(q_opts, embedding)}
     by_name = {lin.node: lin for lin in linears}
     return _Quantized(qm, ref, calib, quantize, kept, [by_name[n] for n in quantize],
@@ -181,7 +182,7 @@ def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cac
 def weights_record(q_opts, embedding: dict | None) -> dict:
     """calibration.json's "weights" (arx export --quantize writes the same)."""
     return {"bits": q_opts.spec.weight_bits, "group_size": q_opts.group_size, "symmetric": True,
-            "embedding": "int4" if embedding else "float"}
+            "embedding": f"int{embedding['bits']}" if embedding else "float"}
 
 
 def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, options: CalibrateOptions) -> Manifest:

@@ -1,4 +1,4 @@
-"""w4's token embedding: the Gather of the (V, H) table by input_ids as com.microsoft
+"""The weight-only schemes' token embedding: the Gather of the (V, H) table by input_ids as com.microsoft
 GatherBlockQuantized over int4 codes, symmetric, one float scale per block of `group_size`
 along H of each row (ORT's quantizer's Gather path, the one that makes calibration.weight_only's
 MatMulNBits). In the TensorRT form (`embedding_to_float`) the table is dequantized back to float,
@@ -7,10 +7,12 @@ the values the codes stand for: TensorRT's int4 weights feed matrix products onl
     ids (B, S) ─ GatherBlockQuantized(codes int4 (V, H), scales (V, H/bs), block_size=bs) ─► (B, S, H)
 
 A tied LM head is quantized too (MatMulNBits over the table's transpose): its codes are the
-table's, so the Gather reads them instead of a second copy (head_codes_embedding).
+table's, so the Gather reads them instead of a second copy (head_codes_embedding), at w4's 4
+bits or w8's 8. An untied table gets int4 codes of its own at w4 and stays float at w8 (ORT's
+quantizer writes Gathers at 4 bits only).
 
-    lm_head blob uint8 (V, H/bs, bs/2) ────────────────┐
-    ids (B, S) ─ GatherBlockQuantized(bits=4, quantize_axis=2, lm_head scales (V, H/bs, 1))
+    lm_head blob uint8 (V, H/bs, bs*bits/8) ───────────┐
+    ids (B, S) ─ GatherBlockQuantized(bits, quantize_axis=2, lm_head scales (V, H/bs, 1))
                ─► (B, S, H/bs, bs) ─ Reshape ─► (B, S, H)
 """
 
@@ -29,7 +31,8 @@ from arx.export.graph import MS_DOMAIN
 from arx.export.graph_ir import add_initializer, take_place
 
 ROWS = 8192  # EmbeddingQuantizer's chunk of V (a 4096-column table: 128 MB in float32)
-EMBEDDING_BITS = 4  # ORT's quantizer quantizes Gathers at 4 bits only
+EMBEDDING_BITS = 4  # ORT's quantizer quantizes Gathers at 4 bits only (own codes)
+SHARED_BITS = (4, 8)  # GatherBlockQuantized reads a head's 4- and 8-bit MatMulNBits codes
 TOKEN_IDS = "input_ids"
 
 
@@ -94,21 +97,24 @@ def token_embedding(model: onnx.ModelProto) -> onnx.NodeProto | None:
     return gathers[0] if len(readers) == 1 else None
 
 
-def quantize_embedding(model: onnx.ModelProto, *, group_size: int,
-                       head: str | None = None) -> dict | None:
+def quantize_embedding(model: onnx.ModelProto, *, group_size: int, head: str | None = None,
+                       bits: int = EMBEDDING_BITS) -> dict | None:
     """Rewrite `model`'s token embedding (token_embedding) in place as GatherBlockQuantized:
     over the codes of MatMulNBits `head` (the tied LM head, untied to be quantized) where they
-    can be read as its rows (head_codes_embedding), else over a table of its own. Returns the
-    manifest's record of it (embedding_record), or None where there is none to quantize."""
+    can be read as its rows (head_codes_embedding), else over int4 codes of its own (only
+    those: at other `bits` the table then stays float). Returns the manifest's record of it
+    (embedding_record), or None where the table stays as it is."""
     node = token_embedding(model)
     if node is None:
         return None
     table = next(t for t in model.graph.initializer if t.name == node.input[0])
     made = None
     if head is not None:
-        matmul = next((n for n in model.graph.node if n.op_type == "MatMulNBits"
-                       and n.name in (head, head + "_Q4")), None)  # (ORT's quantizer's name)
+        matmul = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and (
+            n.name == head or n.name.startswith(head + "_Q"))), None)  # (ORT's "_Q4"/"_Q8")
         made = matmul is not None and head_codes_embedding(matmul, node, tuple(table.dims))
+    if not made and bits != EMBEDDING_BITS:
+        return None
     nodes, tensors = made or EmbeddingQuantizer(group_size=group_size).quantize(
         node, numpy_helper.to_array(table))
     position = list(model.graph.node).index(node)
@@ -117,27 +123,28 @@ def quantize_embedding(model: onnx.ModelProto, *, group_size: int,
         model.graph.node.insert(position + offset, new)
     model.graph.initializer.remove(table)
     model.graph.initializer.extend(tensors)
-    return embedding_record(table.name, head if made else None)
+    return embedding_record(table.name, head if made else None, bits)
 
 
-def embedding_record(table: str, head: str | None) -> dict:
-    """The manifest's `quantization.embedding` for an int4 table; `head`: the LM head whose
-    codes it reads, None for codes of its own."""
-    return {"table": table, "format": "GatherBlockQuantized", "bits": EMBEDDING_BITS,
+def embedding_record(table: str, head: str | None, bits: int = EMBEDDING_BITS) -> dict:
+    """The manifest's `quantization.embedding` for a quantized table; `head`: the LM head
+    whose codes it reads, None for codes of its own."""
+    return {"table": table, "format": "GatherBlockQuantized", "bits": bits,
             "codes": f"shared with {head}" if head else "own"}
 
 
 def head_codes_embedding(head: onnx.NodeProto, gather: onnx.NodeProto, table_shape: tuple
                          ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]] | None:
     """Gather `gather` as a reader of the tied LM head's codes instead of a table of its own:
-    a uint8 GatherBlockQuantized at 4 bits (whose default zero point is MatMulNBits' implicit
-    8) over the head's blob itself, (V, K/bs, bs/2) blocked along its last axis, with the
+    a uint8 GatherBlockQuantized at the head's 4 or 8 bits (whose default zero point is
+    MatMulNBits' implicit one, 8 or 128) over the head's blob itself, (V, K/bs, bs*bits/8)
+    blocked along its last axis, with the
     head's scales viewed (V, K/bs, 1); its (B, S, K/bs, bs) rows viewed (B, S, H). The blob is
     read in place: a Reshape of it would be folded into a second copy when the session loads.
-    None where the head's rows are not the table's: another op or width, not 4 bits, zero
+    None where the head's rows are not the table's: another op or width, other bits, zero
     points, or K not a multiple of the block (the blob's rows are padded to whole blocks)."""
     attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-    if head.op_type != "MatMulNBits" or attrs.get("bits") != EMBEDDING_BITS \
+    if head.op_type != "MatMulNBits" or attrs.get("bits") not in SHARED_BITS \
             or (attrs.get("N"), attrs.get("K")) != tuple(table_shape) \
             or attrs["K"] % attrs["block_size"] or (len(head.input) > 3 and head.input[3]):
         return None
@@ -150,7 +157,7 @@ def head_codes_embedding(head: onnx.NodeProto, gather: onnx.NodeProto, table_sha
              helper.make_node("GatherBlockQuantized", [head.input[1], gather.input[1],
                                                        f"{name}/scales"],
                               [f"{name}/blocks"], name=name, domain=MS_DOMAIN,
-                              bits=EMBEDDING_BITS, block_size=attrs["block_size"],
+                              bits=attrs["bits"], block_size=attrs["block_size"],
                               gather_axis=0, quantize_axis=2),
              helper.make_node("Reshape", [f"{name}/blocks", row_shape.name], list(gather.output),
                               name=f"{name}/rows")]
@@ -189,15 +196,16 @@ def embedding_to_float(model: ir.Model) -> int:
 
 def _head_rows(node: ir.Node) -> tuple[np.ndarray, np.ndarray, list[ir.Node]]:
     """(signed codes (V, H), scales (V, K/bs), the nodes the float Gather replaces) of a
-    GatherBlockQuantized over the head's blob: unsigned codes, zero point 8."""
+    GatherBlockQuantized over the head's blob: unsigned codes, zero point 2^(bits-1)."""
     codes, _, scales = node.inputs
     scale_view, (rows,) = scales.producer(), [use.node for use in node.outputs[0].uses()]
     if codes.const_value is None or scale_view is None or rows.op_type != "Reshape":
         raise ValueError(f"{node.name}: its codes are neither a table nor a head's blob")
     blob = codes.const_value.numpy()  # (V, K/bs, bs/2)
     v, k_blocks = blob.shape[:2]
-    signed = _unpack(blob, EMBEDDING_BITS, k_blocks * blob.shape[2] * 2, v, k_blocks)
-    signed = signed.astype(np.int8) - (1 << (EMBEDDING_BITS - 1))
+    bits = next(a.value for name, a in node.attributes.items() if name == "bits")
+    signed = _unpack(blob, bits, k_blocks * blob.shape[2] * 8 // bits, v, k_blocks)
+    signed = signed.astype(np.int16) - (1 << (bits - 1))
     block_scales = scale_view.inputs[0].const_value.numpy().reshape(v, k_blocks)
     return signed, block_scales, [scale_view, node, rows]
 

@@ -39,15 +39,17 @@ class Scheme:
 # table says so, the gate catches it, and its refusal measures and suggests --accuracy-level 1.
 # w4 also quantizes the token embedding (int4 GatherBlockQuantized, as llama.cpp's q4 types do
 # its token_embd): a decode step reads one row of it, so it costs no speed, but in float32 it
-# was most of a w4 bundle's bytes (Llama-3.2-1B: 1.05 GB of 1.59). w8 keeps it float: ORT's
-# quantizer writes Gathers at 4 bits only. docs/calibration.md has the measurements.
+# was most of a w4 bundle's bytes (Llama-3.2-1B: 1.05 GB of 1.59). w8 quantizes a tied table
+# (it reads the int8 head's codes) and keeps an untied one float: ORT's quantizer writes
+# Gathers at 4 bits only. docs/calibration.md has the measurements.
 SCHEMES: dict[str, Scheme] = {
     "w8a8": Scheme("w8a8", 8, True, 0.02, False,
                    "int8 weights (per-channel) and int8 activations (calibrated), explicit "
                    "symmetric Q/DQ for TensorRT and ORT"),
     "w8": Scheme("w8", 8, False, 0.02, True,
                  "int8 block-quantized weights (MatMulNBits on CPU), activations quantized to int8 "
-                 "per block at run time (accuracy level 4)", accuracy_level=4),
+                 "per block at run time (accuracy level 4)", accuracy_level=4,
+                 quantize_embedding=True),
     "w4": Scheme("w4", 4, False, 0.10, True,
                  "int4 block-quantized weights (MatMulNBits on CPU), activations quantized to int8 "
                  "per block at run time (accuracy level 4)", accuracy_level=4,
@@ -116,10 +118,9 @@ class QuantOptions:
         if self.reduce_range not in REDUCE_RANGE:
             raise ArxError(f"--reduce-range must be one of {', '.join(REDUCE_RANGE)} "
                            f"(got {self.reduce_range!r})")
-        if self.quantize_embedding and (s.weight_bits != 4 or s.activations):
-            raise ArxError(f"--embedding quantize writes an int4 table (onnxruntime's quantizer "
-                           f"quantizes Gathers at 4 bits only): use --scheme w4, or drop it for "
-                           f"{s.name}")
+        if self.quantize_embedding and s.activations:
+            raise ArxError(f"--embedding quantize is for the weight-only schemes (w4, w8), whose "
+                           f"MatMulNBits codes the table shares or matches; drop it for {s.name}")
         if self.reduce_range == "on" and not s.activations:
             raise ArxError(f"--reduce-range keeps w8a8's int8 weights in 7 bits; the weight-only "
                            f"scheme {s.name} does not need it (its kernel does not saturate); drop it")

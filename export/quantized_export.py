@@ -79,13 +79,16 @@ class EmitQuantizer:
         """How the token table is emitted: "float", "int4" (codes of its own) or "head" (the
         codes of tied LM head `head`, quantized later): calibrate's choice on the float graph
         (embedding_quant.quantize_embedding), made before the head exists."""
-        from arx.calibration.embedding_quant import embedding_record
+        from arx.calibration.embedding_quant import EMBEDDING_BITS, embedding_record
 
         q = self.quant
+        bits = q.spec.weight_bits
         if not q.embedding or (head is not None and not q.lm_head):
             return "float"  # (a float head reads the float table)
         shared = head is not None and width % q.group_size == 0
-        self.embedding = embedding_record(table, head if shared else None)
+        if not shared and bits != EMBEDDING_BITS:
+            return "float"  # (own codes: int4 only)
+        self.embedding = embedding_record(table, head if shared else None, bits)
         return "head" if shared else "int4"
 
     def quantize_embedding(self, node, table):

@@ -49,8 +49,9 @@ def register(sub) -> None:
     q.add_argument("--lm-head", choices=["quantize", "float"],
                    help="quantize the output projection (default: float for w8a8, quantize for w8/w4)")
     q.add_argument("--embedding", choices=["quantize", "float"],
-                   help="the token embedding table: int4 (quantize, w4's default) or float (w8, "
-                        "w8a8); a tied LM head kept float keeps it float")
+                   help="the token embedding table (w4, w8): quantize (the default) reads a tied "
+                        "LM head's codes, else gets int4 codes of its own at w4 (an untied w8 "
+                        "table stays float); float keeps it fp32")
     q.add_argument("--kv-dtype", default="fp32", choices=("fp32", "fp16", "int8"),
                    help="KV cache of the output: fp16, or int8 with per-channel scales measured "
                         "on --data (default fp32); the gate covers weights and cache together")

@@ -38,8 +38,8 @@ def register(sub) -> None:
     q.add_argument("--group-size", type=int, default=128,
                    help="weight block size along K (default 128), as arx calibrate's")
     q.add_argument("--embedding", choices=("quantize", "float"),
-                   help="the token embedding table: int4 (quantize, w4's default) or float, as "
-                        "arx calibrate's --embedding")
+                   help="the token embedding table: quantize (the default: the tied head's "
+                        "codes, or int4 of its own at w4) or float, as arx calibrate's --embedding")
     q.add_argument("--data", help="text for the accuracy report and gate (.txt, one sample a "
                                   "line, or .jsonl); default: random token ids, flagged as such")
     q.add_argument("--eval-samples", type=int,

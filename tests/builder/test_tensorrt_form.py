@@ -224,7 +224,7 @@ def test_ragged_step_with_a_past(exported_bundle, ort_session, attention):
 
 def _weight_only_bundle(src, dst, bits: int):
     """A bundle shaped like `arx calibrate --scheme w4|w8` output: MatMulNBits weights, the
-    head untied, and at 4 bits the token embedding int4 (GatherBlockQuantized)."""
+    head untied, and the token embedding as calibrate writes it (GatherBlockQuantized)."""
     import shutil
 
     from arx.calibration.graph import untie_lm_head
@@ -237,9 +237,12 @@ def _weight_only_bundle(src, dst, bits: int):
     tied = untie_lm_head(model)
     model = quantize_weight_only(model, bits=bits, group_size=32,
                                  accuracy_level=1, exclude=[])  # fp32 compute: comparable
-    if bits == 4:  # as calibrate: a tied head's codes shared, else a table of its own
-        record = quantize_embedding(model, group_size=32, head="lm_head" if tied else None)
+    # as calibrate: a tied head's codes shared, else int4 codes of its own (at 8 bits: float)
+    record = quantize_embedding(model, group_size=32, head="lm_head" if tied else None, bits=bits)
+    if bits == 4 or tied:
         assert record["codes"] == ("shared with lm_head" if tied else "own")
+    else:
+        assert record is None
     onnx.save_model(model, str(dst / m.decoder.file), save_as_external_data=True,
                     location=m.decoder.file + ".data", all_tensors_to_one_file=True)
     m.extensions["quantization"] = {"scheme": f"w{bits}", "format": "MatMulNBits"}
@@ -261,7 +264,8 @@ def _unfused_session(model):
 @pytest.mark.parametrize("bits, precision, atol, family", [
     (4, "fp32", 1e-4, "gemma"),  # tied: the embedding reads the head's codes
     (4, "fp32", 1e-4, "llama"),  # untied: a table of its own
-    (8, "fp16", 5e-2, "llama")])
+    (8, "fp16", 5e-2, "llama"),  # untied at 8 bits: the table stays float
+    (8, "fp16", 5e-2, "gemma")])  # tied: the int8 head's codes
 def test_weight_only_bundle_builds_as_qdq_blocks(exported_bundle, tmp_path, bits, precision, atol,
                                                  family):
     """w4/w8 bundles build: MatMulNBits becomes DequantizeLinear(block) + MatMul, the same
@@ -277,7 +281,8 @@ def test_weight_only_bundle_builds_as_qdq_blocks(exported_bundle, tmp_path, bits
                 and o.endswith(("/scales", "/blocks"))]  # the shared codes' views went too
     tables = [n.input[0] for n in form.proto.graph.node if n.op_type == "Gather"
               and n.input[1] == "input_ids"]
-    assert len(tables) == 1 and tables[0].endswith(".table" if bits == 4 else "embed_tokens.weight")
+    assert len(tables) == 1 and tables[0].endswith(".table" if bits == 4 or family == "gemma"
+                                                   else "embed_tokens.weight")
     steps = ragged_steps()
     expected = run_reference(bundle, steps)
     got = run_form(_unfused_session, form.proto, read_manifest(bundle), steps)

@@ -148,7 +148,8 @@ def test_keep_fp_and_lm_head_choice(llama_bundle, calib_text, tmp_path):
 def test_embedding_choice(llama_bundle, calib_text, tmp_path):
     """w4 writes the token embedding int4 (GatherBlockQuantized, in the decoder and in the
     general-step graph that shares its weights); --embedding float keeps the float Gather;
-    w8 refuses --embedding quantize in one line (ORT quantizes Gathers at 4 bits only)."""
+    w8 keeps this untied table float (ORT quantizes Gathers at 4 bits only); w8a8 refuses
+    --embedding quantize in one line."""
     from arx.runtime.roofline import weight_bytes
 
     for choice, op in ((None, "GatherBlockQuantized"), (False, "Gather")):
@@ -165,8 +166,11 @@ def test_embedding_choice(llama_bundle, calib_text, tmp_path):
         assert tables == ({"embed_tokens.weight"} if choice is False else
                           {"embed_tokens.weight_Q4", "embed_tokens.weight_scales"})
         assert np.isfinite(decoder_logits(out, np.array([5, 9, 14, 22]))).all()
-    with pytest.raises(ArxError, match="--embedding quantize writes an int4 table"):
-        options(calib_text, "w8", quantize_embedding=True)
+    w8 = calibrate_bundle(bundle=llama_bundle, output=tmp_path / "w8.arx",
+                          options=options(calib_text, "w8"))
+    assert w8.manifest.extensions["quantization"]["embedding"] == "float"
+    with pytest.raises(ArxError, match="--embedding quantize is for the weight-only schemes"):
+        options(calib_text, "w8a8", quantize_embedding=True)
 
 
 def test_a_tied_table_a_float_head_reads_stays_float():

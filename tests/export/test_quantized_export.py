@@ -198,8 +198,8 @@ def _run(nodes, initializers, feeds: dict, outputs: list[str]) -> list[np.ndarra
 def test_a_tied_head_shares_its_codes_with_the_embedding():
     """The tied head's MatMulNBits codes, read in place as a uint8 GatherBlockQuantized
     (default zero point 8 = MatMulNBits' implicit one), give each row's values as the head holds
-    them: the logits' weights and the embeddings are one set of numbers. Rows the head pads
-    (K not a multiple of the block) or 8-bit heads keep a table of their own."""
+    them: the logits' weights and the embeddings are one set of numbers, at 4 bits and at 8
+    (zero point 128). Rows the head pads (K not a multiple of the block) are not shared."""
     from arx.calibration.embedding_quant import head_codes_embedding
     from arx.calibration.weight_only import LinearQuantizer, _unpack
 
@@ -219,8 +219,12 @@ def test_a_tied_head_shares_its_codes_with_the_embedding():
     np.testing.assert_allclose(logits, x @ rows.T, atol=1e-4)
     padded = LinearQuantizer(bits=4, group_size=bs, accuracy_level=0).quantize(head, table[:, :48].T)
     assert head_codes_embedding(padded[0][0], gather, (v, 48)) is None
-    eight = LinearQuantizer(bits=8, group_size=bs, accuracy_level=0).quantize(head, table.T)
-    assert head_codes_embedding(eight[0][0], gather, (v, h)) is None
+    nodes, tensors = LinearQuantizer(bits=8, group_size=bs, accuracy_level=0).quantize(head, table.T)
+    shared, extra = head_codes_embedding(nodes[0], gather, (v, h))
+    (embedded,) = _run(nodes + shared, tensors + extra, {"input_ids": ids, "x": x}, ["e"])
+    blob, scales = (numpy_helper.to_array(t) for t in tensors)
+    rows = ((blob.astype(np.float32) - 128) * scales.reshape(v, -1, 1)).reshape(v, h)
+    np.testing.assert_array_equal(embedded, rows[ids])
 
 
 def test_report_measures_what_calibrate_measures(tiny_pair):
@@ -292,7 +296,7 @@ def test_over_the_gate_nothing_is_written(tiny_pair, tmp_path):
     (["--data", "x.txt"], "--data is an option of --quantize"),
     (["--eval-samples", "4"], "--eval-samples is an option of --quantize"),
     (["--embedding", "float"], "--embedding is an option of --quantize"),
-    (["--quantize", "w8", "--embedding", "quantize"], "--embedding quantize writes an int4 table"),
+    (["--quantize", "w8a8", "--embedding", "quantize"], "--embedding quantize is for the weight-only"),
     (["--quantize", "w4", "--eval-samples", "0"], "--eval-samples must be >= 1"),
 ])
 def test_refusals_in_one_line(tmp_path, capsys, flags, says):
