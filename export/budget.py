@@ -78,7 +78,10 @@ def _quantized(src, quantize, params: int, emit: float, ckpt: int, largest: int
 
     quant = QuantOptions(scheme=quantize) if isinstance(quantize, str) else quantize.quant
     embed = src.module.get_input_embeddings().weight.numel()
-    bundle = quantized_bytes(params, embed, quant.spec.weight_bits, quant.group_size, quant.embedding)
+    # an int4 table of its own at w4 (a tied one reads the head's codes: counted twice, on the
+    # safe side); w8's untied table stays float32
+    bundle = quantized_bytes(params, embed, quant.spec.weight_bits, quant.group_size,
+                             quant.embedding and quant.spec.weight_bits == 4)
     dtype = checkpoint_dtype(src)
     check = full_depth_bytes(ckpt, bundle, params, dtype, "cpu")
     if dtype != "float32" and not native_half(dtype):
