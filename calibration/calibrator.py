@@ -57,7 +57,7 @@ class _Quantized:
     kept: list[str]
     linears: list[G.Linear]
     kv_scales: dict | None = None  # --kv-dtype int8: the cache's scales, per past name
-    embedding: dict | None = None  # the token embedding's record, where it is int4
+    embedding: dict | None = None  # the token embedding's record, where it is quantized
 
 
 def calibrate_bundle(*, bundle: str | Path, output: str | Path,
@@ -210,7 +210,7 @@ def _write_bundle(src: Path, manifest: Manifest, tmp: Path, q: _Quantized, optio
 def extension(source: dict, quantized: list[str], kept: list[str], options: CalibrateOptions,
               embedding: dict | None = None) -> dict:
     """The manifest's quantization section (arx export --quantize writes the same);
-    `embedding`: the token embedding's record where it is int4 (embedding_quant)."""
+    `embedding`: the token embedding's record where it is quantized (embedding_quant)."""
     o = options.quant
     ext = {"scheme": o.scheme, "summary": o.spec.summary, "weight_bits": o.spec.weight_bits,
            "activation_bits": 8 if o.int8_activations else None, "symmetric": True,

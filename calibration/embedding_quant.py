@@ -63,7 +63,6 @@ class EmbeddingQuantizer:
             raise ValueError(f"{node.name}: an embedding of odd width {h} has no whole-byte int4 rows")
         starts = range(0, v, ROWS)
         # numpy releases the GIL in the quantizer's array passes: chunks on every core
-        # (a 128k x 2048 table: 5.5 s on one of this machine's 2 cores)
         with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
             parts = list(pool.map(lambda a: self._quantize_rows(node, table[a:a + ROWS]), starts))
         nodes, (codes, scales) = parts[0]
@@ -97,6 +96,15 @@ def token_embedding(model: onnx.ModelProto) -> onnx.NodeProto | None:
     return gathers[0] if len(readers) == 1 else None
 
 
+def embedding_plan(*, bits: int, group_size: int, width: int, head: str | None) -> str | None:
+    """How a token table of `width` is quantized: "head" (it reads the codes of tied LM head
+    `head`, quantized at `bits`: head_codes_embedding), "own" (int4 codes of its own) or None
+    (it stays float: no own codes at other bits). Calibrate and the streamed export both ask."""
+    if head is not None and bits in SHARED_BITS and width % group_size == 0:
+        return "head"
+    return "own" if bits == EMBEDDING_BITS else None
+
+
 def quantize_embedding(model: onnx.ModelProto, *, group_size: int, head: str | None = None,
                        bits: int = EMBEDDING_BITS) -> dict | None:
     """Rewrite `model`'s token embedding (token_embedding) in place as GatherBlockQuantized:
@@ -108,8 +116,9 @@ def quantize_embedding(model: onnx.ModelProto, *, group_size: int, head: str | N
     if node is None:
         return None
     table = next(t for t in model.graph.initializer if t.name == node.input[0])
+    plan = embedding_plan(bits=bits, group_size=group_size, width=table.dims[1], head=head)
     made = None
-    if head is not None:
+    if plan == "head":
         matmul = next((n for n in model.graph.node if n.op_type == "MatMulNBits" and (
             n.name == head or n.name.startswith(head + "_Q"))), None)  # (ORT's "_Q4"/"_Q8")
         made = matmul is not None and head_codes_embedding(matmul, node, tuple(table.dims))

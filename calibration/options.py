@@ -94,7 +94,7 @@ class QuantOptions:
     accuracy_level: int | None = None  # MatMulNBits compute type (w8, w4); None: the scheme's default
     keep_fp: tuple[str, ...] = ()  # MatMul names or prefixes ("layers.3") kept in float
     quantize_lm_head: bool | None = None  # None: the scheme's default
-    quantize_embedding: bool | None = None  # None: the scheme's default (w4: int4)
+    quantize_embedding: bool | None = None  # None: the scheme's default (w4, w8: quantize)
     reduce_range: str = "auto"  # w8a8: 7-bit weights (REDUCE_RANGE); calibrate resolves auto
 
     def __post_init__(self):
@@ -145,7 +145,8 @@ class QuantOptions:
 
     @property
     def embedding(self) -> bool:
-        """The token embedding is quantized (int4), where nothing but its Gather reads it."""
+        """The token embedding is quantized (embedding_quant.embedding_plan says how), where
+        nothing but its Gather and a quantized tied head read it."""
         return self.spec.quantize_embedding if self.quantize_embedding is None else self.quantize_embedding
 
     @property

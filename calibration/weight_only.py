@@ -14,7 +14,7 @@ INT4/INT8 path expects. Lossless: the same integers and scales, re-laid out.
     W_q int4|int8 (K, N) ─ DequantizeLinear(scale (K/bs, N), axis=0, block_size=bs) ─┐
     x (.., K) ──────────────────────────────────────────────────────────────────── MatMul ─► y
 
-w4's token embedding: calibration/embedding_quant.py.
+The token embedding: calibration/embedding_quant.py.
 """
 
 from __future__ import annotations
@@ -31,9 +31,6 @@ from arx.export.graph_ir import add_initializer, take_place
 MIN_QDQ_OPSET = 21  # DequantizeLinear with block_size and int4
 SYMMETRIC = True  # no zero points: the TensorRT form below needs none
 COLUMNS = 8192  # LinearQuantizer's chunk of N (a 4096-row chunk: 128 MB in float32)
-ROWS = 8192  # EmbeddingQuantizer's chunk of V (a 4096-column table: 128 MB in float32)
-EMBEDDING_BITS = 4  # ORT's quantizer quantizes Gathers to int4 only
-TOKEN_IDS = "input_ids"
 
 
 def quantize_weight_only(model: onnx.ModelProto, *, bits: int, group_size: int, accuracy_level: int,

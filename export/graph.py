@@ -44,7 +44,8 @@ class GraphBuilder:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._counts: dict[str, int] = {}
         self._consts: dict[tuple, str] = {}
-        self._head_readers: dict[str, int] = {}  # quantized head -> its table's Gather (embedding)
+        # quantized head -> (its table's Gather in self.nodes, the table's shape): embedding()
+        self._head_readers: dict[str, tuple[int, tuple[int, int]]] = {}
 
     @property
     def float_type(self) -> int:
@@ -95,8 +96,8 @@ class GraphBuilder:
 
     def embedding(self, table_name: str, table: np.ndarray, ids: str, *, head: str | None,
                   name: str = "embed") -> str:
-        """Gather(table (V, H), ids) as node `name`. Where the quantizer takes the table (w4),
-        GatherBlockQuantized, the float bytes never written: over codes of its own, or, for a
+        """Gather(table (V, H), ids) as node `name`. Where the quantizer takes the table (w4,
+        w8), GatherBlockQuantized, the float bytes never written: over codes of its own, or, for a
         table tied LM head MatMul `head` reads, over the head's codes once matmul() has
         quantized them (the Gather waits in the node list until then)."""
         form = "float" if self.quantizer is None else \
@@ -106,7 +107,7 @@ class GraphBuilder:
         out = self.fresh(f"{name}/out")
         node = helper.make_node("Gather", [table_name, ids], [out], name=self.fresh(name))
         if form == "head":
-            self._head_readers[head] = len(self.nodes)
+            self._head_readers[head] = (len(self.nodes), table.shape)
             self.nodes.append(node)
         else:
             self._add_quantized(*self.quantizer.quantize_embedding(node, table))
@@ -116,11 +117,10 @@ class GraphBuilder:
         """The Gather waiting for quantized head `head` (embedding) now reads its codes."""
         from arx.calibration.embedding_quant import head_codes_embedding
 
-        at = self._head_readers.pop(head)
+        at, shape = self._head_readers.pop(head)
         gather = self.nodes[at]
         (matmul,) = [n for n in nodes if n.op_type == "MatMulNBits"]
-        attrs = {a.name: helper.get_attribute_value(a) for a in matmul.attribute}
-        made = head_codes_embedding(matmul, gather, (attrs["N"], attrs["K"]))
+        made = head_codes_embedding(matmul, gather, shape)
         if made is None:  # embedding_form promised the head's codes would do
             raise RuntimeError(f"{head}'s codes cannot be read by {gather.name}: an arx bug")
         self.nodes[at:at + 1] = made[0]

@@ -67,7 +67,7 @@ class EmitQuantizer:
         self._linear = LinearQuantizer(bits=quant.spec.weight_bits, group_size=quant.group_size,
                                        accuracy_level=quant.level)
         self.decided: dict[str, bool] = {}  # node name -> quantized, in graph order
-        self.embedding: dict | None = None  # the token table's record once it is emitted int4
+        self.embedding: dict | None = None  # the token table's record once it is quantized
 
     def takes(self, name: str) -> bool:
         return self.decided.setdefault(name, name != LM_HEAD or self.quant.lm_head)
@@ -79,17 +79,18 @@ class EmitQuantizer:
         """How the token table is emitted: "float", "int4" (codes of its own) or "head" (the
         codes of tied LM head `head`, quantized later): calibrate's choice on the float graph
         (embedding_quant.quantize_embedding), made before the head exists."""
-        from arx.calibration.embedding_quant import EMBEDDING_BITS, embedding_record
+        from arx.calibration.embedding_quant import embedding_plan, embedding_record
 
         q = self.quant
-        bits = q.spec.weight_bits
         if not q.embedding or (head is not None and not q.lm_head):
             return "float"  # (a float head reads the float table)
-        shared = head is not None and width % q.group_size == 0
-        if not shared and bits != EMBEDDING_BITS:
-            return "float"  # (own codes: int4 only)
-        self.embedding = embedding_record(table, head if shared else None, bits)
-        return "head" if shared else "int4"
+        plan = embedding_plan(bits=q.spec.weight_bits, group_size=q.group_size, width=width,
+                              head=head)
+        if plan is None:
+            return "float"
+        self.embedding = embedding_record(table, head if plan == "head" else None,
+                                          q.spec.weight_bits)
+        return "head" if plan == "head" else "int4"
 
     def quantize_embedding(self, node, table):
         from arx.calibration.embedding_quant import EmbeddingQuantizer

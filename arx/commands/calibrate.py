@@ -76,7 +76,7 @@ def _percent(text: str | None) -> float | None:
         raise ArxError(f"--max-ppl-increase takes a percentage like 2 or 2%, got {text!r}") from None
 
 
-def _choice(flag: str | None) -> bool | None:
+def quantize_choice(flag: str | None) -> bool | None:
     """--lm-head / --embedding: None (the scheme's default), or whether to quantize."""
     return None if flag is None else flag == "quantize"
 
@@ -90,8 +90,8 @@ def options_from_args(args):
                          smoothquant=args.smoothquant, group_size=args.group_size,
                          accuracy_level=args.accuracy_level, keep_fp=keep,
                          reduce_range=args.reduce_range,
-                         quantize_lm_head=_choice(args.lm_head),
-                         quantize_embedding=_choice(args.embedding))
+                         quantize_lm_head=quantize_choice(args.lm_head),
+                         quantize_embedding=quantize_choice(args.embedding))
     samples, eval_samples = _counts(args)
     data = DataOptions(path=args.data, random=args.random, text_field=args.text_field, chunk=args.chunk,
                        samples=samples, seq_len=args.seq_len, eval_path=args.eval_data,

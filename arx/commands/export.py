@@ -93,10 +93,10 @@ def _quantize(args):
                                f"drop {flag}")
         return None
     from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
+    from arx.commands.calibrate import quantize_choice
 
-    embedding = None if args.embedding is None else args.embedding == "quantize"
     return CalibrateOptions(quant=QuantOptions(scheme=args.quantize, group_size=args.group_size,
-                                               quantize_embedding=embedding),
+                                               quantize_embedding=quantize_choice(args.embedding)),
                             data=DataOptions(path=args.data, random=not args.data,
                                              **({} if args.eval_samples is None
                                                 else {"eval_samples": args.eval_samples})),
