@@ -65,13 +65,16 @@ def runs(shape: str) -> list[tuple[str, str]]:
 
 
 # rows run only when --only names them: what a choice costs, beside the default's row
-OPTIONAL = [("arx", "w4-float-embedding")]  # w4 with the token table kept float32, as before
+# (-float-embedding: the token table kept float32, as w4/w8 wrote it before 2026-12-04)
+OPTIONAL = [("arx", "w4-float-embedding"), ("arx", "w8"), ("arx", "w8-float-embedding")]
+FLOAT_EMBEDDING = "-float-embedding"
 
 
 def command(tool: str, precision: str, ckpt: Path, out: Path, max_seq_len: int) -> list[str]:
     if tool == "arx":
-        flags = (["--quantize", "w4"] + (["--embedding", "float"] if precision != "w4" else [])
-                 if precision.startswith("w4") else ["--dtype", precision])
+        scheme = precision.removesuffix(FLOAT_EMBEDDING)
+        flags = (["--quantize", scheme] + (["--embedding", "float"] if scheme != precision else [])
+                 if scheme in ("w4", "w8") else ["--dtype", precision])
         return [sys.executable, "-m", "arx", "export", str(ckpt), "-o", str(out), "-q", *flags,
                 "--max-seq-len", str(max_seq_len)]
     return [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(ckpt), "-o",

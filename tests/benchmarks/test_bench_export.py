@@ -38,6 +38,9 @@ def test_optional_rows_run_only_when_named(bench, tmp_path, monkeypatch):
     assert cmd[cmd.index("--quantize"):cmd.index("--quantize") + 4] == \
         ["--quantize", "w4", "--embedding", "float"]
     assert "--embedding" not in bench.command("arx", "w4", tmp_path / "c", tmp_path / "o", 64)
+    w8 = bench.command("arx", "w8-float-embedding", tmp_path / "c", tmp_path / "o", 64)
+    assert w8[w8.index("--quantize"):w8.index("--quantize") + 4] == \
+        ["--quantize", "w8", "--embedding", "float"]
     measured = []
     monkeypatch.setattr(bench, "_measure", lambda cmd, *a: measured.append(cmd) or
                         {"seconds": 1.0, "spread_s": "-", "peak_gb": 0.1, "output_gb": 0.0,
