@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
     only = set(args.only.split(",")) if args.only else None
+    if args.work:
+        Path(args.work).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-export-", dir=args.work) as work:
         rows = [r for s in args.shape for r in bench(s, Path(work), args.max_seq_len, only,
                                                      args.repeat)]

@@ -1,13 +1,17 @@
-"""What one weight costs the fp16 emitter: bf16 bits -> float32 -> transposed -> float16.
+"""What one weight costs the fp16 emitter: bf16 bits -> float32 (in, out) -> float16.
 
     python benchmarks/bench_weight_copies.py               # 12 weights of 8192 x 2048, 5 rounds
 
-Each weight passes through three copies. The variants, alternated round by round:
-- torch: each copy a new torch tensor (what export/tensor_source.py did before 2026-12-02);
-- numpy: the emitter's own functions (`tensor_source.widen_bf16`, `contiguous`,
-  `external_data.to_proto_array`), each copy into a new numpy array (`into_numpy`: numpy asks
-  the kernel for huge pages on big arrays, torch's allocator does not);
-- reused: the same three copies into buffers allocated once (the ceiling for a buffer pool).
+The variants, alternated round by round:
+- torch: widen, transpose and cast, each copy a new torch tensor (what
+  export/tensor_source.py did before 2026-12-02);
+- numpy: the same three copies, each into a new numpy array (`into_numpy`: numpy asks the
+  kernel for huge pages on big arrays, torch's allocator does not; what the emitter did until
+  2026-12-04), the transpose in one torch copy_;
+- emitter: what the emitter does now, widening and transposing in one copy
+  (`tensor_source.transposed_float32`, in slabs of 256 source rows), then the cast
+  (`external_data.to_proto_array`);
+- reused: the three copies into buffers allocated once (the ceiling for a buffer pool).
 On the 2-core VMs here, page faults on fresh memory cost more than the copies themselves
 (docs/design.md, "Streamed export"). Prints each variant's median and spread over the rounds.
 """
@@ -25,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from arx.export.external_data import to_proto_array  # noqa: E402
-from arx.export.tensor_source import bf16_tensor, contiguous, widen_bf16  # noqa: E402
+from arx.export.tensor_source import (bf16_tensor, transposed_float32,  # noqa: E402
+                                      widen_bf16)
 
 
 def torch_copies(bits: np.ndarray, _buffers) -> np.ndarray:
@@ -35,8 +40,16 @@ def torch_copies(bits: np.ndarray, _buffers) -> np.ndarray:
 
 
 def numpy_copies(bits: np.ndarray, _buffers) -> np.ndarray:
-    """The emitter's own path: tensor_source's widening and transpose, the writer's cast."""
-    return to_proto_array(contiguous(widen_bf16(bits).T), "float16")[0]
+    """Widening, then a one-call transposing copy into numpy arrays, then the writer's cast."""
+    wide = widen_bf16(bits)
+    moved = np.empty(wide.T.shape, np.float32)
+    torch.from_numpy(moved).copy_(torch.from_numpy(wide).t())
+    return to_proto_array(moved, "float16")[0]
+
+
+def emitter_copies(bits: np.ndarray, _buffers) -> np.ndarray:
+    """The emitter's path: widened and transposed in one copy, then the writer's cast."""
+    return to_proto_array(transposed_float32(bits), "float16")[0]
 
 
 def reused_copies(bits: np.ndarray, buffers) -> np.ndarray:
@@ -47,7 +60,8 @@ def reused_copies(bits: np.ndarray, buffers) -> np.ndarray:
     return half
 
 
-VARIANTS = {"torch": torch_copies, "numpy": numpy_copies, "reused": reused_copies}
+VARIANTS = {"torch": torch_copies, "numpy": numpy_copies, "emitter": emitter_copies,
+            "reused": reused_copies}
 
 
 def bench(rows: int, cols: int, weights: int, rounds: int) -> dict[str, list[float]]:

@@ -14,6 +14,8 @@ Two kinds behind the same reads (export/weights.py uses only those):
 from __future__ import annotations
 
 import json
+import mmap
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -54,18 +56,42 @@ def bf16_tensor(bits: np.ndarray):
     return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
 
 
+# Source rows per slab of a transposing copy: a (2048 x 8192) bf16 -> fp32 transpose in slabs
+# of 256 took a third of torch's one-call copy_ here (64: the same; 1024: slower than one call)
+SLAB_ROWS = 256
+
+
 def into_numpy(tensor, dtype) -> np.ndarray:
     """`tensor` copied (cast where `dtype` differs) into a new C-contiguous numpy array.
 
     The array is numpy's, not torch's: numpy asks the kernel for huge pages on big arrays
     (madvise) and torch's allocator does not, and on this machine the page faults of fresh
-    memory cost more than the copy itself (docs/design.md, "Streamed export")."""
+    memory cost more than the copy itself (docs/design.md, "Streamed export"). A transposed
+    2-D view is copied SLAB_ROWS rows of its source at a time, which keeps both sides of each
+    slab in cache."""
     import torch
 
     out = np.empty(tuple(tensor.shape), dtype)
     target = bf16_tensor(out) if dtype == np.uint16 else torch.from_numpy(out)  # bf16 bits
-    target.copy_(tensor)
+    if tensor.dim() == 2 and tensor.stride(0) == 1 and tensor.shape[1] > SLAB_ROWS:
+        for i in range(0, tensor.shape[1], SLAB_ROWS):  # columns here, rows of the source
+            target[:, i:i + SLAB_ROWS].copy_(tensor[:, i:i + SLAB_ROWS])
+    else:
+        target.copy_(tensor)
     return out
+
+
+def transposed_float32(array: np.ndarray) -> np.ndarray:
+    """A 2-D weight as read (float32, float16, or bfloat16 bits as uint16) -> its transpose in
+    float32, C-contiguous, widened and transposed in one copy (the emitter's MatMul weights are
+    (in, out), checkpoints store (out, in))."""
+    try:
+        import torch
+    except ImportError:
+        source = widen_bf16(array) if array.dtype == np.uint16 else array
+        return np.ascontiguousarray(source.T, dtype=np.float32)
+    source = bf16_tensor(array) if array.dtype == np.uint16 else torch.from_numpy(array)
+    return into_numpy(source.t(), np.float32)
 
 
 def _float32(tensor) -> np.ndarray:
@@ -85,6 +111,10 @@ class StateDictSource:
 
     def __getitem__(self, name: str) -> np.ndarray:
         return _float32(self.state[name])
+
+    def transposed(self, name: str) -> np.ndarray:
+        """A 2-D float tensor's transpose as float32, in one copy."""
+        return into_numpy(self.state[name].detach().t(), np.float32)
 
     get = __getitem__
 
@@ -143,18 +173,51 @@ class SafetensorsSource:
 
     def first_rows(self, name: str, rows: int | None) -> np.ndarray:
         """The tensor, or only its first `rows` rows along dim 0 (read alone from the file)."""
+        with self._mapped(name, rows) as stored:
+            if self.dtype(name) == "BF16":  # a float32's top half: widened exactly
+                return widen_bf16(stored)
+            return np.array(stored, dtype=np.float32 if stored.dtype.kind == "f" else None)
+
+    def transposed(self, name: str, rows: int | None = None) -> np.ndarray:
+        """A 2-D float tensor (or its first `rows` rows) transposed, as float32: widened and
+        transposed in one copy from the file's pages."""
+        code = self.dtype(name)
+        if code not in ("BF16", "F16", "F32") or len(self.shape(name)) != 2:
+            raise ArxError(f"tensor {name} is {code} {list(self.shape(name))}, not a 2-D float "
+                           f"weight; the checkpoint does not match its config's architecture")
+        with self._mapped(name, rows) as stored:
+            return transposed_float32(stored)
+
+    @contextmanager
+    def _mapped(self, name: str, rows: int | None):
+        """The tensor's stored values (bfloat16 as uint16 bits), or its first `rows` rows, as
+        an array over a private mapping of just its bytes, valid inside the block: the copy
+        made from it is the only one (a read into a new array first cost one more, and the
+        page faults of that array), and its pages leave the process with the mapping."""
         path, offset, code, shape = self._where[name]
         if rows is not None:
             shape = (min(rows, shape[0]), *shape[1:])
-        out = np.empty(shape, dtype=_NUMPY[code])
+        dtype = np.dtype(_NUMPY[code])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
         with open(path, "rb") as f:
-            f.seek(offset)
-            if f.readinto(memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
+            try:  # private, so the array is writable (torch takes it) and the file never is
+                mapping = mmap.mmap(f.fileno(), offset - start + nbytes, offset=start,
+                                    access=mmap.ACCESS_COPY) if nbytes else None
+            except ValueError:  # shorter than its header says (changed since it was read)
                 raise ArxError(f"{path} ends inside tensor {name}; the weights look corrupt or "
-                               f"incomplete, re-download or re-save them")
-        if code == "BF16":  # the top half of a float32: widened exactly
-            return widen_bf16(out)
-        return np.ascontiguousarray(out, dtype=np.float32) if out.dtype.kind == "f" else out
+                               f"incomplete, re-download or re-save them") from None
+        if mapping is None:
+            yield np.empty(shape, dtype)
+            return
+        try:
+            yield np.frombuffer(mapping, dtype, count=nbytes // dtype.itemsize,
+                                offset=offset - start).reshape(shape)
+        finally:
+            try:
+                mapping.close()
+            except BufferError:  # a view outlived the block (an exception's traceback): the
+                pass  # mapping closes when that goes
 
     get = __getitem__
 
@@ -183,9 +246,14 @@ class FirstRows:
         return self.source.dtype(name)
 
     def __getitem__(self, name: str) -> np.ndarray:
+        return self.source.first_rows(name, self._rows(name))
+
+    def transposed(self, name: str) -> np.ndarray:
+        return self.source.transposed(name, self._rows(name))
+
+    def _rows(self, name: str) -> int | None:
         shape = self.source.shape(name)
-        sliced = len(shape) > 0 and shape[0] == self.vocab
-        return self.source.first_rows(name, self.rows if sliced else None)
+        return self.rows if len(shape) > 0 and shape[0] == self.vocab else None
 
     get = __getitem__
 

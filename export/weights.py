@@ -106,9 +106,15 @@ class _Reader:
 
     def linear(self, prefix: str, bias: bool):
         """Return (W (in, out), b) whatever the checkpoint's layout."""
-        w = self.get(prefix + ".weight")
-        w = w.T if self.names.linear_is_out_in else w
-        return contiguous(w), (self.opt(prefix + ".bias") if bias else None)
+        key = prefix + ".weight"
+        transposed = getattr(self.state, "transposed", None)  # TensorSources: one copy
+        if not self.names.linear_is_out_in:
+            w = self.get(key)
+        elif transposed is not None and key in self.state:
+            w = transposed(key)
+        else:
+            w = contiguous(self.get(key).T)
+        return w, (self.opt(prefix + ".bias") if bias else None)
 
     def split_rows(self, prefix: str, sizes: list[int], bias: bool):
         """Split a fused linear by output features; returns [(W (in, out_i), b_i)]."""
