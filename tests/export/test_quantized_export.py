@@ -349,3 +349,21 @@ def test_budget_names_w4_where_fp16_does_not_fit(tmp_path, monkeypatch, capsys):
     compute = "bfloat16" if native_half("bfloat16") else "float32"
     assert report["settings"]["reference"]["compute"] == compute
     assert np.isfinite(m.extensions["quantization"]["accuracy"]["ppl_quantized"])
+
+
+@pytest.mark.parametrize("shape, spread", [((3, 37, 500), 4), ((40, 33), 4), ((1, 1, 10), 4),
+                                           ((9,), 4), ((0, 5), 4), ((20, 3000), 400)])
+def test_log_softmax_in_place_is_the_textbook_one_bit_for_bit(shape, spread):
+    """The gate's log-softmax, written in place a few rows at a time (its exp floored where
+    it would underflow: logits spanning thousands, as a random-weight model's do), gives
+    exactly what x - max - log(sum(exp(x - max))) in float64 gives: metrics do not move."""
+    from arx.calibration.evaluate import log_softmax
+
+    x = (np.random.default_rng(1).standard_normal(shape) * spread).astype(np.float32)
+    wide = x.astype(np.float64) - x.astype(np.float64).max(axis=-1, keepdims=True) \
+        if x.size else x.astype(np.float64)
+    want = wide - np.log(np.exp(wide).sum(axis=-1, keepdims=True)) if x.size else wide
+    got = log_softmax(x)
+    assert got.dtype == np.float64 and got.shape == x.shape and np.array_equal(got, want)
+    reused = np.full(x.shape, np.nan)
+    assert log_softmax(x, reused) is reused and np.array_equal(reused, want)
