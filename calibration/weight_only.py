@@ -26,6 +26,7 @@ import onnx_ir as ir
 from onnx import helper, numpy_helper
 
 from arx.export.graph_ir import add_initializer, take_place
+from arx.export.tensor_source import contiguous
 
 
 MIN_QDQ_OPSET = 21  # DequantizeLinear with block_size and int4
@@ -88,7 +89,7 @@ class LinearQuantizer:
         codes = np.empty((n, *template[codes_name].shape[1:]), template[codes_name].dtype)
         scales = np.empty((n, *template[scales_name].shape[1:]), np.float32)
         for a in range(0, n, COLUMNS):
-            chunk = np.ascontiguousarray(array[:, a:a + COLUMNS], dtype=np.float32)
+            chunk = contiguous(array[:, a:a + COLUMNS]).astype(np.float32, copy=False)
             codes[a:a + chunk.shape[1]], scales[a:a + chunk.shape[1]], _ = \
                 self._quantizer.qbits_block_quant(chunk)
         for attr in quantized.attribute:
