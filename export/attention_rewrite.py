@@ -60,6 +60,10 @@ class Bookkeeping:
     total64: ValueLike = ""  # (B,) int64: valid cache entries after this step (past + new)
     keys: ValueLike = ""  # (T,) int64 key positions 0..T-1 when the cache length is dynamic
     block: ValueLike = ""  # (B,) bool: rows whose new block is bidirectional (mask "block")
+    # (1,) int64: where set, Attention reads only the cache's first keys_end entries (keys is
+    # then 0..keys_end-1): ORT CPU's Attention costs the whole buffer's length even past
+    # nonpad_kv_seqlen, 45x the valid 128 keys' time in a 2048-entry buffer
+    keys_end: ValueLike = ""
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,11 @@ def rewrite_attention_native(ed: Editor, g: GqaNode, head_dim: int, bk: Bookkeep
         attrs["scale"] = g.scale
     if g.softcap:  # Attention-24 caps the scaled scores before mask and softmax, as GQA does
         attrs["softcap"] = g.softcap
-    out = ed.op("Attention", q, *presents, attention_mask(ed, bk, g.window, masks),
+    keys = presents
+    if bk.keys_end:
+        keys = [ed.op("Slice", p, ed.const([0]), bk.keys_end, ed.const([2]),
+                      name=f"{n.name}/used_{what}") for p, what in zip(presents, ("key", "value"))]
+    out = ed.op("Attention", q, *keys, attention_mask(ed, bk, g.window, masks),
                 "", "", bk.total64, name=f"{n.name}/attention", **attrs)
     merge_heads(ed, n, ed.op("Transpose", out, perm=_BHSD, name=f"{n.name}/attn"),
                 g.num_heads * head_dim)

@@ -10,7 +10,8 @@ the emitter of `arx build --attention native`), and per-row lengths given explic
     past_lengths (B,) ─────────────┬──► TensorScatter write index, positions = past + Range(S)
     new_lengths (B,) ─ Add(past) ──┴──► total: Attention nonpad_kv_seqlen, block-mask key bound
     block_mask (B,) ─Cast bool──────────► per row: causal (0) or block (1) mask
-    past_key_values.0.key ─Shape[2]─Range─► key positions 0..T-1 (T: the cache buffer length)
+    total ─ReduceMax─Range─► key positions 0..T-1 (T: the longest row's total): Attention
+        reads only the cache's first T entries (a Slice of each layer's buffer), not all of it
 
 It holds no weights of its own: its initializers point into decoder.onnx.data (written first),
 so the bundle stores them once, and the runtime opens it only when a step needs it.
@@ -74,7 +75,7 @@ def _bookkeeping(ed: Editor, kv: KVLayout, tokens: str) -> Bookkeeping:
     """Per-row lengths, positions and key positions from the explicit length inputs.
 
         positions (B,S) = Min(past[:,None] + Range(0,S), max_seq_len-1)   (padding stays in
-        the RoPE tables' range)        keys (T,) = Range(0, T), T = the cache buffer length
+        the RoPE tables' range)        keys (T,) = Range(0, T), T = max(past + new, 1)
     """
     past, new = LENGTH_INPUTS[:2]
     total = ed.op("Add", past, new, name="seq/total")
@@ -83,12 +84,14 @@ def _bookkeeping(ed: Editor, kv: KVLayout, tokens: str) -> Bookkeeping:
     steps = ed.op("Range", ed.const(0), s, ed.const(1), name="seq/steps")  # (S,)
     pos = ed.op("Add", ed.op("Unsqueeze", past, ed.const([1])), steps, name="seq/pos")
     pos = ed.op("Min", pos, ed.const(kv.max_seq_len - 1), name="seq/positions")
-    cache_len = ed.op("Gather", ed.op("Shape", kv.past_key.format(i=0), name="seq/cache_shape"),
-                      ed.const(2), axis=0, name="seq/T")
-    keys = ed.op("Range", ed.const(0), cache_len, ed.const(1), name="seq/keys")  # (T,)
+    # the keys any row reads: the longest row's total, at least 1 (a step of empty rows); (1,)
+    # as the Slice ends it is, and as Range reads it (Editor constants are 1-D, as here)
+    used = ed.op("Max", ed.op("ReduceMax", total, keepdims=1, name="seq/longest"),
+                 ed.const([1]), name="seq/T")
+    keys = ed.op("Range", ed.const(0), used, ed.const(1), name="seq/keys")  # (T,)
     block = ed.op("Cast", LENGTH_INPUTS[2], to=onnx.TensorProto.BOOL, name="seq/block")
     return Bookkeeping(past, new, pos, kv.max_seq_len, new_len64=new, past_len64=past,
-                       total64=total, keys=keys, block=block)
+                       total64=total, keys=keys, block=block, keys_end=used)
 
 
 def weights_fingerprint(decoder_file: Path) -> str:

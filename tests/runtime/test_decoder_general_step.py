@@ -202,6 +202,31 @@ def test_step_graph_shares_the_decoder_weights(exported_bundle):
     assert sorted(p.name for p in bundle.glob("*.data")) == ["decoder.onnx.data"]
 
 
+def test_attention_reads_only_the_longest_rows_keys(exported_bundle):
+    """Each Attention of the step graph reads a Slice of its cache buffer up to the longest
+    row's total (ORT CPU's Attention costs the whole buffer otherwise), and a long buffer gives
+    the logits of a short one."""
+    import onnx
+
+    bundle = exported_bundle("llama")
+    graph = onnx.load(str(bundle / "decoder_step.onnx"), load_external_data=False).graph
+    made = {o: n for n in graph.node for o in n.output}
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    assert attention
+    for node in attention:
+        for cache in node.input[1:3]:
+            cut = made[cache]
+            assert cut.op_type == "Slice" and made[cut.input[0]].op_type == "TensorScatter"
+            assert made[cut.input[2]].name.endswith("seq/T")
+    blocks = _blocks(np.random.default_rng(3), STEPS)
+    masks = [m or "block" for _, m in STEPS]
+    with DecoderSession(bundle) as session:
+        short, _ = _run(session, blocks, masks, cache_len=32)
+        long, _ = _run(session, blocks, masks, cache_len=256)
+    for k, (a, b) in enumerate(zip(short, long)):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0, err_msg=f"step {k}")
+
+
 def test_a_step_past_the_cache_end_is_refused_before_running(exported_bundle):
     """The general graph writes the whole block per row: a row near the end of the cache and a
     wide step would write past it (ORT fails mid-graph); refused up front, cache untouched."""
