@@ -1,7 +1,8 @@
 """Where the exporter reads a checkpoint's tensors from, one tensor at a time.
 
 A TensorSource is dict-like: `name in source`, `source[name]` (or `.get(name)`) -> a float32
-numpy array, KeyError for a name it lacks.
+numpy array, KeyError for a name it lacks; `transposed(name)` gives a 2-D weight's transpose
+in float32 with one copy (the emitter's MatMul weights are (in, out)).
 Two kinds behind the same reads (export/weights.py uses only those):
 
 - SafetensorsSource: the *.safetensors files of a Hugging Face folder; a tensor is read and
@@ -129,10 +130,11 @@ class SafetensorsSource:
     """Every tensor of a folder's *.safetensors shards, by name, read on demand.
 
     The format is an 8-byte header length, a JSON header (dtype, shape, byte range of each
-    tensor), then the bytes; a tensor is read with one positioned read into its own array.
-    Not memory-mapped on purpose: pages of a mapped file count as the process's resident
-    memory for as long as the mapping lives, so mapping every shard (safe_open) would hold the
-    whole checkpoint resident to the end of the export.
+    tensor), then the bytes; a tensor is converted straight from a mapping of just its bytes,
+    closed as soon as the copy is made. Shards are not mapped whole on purpose: pages of a
+    mapped file count as the process's resident memory for as long as the mapping lives, so
+    mapping every shard (safe_open) would hold the whole checkpoint resident to the end of
+    the export.
     """
 
     def __init__(self, folder: Path):
