@@ -85,6 +85,8 @@ class OrtBackend:
                            f"re-export the bundle") from e
         self._check_provider(options.device)
         self._host: dict[int, tuple[Any, np.ndarray]] = {}  # id -> (buffer, its CPU memory)
+        # the last released cache's buffers, by (shape, dtype), for the next cache of that shape
+        self._free: dict[tuple, list[tuple[Any, np.ndarray]]] = {}
         self.aliases = dict(aliases or {})
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._ort = ort
@@ -114,11 +116,24 @@ class OrtBackend:
             path = self.session.end_profiling()
         # the binding holds the session too: both go, so its weights are released now
         self.session = self._binding = self._held = None
+        self._free = {}
         return path
 
     def allocate(self, shape: tuple[int, ...], dtype: str) -> Any:
-        """A zeroed device buffer the backend can bind as input and output."""
+        """A device buffer the backend can bind as input and output: zeroed where it is new;
+        on the CPU one the last released cache left, where its shape is the same, with what
+        that cache held (a cache reads no entry past each row's length). Fresh memory's page
+        faults were most of a first step that touches the whole buffer: GroupQueryAttention's
+        over a new 16-row, 680-entry VAR cache took 0.76-0.89 s, 0.03 s over a reused one."""
         if self.device == "cpu":
+            key = (tuple(shape), np.dtype(dtype).str)
+            if key not in self._free:
+                self._free = {}  # another shape: what was kept goes before this is allocated
+            pooled = self._free.get(key)
+            if pooled:
+                value, host = pooled.pop(0)  # in release order: the same binding fits
+                self._host[id(value)] = (value, host)
+                return value
             host = np.zeros(shape, dtype=dtype)
             value = self._ort.OrtValue.ortvalue_from_numpy(host)
             self._host[id(value)] = (value, host)  # its memory, for row views
@@ -140,8 +155,16 @@ class OrtBackend:
         return self._ort.OrtValue.ortvalue_from_numpy(held[1][start:stop])
 
     def release(self, buffer: Any) -> None:
-        """Forget the host view; ORT frees an OrtValue with its last reference."""
-        self._host.pop(id(buffer), None)
+        """The buffer is no longer used: a CPU one is kept for the next cache of its shape (the
+        buffers of one released shape are kept, others dropped), a device one goes with its
+        last reference."""
+        held = self._host.pop(id(buffer), None)
+        if held is None or held[0] is not buffer or getattr(self, "session", None) is None:
+            return
+        key = (held[1].shape, held[1].dtype.str)
+        if key not in self._free:
+            self._free = {key: []}
+        self._free[key].append(held)
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         io = self._binding_for(feeds)
