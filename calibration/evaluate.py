@@ -142,10 +142,9 @@ class RefRows:
         target, top1 = lp[rows, targets].astype(np.float64), lp.argmax(-1)
         if top_k is None or top_k >= lp.shape[-1]:
             return cls(target, top1, lp)
-        # a copy: the slice alone would keep the whole (T, V) argpartition alive
-        idx = np.argpartition(-lp, top_k - 1, axis=-1)[:, :top_k].copy()
+        values, idx = _top_k(lp, top_k)
         # float64 for the tail bucket's 1 - sum(p), which float32 leaves at ~1e-7 noise
-        return cls(target, top1, np.take_along_axis(lp, idx, -1).astype(np.float64), idx)
+        return cls(target, top1, values.astype(np.float64), idx)
 
     def kl(self, lp_q: np.ndarray) -> float:
         """sum over positions of KL(p_ref || p_q)."""
@@ -156,6 +155,17 @@ class RefRows:
         tail_p = np.clip(1.0 - p_top.sum(-1), 1e-300, 1.0)
         tail_q = np.clip(1.0 - np.exp(q).sum(-1), 1e-300, 1.0)
         return float((p_top * (self.lp - q)).sum() + (tail_p * np.log(tail_p / tail_q)).sum())
+
+
+def _top_k(lp: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, ids) of each row's k largest log-probs, largest first. torch's topk runs on
+    every core and reads `lp` in place: numpy's argpartition of a negated copy took 0.12-0.27 s
+    a 128-token row block of a 128k vocabulary (4 s of the 1B w4 export's gate), topk 0.02 s.
+    Its one caller, the direct quantized export, has torch (the export extra)."""
+    import torch
+
+    values, idx = torch.from_numpy(np.ascontiguousarray(lp)).topk(k, dim=-1)
+    return values.numpy(), idx.numpy()
 
 
 def session_log_probs(session):

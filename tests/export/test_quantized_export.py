@@ -274,6 +274,9 @@ def test_reference_rows_keep_top_k_only_and_bound_the_kl():
     held = sum((a.base if a.base is not None else a).nbytes
                for a in (rows.target, rows.top1, rows.lp, rows.idx))
     assert held <= 127 * (64 * 16 + 16)
+    # the k largest of each row, largest first
+    np.testing.assert_array_equal(rows.idx, np.argsort(-lp_ref, axis=-1, kind="stable")[:, :64])
+    np.testing.assert_array_equal(rows.lp, np.take_along_axis(lp_ref, rows.idx, -1))
     exact = RefRows.of(lp_ref, targets).kl(lp_q)
     assert 0 < rows.kl(lp_q) <= exact
     assert RefRows.of(lp_ref, targets, 2048).kl(lp_q) == pytest.approx(exact, rel=1e-9)
