@@ -79,25 +79,64 @@ def linears(model: onnx.ModelProto) -> list[Linear]:
 
 
 def untie_lm_head(model: onnx.ModelProto) -> bool:
-    """Give a tied lm_head (Transpose(embed) -> MatMul) its own (H, V) initializer.
+    """Give a tied lm_head its own (H, V) initializer: MatMul(x, lm_head.weight) over a
+    transposed copy of the table, in place of the exporter's Reshape -> Gemm(table, transB=1)
+    -> Reshape (or earlier bundles' Transpose(table) -> MatMul). The graph is then the one
+    `arx export --quantize` writes.
 
     Quantizers only touch MatMuls with a constant weight. The embedding stays float for the
     Gather; the head gets a quantized copy (V*H/2 bytes at 4 bits), a good trade for speed.
     """
-    producers = {o: n for n in model.graph.node for o in n.output}
     inits = initializers(model)
-    head = next((n for n in model.graph.node if n.op_type == "MatMul" and n.name == LM_HEAD), None)
-    if head is None or head.input[1] in inits:
+    nodes = model.graph.node
+    head = next((n for n in nodes if n.name == LM_HEAD), None)
+    tied = _tied_head_nodes(model, head, inits)
+    if tied is None:
         return False
-    tr = producers.get(head.input[1])
-    if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits:
-        return False
-    weight = numpy_helper.to_array(inits[tr.input[0]]).T  # (V, H) -> (H, V)
+    table, x, y, gone = tied
+    weight = numpy_helper.to_array(inits[table]).T  # (V, H) -> (H, V)
     model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight), "lm_head.weight"))
-    head.input[1] = "lm_head.weight"
-    if not any(tr.output[0] in n.input for n in model.graph.node):
-        model.graph.node.remove(tr)
+    at = list(nodes).index(head)
+    for n in [n for n in nodes if n == head or y in n.output]:  # the head, the Gemm's Reshape
+        nodes.remove(n)
+    nodes.insert(at, helper.make_node("MatMul", [x, "lm_head.weight"], [y], name=LM_HEAD))
+    _drop_unread(model, gone)
     return True
+
+
+def _tied_head_nodes(model: onnx.ModelProto, head, inits: dict):
+    """(table, head input, head output, nodes that go once nothing reads them) of a tied
+    `head`, or None."""
+    if head is None:
+        return None
+    producer = {o: n for n in model.graph.node for o in n.output}
+    if head.op_type == "MatMul" and head.input[1] not in inits:
+        tr = producer.get(head.input[1])
+        if tr is None or tr.op_type != "Transpose" or tr.input[0] not in inits:
+            return None
+        return tr.input[0], head.input[0], head.output[0], [tr]
+    trans_b = next((a.i for a in head.attribute if a.name == "transB"), 0)
+    if head.op_type != "Gemm" or trans_b != 1 or head.input[1] not in inits:
+        return None
+    rows = producer.get(head.input[0])
+    outs = [n for n in model.graph.node if head.output[0] in n.input]
+    if rows is None or rows.op_type != "Reshape" or len(outs) != 1 or outs[0].op_type != "Reshape":
+        return None
+    concat = producer.get(outs[0].input[1])
+    shape = [producer.get(i) for i in concat.input] if concat is not None else []
+    # the MatMul reads x (B, K, H) and writes the (B, K, V) logits itself
+    return head.input[1], rows.input[0], outs[0].output[0], [rows, concat, *shape]
+
+
+def _drop_unread(model: onnx.ModelProto, candidates) -> None:
+    """Remove those of `candidates` (in order) whose outputs nothing reads any more."""
+    graph_out = {o.name for o in model.graph.output}
+    for n in candidates:
+        if n is None or n not in model.graph.node:
+            continue
+        if not any(o in graph_out or any(o in m.input for m in model.graph.node if m is not n)
+                   for o in n.output):
+            model.graph.node.remove(n)
 
 
 def split_linears(all_linears: list[Linear], keep_fp: Iterable[str], lm_head: bool) -> tuple[list[str], list[str]]:

@@ -104,10 +104,15 @@ def build_decoder(cfg: DecoderConfig, w: DecoderWeights, kv: KVLayout,
     return g.model(), Stage(file, tuple(inputs), tuple(outputs))
 
 
+TIED_TABLE = "embed_tokens.weight"  # _lm_head's answer for a head tied to the token table
+
+
 def _head_matmul(g: GraphBuilder, w: DecoderWeights, x: str, head: str | None,
                  output: str | None = None) -> str:
     """x @ the LM head: `head` emitted by _lm_head, or None where it is quantized as emitted
     (a tied head then gets its own (H, V) copy, as arx calibrate unties it)."""
+    if head == TIED_TABLE:
+        return _tied_head(g, w, x, output)
     if head is not None:
         return g.node("MatMul", [x, head], [output] if output else 1, name="lm_head")[0]
     table = w.embed if w.lm_head is None else w.lm_head
@@ -115,9 +120,27 @@ def _head_matmul(g: GraphBuilder, w: DecoderWeights, x: str, head: str | None,
 
 
 def _lm_head(g: GraphBuilder, w: DecoderWeights) -> str:
-    if w.lm_head is None:  # tied: (V, H) -> (H, V); ORT folds the Transpose at load time
-        return g.op("Transpose", "embed_tokens.weight", perm=[1, 0], name="lm_head_tied")
+    if w.lm_head is None:
+        return TIED_TABLE
     return g.weight("lm_head.weight", contiguous(w.lm_head.T))
+
+
+def _tied_head(g: GraphBuilder, w: DecoderWeights, x: str, output: str | None) -> str:
+    """(B, K, H) rows @ the (V, H) token table, read as it is stored:
+
+        x ─Reshape(-1, H)─ Gemm(table, transB=1) ─Reshape(B, K, V)─►
+
+    A Transpose of the table into a MatMul (this graph's form until 2026-12) is folded by ORT
+    at every session open: for the 1B shape's 128k x 2048 table 4.6 s and 1 GB more, and
+    18.5 s against 7.4 s for a full fp32 session (docs/design.md, "The tied LM head")."""
+    vocab, hidden = w.embed.shape
+    rows = g.op("Reshape", x, g.const([-1, hidden]), name="lm_head/rows")
+    y = g.op("Gemm", rows, "embed_tokens.weight", name="lm_head", transB=1)
+    shape = g.op("Concat", g.op("Shape", x, end=2, name="lm_head/bk"), g.const([vocab]), axis=0,
+                 name="lm_head/shape")
+    # allowzero: K = 0 rows (a prefill that asks for no logits) is a real 0, not "copy the dim"
+    return g.node("Reshape", [y, shape], [output] if output else 1, name="lm_head/unflatten",
+                  allowzero=1)[0]
 
 
 def _rope_name(table: str, what: str) -> str:

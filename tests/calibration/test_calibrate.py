@@ -188,6 +188,50 @@ def test_a_tied_table_a_float_head_reads_stays_float():
     assert token_embedding(model).name == "embed"
 
 
+@pytest.mark.parametrize("form", ["gemm", "transpose"])
+def test_untie_gives_the_tied_head_its_own_weight_and_the_same_logits(form):
+    """The exporter's Gemm(rows, table, transB=1), and the Transpose -> MatMul of earlier
+    bundles, both become MatMul(rows, lm_head.weight) with the same logits."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from arx.calibration.graph import linears, untie_lm_head
+
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((8, 4)).astype(np.float32)
+    consts = [numpy_helper.from_array(table, "embed_tokens.weight"),
+              numpy_helper.from_array(np.array([-1, 4]), "flat"),
+              numpy_helper.from_array(np.array([8]), "vocab")]
+    if form == "gemm":  # as export/decoder_graph._tied_head writes it
+        nodes = [helper.make_node("Reshape", ["x", "flat"], ["rows"]),
+                 helper.make_node("Gemm", ["rows", "embed_tokens.weight"], ["y"], transB=1,
+                                  name="lm_head"),
+                 helper.make_node("Shape", ["x"], ["bk"], end=2),
+                 helper.make_node("Concat", ["bk", "vocab"], ["shape"], axis=0),
+                 helper.make_node("Reshape", ["y", "shape"], ["logits"], allowzero=1)]
+    else:
+        nodes = [helper.make_node("Transpose", ["embed_tokens.weight"], ["t"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["x", "t"], ["logits"], name="lm_head")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3, 8])],
+                              initializer=consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+
+    def logits(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]
+                                    ).run(None, {"x": x})[0]
+
+    before = logits(model)
+    assert untie_lm_head(model)
+    assert [n.op_type for n in model.graph.node] == ["MatMul"]
+    assert [lin.weight for lin in linears(model)] == ["lm_head.weight"]
+    np.testing.assert_allclose(logits(model), before, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(before, x @ table.T, rtol=1e-5, atol=1e-5)
+    assert not untie_lm_head(model)  # untied now: nothing to do
+
+
 @pytest.mark.parametrize("scheme", ["w8a8", "w4"])
 def test_quantized_bundle_takes_general_steps(quantized, scheme):
     """The general-step graph is rebuilt over the quantized decoder's weights: a ragged
