@@ -131,8 +131,8 @@ def _tied_head(g: GraphBuilder, w: DecoderWeights, x: str, output: str | None) -
         x ─Reshape(-1, H)─ Gemm(table, transB=1) ─Reshape(B, K, V)─►
 
     A Transpose of the table into a MatMul (this graph's form until 2026-12) is folded by ORT
-    at every session open: for the 1B shape's 128k x 2048 table 4.6 s and 1 GB more, and
-    18.5 s against 7.4 s for a full fp32 session (docs/design.md, "The tied LM head")."""
+    at every session open: for the 1B shape's 128k x 2048 table 2-4.6 s a session, and a
+    runtime open of 13.4-15.5 s against 7.2 s (docs/design.md, "The tied LM head")."""
     vocab, hidden = w.embed.shape
     rows = g.op("Reshape", x, g.const([-1, hidden]), name="lm_head/rows")
     y = g.op("Gemm", rows, "embed_tokens.weight", name="lm_head", transB=1)
