@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from image_bench_args import parse_image_bench  # noqa: E402
+from image_bench_args import calibrated, parse_image_bench, scheme_flags, schemes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # (width, depth, heads, codebook, Cvae, patch_nums)
@@ -133,29 +133,16 @@ def _export(model, folder: Path, name: str) -> Path:
 
 
 def parse(argv):
-    def schemes(p):
-        p.add_argument("--scheme", action="append", choices=("w8a8", "w8", "w4"),
-                       help="also time the bundle arx calibrate makes with this scheme "
-                            "(repeatable; default: w8a8)")
-        p.add_argument("--no-quantized", action="store_true", help="fp32 bundle only")
-        p.add_argument("--calib-images", type=int, default=16,
-                       help="images arx calibrate draws for the ranges (default 16)")
     return parse_image_bench(argv, __doc__.splitlines()[0], SHAPES, batches="1 and 8",
-                             runs=3, cfg=4.0, extra=schemes)
+                             runs=3, cfg=4.0, extra=scheme_flags("w8a8", "images"))
 
 
 def _calibrate(bundle: Path, scheme: str, images: int) -> tuple[Path, dict]:
-    """arx calibrate of the exported bundle (its own drawn images; --force: random weights
-    may miss the gate, the row reports the numbers): (bundle, accuracy section)."""
-    from arx.calibration.calibrator import calibrate_bundle
-    from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
+    """The scheme's bundle, calibrated on images it draws itself (half as many held out)."""
+    from arx.calibration.options import DataOptions
 
-    out = bundle.with_name(f"{bundle.stem}-{scheme}.arx")
-    options = CalibrateOptions(quant=QuantOptions(scheme=scheme),
-                               data=DataOptions(samples=images, eval_samples=max(2, images // 2)),
-                               force=True, progress=False, plot=False)
-    result = calibrate_bundle(bundle=bundle, output=out, options=options)
-    return out, result.manifest.extensions["quantization"]["accuracy"]
+    return calibrated(bundle, scheme, DataOptions(samples=images,
+                                                  eval_samples=max(2, images // 2)))
 
 
 def _agreement(a: list, b: list) -> float:
@@ -186,8 +173,8 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         bundle, raster_bundle = _export(model, Path(tmp), "var"), _export(raster, Path(tmp), "raster")
-        schemes = [] if args.no_quantized else (args.scheme or ["w8a8"])
-        variants = {sc: _calibrate(bundle, sc, args.calib_images) for sc in schemes}
+        variants = {sc: _calibrate(bundle, sc, args.calib_samples)
+                    for sc in schemes(args, "w8a8")}
         for batch in args.batch or [1, 8]:
             eager = [time_eager(model, batch, args.cfg) for _ in range(args.runs + 1)][1:]
             arx = [time_arx(bundle, batch, args.cfg, args.threads) for _ in range(args.runs)]
