@@ -10,6 +10,7 @@ data or any error leaves nothing at the output path.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -66,7 +67,7 @@ def calibrate_bundle(*, bundle: str | Path, output: str | Path,
     bundle, output = Path(bundle), Path(output)
     manifest = read_manifest(bundle)
     images = next_scale.is_next_scale(manifest)  # its data: images it draws (next_scale.py)
-    check_source(bundle, manifest, images)
+    check_source(bundle, manifest, images, options.quant.spec.activations)
     if images:
         next_scale.check_options(options)
     elif options.data.seq_len > manifest.kv.max_seq_len:
@@ -121,7 +122,8 @@ def with_reduce_range(options: CalibrateOptions) -> CalibrateOptions:
     return replace(options, quant=replace(q, reduce_range=choice))
 
 
-def check_source(bundle: Path, manifest: Manifest, images: bool = False) -> None:
+def check_source(bundle: Path, manifest: Manifest, images: bool = False,
+                 activations: bool = False) -> None:
     if EXTENSION in manifest.extensions:
         scheme = manifest.extensions[EXTENSION].get("scheme", "?")
         raise ArxError(f"bundle {bundle} is already quantized ({scheme}); calibrate its fp32 "
@@ -130,9 +132,16 @@ def check_source(bundle: Path, manifest: Manifest, images: bool = False) -> None
         raise ArxError(f"bundle {bundle} has a {manifest.kv.dtype} cache; arx calibrate starts "
                        f"from an fp32 export (arx export without precision flags)")
     if manifest.decoder.input("input_ids") is None and not images:
-        raise ArxError(f"bundle {bundle}'s decoder takes inputs_embeds (arx export "
-                       f"--inputs-embeds), which arx calibrate does not quantize yet; calibrate "
-                       f"an export without --inputs-embeds")
+        # ids reach such a decoder through the bundle's embed stage (Janus' image tokens), which
+        # the evaluation's sessions run; w8a8's range probes feed the graph ids, not embeddings
+        if manifest.pipeline.embed is None:
+            raise ArxError(f"bundle {bundle}'s decoder takes inputs_embeds (arx export "
+                           f"--inputs-embeds), which arx calibrate does not quantize yet; "
+                           f"calibrate an export without --inputs-embeds")
+        if activations:
+            raise ArxError(f"bundle {bundle}'s decoder takes embeddings from its "
+                           f"{manifest.pipeline.embed!r} stage: arx calibrate quantizes it with "
+                           f"the weight-only schemes; use --scheme w8 or w4")
 
 
 def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cached, work: Path,
@@ -239,15 +248,17 @@ def _evaluate(src, tmp, manifest, samples: Samples, q: _Quantized, options, work
     names = [t for lin in q.linears for t in (lin.input, lin.output)]
     if refs is None:
         metrics = model_metrics(src, tmp, samples.eval, progress=options.progress)
-        ref_probe = G.Probe(q.reference, names, manifest, work)
-        q_probe = G.Probe(q.model, names, manifest, work)
-        probed = samples.eval[:PROBE_SAMPLES]
+        with _embedding(src, manifest) as embed:  # ids -> the decoder's embeddings, if it takes them
+            feeds = G.embedded_feeds(manifest, embed) if embed else None
+            ref_probe, q_probe = (G.Probe(m, names, manifest, work, feeds) for m in (q.reference, q.model))
+            layers = layer_errors(ref_probe, q_probe, q.linears, samples.eval[:PROBE_SAMPLES],
+                                  progress=options.progress)
     else:  # scale steps run the general-step graph: probe that, on recorded step feeds
         metrics = next_scale.image_metrics(src, tmp, samples, refs, progress=options.progress)
         ref_probe, q_probe = (G.Probe(next_scale.step_probe_model(m, manifest), names, manifest,
                                       work, next_scale.step_feeds) for m in (q.reference, q.model))
-        probed = next_scale.probe_feeds(src, samples, refs)
-    layers = layer_errors(ref_probe, q_probe, q.linears, probed, progress=options.progress)
+        layers = layer_errors(ref_probe, q_probe, q.linears,
+                              next_scale.probe_feeds(src, samples, refs), progress=options.progress)
     settings = {"scheme": options.quant.scheme, "method": options.quant.method,
                 "smoothquant": options.quant.smoothquant, "group_size": options.quant.group_size,
                 "accuracy_level": options.quant.level, "reduce_range": options.quant.reduce_range,
@@ -259,6 +270,19 @@ def _evaluate(src, tmp, manifest, samples: Samples, q: _Quantized, options, work
         kv = kv_quant.cache_only_metrics(src, options.kv_cache, q.kv_scales, samples, work)
     return AccuracyReport(options.quant.scheme, metrics, layers, options.gate, samples.source,
                           settings, kv)
+
+
+@contextlib.contextmanager
+def _embedding(src: Path, manifest: Manifest):
+    """The source bundle's embed stage as ids (1, S) -> (1, S, H) where its decoder takes
+    inputs_embeds (Janus: image tokens through image_embed), else None."""
+    if manifest.decoder.input("input_ids") is not None:
+        yield None
+        return
+    from arx.runtime.decoder import DecoderSession
+
+    with DecoderSession(src, manifest=manifest) as session:
+        yield session.embed
 
 
 def record_accuracy(manifest: Manifest, report: AccuracyReport, files: dict) -> None:

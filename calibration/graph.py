@@ -180,6 +180,17 @@ def prefill_feeds(manifest: Manifest, ids: np.ndarray, input_names: set[str]) ->
     return feeds
 
 
+def embedded_feeds(manifest: Manifest, embed):
+    """Probe feeds for a decoder that takes inputs_embeds: prefill_feeds with the sample's ids
+    through `embed` ((1, S) ids -> (1, S, H), the bundle's embed stage)."""
+    def feeds(ids: np.ndarray, input_names: set[str]) -> dict[str, np.ndarray]:
+        out = prefill_feeds(manifest, ids, input_names)
+        out["inputs_embeds"] = embed(out.pop("input_ids"))
+        return out
+
+    return feeds
+
+
 class Probe:
     """A CPU session of `model` that also returns the intermediate tensors `names`."""
 

@@ -118,3 +118,33 @@ def test_cli_prompt_past_the_context_is_one_line(tmp_path_factory, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("arx: error:") and "--max-seq-len" in err
     assert "\n" not in err and not out.exists()
+
+
+def test_weight_only_calibration_of_a_janus_bundle_generates_images(tmp_path_factory, tmp_path):
+    """arx calibrate --random --scheme w4 quantizes the decoder of a bundle that takes
+    embeddings (random image tokens through its image_embed stage, for the gate and the
+    per-layer probes); the quantized bundle draws CFG grids of the codebook's ids. w8a8 (its
+    range probes feed ids) is refused in one line."""
+    from arx.calibration.calibrator import calibrate_bundle
+    from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
+    from arx.errors import ArxError
+    from arx.manifest import read_manifest
+
+    _, bundle, _ = exported_janus("small", tmp_path_factory.getbasetemp())
+    n = len(_generate(bundle, PROMPTS[:1], 5.0, do_sample=False).tokens.ravel())
+    data = DataOptions(random=True, samples=4, seq_len=n, eval_samples=2)
+    out = tmp_path / "w4.arx"
+    result = calibrate_bundle(bundle=bundle, output=out, options=CalibrateOptions(
+        quant=QuantOptions(scheme="w4", group_size=16), data=data, force=True,
+        progress=False, plot=False))
+    acc = result.manifest.extensions["quantization"]["accuracy"]
+    assert acc["tokens"] > 0 and 0 <= acc["top1_agreement"] <= 1
+    assert result.report.layers and all(e.err_out >= 0 for e in result.report.layers)
+    grid = _generate(out, PROMPTS, 5.0, do_sample=False).tokens.reshape(len(PROMPTS), -1)
+    fp32 = _generate(bundle, PROMPTS, 5.0, do_sample=False).tokens.reshape(len(PROMPTS), -1)
+    assert grid.shape == fp32.shape and grid.min() >= 0
+    assert grid.max() < read_manifest(out).vocab_size
+    with pytest.raises(ArxError, match="weight-only schemes; use --scheme w8 or w4"):
+        calibrate_bundle(bundle=bundle, output=tmp_path / "a8.arx", options=CalibrateOptions(
+            quant=QuantOptions(scheme="w8a8"), data=data, force=True, progress=False, plot=False))
+    assert not (tmp_path / "a8.arx").exists()
