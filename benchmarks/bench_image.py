@@ -8,7 +8,9 @@ a small VQ decoder) is saved, exported with `arx export`, then both sides draw g
 CFG (scale 5) for batch 1 and 4, the median of --runs runs each. Reported per engine and batch:
 seconds per image, image tokens/s, and where the time goes: the token loop (prefill + decoder
 steps, each step the 2B-row CFG batch) and the VQ decoder. Greedy, so both sides draw the same
-tokens (checked), which keeps the comparison on the same work.
+tokens (checked), which keeps the comparison on the same work. The bundle `arx calibrate
+--random --scheme w4` makes of it (--scheme, repeatable; --no-quantized: none) is timed beside
+it, with its gate's numbers and the share of its greedy tokens equal to fp32's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from image_bench_args import parse_image_bench  # noqa: E402
+from image_bench_args import calibrated, parse_image_bench, scheme_flags, schemes  # noqa: E402
 
 # (hidden, layers, heads, kv heads, intermediate, text vocab, codebook, grid side, VQ base, mult)
 SHAPES = {"100m": (768, 12, 12, 4, 2048, 32000, 4096, 16, 64, [1, 1, 2, 2]),
@@ -118,7 +120,43 @@ def _median(runs: list[dict], batch: int, n: int) -> dict:
 
 def parse(argv):
     return parse_image_bench(argv, __doc__.splitlines()[0], SHAPES, batches="1 and 4",
-                             runs=5, cfg=5.0)
+                             runs=5, cfg=5.0, extra=scheme_flags("w4", "random token sequences"))
+
+
+def _calibrate(bundle: Path, scheme: str, samples: int, n: int) -> tuple[Path, dict]:
+    """The scheme's bundle, calibrated on random image-token sequences of a grid's length
+    (`arx calibrate --random`: the session embeds them through the bundle's image_embed stage,
+    as generation feeds its tokens back)."""
+    from arx.calibration.options import DataOptions
+
+    return calibrated(bundle, scheme, DataOptions(random=True, samples=samples, seq_len=n,
+                                                  eval_samples=max(2, samples // 2)))
+
+
+def _quantized(row: dict, runners: dict, batch: int, args, n: int, fp_tokens) -> None:
+    """The row's columns for each calibrated bundle: per image, its speedup over eager, the
+    share of its greedy tokens equal to the fp32 bundle's and its gate's numbers."""
+    for scheme, (runner, acc) in runners.items():
+        runs = [runner.time(batch, args.cfg) for _ in range(args.runs)]
+        timed = _median(runs, batch, n)
+        row[f"arx_{scheme}"] = timed
+        row[f"speedup_{scheme}"] = (row["hf_eager"]["seconds_per_image"]
+                                    / timed["seconds_per_image"])
+        row[f"{scheme}_greedy_token_agreement"] = float((runs[0]["tokens"] == fp_tokens).mean())
+        row[f"{scheme}_ppl_increase"] = acc["ppl_increase"]
+        row[f"{scheme}_top1_agreement"] = acc["top1_agreement"]
+
+
+def _row(args, model, runner, runners, batch: int, n: int) -> dict:
+    hf = [time_hf(model, batch, args.cfg) for _ in range(args.runs)]
+    ours = [runner.time(batch, args.cfg) for _ in range(args.runs)]
+    row = {"shape": args.shape, "batch": batch,
+           "tokens_equal": bool((hf[0]["tokens"] == ours[0]["tokens"]).all()),
+           "arx": _median(ours, batch, n), "hf_eager": _median(hf, batch, n),
+           "arx_decoder_steps_s": statistics.median(r["steps_s"] for r in ours)}
+    row["speedup_per_image"] = row["hf_eager"]["seconds_per_image"] / row["arx"]["seconds_per_image"]
+    _quantized(row, runners, batch, args, n, ours[0]["tokens"])
+    return row
 
 
 def main(argv=None) -> int:
@@ -133,23 +171,21 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(Path(tmp) / "janus")
-        export_model(source=Path(tmp) / "janus", output=Path(tmp) / "janus.arx",
+        bundle = Path(tmp) / "janus.arx"
+        export_model(source=Path(tmp) / "janus", output=bundle,
                      options=ExportOptions(progress=False, max_seq_len=len(PROMPT) + n))
-        runner = ArxRunner(Path(tmp) / "janus.arx", args.threads)
+        runner = ArxRunner(bundle, args.threads)
+        runners = {}
         try:
+            for scheme in schemes(args, "w4"):
+                qbundle, acc = _calibrate(bundle, scheme, args.calib_samples, n)
+                runners[scheme] = (ArxRunner(qbundle, args.threads), acc)
             for batch in args.batch or [1, 4]:
-                hf = [time_hf(model, batch, args.cfg) for _ in range(args.runs)]
-                ours = [runner.time(batch, args.cfg) for _ in range(args.runs)]
-                same = bool((hf[0]["tokens"] == ours[0]["tokens"]).all())
-                row = {"shape": args.shape, "batch": batch, "tokens_equal": same,
-                       "arx": _median(ours, batch, n), "hf_eager": _median(hf, batch, n),
-                       "arx_decoder_steps_s": statistics.median(r["steps_s"] for r in ours)}
-                row["speedup_per_image"] = (row["hf_eager"]["seconds_per_image"]
-                                            / row["arx"]["seconds_per_image"])
-                rows.append(row)
-                _print(row)
+                rows.append(_row(args, model, runner, runners, batch, n))
+                _print(rows[-1])
         finally:
-            runner.close()
+            for r in [runner, *(r for r, _ in runners.values())]:
+                r.close()
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     return 0
@@ -163,6 +199,13 @@ def _print(row: dict) -> None:
           f"{h['seconds_per_image']:.3f} s/image ({h['image_tokens_per_s']:.0f} tok/s; loop "
           f"{h['token_loop_s']:.3f} s, VQ {h['vq_decoder_s']:.3f} s) | "
           f"{row['speedup_per_image']:.2f}x, tokens equal: {row['tokens_equal']}")
+    for key in (k for k in row if k.startswith("speedup_") and k != "speedup_per_image"):
+        scheme = key.removeprefix("speedup_")
+        q = row[f"arx_{scheme}"]
+        print(f"  arx {scheme}: {q['seconds_per_image']:.3f} s/image ({q['image_tokens_per_s']:.0f}"
+              f" tok/s) | {row[key]:.2f}x eager | greedy tokens equal to fp32's: "
+              f"{row[f'{scheme}_greedy_token_agreement']:.1%} | gate: perplexity "
+              f"{row[f'{scheme}_ppl_increase']:+.2%}, top-1 {row[f'{scheme}_top1_agreement']:.1%}")
 
 
 if __name__ == "__main__":
