@@ -128,7 +128,7 @@ def _lm_head(g: GraphBuilder, w: DecoderWeights) -> str:
 def _tied_head(g: GraphBuilder, w: DecoderWeights, x: str, output: str | None) -> str:
     """(B, K, H) rows @ the (V, H) token table, read as it is stored:
 
-        x ─Reshape(-1, H)─ Gemm(table, transB=1) ─Reshape(B, K, V)─►
+        x ─Reshape(-1, H)─ Gemm(table, transB=1) ─Reshape(B, -1, V)─►
 
     A Transpose of the table into a MatMul (this graph's form until 2026-12) is folded by ORT
     at every session open: for the 1B shape's 128k x 2048 table 2-4.6 s a session, and a
@@ -136,11 +136,11 @@ def _tied_head(g: GraphBuilder, w: DecoderWeights, x: str, output: str | None) -
     vocab, hidden = w.embed.shape
     rows = g.op("Reshape", x, g.const([-1, hidden]), name="lm_head/rows")
     y = g.op("Gemm", rows, "embed_tokens.weight", name="lm_head", transB=1)
-    shape = g.op("Concat", g.op("Shape", x, end=2, name="lm_head/bk"), g.const([vocab]), axis=0,
-                 name="lm_head/shape")
-    # allowzero: K = 0 rows (a prefill that asks for no logits) is a real 0, not "copy the dim"
-    return g.node("Reshape", [y, shape], [output] if output else 1, name="lm_head/unflatten",
-                  allowzero=1)[0]
+    # (B, -1, V), not (B, K, V): a prefill that asks for no logits has K = 0, which Reshape
+    # would read as "copy that dim" (allowzero says otherwise, but not every backend takes it)
+    shape = g.op("Concat", g.op("Shape", x, end=1, name="lm_head/b"), g.const([-1, vocab]),
+                 axis=0, name="lm_head/shape")
+    return g.node("Reshape", [y, shape], [output] if output else 1, name="lm_head/unflatten")[0]
 
 
 def _rope_name(table: str, what: str) -> str:
