@@ -142,6 +142,19 @@ def check_source(bundle: Path, manifest: Manifest, images: bool = False,
             raise ArxError(f"bundle {bundle}'s decoder takes embeddings from its "
                            f"{manifest.pipeline.embed!r} stage: arx calibrate quantizes it with "
                            f"the weight-only schemes; use --scheme w8 or w4")
+        if _reads_decoder_data(bundle, manifest, manifest.pipeline.embed):
+            raise ArxError(f"bundle {bundle}'s {manifest.pipeline.embed!r} stage reads the tied "
+                           f"token table from the decoder's data file, which arx calibrate "
+                           f"rewrites; calibrate an export without --inputs-embeds")
+
+
+def _reads_decoder_data(bundle: Path, manifest: Manifest, stage: str) -> bool:
+    """Whether `stage`'s weights live in the decoder's external data file (a tied table that
+    `arx export --inputs-embeds` stores once, in the decoder)."""
+    model = onnx.load(str(bundle / manifest.stages[stage].file), load_external_data=False)
+    data = manifest.decoder.file + ".data"
+    return any(e.key == "location" and e.value == data
+               for t in model.graph.initializer for e in t.external_data)
 
 
 def _quantize(bundle, manifest, samples: Samples, options: CalibrateOptions, cached, work: Path,

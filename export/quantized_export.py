@@ -48,8 +48,9 @@ def check_request(copts, options) -> None:
         raise ArxError("--quantize keeps the decoder's other weights and its activations in "
                        "float32 (as arx calibrate does): drop --dtype")
     if options.inputs_embeds:
-        raise ArxError("--quantize does not take --inputs-embeds (arx calibrate does not "
-                       "quantize such decoders yet): drop one of them")
+        raise ArxError("--quantize does not take --inputs-embeds: export with --inputs-embeds, "
+                       "then run arx calibrate --scheme w8|w4 (it quantizes the decoder through "
+                       "the embedder stage)")
     if options.kv_dtype != "fp32":
         raise ArxError("--quantize with --kv-dtype: export with --quantize, or export in fp32 "
                        "and run arx calibrate --scheme ... --kv-dtype, which measures the "

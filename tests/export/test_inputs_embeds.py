@@ -68,15 +68,43 @@ def test_embeddings_fed_directly(embeds_bundle, hf_model_dir):
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_build_and_calibrate_refuse_in_one_line(embeds_bundle, tmp_path):
+def test_build_refuses_in_one_line(embeds_bundle, tmp_path):
     from arx.builder.build import build_bundle
     from arx.builder.options import BuildOptions
-    from arx.calibration.calibrator import check_source
 
     bundle = embeds_bundle("llama")
     with pytest.raises(ArxError, match="without --inputs-embeds"):
         build_bundle(bundle, BuildOptions(target="h100", kit=True, progress=False,
                                           output=str(tmp_path / "kit")))
-    with pytest.raises(ArxError, match="without --inputs-embeds"):
-        check_source(bundle, read_manifest(bundle))
     assert not (tmp_path / "kit").exists()
+
+
+def test_weight_only_calibration_through_the_embedder(embeds_bundle, tmp_path):
+    """arx calibrate --scheme w4 of an --inputs-embeds bundle: its samples reach the decoder
+    through the embedder stage (gate and per-layer probes), and the quantized bundle generates
+    through it too. w8a8 (its probes feed ids), and a tied table the embedder reads from the
+    decoder's data file (which calibrate rewrites), are refused in one line."""
+    from arx.calibration.calibrator import calibrate_bundle, check_source
+    from arx.calibration.options import CalibrateOptions, DataOptions, QuantOptions
+
+    def options(scheme):
+        return CalibrateOptions(quant=QuantOptions(scheme=scheme, group_size=16), force=True,
+                                data=DataOptions(random=True, samples=4, seq_len=24,
+                                                 eval_samples=2), progress=False, plot=False)
+
+    bundle = embeds_bundle("llama")
+    result = calibrate_bundle(bundle=bundle, output=tmp_path / "w4.arx", options=options("w4"))
+    acc = result.manifest.extensions["quantization"]["accuracy"]
+    assert acc["tokens"] == 2 * 23 and 0 < acc["ppl_fp32"] < float("inf")
+    # the probes ran the decoder on the embedder's output: w4's block error, not garbage
+    assert result.report.layers and all(0 < e.err_out < 1 and e.added < 0.3 for e in result.report.layers)
+    with DecoderSession(tmp_path / "w4.arx") as q, DecoderSession(bundle) as fp:
+        got = generate(q, PROMPTS, GenerateOptions(max_new_tokens=8, stop_on_eos=False)).tokens
+        want = generate(fp, PROMPTS, GenerateOptions(max_new_tokens=8, stop_on_eos=False)).tokens
+    assert [len(t) for t in got] == [len(t) for t in want]
+    with pytest.raises(ArxError, match="weight-only schemes"):
+        check_source(bundle, read_manifest(bundle), activations=True)
+    tied = embeds_bundle("gpt2")
+    with pytest.raises(ArxError, match="reads the tied token table"):
+        calibrate_bundle(bundle=tied, output=tmp_path / "tied.arx", options=options("w4"))
+    assert not (tmp_path / "tied.arx").exists()
