@@ -35,6 +35,12 @@ class BackendOptions:
     # 0.79 without). So a session holds little beyond the mapped data file (docs/design.md,
     # "Streamed export"). Slower steps; few are run there.
     low_memory: bool = False
+    # Prepacked weights: MLAS copies each float MatMul weight into its GEMM layout at load. That
+    # speeds every call with more than a row or two (a 1B fp32 prefill of 128 tokens: 0.96 s
+    # against 1.36) and not a decode step (174-178 ms either way), and costs the open (10.4 s
+    # against 0.01) and a packed copy (+1 GB resident). False: skip it (`arx generate` on a
+    # float bundle, docs/design.md "Prepacking at load").
+    prepack: bool = True
 
     def __post_init__(self):
         if self.device not in ("cpu", "cuda", "auto"):
@@ -70,8 +76,9 @@ class OrtBackend:
             so.intra_op_num_threads = options.intra_op_threads
         if not options.spin_wait:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if options.low_memory:
+        if options.low_memory or not options.prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
+        if options.low_memory:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             so.enable_cpu_mem_arena = False
         if options.enable_profiling:

@@ -48,6 +48,10 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: one per core)")
     p.add_argument("--no-spin", action="store_true",
                    help="idle threads sleep instead of spinning (better when cores are shared)")
+    p.add_argument("--prepack", choices=("auto", "on", "off"), default="auto",
+                   help="copy float weights into the GEMM layout at load: faster prompts, a "
+                        "slower start and more memory (auto: off for a text bundle with float "
+                        "weights, where one prompt does not repay it; on otherwise)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     register_image_args(p)
     p.set_defaults(run=run)
@@ -123,7 +127,6 @@ def run(args) -> int:
 def _run_text(args, manifest, spec) -> int:
     """Text generation: prompts in, the continuation streamed (one prompt with a tokenizer),
     printed per row, or as JSON; plain, speculative, or on an engine."""
-    from arx.runtime.backend import BackendOptions
     from arx.runtime.decoder import DecoderSession
     from arx.runtime.generate import generate
 
@@ -137,8 +140,7 @@ def _run_text(args, manifest, spec) -> int:
     if args.engine:
         result = _generate_on_engine(args, prompts, options, spec, stream)
     else:
-        backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
-                                 spin_wait=not args.no_spin)
+        backend = text_backend(args, manifest)
         with DecoderSession(args.bundle, backend, manifest) as session:
             if spec is None:
                 result = generate(session, prompts, options, on_token=stream)
@@ -148,6 +150,18 @@ def _run_text(args, manifest, spec) -> int:
     _print_result(args, result, prompts, tokenizer, stream)
     _summary(result)
     return 0
+
+
+def text_backend(args, manifest):
+    """BackendOptions of a text generation from the flags; --prepack auto packs the weights
+    only where they are quantized (MatMulNBits and the int8 kernels want their own layout) or
+    unknown (`manifest` None: a draft bundle beside an engine)."""
+    from arx.runtime.backend import BackendOptions
+
+    quantized = manifest is None or "quantization" in manifest.extensions
+    prepack = {"on": True, "off": False}.get(args.prepack, quantized)
+    return BackendOptions(device=args.device, intra_op_threads=args.threads,
+                          spin_wait=not args.no_spin, prepack=prepack)
 
 
 def _prompts(args, manifest):
@@ -194,14 +208,12 @@ def _generate_speculative(args, session, backend, prompts, options, spec, stream
 
 def _generate_on_engine(args, prompts, options, spec, stream):
     from arx.runtime import engine_session
-    from arx.runtime.backend import BackendOptions
     from arx.runtime.generate import generate
 
     with engine_session.open_engine(args.bundle, args.engine) as session:
         if spec is None:
             return generate(session, prompts, options, on_token=stream)
-        backend = BackendOptions(device=args.device, intra_op_threads=args.threads,
-                                 spin_wait=not args.no_spin)  # a draft bundle runs on ORT
+        backend = text_backend(args, None)  # a draft bundle runs on ORT
         return _generate_speculative(args, session, backend, prompts, options, spec, stream)
 
 

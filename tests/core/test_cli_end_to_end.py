@@ -95,3 +95,37 @@ def test_max_new_tokens_context_and_explicit_counts(short_text_bundle, capsys):
         assert main(base + ["--max-new-tokens", flag]) == 0
         seq = json.loads(capsys.readouterr().out)["sequences"][0]
         assert (len(seq["tokens"]), seq["finish_reason"]) == (want, "length"), flag
+
+
+def test_prepack_choice_keeps_the_tokens_and_sets_the_session(text_bundle, capsys):
+    """--prepack auto leaves a float bundle's weights as stored (onnxruntime's
+    session.disable_prepacking), on packs them; the greedy tokens are the same either way."""
+    import argparse
+
+    from arx.commands.generate import text_backend
+    from arx.manifest import read_manifest
+    from arx.runtime.backend import BackendOptions, OrtBackend
+
+    _, bundle = text_bundle
+    manifest = read_manifest(bundle)
+    flags = dict(device="cpu", threads=0, no_spin=False)
+    assert not text_backend(argparse.Namespace(prepack="auto", **flags), manifest).prepack
+    assert text_backend(argparse.Namespace(prepack="on", **flags), manifest).prepack
+    manifest.extensions["quantization"] = {"scheme": "w4"}
+    assert text_backend(argparse.Namespace(prepack="auto", **flags), manifest).prepack
+    assert not text_backend(argparse.Namespace(prepack="off", **flags), manifest).prepack
+    for prepack in (False, True):
+        b = OrtBackend(bundle / "decoder.onnx", options=BackendOptions(prepack=prepack))
+        so = b.session.get_session_options()
+        try:
+            entry = so.get_session_config_entry("session.disable_prepacking")
+        except RuntimeError:  # never set
+            entry = None
+        assert entry == (None if prepack else "1")
+        b.close()
+    runs = []
+    for choice in ("auto", "on"):
+        assert main(["generate", str(bundle), "--prompt", "def fib(n):", "--max-new-tokens",
+                     "12", "--greedy", "--json", "--prepack", choice]) == 0
+        runs.append(json.loads(capsys.readouterr().out)["sequences"][0]["tokens"])
+    assert runs[0] == runs[1] and len(runs[0]) == 12
