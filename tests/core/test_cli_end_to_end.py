@@ -99,7 +99,8 @@ def test_max_new_tokens_context_and_explicit_counts(short_text_bundle, capsys):
 
 def test_prepack_choice_keeps_the_tokens_and_sets_the_session(text_bundle, capsys):
     """--prepack auto leaves a float bundle's weights as stored (onnxruntime's
-    session.disable_prepacking), on packs them; the greedy tokens are the same either way."""
+    session.disable_prepacking) where every step but the prompt's is one row, and packs them
+    for a batch, speculation or quantized weights; the greedy tokens are the same either way."""
     import argparse
 
     from arx.commands.generate import text_backend
@@ -108,8 +109,11 @@ def test_prepack_choice_keeps_the_tokens_and_sets_the_session(text_bundle, capsy
 
     _, bundle = text_bundle
     manifest = read_manifest(bundle)
-    flags = dict(device="cpu", threads=0, no_spin=False)
+    flags = dict(device="cpu", threads=0, no_spin=False, draft=None, lookup=None, speculate=None)
     assert not text_backend(argparse.Namespace(prepack="auto", **flags), manifest).prepack
+    assert text_backend(argparse.Namespace(prepack="auto", **flags), manifest, rows=2).prepack
+    assert text_backend(argparse.Namespace(prepack="auto", **{**flags, "lookup": 2}),
+                        manifest).prepack
     assert text_backend(argparse.Namespace(prepack="on", **flags), manifest).prepack
     manifest.extensions["quantization"] = {"scheme": "w4"}
     assert text_backend(argparse.Namespace(prepack="auto", **flags), manifest).prepack
