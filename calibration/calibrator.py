@@ -292,10 +292,13 @@ def _embedding(src: Path, manifest: Manifest):
     if manifest.decoder.input("input_ids") is not None:
         yield None
         return
-    from arx.runtime.decoder import DecoderSession
+    from arx.runtime.decoder import EmbedStage
 
-    with DecoderSession(src, manifest=manifest) as session:
-        yield session.embed
+    stage = EmbedStage(src, manifest)
+    try:
+        yield stage
+    finally:
+        stage.close()
 
 
 def record_accuracy(manifest: Manifest, report: AccuracyReport, files: dict) -> None:

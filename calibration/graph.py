@@ -134,7 +134,7 @@ def _drop_unread(model: onnx.ModelProto, candidates) -> None:
     for n in candidates:
         if n is None or n not in model.graph.node:
             continue
-        if not any(o in graph_out or any(o in m.input for m in model.graph.node if m is not n)
+        if not any(o in graph_out or any(o in m.input for m in model.graph.node)
                    for o in n.output):
             model.graph.node.remove(n)
 

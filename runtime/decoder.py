@@ -125,17 +125,9 @@ class DecoderSession:
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         """(B, S) ids -> (B, S, hidden) embeddings through the pipeline's embed stage, for a
         decoder that takes inputs_embeds (opened on first use)."""
-        name = self.manifest.pipeline.embed
-        if name is None:
-            raise ArxError("this bundle has no embedder stage; give input_ids to its decoder")
         if self._embedder is None:
-            stage = self.manifest.stages[name]
-            path = self.bundle_dir / stage.file
-            if not path.is_file():
-                raise ArxError(f"bundle {self.bundle_dir} lacks {stage.file}; re-export it")
-            self._embedder = OrtBackend(path, options=self.options)
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        return self._embedder.run({"input_ids": ids})["inputs_embeds"]
+            self._embedder = EmbedStage(self.bundle_dir, self.manifest, self.options)
+        return self._embedder(input_ids)
 
     def _feeds(self, cache: KVCache, tokens, new_lens, mask, picks, names) -> dict:
         b, s = tokens[1].shape[:2]
@@ -224,6 +216,28 @@ def _fused_ok(past: np.ndarray, new_lens: np.ndarray, s: int, mask: str) -> bool
     if not past.any():
         return bool((new_lens >= 1).all() and new_lens.max() == s)
     return len(new_lens) == 1 and int(new_lens[0]) == s
+
+
+class EmbedStage:
+    """The pipeline's embed stage on its own: (B, S) ids -> (B, S, hidden) embeddings (what
+    DecoderSession.embed runs; calibration's probes use it without opening the decoder)."""
+
+    def __init__(self, bundle_dir: Path, manifest, options: BackendOptions = BackendOptions()):
+        name = manifest.pipeline.embed
+        if name is None:
+            raise ArxError("this bundle has no embedder stage; give input_ids to its decoder")
+        stage = manifest.stages[name]
+        path = Path(bundle_dir) / stage.file
+        if not path.is_file():
+            raise ArxError(f"bundle {bundle_dir} lacks {stage.file}; re-export it")
+        self.backend = OrtBackend(path, options=options)
+
+    def __call__(self, input_ids: np.ndarray) -> np.ndarray:
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        return self.backend.run({"input_ids": ids})["inputs_embeds"]
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 def _tokens(input_ids, inputs_embeds) -> tuple[str, np.ndarray]:
