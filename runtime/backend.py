@@ -36,10 +36,11 @@ class BackendOptions:
     # "Streamed export"). Slower steps; few are run there.
     low_memory: bool = False
     # Prepacked weights: MLAS copies each float MatMul weight into its GEMM layout at load. That
-    # speeds every call with more than a row or two (a 1B fp32 prefill of 128 tokens: 0.96 s
-    # against 1.36) and not a decode step (174-178 ms either way), and costs the open (10.4 s
-    # against 0.01) and a packed copy (+1 GB resident). False: skip it (`arx generate` on a
-    # float bundle, docs/design.md "Prepacking at load").
+    # speeds every call of 2+ rows (2.5x for the 134M model's 2-8-row steps) and a one-row
+    # decode step by 7-20%, and costs the open (1B fp32: 12-13 s against 0.05) and a packed
+    # copy (+1 GB resident). False: skip it
+    # (`arx generate` of one prompt on a float bundle; benchmarks/bench_prepack.py measures it,
+    # docs/design.md "Prepacking at load").
     prepack: bool = True
 
     def __post_init__(self):

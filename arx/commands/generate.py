@@ -49,9 +49,10 @@ def register(sub) -> None:
     p.add_argument("--no-spin", action="store_true",
                    help="idle threads sleep instead of spinning (better when cores are shared)")
     p.add_argument("--prepack", choices=("auto", "on", "off"), default="auto",
-                   help="copy float weights into the GEMM layout at load: faster prompts, a "
-                        "slower start and more memory (auto: off for a text bundle with float "
-                        "weights, where one prompt does not repay it; on otherwise)")
+                   help="copy float weights into the GEMM layout at load: faster steps (2.5x "
+                        "for 2+ rows, 7-20%% for one), a slower start and more memory (auto: off "
+                        "for one prompt without speculation on float weights, where the start "
+                        "dominates short generations; on otherwise: say on for long ones)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     register_image_args(p)
     p.set_defaults(run=run)
@@ -155,8 +156,9 @@ def _run_text(args, manifest, spec) -> int:
 def text_backend(args, manifest, rows: int = 1):
     """BackendOptions of a text generation from the flags. --prepack auto packs the weights
     unless every step but the prompt's is one row (one prompt, no speculation) over float
-    weights: MLAS multiplies a single row as fast unpacked, while a step of 2+ rows unpacked
-    took 2.5x (the 134M model: 49 against 19 ms) and quantized weights want their own layout.
+    weights: there the saved open (12 s at 1B) outweighs the 7-20% slower one-row steps for
+    short generations, while a step of 2+ rows unpacked took 2.5x and quantized weights want
+    their own layout (benchmarks/bench_prepack.py).
     `manifest` None (a draft bundle beside an engine): packed."""
     from arx.runtime.backend import BackendOptions
 
